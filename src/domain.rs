@@ -1,0 +1,211 @@
+//! The vocabulary shared by every module: what is synced, how, and the unit of work.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// One of the four things loansync delivers to the analytics platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntityKind {
+    Customer,
+    Officer,
+    Loan,
+    Repayment,
+}
+
+impl EntityKind {
+    /// Every entity, in the order a sync plans and reports them.
+    pub const ALL: [EntityKind; 4] = [
+        EntityKind::Officer,
+        EntityKind::Customer,
+        EntityKind::Loan,
+        EntityKind::Repayment,
+    ];
+
+    /// The value stored in `entity_type` columns and sent as `entity_type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntityKind::Customer => "customer",
+            EntityKind::Officer => "officer",
+            EntityKind::Loan => "loan",
+            EntityKind::Repayment => "repayment",
+        }
+    }
+
+    /// The analytics API path this entity is POSTed to.
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            EntityKind::Customer => "/etl/customers",
+            EntityKind::Officer => "/etl/officers",
+            EntityKind::Loan | EntityKind::Repayment => "/etl/sync",
+        }
+    }
+
+    /// Plural used in the history table's counter columns (`total_loans`, `loans_success`, ...).
+    pub fn plural(self) -> &'static str {
+        match self {
+            EntityKind::Customer => "customers",
+            EntityKind::Officer => "officers",
+            EntityKind::Loan => "loans",
+            EntityKind::Repayment => "repayments",
+        }
+    }
+
+    /// The Django table the entity is read from.
+    pub fn source_table(self) -> &'static str {
+        match self {
+            EntityKind::Customer => "ajo_ajouser",
+            EntityKind::Officer => "accounts_customuser",
+            EntityKind::Loan => "loans_ajoloan",
+            EntityKind::Repayment => "loans_ajoloanrepayment",
+        }
+    }
+}
+
+impl fmt::Display for EntityKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown entity {0:?}: expected one of customer, officer, loan, repayment")]
+pub struct UnknownEntity(pub String);
+
+impl FromStr for EntityKind {
+    type Err = UnknownEntity;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "customer" => Ok(EntityKind::Customer),
+            "officer" => Ok(EntityKind::Officer),
+            "loan" => Ok(EntityKind::Loan),
+            "repayment" => Ok(EntityKind::Repayment),
+            other => Err(UnknownEntity(other.to_string())),
+        }
+    }
+}
+
+/// Full syncs send every row that passes the entity's filter; incremental ones only
+/// the rows changed inside the sync window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncType {
+    Full,
+    Incremental,
+}
+
+impl SyncType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncType::Full => "full",
+            SyncType::Incremental => "incremental",
+        }
+    }
+}
+
+impl fmt::Display for SyncType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SyncType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(SyncType::Full),
+            "incremental" => Ok(SyncType::Incremental),
+            other => Err(format!("unknown sync type {other:?}")),
+        }
+    }
+}
+
+/// One record ready to send: its source primary key and its JSON encoding.
+///
+/// Records are encoded once, by the transformer; the analytics client only
+/// concatenates them into request bodies (and splits them when halving a batch).
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Source primary key, also the `id` inside `json`.
+    pub id: i64,
+    /// The record object, serialized.
+    pub json: Box<serde_json::value::RawValue>,
+}
+
+/// Identifies one chunk job: the message published on `<prefix>.chunks`.
+/// The ids of the chunk live in the chunk ledger, not in the message, so that a
+/// stalled sync can be resumed by re-publishing the same small message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkJob {
+    pub sync_id: String,
+    pub entity: EntityKind,
+    pub seq: i32,
+}
+
+/// The planning message published on `<prefix>.plan` (SPEC.md section 6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRequest {
+    pub sync_type: SyncType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<EntityKind>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl PlanRequest {
+    /// The entities to sync, deduplicated, in [`EntityKind::ALL`] order.
+    pub fn entity_set(&self) -> Vec<EntityKind> {
+        match &self.entities {
+            None => EntityKind::ALL.to_vec(),
+            Some(list) => EntityKind::ALL
+                .into_iter()
+                .filter(|e| list.contains(e))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_request_parses_the_documented_shape() {
+        let p: PlanRequest = serde_json::from_str(
+            r#"{"sync_type":"incremental","entities":["loan","officer","loan"],"request_id":"r1"}"#,
+        )
+        .unwrap();
+        assert_eq!(p.entity_set(), vec![EntityKind::Officer, EntityKind::Loan]);
+        let all: PlanRequest = serde_json::from_str(r#"{"sync_type":"full"}"#).unwrap();
+        assert_eq!(all.entity_set().len(), 4);
+    }
+
+    #[test]
+    fn plan_request_rejects_unknown_things() {
+        assert!(serde_json::from_str::<PlanRequest>(r#"{"sync_type":"weekly"}"#).is_err());
+        assert!(
+            serde_json::from_str::<PlanRequest>(r#"{"sync_type":"full","entities":["x"]}"#)
+                .is_err()
+        );
+        assert!(serde_json::from_str::<PlanRequest>(r#"{"sync_type":"full","extra":1}"#).is_err());
+    }
+
+    #[test]
+    fn entity_round_trips() {
+        for e in EntityKind::ALL {
+            assert_eq!(e.as_str().parse::<EntityKind>().unwrap(), e);
+        }
+        assert!("loans".parse::<EntityKind>().is_err());
+    }
+}
+
+/// The rows of one entity a sync selects by time: `lo <= t < hi`.
+/// `lo` is `None` for a full sync, which has no lower bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncWindow {
+    pub lo: Option<chrono::DateTime<chrono::Utc>>,
+    pub hi: chrono::DateTime<chrono::Utc>,
+}

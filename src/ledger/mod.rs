@@ -1,0 +1,674 @@
+//! Sync history, chunk ledger, counters, error rows and watermarks.
+//!
+//! Every write that decides what a sync counted happens here, each in one transaction:
+//! * [`begin_sync`] claims the single active-sync slot and writes the `pending` history row;
+//! * [`write_plan`] writes the chunk ledger, the `total_*` counters and `in_progress`;
+//! * [`settle_chunk`] settles one chunk exactly once: counters, error rows, resolutions,
+//!   and, for the last chunk, [`finalize`] (status, duration, watermarks);
+//! * [`abort_sync`] fails a sync fast (rejected credentials): the unsent chunks are
+//!   settled as failed records, without error rows.
+
+mod sql;
+
+use crate::domain::{EntityKind, SyncType, SyncWindow};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Row};
+
+use sql::*;
+
+/// Why a sync exists: a regular sync moves watermarks, a retry of error rows does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Purpose {
+    Sync,
+    Retry,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Sync => "sync",
+            Purpose::Retry => "retry",
+        }
+    }
+}
+
+/// The final status written to `etl_folder_etlsynchistory.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalStatus {
+    Completed,
+    PartialSuccess,
+    Failed,
+}
+
+impl FinalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinalStatus::Completed => "completed",
+            FinalStatus::PartialSuccess => "partial_success",
+            FinalStatus::Failed => "failed",
+        }
+    }
+}
+
+/// What [`begin_sync`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// A new sync was claimed; its history row is `pending`.
+    Started { sync_id: String, window_hi: DateTime<Utc> },
+    /// The request id names a sync that was claimed but never finished planning (its
+    /// planner died): plan it again.
+    Replan { sync_id: String, window_hi: DateTime<Utc> },
+    /// The request id names a sync already planned: nothing new is planned. `running`
+    /// tells whether its chunks may still need publishing.
+    Duplicate { sync_id: String, running: bool },
+    /// Another sync is planning or running.
+    Busy { active_sync_id: String },
+}
+
+/// The sync's upper bound: the database's `now()`, capped at the start of the oldest
+/// transaction that is still open and has written, where the role can see it.
+const WINDOW_HI_SQL: &str = "SELECT LEAST(now(), (SELECT min(xact_start) FROM pg_stat_activity \
+     WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()))";
+
+/// Claims the one active-sync slot for a new sync and writes its `pending` history row.
+pub async fn begin_sync(
+    pool: &PgPool,
+    sync_type: SyncType,
+    entities: &[EntityKind],
+    request_id: Option<&str>,
+    purpose: Purpose,
+) -> sqlx::Result<Begin> {
+    let mut tx = pool.begin().await?;
+    if let Some(rid) = request_id {
+        let existing = sqlx::query(
+            "SELECT sync_id, state, window_hi FROM loansync_sync WHERE request_id = $1",
+        )
+        .bind(rid)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = existing {
+            let sync_id: String = row.get(0);
+            let state: String = row.get(1);
+            return Ok(match state.as_str() {
+                "planning" => Begin::Replan {
+                    sync_id,
+                    window_hi: row.get(2),
+                },
+                s => Begin::Duplicate {
+                    sync_id,
+                    running: s == "running",
+                },
+            });
+        }
+    }
+    let window_hi: DateTime<Utc> = sqlx::query_scalar(WINDOW_HI_SQL)
+        .fetch_one(&mut *tx)
+        .await?;
+    let sync_id = uuid::Uuid::new_v4().to_string();
+    sqlx::query(INSERT_HISTORY)
+        .bind(&sync_id)
+        .bind(sync_type.as_str())
+        .execute(&mut *tx)
+        .await?;
+    let names: Vec<&str> = entities.iter().map(|e| e.as_str()).collect();
+    let claimed = sqlx::query(
+        "INSERT INTO loansync_sync (sync_id, request_id, sync_type, purpose, entities, state, window_hi) \
+         VALUES ($1, $2, $3, $4, $5, 'planning', $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(&sync_id)
+    .bind(request_id)
+    .bind(sync_type.as_str())
+    .bind(purpose.as_str())
+    .bind(&names)
+    .bind(window_hi)
+    .execute(&mut *tx)
+    .await?;
+    if claimed.rows_affected() == 0 {
+        tx.rollback().await?;
+        // Either the active slot or the request id was taken concurrently.
+        if let Some(rid) = request_id {
+            let again: Option<(String, String)> =
+                sqlx::query_as("SELECT sync_id, state FROM loansync_sync WHERE request_id = $1")
+                    .bind(rid)
+                    .fetch_optional(pool)
+                    .await?;
+            if let Some((sync_id, state)) = again {
+                return Ok(Begin::Duplicate {
+                    sync_id,
+                    running: state == "running",
+                });
+            }
+        }
+        let active: Option<String> =
+            sqlx::query_scalar("SELECT sync_id FROM loansync_sync WHERE state <> 'done' LIMIT 1")
+                .fetch_optional(pool)
+                .await?;
+        return Ok(Begin::Busy {
+            active_sync_id: active.unwrap_or_else(|| "(just finished)".into()),
+        });
+    }
+    tx.commit().await?;
+    Ok(Begin::Started { sync_id, window_hi })
+}
+
+/// The watermark of an entity: `etl_folder_etllastsync.last_sync_timestamp`.
+pub async fn watermark(
+    conn: &mut PgConnection,
+    entity: EntityKind,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "SELECT last_sync_timestamp FROM etl_folder_etllastsync WHERE entity_type = $1",
+    )
+    .bind(entity.as_str())
+    .fetch_optional(conn)
+    .await
+}
+
+/// Totals of a planned sync, per entity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PlanTotals {
+    pub records: Vec<(EntityKind, i64)>,
+    pub chunks: i64,
+}
+
+/// Records one entity's window and its chunks in the ledger.
+pub async fn insert_chunk(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    entity: EntityKind,
+    seq: i32,
+    ids: &[i64],
+) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO loansync_chunk (sync_id, entity, seq, ids) VALUES ($1, $2, $3, $4)")
+        .bind(sync_id)
+        .bind(entity.as_str())
+        .bind(seq)
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn insert_sync_entity(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    entity: EntityKind,
+    window: &SyncWindow,
+    planned: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO loansync_sync_entity (sync_id, entity, window_lo, window_hi, planned) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(sync_id)
+    .bind(entity.as_str())
+    .bind(window.lo)
+    .bind(window.hi)
+    .bind(planned as i32)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Removes what a dead planner may have left of a sync's plan, so it can be planned again.
+pub async fn clear_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM loansync_chunk WHERE sync_id = $1")
+        .bind(sync_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM loansync_sync_entity WHERE sync_id = $1")
+        .bind(sync_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Writes the totals and moves the sync to `in_progress` (or finalizes it at once when
+/// there is nothing to send). Runs inside the planning transaction.
+pub async fn write_plan(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    totals: &PlanTotals,
+    window_lo: Option<DateTime<Utc>>,
+    window_hi: DateTime<Utc>,
+) -> sqlx::Result<Option<FinalStatus>> {
+    let total = |e: EntityKind| {
+        totals
+            .records
+            .iter()
+            .find(|(k, _)| *k == e)
+            .map(|(_, n)| *n as i32)
+            .unwrap_or(0)
+    };
+    sqlx::query(
+        "UPDATE etl_folder_etlsynchistory SET status = 'in_progress', \
+         total_loans = $2, total_repayments = $3, total_customers = $4, total_officers = $5, \
+         sync_start_date = $6, sync_end_date = $7 WHERE sync_id = $1",
+    )
+    .bind(sync_id)
+    .bind(total(EntityKind::Loan))
+    .bind(total(EntityKind::Repayment))
+    .bind(total(EntityKind::Customer))
+    .bind(total(EntityKind::Officer))
+    .bind(window_lo)
+    .bind(window_hi)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE loansync_sync SET state = 'running', chunks_total = $2, chunks_remaining = $2, \
+         last_progress_at = now() WHERE sync_id = $1",
+    )
+    .bind(sync_id)
+    .bind(totals.chunks as i32)
+    .execute(&mut *conn)
+    .await?;
+    if totals.chunks == 0 {
+        return finalize(conn, sync_id).await.map(Some);
+    }
+    Ok(None)
+}
+
+/// The ledger's view of one chunk, read by a worker before it does any work.
+#[derive(Debug, Clone)]
+pub struct ChunkState {
+    pub ids: Vec<i64>,
+    pub settled: bool,
+    pub sync_type: SyncType,
+    pub purpose: Purpose,
+    pub history_id: i32,
+    /// How many workers started on this chunk, this one included.
+    pub attempts: i32,
+}
+
+/// Reads a chunk and counts the attempt. `None` when the ledger has no such chunk.
+pub async fn start_chunk(
+    pool: &PgPool,
+    sync_id: &str,
+    entity: EntityKind,
+    seq: i32,
+) -> sqlx::Result<Option<ChunkState>> {
+    let row = sqlx::query(
+        "UPDATE loansync_chunk c SET attempts = c.attempts + 1 \
+         FROM loansync_sync s, etl_folder_etlsynchistory h \
+         WHERE c.sync_id = $1 AND c.entity = $2 AND c.seq = $3 \
+           AND s.sync_id = c.sync_id AND h.sync_id = c.sync_id \
+         RETURNING c.ids, c.settled_at IS NOT NULL, s.sync_type, s.purpose, h.id, c.attempts",
+    )
+    .bind(sync_id)
+    .bind(entity.as_str())
+    .bind(seq)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| {
+        let sync_type: String = r.get(2);
+        let purpose: String = r.get(3);
+        ChunkState {
+            ids: r.get(0),
+            settled: r.get(1),
+            sync_type: if sync_type == "full" {
+                SyncType::Full
+            } else {
+                SyncType::Incremental
+            },
+            purpose: if purpose == "retry" {
+                Purpose::Retry
+            } else {
+                Purpose::Sync
+            },
+            history_id: r.get(4),
+            attempts: r.get(5),
+        }
+    }))
+}
+
+/// One record that failed, as it will be written to `etl_folder_etlsyncerror`.
+#[derive(Debug, Clone)]
+pub struct FailedRecord {
+    pub id: i64,
+    pub error_code: String,
+    pub message: String,
+    pub details: serde_json::Value,
+}
+
+/// What a worker learned about one chunk, to be settled in one transaction.
+#[derive(Debug, Clone)]
+pub struct ChunkResult<'a> {
+    pub sync_id: &'a str,
+    pub entity: EntityKind,
+    pub seq: i32,
+    pub history_id: i32,
+    pub purpose: Purpose,
+    pub succeeded: &'a [i64],
+    pub failed: &'a [FailedRecord],
+    /// The last response body of the API for this chunk (already truncated).
+    pub api_response: Option<&'a serde_json::Value>,
+}
+
+/// How settling went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// This call settled the chunk; `Some` when it was the sync's last chunk.
+    Now(Option<FinalStatus>),
+    /// The chunk was settled before (a redelivery or a duplicate): nothing was counted.
+    Already,
+}
+
+/// Settles a chunk exactly once: marks it, adds to the counters, writes error rows and
+/// resolves earlier ones, and finalizes the sync when this was its last chunk.
+pub async fn settle_chunk(pool: &PgPool, r: &ChunkResult<'_>) -> sqlx::Result<Settled> {
+    let mut tx = pool.begin().await?;
+    let marked = sqlx::query(
+        "UPDATE loansync_chunk SET settled_at = now(), outcome = 'delivered', succeeded = $4, failed = $5 \
+         WHERE sync_id = $1 AND entity = $2 AND seq = $3 AND settled_at IS NULL",
+    )
+    .bind(r.sync_id)
+    .bind(r.entity.as_str())
+    .bind(r.seq)
+    .bind(r.succeeded.len() as i32)
+    .bind(r.failed.len() as i32)
+    .execute(&mut *tx)
+    .await?;
+    if marked.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(Settled::Already);
+    }
+    add_counters(
+        &mut tx,
+        r.sync_id,
+        r.entity,
+        r.succeeded.len() as i32,
+        r.failed.len() as i32,
+        r.api_response,
+    )
+    .await?;
+    if !r.failed.is_empty() {
+        record_failures(&mut tx, r).await?;
+    }
+    if !r.succeeded.is_empty() {
+        let ids: Vec<String> = r.succeeded.iter().map(|i| i.to_string()).collect();
+        sqlx::query(RESOLVE_ERRORS)
+            .bind(r.entity.as_str())
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let remaining: i32 = sqlx::query_scalar(
+        "UPDATE loansync_sync SET chunks_remaining = chunks_remaining - 1, last_progress_at = now() \
+         WHERE sync_id = $1 RETURNING chunks_remaining",
+    )
+    .bind(r.sync_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let finished = if remaining == 0 {
+        Some(finalize(&mut tx, r.sync_id).await?)
+    } else {
+        None
+    };
+    tx.commit().await?;
+    Ok(Settled::Now(finished))
+}
+
+async fn add_counters(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    entity: EntityKind,
+    succeeded: i32,
+    failed: i32,
+    api_response: Option<&serde_json::Value>,
+) -> sqlx::Result<()> {
+    sqlx::query(ADD_COUNTERS)
+        .bind(sync_id)
+        .bind(entity.as_str())
+        .bind(succeeded)
+        .bind(failed)
+        .bind(api_response)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn record_failures(conn: &mut PgConnection, r: &ChunkResult<'_>) -> sqlx::Result<()> {
+    let ids: Vec<String> = r.failed.iter().map(|f| f.id.to_string()).collect();
+    let codes: Vec<String> = r
+        .failed
+        .iter()
+        .map(|f| truncate(&f.error_code, 100))
+        .collect();
+    let messages: Vec<&str> = r.failed.iter().map(|f| f.message.as_str()).collect();
+    let details: Vec<&serde_json::Value> = r.failed.iter().map(|f| &f.details).collect();
+    let sql = match r.purpose {
+        Purpose::Sync => INSERT_ERRORS,
+        Purpose::Retry => RETRY_ERRORS,
+    };
+    sqlx::query(sql)
+        .bind(r.entity.as_str())
+        .bind(&ids)
+        .bind(&codes)
+        .bind(&messages)
+        .bind(sqlx::types::Json(&details))
+        .bind(r.history_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+/// Closes a sync whose chunks are all settled: status, `completed_at`,
+/// `duration_seconds`, `error_message`, and the watermarks of a successful regular sync.
+pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<FinalStatus> {
+    let row = sqlx::query(
+        "SELECT h.loans_success + h.repayments_success + h.customers_success + h.officers_success, \
+                h.loans_failed + h.repayments_failed + h.customers_failed + h.officers_failed, \
+                h.loans_failed, h.repayments_failed, h.customers_failed, h.officers_failed, \
+                s.purpose, s.entities, s.window_hi, h.status \
+         FROM etl_folder_etlsynchistory h JOIN loansync_sync s USING (sync_id) \
+         WHERE sync_id = $1 FOR UPDATE OF h, s",
+    )
+    .bind(sync_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let succeeded: i32 = row.get(0);
+    let failed: i32 = row.get(1);
+    let purpose: String = row.get(6);
+    let entities: Vec<String> = row.get(7);
+    let window_hi: DateTime<Utc> = row.get(8);
+    let current: String = row.get(9);
+    let (status, message) = if current == "failed" {
+        // Already failed fast (abort_sync); keep its message.
+        (FinalStatus::Failed, None)
+    } else if failed == 0 {
+        (FinalStatus::Completed, None)
+    } else {
+        let per_entity: Vec<String> = [
+            ("loan", row.get::<i32, _>(2)),
+            ("repayment", row.get::<i32, _>(3)),
+            ("customer", row.get::<i32, _>(4)),
+            ("officer", row.get::<i32, _>(5)),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(e, n)| format!("{e}: {n}"))
+        .collect();
+        let msg = format!(
+            "{failed} of {} records failed ({}); see etl_folder_etlsyncerror for each record's error, \
+             and `loansync errors retry` to deliver them again",
+            failed + succeeded,
+            per_entity.join(", ")
+        );
+        if succeeded == 0 {
+            (FinalStatus::Failed, Some(msg))
+        } else {
+            (FinalStatus::PartialSuccess, Some(msg))
+        }
+    };
+    sqlx::query(
+        "UPDATE etl_folder_etlsynchistory SET status = $2, completed_at = now(), \
+         duration_seconds = EXTRACT(EPOCH FROM (now() - started_at))::float8, \
+         error_message = COALESCE($3, error_message) WHERE sync_id = $1",
+    )
+    .bind(sync_id)
+    .bind(status.as_str())
+    .bind(message)
+    .execute(&mut *conn)
+    .await?;
+    if status != FinalStatus::Failed && purpose == "sync" {
+        for entity in &entities {
+            sqlx::query(UPSERT_WATERMARK)
+                .bind(entity)
+                .bind(window_hi)
+                .bind(sync_id)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    sqlx::query("UPDATE loansync_sync SET state = 'done', chunks_remaining = 0 WHERE sync_id = $1")
+        .bind(sync_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(status)
+}
+
+/// Fails a sync fast (the API refused the credentials): its unsettled chunks are settled
+/// as failed records without error rows, so `success + failed == total` still holds, and
+/// no watermark moves. Returns false when the sync was already finished.
+pub async fn abort_sync(
+    pool: &PgPool,
+    sync_id: &str,
+    reason: &str,
+    api_response: Option<&serde_json::Value>,
+) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1 FOR UPDATE")
+            .bind(sync_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if state.as_deref() != Some("running") {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let aborted: Vec<(String, i64)> = sqlx::query_as(
+        "WITH a AS (UPDATE loansync_chunk SET settled_at = now(), outcome = 'aborted', succeeded = 0, \
+                    failed = cardinality(ids) WHERE sync_id = $1 AND settled_at IS NULL RETURNING entity, failed) \
+         SELECT entity::text, sum(failed)::int8 FROM a GROUP BY entity",
+    )
+    .bind(sync_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (entity, n) in &aborted {
+        if let Ok(e) = entity.parse::<EntityKind>() {
+            add_counters(&mut tx, sync_id, e, 0, *n as i32, api_response).await?;
+        }
+    }
+    sqlx::query(
+        "UPDATE etl_folder_etlsynchistory SET status = 'failed', error_message = $2 WHERE sync_id = $1",
+    )
+    .bind(sync_id)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    finalize(&mut tx, sync_id).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// The chunks of a sync that are not settled yet, in publishing order.
+pub async fn unsettled_chunks(
+    pool: &PgPool,
+    sync_id: &str,
+) -> sqlx::Result<Vec<crate::domain::ChunkJob>> {
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT entity::text, seq FROM loansync_chunk WHERE sync_id = $1 AND settled_at IS NULL ORDER BY entity, seq",
+    )
+    .bind(sync_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(e, seq)| {
+            e.parse().ok().map(|entity| crate::domain::ChunkJob {
+                sync_id: sync_id.to_string(),
+                entity,
+                seq,
+            })
+        })
+        .collect())
+}
+
+/// One sync as `loansync status` shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct SyncSummary {
+    pub sync_id: String,
+    pub sync_type: String,
+    pub status: String,
+    pub started_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub duration_seconds: Option<f64>,
+    pub sync_start_date: Option<DateTime<Utc>>,
+    pub sync_end_date: Option<DateTime<Utc>>,
+    pub error_message: Option<String>,
+    pub chunks_total: Option<i32>,
+    pub chunks_remaining: Option<i32>,
+    /// A running sync whose chunks have not moved for `ETL_STALE_SYNC_SECS`.
+    pub stalled: bool,
+}
+
+/// One entity's counters within a sync.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EntityProgress {
+    pub entity: EntityKind,
+    pub total: i32,
+    pub success: i32,
+    pub failed: i32,
+}
+
+/// Per-entity counters of a sync, straight from the history row.
+pub async fn entity_progress(pool: &PgPool, sync_id: &str) -> sqlx::Result<Vec<EntityProgress>> {
+    let r = sqlx::query(
+        "SELECT total_loans, loans_success, loans_failed, total_repayments, repayments_success, repayments_failed, \
+                total_customers, customers_success, customers_failed, total_officers, officers_success, officers_failed \
+         FROM etl_folder_etlsynchistory WHERE sync_id = $1",
+    )
+    .bind(sync_id)
+    .fetch_one(pool)
+    .await?;
+    let at = |e: EntityKind, i: usize| EntityProgress {
+        entity: e,
+        total: r.get(i),
+        success: r.get(i + 1),
+        failed: r.get(i + 2),
+    };
+    Ok(vec![
+        at(EntityKind::Officer, 9),
+        at(EntityKind::Customer, 6),
+        at(EntityKind::Loan, 0),
+        at(EntityKind::Repayment, 3),
+    ])
+}
+
+/// Recent syncs, newest first (or one sync when `sync_id` is given).
+pub async fn recent_syncs(
+    pool: &PgPool,
+    sync_id: Option<&str>,
+    limit: i64,
+    stale_after_secs: i64,
+) -> sqlx::Result<Vec<SyncSummary>> {
+    sqlx::query_as(
+        "SELECT h.sync_id::text, h.sync_type::text, h.status::text, h.started_at, h.completed_at, h.duration_seconds, \
+                h.sync_start_date, h.sync_end_date, h.error_message, s.chunks_total, s.chunks_remaining, \
+                COALESCE(s.state = 'running' AND s.last_progress_at < now() - make_interval(secs => $3), false) AS stalled \
+         FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
+         WHERE ($1::text IS NULL OR h.sync_id = $1) ORDER BY h.started_at DESC, h.id DESC LIMIT $2",
+    )
+    .bind(sync_id)
+    .bind(limit)
+    .bind(stale_after_secs as f64)
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,1 @@
+//! Reading the Django tables (filled in below).

@@ -1,0 +1,1 @@
+//! A local analytics API with fault injection (filled in below).

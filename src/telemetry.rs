@@ -1,0 +1,138 @@
+//! Logging and metrics. One process-wide [`Metrics`] registry, labels of low
+//! cardinality only (entity, outcome, status: never a sync or record id).
+
+use crate::config::LogFormat;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use std::sync::LazyLock;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the tracing subscriber: `RUST_LOG` filters (default `info`), `LOG_FORMAT`
+/// picks JSON lines for machines or text for people. Safe to call more than once.
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Every metric loansync exports.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Records settled, by entity and outcome (`success`, `failed`).
+    pub records: IntCounterVec,
+    /// Records planned, by entity.
+    pub records_planned: IntCounterVec,
+    /// Chunks handled by workers, by entity and outcome (`settled`, `duplicate`,
+    /// `aborted`, `requeued`, `dead_letter`).
+    pub chunks: IntCounterVec,
+    /// Time from receiving a chunk to its commit, by entity.
+    pub chunk_seconds: HistogramVec,
+    /// HTTP requests to the analytics API and retries, by entity.
+    pub http_requests: IntCounterVec,
+    pub http_retries: IntCounterVec,
+    /// Finished syncs, by type and final status.
+    pub syncs: IntCounterVec,
+    /// Planning messages that planned nothing, by reason (`busy`, `duplicate`, `invalid`).
+    pub plans_skipped: IntCounterVec,
+    /// Transform warnings (NaN or infinite numbers sent as null), by entity.
+    pub transform_warnings: IntCounterVec,
+    /// Chunks being worked on right now.
+    pub chunks_in_flight: IntGauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let records = counter(
+            "etl_records_total",
+            "Records settled, by entity and outcome.",
+            &["entity", "outcome"],
+        );
+        let records_planned = counter(
+            "etl_records_planned_total",
+            "Records planned, by entity.",
+            &["entity"],
+        );
+        let chunks = counter(
+            "etl_chunks_total",
+            "Chunk jobs handled, by entity and outcome.",
+            &["entity", "outcome"],
+        );
+        let http_requests = counter(
+            "etl_http_requests_total",
+            "Requests sent to the analytics API, by entity.",
+            &["entity"],
+        );
+        let http_retries = counter(
+            "etl_http_retries_total",
+            "Requests to the analytics API that were retried, by entity.",
+            &["entity"],
+        );
+        let syncs = counter(
+            "etl_syncs_total",
+            "Syncs finished, by type and final status.",
+            &["sync_type", "status"],
+        );
+        let plans_skipped = counter(
+            "etl_plans_skipped_total",
+            "Planning messages that planned nothing, by reason.",
+            &["reason"],
+        );
+        let transform_warnings = counter(
+            "etl_transform_warnings_total",
+            "Values that could not be represented (NaN, infinity) and were sent as null.",
+            &["entity"],
+        );
+        let chunk_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "etl_chunk_duration_seconds",
+                "Time to process one chunk, from delivery to commit.",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]),
+            &["entity"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(chunk_seconds.clone()))
+            .expect("unique metric");
+        let chunks_in_flight =
+            IntGauge::new("etl_chunks_in_flight", "Chunks being processed now.").expect("valid");
+        registry
+            .register(Box::new(chunks_in_flight.clone()))
+            .expect("unique metric");
+        Metrics {
+            registry,
+            records,
+            records_planned,
+            chunks,
+            chunk_seconds,
+            http_requests,
+            http_retries,
+            syncs,
+            plans_skipped,
+            transform_warnings,
+            chunks_in_flight,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);

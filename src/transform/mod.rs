@@ -1,0 +1,1 @@
+//! Source rows to records (filled in below).
