@@ -234,7 +234,12 @@ impl Settings {
         let log_format = match get("LOG_FORMAT").as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(invalid("LOG_FORMAT", format!("{other:?}: use json or text"))),
+            Some(other) => {
+                return Err(invalid(
+                    "LOG_FORMAT",
+                    format!("{other:?}: use json or text"),
+                ));
+            }
         };
         let delivery_limit: u32 = num(g, "ETL_DELIVERY_LIMIT", 5u32)?;
         if delivery_limit == 0 {
@@ -245,7 +250,9 @@ impl Settings {
             database_url: get("DATABASE_URL")
                 .unwrap_or_else(|| DEFAULT_DATABASE_URL.into())
                 .into(),
-            amqp_url: get("AMQP_URL").unwrap_or_else(|| DEFAULT_AMQP_URL.into()).into(),
+            amqp_url: get("AMQP_URL")
+                .unwrap_or_else(|| DEFAULT_AMQP_URL.into())
+                .into(),
             queue_prefix,
             api: ApiSettings {
                 base_url,
@@ -357,9 +364,15 @@ mod tests {
             redact_url("postgres://app:hunter2@db:5432/x"),
             "postgres://app:***@db:5432/x"
         );
-        assert_eq!(redact_url("amqp://guest@h:5672/%2f"), "amqp://guest@h:5672/%2f");
+        assert_eq!(
+            redact_url("amqp://guest@h:5672/%2f"),
+            "amqp://guest@h:5672/%2f"
+        );
         let s = settings(&[("DATABASE_URL", "postgres://u:pw@h/db")]).unwrap();
         assert!(!s.database_url_redacted().contains("pw"));
-        assert!(!format!("{s:?}").contains("pw"), "Debug must not print secrets");
+        assert!(
+            !format!("{s:?}").contains("pw"),
+            "Debug must not print secrets"
+        );
     }
 }

@@ -20,6 +20,7 @@
 //! * [`ledger`]: sync history, chunk ledger, counters, error rows, watermarks.
 //! * [`planner`]: plan one sync; [`worker`]: process one chunk into an outcome.
 //! * [`telemetry`]: logging and metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! * [`seed`]: deterministic synthetic source data, generated set-based in PostgreSQL.
 //! * [`cli`]: the `loansync` command line; `main.rs` only calls [`cli::main`].
 
 pub mod cli;
@@ -30,6 +31,7 @@ pub mod http;
 pub mod ledger;
 pub mod planner;
 pub mod queue;
+pub mod seed;
 pub mod sink;
 pub mod source;
 pub mod stub_api;

@@ -57,10 +57,16 @@ impl FinalStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begin {
     /// A new sync was claimed; its history row is `pending`.
-    Started { sync_id: String, window_hi: DateTime<Utc> },
+    Started {
+        sync_id: String,
+        window_hi: DateTime<Utc>,
+    },
     /// The request id names a sync that was claimed but never finished planning (its
     /// planner died): plan it again.
-    Replan { sync_id: String, window_hi: DateTime<Utc> },
+    Replan {
+        sync_id: String,
+        window_hi: DateTime<Utc>,
+    },
     /// The request id names a sync already planned: nothing new is planned. `running`
     /// tells whether its chunks may still need publishing.
     Duplicate { sync_id: String, running: bool },

@@ -227,7 +227,11 @@ fn queue_args(kind: &str, dead: Option<(&str, u32)>) -> FieldTable {
     args
 }
 
-async fn declare_topology(conn: &Connection, t: &Topology, delivery_limit: u32) -> anyhow::Result<()> {
+async fn declare_topology(
+    conn: &Connection,
+    t: &Topology,
+    delivery_limit: u32,
+) -> anyhow::Result<()> {
     for kind in ["quorum", "classic"] {
         let channel = conn.create_channel().await?;
         let mut ok = true;
@@ -309,7 +313,12 @@ impl AmqpDelivery {
     }
 
     /// Acks, requeues, or dead-letters (publish to `<prefix>.dead` with the reason, then ack).
-    pub async fn settle(&self, broker: &Broker, source: &str, d: Disposition) -> anyhow::Result<()> {
+    pub async fn settle(
+        &self,
+        broker: &Broker,
+        source: &str,
+        d: Disposition,
+    ) -> anyhow::Result<()> {
         match d {
             Disposition::Ack => {
                 self.inner.ack(BasicAckOptions::default()).await?;

@@ -2,7 +2,10 @@
 
 use crate::support::TestDb;
 
-async fn columns(pool: &sqlx::PgPool, table: &str) -> Vec<(String, String, String, Option<String>)> {
+async fn columns(
+    pool: &sqlx::PgPool,
+    table: &str,
+) -> Vec<(String, String, String, Option<String>)> {
     sqlx::query_as(
         "SELECT column_name::text, data_type::text, is_nullable::text, column_default::text \
          FROM information_schema.columns WHERE table_schema = 'public' AND table_name = $1 \
@@ -44,8 +47,16 @@ async fn migrations_create_etl_tables_exactly_as_django_does() {
     }
     loansync::db::migrate(&bare.pool).await.unwrap();
     for t in ETL_TABLES {
-        assert_eq!(columns(&django.pool, t).await, columns(&bare.pool, t).await, "{t}");
-        assert_eq!(indexes(&django.pool, t).await, indexes(&bare.pool, t).await, "{t}");
+        assert_eq!(
+            columns(&django.pool, t).await,
+            columns(&bare.pool, t).await,
+            "{t}"
+        );
+        assert_eq!(
+            indexes(&django.pool, t).await,
+            indexes(&bare.pool, t).await,
+            "{t}"
+        );
     }
 }
 
@@ -66,7 +77,11 @@ async fn migrate_twice_on_django_tables_changes_nothing() {
     loansync::db::migrate(&db.pool).await.unwrap();
     loansync::db::migrate(&db.pool).await.unwrap();
     for (t, b) in ETL_TABLES.iter().zip(before) {
-        assert_eq!((columns(&db.pool, t).await, indexes(&db.pool, t).await), b, "{t}");
+        assert_eq!(
+            (columns(&db.pool, t).await, indexes(&db.pool, t).await),
+            b,
+            "{t}"
+        );
     }
     let kept: String = sqlx::query_scalar("SELECT last_sync_id FROM etl_folder_etllastsync")
         .fetch_one(&db.pool)
@@ -87,10 +102,14 @@ fn project_schema_copy_equals_the_shared_fixture() {
     let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/fixtures/django_source_schema.sql");
     let Ok(fixture) = std::fs::read_to_string(&shared) else {
-        panic!("{} is missing: the shared fixture must sit beside the repository", shared.display());
+        panic!(
+            "{} is missing: the shared fixture must sit beside the repository",
+            shared.display()
+        );
     };
     assert_eq!(
-        crate::support::SOURCE_SCHEMA, fixture,
+        crate::support::SOURCE_SCHEMA,
+        fixture,
         "schema/django_source_schema.sql drifted from the shared fixture"
     );
 }

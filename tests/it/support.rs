@@ -31,7 +31,9 @@ impl TestDb {
     /// An empty database holding the Django source schema, not yet migrated.
     pub async fn with_source_schema() -> TestDb {
         let name = format!("loansync_t_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPool::connect(&admin_url()).await.expect("admin connection");
+        let admin = PgPool::connect(&admin_url())
+            .await
+            .expect("admin connection");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&admin)
             .await
@@ -42,7 +44,9 @@ impl TestDb {
             Some(i) => format!("{}/{name}", &base[..i]),
             None => panic!("admin url has no database part"),
         };
-        let pool = loansync::db::connect_url(&url, 8).await.expect("connect test db");
+        let pool = loansync::db::connect_url(&url, 8)
+            .await
+            .expect("connect test db");
         sqlx::raw_sql(SOURCE_SCHEMA)
             .execute(&pool)
             .await
@@ -79,8 +83,8 @@ impl Drop for TestDb {
                     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
                     )))
-                        .execute(&admin)
-                        .await;
+                    .execute(&admin)
+                    .await;
                     admin.close().await;
                 }
             });
