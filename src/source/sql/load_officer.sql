@@ -1,0 +1,10 @@
+-- One chunk of officers with their customer counts (one query). Never selects
+-- password, user_password or bvn_number.
+SELECT u.id::int8 AS id, u.email, u.username, u.customer_user_id, u.user_type, u.account_type,
+       u.user_phone, u.user_branch, u.kyc_level::int4 AS kyc_level, u.performance_status,
+       u.referral_code, u.referrals_count, u.call_agent_id, u.is_call_agent, u.is_call_agent_admin,
+       u.is_ajo_admin, u.bucket, u.bucket_designation, u.pnd, u.address, u.date_joined, u.last_login,
+       (SELECT count(*) FROM ajo_ajouser c WHERE c.user_id = u.id) AS customers_count
+FROM accounts_customuser u
+WHERE u.id = ANY($1::int8[])
+ORDER BY u.id

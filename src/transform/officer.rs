@@ -1,0 +1,80 @@
+//! Officers (`accounts_customuser` rows whose `user_type` is an agent type).
+
+use super::encode;
+use crate::domain::Record;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// An officer as loaded, already without password, user_password and bvn_number.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct OfficerRow {
+    pub id: i64,
+    pub email: String,
+    pub username: Option<String>,
+    pub customer_user_id: Option<i64>,
+    pub user_type: Option<String>,
+    pub account_type: String,
+    pub user_phone: Option<String>,
+    pub user_branch: Option<String>,
+    pub kyc_level: i32,
+    pub performance_status: Option<String>,
+    pub referral_code: Option<String>,
+    pub referrals_count: i32,
+    pub call_agent_id: Option<i32>,
+    pub is_call_agent: bool,
+    pub is_call_agent_admin: bool,
+    pub is_ajo_admin: bool,
+    pub bucket: serde_json::Value,
+    pub bucket_designation: Option<String>,
+    pub pnd: bool,
+    pub address: Option<String>,
+    pub date_joined: DateTime<Utc>,
+    pub last_login: Option<DateTime<Utc>>,
+    /// Customers whose `user_id` is this officer.
+    pub customers_count: i64,
+}
+
+pub fn transform(row: OfficerRow) -> (Record, u32) {
+    (encode(row.id, &row), 0)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    pub fn row() -> OfficerRow {
+        OfficerRow {
+            id: 7,
+            email: "ngozi.okafor@example.com".into(),
+            username: Some("ngozi".into()),
+            customer_user_id: None,
+            user_type: Some("AJO_AGENT".into()),
+            account_type: "KEY_ACCOUNT".into(),
+            user_phone: Some("+2348030000007".into()),
+            user_branch: Some("Ikeja".into()),
+            kyc_level: 2,
+            performance_status: None,
+            referral_code: Some("REF7".into()),
+            referrals_count: 4,
+            call_agent_id: None,
+            is_call_agent: false,
+            is_call_agent_admin: false,
+            is_ajo_admin: false,
+            bucket: serde_json::json!(["A"]),
+            bucket_designation: None,
+            pnd: false,
+            address: Some("3 Ọbáfẹ́mi Awólọ́wọ̀ Way".into()),
+            date_joined: Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).unwrap(),
+            last_login: None,
+            customers_count: 12,
+        }
+    }
+
+    #[test]
+    fn golden_officer() {
+        let (record, warnings) = transform(row());
+        assert_eq!(warnings, 0);
+        super::super::golden::check("officer", &record);
+    }
+}
