@@ -1,5 +1,569 @@
-//! The `loansync` command line.
+//! The `loansync` command line: parse, set up telemetry, dispatch, map to an exit code.
+//!
+//! Exit codes: 0 success (for `sync`: the sync `completed`); 1 an error (configuration,
+//! connection, ...); 2 `sync` ended `partial_success`; 3 `sync` ended `failed`;
+//! 4 `sync` did not run because another sync is in progress.
 
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+use crate::config::Settings;
+use crate::domain::{EntityKind, PlanRequest, SyncType};
+use crate::ledger::{self, FinalStatus};
+use crate::planner::{self, PlanOutcome};
+use crate::queue::amqp::Broker;
+use crate::queue::memory::MemoryQueue;
+use crate::sink::AnalyticsClient;
+use crate::worker::{self, WorkerContext};
+use crate::{db, http, stub_api, telemetry};
+use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+/// Exit code of `sync` when it ended `partial_success`.
+pub const EXIT_PARTIAL: u8 = 2;
+/// Exit code of `sync` when it ended `failed`.
+pub const EXIT_FAILED: u8 = 3;
+/// Exit code of `sync` when another sync was in progress.
+pub const EXIT_BUSY: u8 = 4;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loansync",
+    version,
+    about = "Keeps the analytics platform in sync with the lending database."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SyncSelection {
+    /// A full sync (every row that passes the filters) instead of an incremental one.
+    #[arg(long)]
+    pub full: bool,
+    /// Only these entities (repeatable); all four when absent.
+    #[arg(long = "entity", value_name = "E")]
+    pub entities: Vec<EntityKind>,
+}
+
+impl SyncSelection {
+    fn request(&self, request_id: Option<String>) -> PlanRequest {
+        PlanRequest {
+            sync_type: if self.full {
+                SyncType::Full
+            } else {
+                SyncType::Incremental
+            },
+            entities: (!self.entities.is_empty()).then(|| self.entities.clone()),
+            request_id,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Apply loansync's migrations (idempotent; never alters Django's tables).
+    Migrate,
+    /// Consume planning messages and plan syncs (long-running).
+    Planner,
+    /// Consume chunk jobs and deliver them (long-running).
+    Worker,
+    /// Publish a planning message.
+    Trigger {
+        #[command(flatten)]
+        selection: SyncSelection,
+        /// Idempotency of the trigger: a repeated id plans nothing new (default: a new UUID).
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// Run one sync in this process (planner and workers over an in-memory queue; no broker).
+    Sync {
+        #[command(flatten)]
+        selection: SyncSelection,
+    },
+    /// Show recent syncs, or one sync's per-entity progress.
+    Status {
+        sync_id: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// How many recent syncs to list.
+        #[arg(long, default_value_t = 10)]
+        limit: i64,
+    },
+    /// Re-publish a stalled sync's unsettled chunks from the chunk ledger.
+    Resume { sync_id: String },
+    /// Run the local analytics API (stub) with optional fault injection.
+    StubApi(StubArgs),
+    /// Fill a database holding the Django source schema with synthetic data.
+    Seed {
+        /// 1 is 20 users, 1,000 customers, 2,000 loans, 10,000 repayments; 100 is dataset M.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        #[arg(long)]
+        users: Option<i64>,
+        #[arg(long)]
+        customers: Option<i64>,
+        #[arg(long)]
+        loans: Option<i64>,
+        #[arg(long)]
+        repayments: Option<i64>,
+        /// Seed of the generator: the same seed gives the same data.
+        #[arg(long, default_value_t = 42)]
+        seed: i64,
+        /// Empty the source tables first.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// The whole system end to end on this machine's services (see README).
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StubArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8088", env = "STUB_ADDR")]
+    pub addr: std::net::SocketAddr,
+    /// Bearer key it accepts (default: ANALYTICS_API_KEY, else the local development key).
+    #[arg(long, env = "ANALYTICS_API_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// Fraction of requests answered 503.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_5xx_rate: f64,
+    /// Fraction of requests answered 429 with Retry-After.
+    #[arg(long = "rate-429", default_value_t = 0.0)]
+    pub rate_429: f64,
+    /// Retry-After seconds on 429 answers.
+    #[arg(long, default_value_t = 1)]
+    pub retry_after_secs: u64,
+    /// Fraction of requests answered slowly, and how slowly.
+    #[arg(long, default_value_t = 0.0)]
+    pub slow_rate: f64,
+    #[arg(long, default_value_t = 2000)]
+    pub slow_ms: u64,
+    /// Fraction of connections dropped without an answer.
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_rate: f64,
+    /// Reject (in a 200's `rejected` list) every id divisible by N.
+    #[arg(long, default_value_t = 0)]
+    pub reject_every_nth: u64,
+    /// Refuse (422) any batch holding one of these ids.
+    #[arg(long, value_delimiter = ',')]
+    pub refuse_ids: Vec<i64>,
+    /// Seed of the fault randomness.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("loansync: configuration error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    telemetry::init_logging(settings.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loansync: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command, settings)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "loansync failed");
+            eprintln!("loansync: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown requested");
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
+    let settings = Arc::new(settings);
+    match command {
+        Command::Migrate => {
+            let pool = db::connect(&settings).await?;
+            db::migrate(&pool).await?;
+            println!("migrations applied to {}", settings.database_url_redacted());
+            Ok(0)
+        }
+        Command::Planner => {
+            let pool = db::connect(&settings).await?;
+            let broker = connect_broker(&settings).await?;
+            let consuming = Arc::new(AtomicBool::new(false));
+            start_http(&settings, &pool, Some(&broker), &consuming).await?;
+            planner::run_amqp(pool, settings.clone(), broker, consuming, shutdown_signal()).await?;
+            Ok(0)
+        }
+        Command::Worker => {
+            let pool = db::connect(&settings).await?;
+            let broker = connect_broker(&settings).await?;
+            let consuming = Arc::new(AtomicBool::new(false));
+            start_http(&settings, &pool, Some(&broker), &consuming).await?;
+            let ctx = Arc::new(worker_context(&settings, pool)?);
+            worker::run_amqp(
+                ctx,
+                broker,
+                settings.worker_concurrency,
+                settings.shutdown_grace,
+                consuming,
+                shutdown_signal(),
+            )
+            .await?;
+            Ok(0)
+        }
+        Command::Trigger {
+            selection,
+            request_id,
+        } => {
+            let req = selection.request(Some(
+                request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            ));
+            let broker = connect_broker(&settings).await?;
+            broker
+                .publish_json(&broker.topology.plan, std::slice::from_ref(&req))
+                .await?;
+            broker.close().await;
+            println!(
+                "published a {} planning message (request_id {}) to {}",
+                req.sync_type,
+                req.request_id.as_deref().unwrap_or("-"),
+                broker.topology.plan
+            );
+            Ok(0)
+        }
+        Command::Sync { selection } => {
+            let pool = db::connect(&settings).await?;
+            let summary = sync_in_process(&pool, &settings, &selection.request(None)).await?;
+            print!("{}", summary.render());
+            Ok(summary.exit_code())
+        }
+        Command::Status {
+            sync_id,
+            json,
+            limit,
+        } => {
+            let pool = db::connect(&settings).await?;
+            status(&pool, &settings, sync_id.as_deref(), json, limit).await?;
+            Ok(0)
+        }
+        Command::Resume { sync_id } => {
+            let pool = db::connect(&settings).await?;
+            let broker = connect_broker(&settings).await?;
+            let n = planner::resume(&pool, &sync_id, &broker).await?;
+            broker.close().await;
+            println!("re-published {n} unsettled chunks of sync {sync_id}");
+            Ok(0)
+        }
+        Command::Seed {
+            scale,
+            users,
+            customers,
+            loans,
+            repayments,
+            seed,
+            reset,
+        } => {
+            let pool = db::connect(&settings).await?;
+            if reset {
+                crate::seed::reset_source(&pool).await?;
+            }
+            let mut spec = crate::seed::SeedSpec::scale(scale, seed);
+            spec.users = users.unwrap_or(spec.users);
+            spec.customers = customers.unwrap_or(spec.customers);
+            spec.loans = loans.unwrap_or(spec.loans);
+            spec.repayments = repayments.unwrap_or(spec.repayments);
+            let report = crate::seed::seed(&pool, spec).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(0)
+        }
+        Command::Demo(args) => crate::demo::run(args, &settings).await,
+        Command::StubApi(args) => {
+            let cfg = stub_api::StubConfig {
+                api_key: args
+                    .key
+                    .unwrap_or_else(|| settings.api.key.expose_secret().to_string()),
+                faults: stub_api::Faults {
+                    error_5xx_rate: args.error_5xx_rate,
+                    rate_429: args.rate_429,
+                    retry_after_secs: args.retry_after_secs,
+                    slow_rate: args.slow_rate,
+                    slow_ms: args.slow_ms,
+                    drop_rate: args.drop_rate,
+                    reject_every_nth: args.reject_every_nth,
+                    refuse_ids: args.refuse_ids,
+                    seed: args.seed,
+                    ..Default::default()
+                },
+            };
+            println!("stub analytics API listening on http://{}", args.addr);
+            stub_api::run_standalone(cfg, args.addr, shutdown_signal()).await?;
+            Ok(0)
+        }
+    }
+}
+
+async fn connect_broker(settings: &Settings) -> anyhow::Result<Broker> {
+    Broker::connect(
+        settings.amqp_url.expose_secret(),
+        &settings.queue_prefix,
+        // The broker's own limit sits above loansync's, so that loansync settles a
+        // chunk that keeps failing (and says why) before the broker drops it.
+        settings.delivery_limit + 2,
+    )
+    .await
+}
+
+async fn start_http(
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+    broker: Option<&Broker>,
+    consuming: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    if let Some(addr) = settings.metrics_addr {
+        http::serve(
+            addr,
+            http::Readiness {
+                pool: pool.clone(),
+                broker: broker.cloned(),
+                consuming: consuming.clone(),
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Builds a worker's context from the settings.
+pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> anyhow::Result<WorkerContext> {
+    Ok(WorkerContext {
+        pool,
+        client: AnalyticsClient::new(&settings.api)
+            .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?,
+        delivery_limit: settings.delivery_limit,
+    })
+}
+
+/// What `loansync sync` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncSummary {
+    pub sync_id: Option<String>,
+    pub status: Option<FinalStatus>,
+    pub busy_with: Option<String>,
+    pub progress: Vec<ledger::EntityProgress>,
+    pub seconds: f64,
+}
+
+impl SyncSummary {
+    pub fn exit_code(&self) -> u8 {
+        match self.status {
+            Some(FinalStatus::Completed) => 0,
+            Some(FinalStatus::PartialSuccess) => EXIT_PARTIAL,
+            Some(FinalStatus::Failed) => EXIT_FAILED,
+            None if self.busy_with.is_some() => EXIT_BUSY,
+            None => 1,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Some(active) = &self.busy_with {
+            out.push_str(&format!(
+                "another sync is in progress ({active}); nothing was run\n"
+            ));
+            return out;
+        }
+        let sent: i64 = self
+            .progress
+            .iter()
+            .map(|p| i64::from(p.success + p.failed))
+            .sum();
+        out.push_str(&format!(
+            "sync {} {} in {:.2}s ({:.0} records/s)\n",
+            self.sync_id.as_deref().unwrap_or("-"),
+            self.status.map(|s| s.as_str()).unwrap_or("unfinished"),
+            self.seconds,
+            sent as f64 / self.seconds.max(1e-9)
+        ));
+        out.push_str(&format!(
+            "{:<10} {:>10} {:>10} {:>10}\n",
+            "entity", "planned", "sent", "failed"
+        ));
+        for p in &self.progress {
+            out.push_str(&format!(
+                "{:<10} {:>10} {:>10} {:>10}\n",
+                p.entity.as_str(),
+                p.total,
+                p.success,
+                p.failed
+            ));
+        }
+        out
+    }
+}
+
+/// Single-process mode: plans `req` and works its chunks off an in-memory queue.
+pub async fn sync_in_process(
+    pool: &sqlx::PgPool,
+    settings: &Settings,
+    req: &PlanRequest,
+) -> anyhow::Result<SyncSummary> {
+    let started = std::time::Instant::now();
+    let queue = MemoryQueue::new();
+    let sync_id = match planner::plan_sync(pool, settings, req, &queue).await? {
+        PlanOutcome::Planned { sync_id, .. } => sync_id,
+        PlanOutcome::Duplicate { sync_id, .. } => sync_id,
+        PlanOutcome::Busy { active_sync_id } => {
+            return Ok(SyncSummary {
+                sync_id: None,
+                status: None,
+                busy_with: Some(active_sync_id),
+                progress: Vec::new(),
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+    };
+    let ctx = Arc::new(worker_context(settings, pool.clone())?);
+    worker::run_memory(ctx, queue, settings.worker_concurrency).await;
+    let status: String =
+        sqlx::query_scalar("SELECT status::text FROM etl_folder_etlsynchistory WHERE sync_id = $1")
+            .bind(&sync_id)
+            .fetch_one(pool)
+            .await?;
+    let status = match status.as_str() {
+        "completed" => Some(FinalStatus::Completed),
+        "partial_success" => Some(FinalStatus::PartialSuccess),
+        "failed" => Some(FinalStatus::Failed),
+        _ => None,
+    };
+    Ok(SyncSummary {
+        progress: ledger::entity_progress(pool, &sync_id).await?,
+        sync_id: Some(sync_id),
+        status,
+        busy_with: None,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn status(
+    pool: &sqlx::PgPool,
+    settings: &Settings,
+    sync_id: Option<&str>,
+    json: bool,
+    limit: i64,
+) -> anyhow::Result<()> {
+    let stale = settings.stale_sync_after.as_secs() as i64;
+    let syncs = ledger::recent_syncs(pool, sync_id, limit, stale).await?;
+    if let Some(id) = sync_id {
+        let Some(s) = syncs.first() else {
+            anyhow::bail!("no sync {id}");
+        };
+        let progress = ledger::entity_progress(pool, id).await?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "sync": s, "entities": progress })
+                )?
+            );
+        } else {
+            println!(
+                "sync {}  {}  {}{}",
+                s.sync_id,
+                s.sync_type,
+                s.status,
+                if s.stalled {
+                    "  (STALLED: run `loansync resume`)"
+                } else {
+                    ""
+                }
+            );
+            println!(
+                "window   {} .. {}",
+                s.sync_start_date
+                    .map(|d| d.to_rfc3339())
+                    .unwrap_or_else(|| "-".into()),
+                s.sync_end_date
+                    .map(|d| d.to_rfc3339())
+                    .unwrap_or_else(|| "-".into())
+            );
+            if let (Some(t), Some(r)) = (s.chunks_total, s.chunks_remaining) {
+                println!("chunks   {} of {} settled", t - r, t);
+            }
+            if let Some(d) = s.duration_seconds {
+                println!("duration {d:.2}s");
+            }
+            if let Some(m) = &s.error_message {
+                println!("error    {m}");
+            }
+            println!(
+                "{:<10} {:>10} {:>10} {:>10}",
+                "entity", "total", "success", "failed"
+            );
+            for p in progress {
+                println!(
+                    "{:<10} {:>10} {:>10} {:>10}",
+                    p.entity.as_str(),
+                    p.total,
+                    p.success,
+                    p.failed
+                );
+            }
+        }
+        return Ok(());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&syncs)?);
+    } else {
+        println!(
+            "{:<36}  {:<11}  {:<15}  {:<20}  {:>9}",
+            "sync_id", "type", "status", "started", "seconds"
+        );
+        for s in syncs {
+            println!(
+                "{:<36}  {:<11}  {:<15}  {:<20}  {:>9}",
+                s.sync_id,
+                s.sync_type,
+                if s.stalled {
+                    "STALLED".to_string()
+                } else {
+                    s.status.clone()
+                },
+                s.started_at.format("%Y-%m-%d %H:%M:%S"),
+                s.duration_seconds
+                    .map(|d| format!("{d:.2}"))
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    Ok(())
 }

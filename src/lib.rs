@@ -21,11 +21,13 @@
 //! * [`planner`]: plan one sync; [`worker`]: process one chunk into an outcome.
 //! * [`telemetry`]: logging and metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! * [`seed`]: deterministic synthetic source data, generated set-based in PostgreSQL.
+//! * [`demo`]: `loansync demo`, the whole system on local services in one command.
 //! * [`cli`]: the `loansync` command line; `main.rs` only calls [`cli::main`].
 
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod domain;
 pub mod http;
 pub mod ledger;

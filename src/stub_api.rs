@@ -1,1 +1,490 @@
-//! A local analytics API with fault injection (filled in below).
+//! A local analytics API that implements SPEC.md section 4 faithfully, for tests, the
+//! demo and `docker compose`: bearer authentication, body validation (including the
+//! never-send keys), idempotency keys, and faults injected on demand.
+//!
+//! Control endpoints when it runs as its own process: `GET /__stats`, `PUT /__faults`,
+//! `GET /healthz`.
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::domain::EntityKind;
+use crate::transform::NEVER_SEND;
+
+/// Faults to inject. Rates are fractions of requests in `0.0..=1.0`.
+#[derive(Clone, Default, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Answer 503.
+    pub error_5xx_rate: f64,
+    /// Answer 429 with `Retry-After: retry_after_secs`.
+    pub rate_429: f64,
+    pub retry_after_secs: u64,
+    /// Sleep `slow_ms` before answering.
+    pub slow_rate: f64,
+    pub slow_ms: u64,
+    /// Close the connection without an answer.
+    pub drop_rate: f64,
+    /// The next `fail_next` requests answer `fail_next_status` (deterministic).
+    pub fail_next: u32,
+    pub fail_next_status: u16,
+    /// Ids divisible by this are listed in a 200's `rejected` (0: off).
+    pub reject_every_nth: u64,
+    /// A batch holding any of these ids is refused whole with 422.
+    pub refuse_ids: Vec<i64>,
+    /// The next `garbage_next` requests answer 200 with a body that is not JSON.
+    pub garbage_next: u32,
+    pub seed: u64,
+}
+
+/// How the stub is set up.
+#[derive(Clone, Debug)]
+pub struct StubConfig {
+    pub api_key: String,
+    pub faults: Faults,
+}
+
+/// What the stub has accepted so far.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Received {
+    /// Per entity: id → times accepted (once per idempotency key).
+    pub accepted: BTreeMap<EntityKind, BTreeMap<i64, u32>>,
+    /// Answers by status code.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Idempotency keys seen, in order.
+    pub idempotency_keys: Vec<String>,
+    /// Records that carried a never-send key (should stay empty).
+    pub forbidden: u64,
+}
+
+impl Received {
+    /// The ids of `entity` accepted at least once.
+    pub fn ids(&self, entity: EntityKind) -> BTreeSet<i64> {
+        self.accepted
+            .get(&entity)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Ids of `entity` accepted more often now than in `before`.
+    pub fn ids_sent_since(&self, before: &Received, entity: EntityKind) -> BTreeSet<i64> {
+        let empty = BTreeMap::new();
+        let old = before.accepted.get(&entity).unwrap_or(&empty);
+        self.accepted
+            .get(&entity)
+            .map(|m| {
+                m.iter()
+                    .filter(|(id, n)| old.get(id).copied().unwrap_or(0) < **n)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many answers had this status.
+    pub fn status_count(&self, status: u16) -> u64 {
+        self.statuses.get(&status).copied().unwrap_or(0)
+    }
+
+    /// All requests answered (dropped connections not counted).
+    pub fn requests(&self) -> u64 {
+        self.statuses.values().sum()
+    }
+}
+
+struct Shared {
+    key: String,
+    faults: Faults,
+    rng: fastrand::Rng,
+    received: Received,
+    /// Answers already given per idempotency key (a retry of an accepted body gets the
+    /// same answer and is not counted twice).
+    answered: HashMap<String, (u16, Value)>,
+}
+
+type AppState = Arc<Mutex<Shared>>;
+
+/// A running stub; dropping it (or [`StubHandle::shutdown`]) stops it.
+pub struct StubHandle {
+    pub addr: SocketAddr,
+    state: AppState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl StubHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        let mut s = lock(&self.state);
+        s.rng = fastrand::Rng::with_seed(faults.seed);
+        s.faults = faults;
+    }
+
+    pub fn received(&self) -> Received {
+        lock(&self.state).received.clone()
+    }
+
+    pub fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for StubHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn lock(state: &AppState) -> std::sync::MutexGuard<'_, Shared> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/etl/customers",
+            post(|s, h, b| ingest(s, h, b, Endpoint::Customers)),
+        )
+        .route(
+            "/etl/officers",
+            post(|s, h, b| ingest(s, h, b, Endpoint::Officers)),
+        )
+        .route("/etl/sync", post(|s, h, b| ingest(s, h, b, Endpoint::Sync)))
+        .route("/__stats", get(stats))
+        .route("/__faults", put(set_faults))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(DefaultBodyLimit::max(16 * 1024 * 1024))
+        .with_state(state)
+}
+
+/// Binds `addr` (port 0 allowed) and serves in a background task.
+pub async fn spawn(cfg: StubConfig, addr: SocketAddr) -> std::io::Result<StubHandle> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(Mutex::new(Shared {
+        key: cfg.api_key,
+        rng: fastrand::Rng::with_seed(cfg.faults.seed),
+        faults: cfg.faults,
+        received: Received::default(),
+        answered: HashMap::new(),
+    }));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = router(state.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Ok(StubHandle {
+        addr,
+        state,
+        stop: Some(stop),
+    })
+}
+
+/// Runs the stub until `shutdown` resolves (`loansync stub-api`).
+pub async fn run_standalone(
+    cfg: StubConfig,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let handle = spawn(cfg, addr).await?;
+    shutdown.await;
+    handle.shutdown();
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Customers,
+    Officers,
+    Sync,
+}
+
+impl Endpoint {
+    fn accepts(self, e: EntityKind) -> bool {
+        matches!(
+            (self, e),
+            (Endpoint::Customers, EntityKind::Customer)
+                | (Endpoint::Officers, EntityKind::Officer)
+                | (Endpoint::Sync, EntityKind::Loan | EntityKind::Repayment)
+        )
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> (u16, Value) {
+    (
+        status.as_u16(),
+        json!({ "error_code": code, "message": message }),
+    )
+}
+
+fn has_forbidden_key(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .any(|(k, v)| NEVER_SEND.contains(&k.as_str()) || has_forbidden_key(v)),
+        Value::Array(a) => a.iter().any(has_forbidden_key),
+        _ => false,
+    }
+}
+
+/// What a fault roll decided for one request.
+enum Fault {
+    None,
+    Status(u16, Option<u64>),
+    Drop,
+    Garbage,
+}
+
+async fn ingest(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+    endpoint: Endpoint,
+) -> Response {
+    // Faults first, as a struggling API would.
+    let (fault, slow) = {
+        let mut s = lock(&state);
+        let f = s.faults.clone();
+        let slow = (f.slow_rate > 0.0 && s.rng.f64() < f.slow_rate).then_some(f.slow_ms);
+        let fault = if f.fail_next > 0 {
+            s.faults.fail_next -= 1;
+            Fault::Status(f.fail_next_status.max(100), None)
+        } else if f.garbage_next > 0 {
+            s.faults.garbage_next -= 1;
+            Fault::Garbage
+        } else if f.drop_rate > 0.0 && s.rng.f64() < f.drop_rate {
+            Fault::Drop
+        } else if f.error_5xx_rate > 0.0 && s.rng.f64() < f.error_5xx_rate {
+            Fault::Status(503, None)
+        } else if f.rate_429 > 0.0 && s.rng.f64() < f.rate_429 {
+            Fault::Status(429, Some(f.retry_after_secs))
+        } else {
+            Fault::None
+        };
+        (fault, slow)
+    };
+    if let Some(ms) = slow {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    match fault {
+        Fault::None => {}
+        Fault::Drop => {
+            // A body stream that fails at once: hyper aborts the connection mid-answer.
+            let stream = futures::stream::once(async {
+                Err::<Bytes, std::io::Error>(std::io::Error::other("dropped by fault injection"))
+            });
+            return Response::builder()
+                .status(200)
+                .header("content-length", "64")
+                .body(Body::from_stream(stream))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        }
+        Fault::Garbage => {
+            count(&state, 200);
+            return (StatusCode::OK, "<html>not json</html>").into_response();
+        }
+        Fault::Status(status, retry_after) => {
+            count(&state, status);
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut resp = (
+                code,
+                axum::Json(
+                    json!({"error_code": format!("HTTP_{status}"), "message": "injected fault"}),
+                ),
+            )
+                .into_response();
+            if let Some(secs) = retry_after
+                && let Ok(v) = secs.to_string().parse()
+            {
+                resp.headers_mut().insert("retry-after", v);
+            }
+            return resp;
+        }
+    }
+    let (status, value) = answer(&state, &headers, &body, endpoint);
+    count(&state, status);
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(value),
+    )
+        .into_response()
+}
+
+fn count(state: &AppState, status: u16) {
+    *lock(state).received.statuses.entry(status).or_default() += 1;
+}
+
+/// Validates and accepts one body (no faults).
+fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint) -> (u16, Value) {
+    let mut s = lock(state);
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if auth != format!("Bearer {}", s.key) {
+        return error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "invalid API key");
+    }
+    let Some(key) = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "MISSING_IDEMPOTENCY_KEY",
+            "an Idempotency-Key header is required",
+        );
+    };
+    if headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| !ct.starts_with("application/json"))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "Content-Type must be application/json",
+        );
+    }
+    s.received.idempotency_keys.push(key.clone());
+    if let Some(prev) = s.answered.get(&key) {
+        return prev.clone();
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "the body is not JSON",
+        );
+    };
+    let str_field = |k: &str| v.get(k).and_then(Value::as_str);
+    let (Some(_sync_id), Some(sync_type), Some(entity), Some(_chunk), Some(records)) = (
+        str_field("sync_id"),
+        str_field("sync_type"),
+        str_field("entity_type"),
+        v.get("chunk").and_then(Value::as_i64),
+        v.get("records").and_then(Value::as_array),
+    ) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "expected sync_id, sync_type, entity_type, chunk and records",
+        );
+    };
+    if !matches!(sync_type, "full" | "incremental") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "sync_type must be full or incremental",
+        );
+    }
+    let Ok(entity) = entity.parse::<EntityKind>() else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ENTITY_MISMATCH",
+            "unknown entity_type",
+        );
+    };
+    if !endpoint.accepts(entity) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ENTITY_MISMATCH",
+            "this endpoint does not take that entity_type",
+        );
+    }
+    let mut ids = Vec::with_capacity(records.len());
+    for r in records {
+        let Some(id) = r
+            .as_object()
+            .and_then(|o| o.get("id"))
+            .and_then(Value::as_i64)
+        else {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_RECORD",
+                "every record must be an object with an integer id",
+            );
+        };
+        if has_forbidden_key(r) {
+            s.received.forbidden += 1;
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "FORBIDDEN_FIELD",
+                "a record carries a field that must never be sent",
+            );
+        }
+        ids.push(id);
+    }
+    if let Some(bad) = ids.iter().find(|id| s.faults.refuse_ids.contains(id)) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "RECORD_REFUSED",
+            &format!("record {bad} is refused"),
+        );
+    }
+    let nth = s.faults.reject_every_nth;
+    let mut rejected = Vec::new();
+    let accepted_map = s.received.accepted.entry(entity).or_default();
+    for id in &ids {
+        if nth > 0 && id.rem_euclid(nth as i64) == 0 {
+            rejected.push(json!({
+                "id": id,
+                "error_code": "VALIDATION_FAILED",
+                "message": format!("record {id} failed validation"),
+                "details": {"rule": "reject_every_nth", "n": nth},
+            }));
+        } else {
+            *accepted_map.entry(*id).or_default() += 1;
+        }
+    }
+    let value = json!({ "accepted": ids.len() - rejected.len(), "rejected": rejected });
+    s.answered.insert(key, (200, value.clone()));
+    (200, value)
+}
+
+async fn stats(State(state): State<AppState>) -> axum::Json<Value> {
+    let s = lock(&state);
+    let per_entity: BTreeMap<String, usize> = s
+        .received
+        .accepted
+        .iter()
+        .map(|(e, m)| (e.as_str().to_string(), m.len()))
+        .collect();
+    axum::Json(json!({
+        "requests": s.received.requests(),
+        "statuses": s.received.statuses,
+        "accepted": per_entity,
+        "forbidden": s.received.forbidden,
+        "faults": s.faults,
+    }))
+}
+
+async fn set_faults(
+    State(state): State<AppState>,
+    axum::Json(f): axum::Json<Faults>,
+) -> StatusCode {
+    let mut s = lock(&state);
+    s.rng = fastrand::Rng::with_seed(f.seed);
+    s.faults = f;
+    StatusCode::NO_CONTENT
+}

@@ -1,1 +1,397 @@
-//! Process one chunk.
+//! Process one chunk into an outcome ([`process_chunk`]), and the loops that feed it
+//! from RabbitMQ ([`run_amqp`]) or from the in-memory queue ([`run_memory`]).
+//!
+//! Per chunk: read the ledger (a settled chunk is a duplicate and is only acked), load
+//! and transform the rows, POST one batch, then settle in one transaction (counters,
+//! error rows, resolutions, and finalization when it was the sync's last chunk). The
+//! message is acked only after that commit.
+
+use crate::domain::ChunkJob;
+use crate::ledger::{self, ChunkResult, FailedRecord, FinalStatus, Settled};
+use crate::queue::Disposition;
+use crate::queue::amqp::{AmqpDelivery, Broker};
+use crate::queue::memory::MemoryQueue;
+use crate::sink::{AnalyticsClient, Batch, FatalError};
+use crate::source;
+use crate::telemetry::METRICS;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// What a worker needs to process chunks.
+pub struct WorkerContext {
+    pub pool: PgPool,
+    pub client: AnalyticsClient,
+    /// Starts of one chunk after which it is settled as failed and dead-lettered.
+    pub delivery_limit: u32,
+}
+
+/// How one chunk ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkOutcome {
+    /// Sent and settled by this worker; `finished` when it closed the sync.
+    Settled {
+        succeeded: usize,
+        failed: usize,
+        finished: Option<FinalStatus>,
+    },
+    /// Settled before (a redelivered or duplicated job): nothing sent, nothing counted.
+    Duplicate,
+    /// The API refused the credentials: the sync was failed and its chunks settled.
+    Aborted,
+    /// Started more often than the delivery limit: settled as failed records.
+    GaveUp { reason: String },
+}
+
+/// Why a chunk could not be processed now.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// The message names no chunk of the ledger: it can never succeed.
+    #[error("no chunk {0} in the ledger")]
+    Unknown(String),
+    /// The database (or another dependency) failed: try again later.
+    #[error("transient failure: {0:#}")]
+    Transient(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for ChunkError {
+    fn from(e: sqlx::Error) -> Self {
+        ChunkError::Transient(e.into())
+    }
+}
+
+/// Processes one chunk job end to end.
+pub async fn process_chunk(
+    ctx: &WorkerContext,
+    job: &ChunkJob,
+) -> Result<ChunkOutcome, ChunkError> {
+    let Some(state) = ledger::start_chunk(&ctx.pool, &job.sync_id, job.entity, job.seq).await?
+    else {
+        return Err(ChunkError::Unknown(format!(
+            "{}/{}/{}",
+            job.sync_id, job.entity, job.seq
+        )));
+    };
+    if state.settled {
+        return Ok(ChunkOutcome::Duplicate);
+    }
+    if state.attempts > ctx.delivery_limit as i32 {
+        let reason = format!(
+            "chunk started {} times without settling (ETL_DELIVERY_LIMIT {})",
+            state.attempts - 1,
+            ctx.delivery_limit
+        );
+        let failures: Vec<FailedRecord> = state
+            .ids
+            .iter()
+            .map(|&id| FailedRecord {
+                id,
+                error_code: "CHUNK_GAVE_UP".into(),
+                message: reason.clone(),
+                details: serde_json::json!({ "attempts": state.attempts - 1 }),
+            })
+            .collect();
+        settle(ctx, job, &state, &[], &failures, None).await?;
+        return Ok(ChunkOutcome::GaveUp { reason });
+    }
+
+    let loaded = source::load_chunk(&ctx.pool, job.entity, &state.ids)
+        .await
+        .map_err(|e| ChunkError::Transient(e.into()))?;
+    if loaded.warnings > 0 {
+        METRICS
+            .transform_warnings
+            .with_label_values(&[job.entity.as_str()])
+            .inc_by(u64::from(loaded.warnings));
+        tracing::warn!(
+            warnings = loaded.warnings,
+            "non-finite numbers sent as null"
+        );
+    }
+    let mut failures: Vec<FailedRecord> = loaded
+        .missing
+        .iter()
+        .map(|&id| FailedRecord {
+            id,
+            error_code: "SOURCE_ROW_MISSING".into(),
+            message: "the row was deleted from the source table after the sync was planned".into(),
+            details: serde_json::json!({}),
+        })
+        .collect();
+    let (succeeded, api_response) = if loaded.records.is_empty() {
+        (Vec::new(), None)
+    } else {
+        let batch = Batch {
+            sync_id: &job.sync_id,
+            sync_type: state.sync_type,
+            entity: job.entity,
+            chunk: job.seq,
+            records: &loaded.records,
+        };
+        match ctx.client.deliver(&batch).await {
+            Ok(report) => {
+                METRICS
+                    .http_requests
+                    .with_label_values(&[job.entity.as_str()])
+                    .inc_by(u64::from(report.requests));
+                METRICS
+                    .http_retries
+                    .with_label_values(&[job.entity.as_str()])
+                    .inc_by(u64::from(report.retries));
+                failures.extend(report.failed.into_iter().map(|f| FailedRecord {
+                    id: f.id,
+                    error_code: f.error_code,
+                    message: f.message,
+                    details: f.details,
+                }));
+                (report.succeeded, report.last_response)
+            }
+            Err(FatalError::Unauthorized { status, message }) => {
+                let reason = format!(
+                    "the analytics API refused the credentials (HTTP {status}): {message}. \
+                     Check ANALYTICS_API_KEY / ANALYTICS_API_KEY_FILE, then run the sync again"
+                );
+                tracing::error!(
+                    status,
+                    "analytics API refused the credentials: failing the sync"
+                );
+                let body = serde_json::json!({ "http_status": status, "message": message });
+                ledger::abort_sync(&ctx.pool, &job.sync_id, &reason, Some(&body)).await?;
+                return Ok(ChunkOutcome::Aborted);
+            }
+        }
+    };
+    settle(
+        ctx,
+        job,
+        &state,
+        &succeeded,
+        &failures,
+        api_response.as_ref(),
+    )
+    .await
+}
+
+async fn settle(
+    ctx: &WorkerContext,
+    job: &ChunkJob,
+    state: &ledger::ChunkState,
+    succeeded: &[i64],
+    failures: &[FailedRecord],
+    api_response: Option<&serde_json::Value>,
+) -> Result<ChunkOutcome, ChunkError> {
+    let result = ChunkResult {
+        sync_id: &job.sync_id,
+        entity: job.entity,
+        seq: job.seq,
+        history_id: state.history_id,
+        purpose: state.purpose,
+        succeeded,
+        failed: failures,
+        api_response,
+    };
+    match ledger::settle_chunk(&ctx.pool, &result).await? {
+        Settled::Already => Ok(ChunkOutcome::Duplicate),
+        Settled::Now(finished) => {
+            let e = job.entity.as_str();
+            METRICS
+                .records
+                .with_label_values(&[e, "success"])
+                .inc_by(succeeded.len() as u64);
+            METRICS
+                .records
+                .with_label_values(&[e, "failed"])
+                .inc_by(failures.len() as u64);
+            if let Some(status) = finished {
+                METRICS
+                    .syncs
+                    .with_label_values(&[state.sync_type.as_str(), status.as_str()])
+                    .inc();
+                tracing::info!(status = status.as_str(), "sync finished");
+            }
+            Ok(ChunkOutcome::Settled {
+                succeeded: succeeded.len(),
+                failed: failures.len(),
+                finished,
+            })
+        }
+    }
+}
+
+/// Parses and processes one message body, and says what to do with the message.
+pub async fn handle_message(ctx: &WorkerContext, body: &[u8]) -> Disposition {
+    let job: ChunkJob = match serde_json::from_slice(body) {
+        Ok(j) => j,
+        Err(e) => {
+            let reason = format!("invalid chunk job: {e}");
+            tracing::error!(%reason, "dead-lettering a chunk message");
+            METRICS
+                .chunks
+                .with_label_values(&["unknown", "dead_letter"])
+                .inc();
+            return Disposition::DeadLetter(reason);
+        }
+    };
+    let span =
+        tracing::info_span!("chunk", sync_id = %job.sync_id, entity = %job.entity, chunk = job.seq);
+    handle_job(ctx, &job).instrument(span).await
+}
+
+async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
+    let started = Instant::now();
+    METRICS.chunks_in_flight.inc();
+    let result = process_chunk(ctx, job).await;
+    METRICS.chunks_in_flight.dec();
+    let entity = job.entity.as_str();
+    let (outcome, disposition) = match result {
+        Ok(ChunkOutcome::Settled {
+            succeeded, failed, ..
+        }) => {
+            tracing::debug!(succeeded, failed, "chunk settled");
+            ("settled", Disposition::Ack)
+        }
+        Ok(ChunkOutcome::Duplicate) => {
+            tracing::info!("chunk already settled: acked without sending");
+            ("duplicate", Disposition::Ack)
+        }
+        Ok(ChunkOutcome::Aborted) => ("aborted", Disposition::Ack),
+        Ok(ChunkOutcome::GaveUp { reason }) => {
+            tracing::error!(%reason, "chunk settled as failed and dead-lettered");
+            ("dead_letter", Disposition::DeadLetter(reason))
+        }
+        Err(ChunkError::Unknown(what)) => {
+            let reason = format!("chunk job names no chunk of the ledger: {what}");
+            tracing::error!(%reason, "dead-lettering a chunk message");
+            ("dead_letter", Disposition::DeadLetter(reason))
+        }
+        Err(ChunkError::Transient(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), "chunk failed transiently: it will be delivered again");
+            ("requeued", Disposition::Requeue)
+        }
+    };
+    METRICS.chunks.with_label_values(&[entity, outcome]).inc();
+    METRICS
+        .chunk_seconds
+        .with_label_values(&[entity])
+        .observe(started.elapsed().as_secs_f64());
+    disposition
+}
+
+/// Consumes `<prefix>.chunks` until `shutdown` resolves, with at most `concurrency`
+/// chunks in flight (`basic_qos`). On shutdown it stops taking chunks and gives the
+/// ones in flight `grace` to finish; unfinished ones are redelivered by the broker
+/// once the connection closes.
+pub async fn run_amqp(
+    ctx: Arc<WorkerContext>,
+    broker: Broker,
+    concurrency: u16,
+    grace: Duration,
+    consuming: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let queue = broker.topology.chunks.clone();
+    let tag = format!("loansync-worker-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = broker.consume(&queue, concurrency, &tag).await?;
+    consuming.store(true, Ordering::SeqCst);
+    let mut in_flight = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    tracing::info!(%queue, concurrency, "worker consuming");
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Err(e) = done { tracing::error!(error = %e, "chunk task panicked"); }
+            }
+            next = consumer.next() => {
+                match next {
+                    Some(Ok(delivery)) => {
+                        let ctx = ctx.clone();
+                        let broker = broker.clone();
+                        let queue = queue.clone();
+                        in_flight.spawn(async move { settle_delivery(&ctx, &broker, &queue, delivery).await });
+                    }
+                    Some(Err(e)) => { consuming.store(false, Ordering::SeqCst); return Err(e.context("chunk consumer failed")) }
+                    None => { consuming.store(false, Ordering::SeqCst); anyhow::bail!("the broker cancelled the chunk consumer") }
+                }
+            }
+        }
+    }
+    consuming.store(false, Ordering::SeqCst);
+    tracing::info!(
+        in_flight = in_flight.len(),
+        "shutting down: finishing chunks in flight"
+    );
+    let drained = tokio::time::timeout(grace, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = in_flight.len(),
+            "grace period over: unfinished chunks go back to the queue"
+        );
+        in_flight.abort_all();
+    }
+    broker.close().await;
+    Ok(())
+}
+
+async fn settle_delivery(
+    ctx: &WorkerContext,
+    broker: &Broker,
+    queue: &str,
+    delivery: AmqpDelivery,
+) {
+    let disposition = handle_message(ctx, delivery.body()).await;
+    if disposition == Disposition::Requeue {
+        // Let a failing dependency breathe before the chunk comes back.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Err(e) = delivery.settle(broker, queue, disposition).await {
+        tracing::warn!(error = %format!("{e:#}"), "could not settle a delivery: the broker will redeliver it");
+    }
+}
+
+/// Processes jobs from the in-memory queue with `concurrency` tasks until the queue is
+/// empty and nothing is in flight. A job that fails transiently goes back to the end
+/// of the queue after a pause.
+pub async fn run_memory(ctx: Arc<WorkerContext>, queue: MemoryQueue, concurrency: u16) {
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (ctx, queue, in_flight, wake) =
+            (ctx.clone(), queue.clone(), in_flight.clone(), wake.clone());
+        tasks.spawn(async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            loop {
+                let Some(job) = queue.try_pop().await else {
+                    // Empty and nobody working: nothing can come back any more. (A task
+                    // that pops a job keeps running until the job is settled or requeued
+                    // and popped again, so an early exit here never strands a job.)
+                    if in_flight.load(SeqCst) == 0 {
+                        wake.notify_waiters();
+                        return;
+                    }
+                    let notified = wake.notified();
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    continue;
+                };
+                in_flight.fetch_add(1, SeqCst);
+                let span = tracing::info_span!("chunk", sync_id = %job.sync_id, entity = %job.entity, chunk = job.seq);
+                if handle_job(&ctx, &job).instrument(span).await == Disposition::Requeue {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    queue.push(job);
+                }
+                in_flight.fetch_sub(1, SeqCst);
+                wake.notify_waiters();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}

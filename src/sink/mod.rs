@@ -1,1 +1,14 @@
-//! The analytics API client (filled in below).
+//! The analytics API client (SPEC.md section 4).
+//!
+//! * [`encoder`]: records → request body bytes and the idempotency key; nothing else.
+//! * [`service`]: one HTTP call and what its answer means; never retries.
+//! * [`retry`]: the backoff policy (exponential, jittered, bounded, `Retry-After`).
+//! * [`client`]: delivers one chunk: retries around the service, halves refused batches
+//!   down to the records refused alone, fails fast on rejected credentials.
+
+pub mod client;
+pub mod encoder;
+pub mod retry;
+pub mod service;
+
+pub use client::{AnalyticsClient, Batch, DeliveryReport, FatalError, RecordFailure, SinkError};

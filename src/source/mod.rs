@@ -46,7 +46,11 @@ pub async fn next_ids(
     );
     if windowed {
         // A NULL lower bound (customers on a full sync) selects without a time filter.
-        let lo = incremental.then(|| window.lo.unwrap_or(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH));
+        let lo = incremental.then(|| {
+            window
+                .lo
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH)
+        });
         q = q.bind(lo).bind(window.hi);
     }
     q.fetch_all(conn).await
@@ -117,7 +121,10 @@ pub async fn load_chunk(
         Vec::new()
     } else {
         let found: std::collections::HashSet<i64> = out.records.iter().map(|r| r.id).collect();
-        ids.iter().copied().filter(|id| !found.contains(id)).collect()
+        ids.iter()
+            .copied()
+            .filter(|id| !found.contains(id))
+            .collect()
     };
     Ok(LoadedChunk {
         records: out.records,

@@ -84,7 +84,10 @@ pub(crate) mod golden {
         }
         let want: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| {
-                panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display())
+                panic!(
+                    "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+                    path.display()
+                )
             }))
             .unwrap();
         pretty_assertions::assert_eq!(got, want, "golden file {}", path.display());

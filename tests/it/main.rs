@@ -1,5 +1,6 @@
 //! Integration tests: real PostgreSQL, real RabbitMQ, the stub API on a loopback port.
 //! Every test owns its database and its queue names, so they run in parallel.
 
-mod support;
 mod migrations;
+mod pipeline;
+mod support;

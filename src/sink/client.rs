@@ -1,0 +1,331 @@
+//! Delivers one chunk: the retry policy around [`service::send`], the halving of
+//! refused batches down to the records refused alone, and fail-fast on 401/403.
+
+use super::encoder;
+use super::retry;
+use super::service::{self, Answer, Transient};
+use crate::config::ApiSettings;
+use crate::domain::{EntityKind, Record, SyncType};
+use backon::Retryable;
+use bytes::Bytes;
+use secrecy::{ExposeSecret, SecretString};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The last response kept for `api_response` is cut to this size.
+pub const MAX_KEPT_RESPONSE: usize = 64 * 1024;
+/// The part of a response body kept in an error row's details.
+const EXCERPT: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot read ANALYTICS_CA_FILE {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+/// The sync cannot go on: its remaining chunks must not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum FatalError {
+    #[error("the analytics API refused the credentials (HTTP {status}): {message}")]
+    Unauthorized { status: u16, message: String },
+}
+
+/// One chunk to deliver.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub sync_id: &'a str,
+    pub sync_type: SyncType,
+    pub entity: EntityKind,
+    pub chunk: i32,
+    pub records: &'a [Record],
+}
+
+/// One record that failed, with what the API (or the transport) said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordFailure {
+    pub id: i64,
+    pub error_code: String,
+    pub message: String,
+    /// `{"http_status", "response_excerpt", "attempts", "api_details"}`.
+    pub details: serde_json::Value,
+}
+
+/// How a chunk's delivery went. Every record of the batch is in exactly one list.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryReport {
+    pub succeeded: Vec<i64>,
+    pub failed: Vec<RecordFailure>,
+    /// The last response body (at most 64 KiB of it).
+    pub last_response: Option<serde_json::Value>,
+    /// HTTP requests sent, retries included.
+    pub requests: u32,
+    /// Requests that were retries of an earlier one.
+    pub retries: u32,
+}
+
+/// The analytics API client, built once per process; cheap to clone.
+#[derive(Clone)]
+pub struct AnalyticsClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: String,
+    key: SecretString,
+    retry: crate::config::RetrySettings,
+}
+
+impl AnalyticsClient {
+    pub fn new(api: &ApiSettings) -> Result<Self, SinkError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(api.timeout)
+            .connect_timeout(api.timeout.min(std::time::Duration::from_secs(10)))
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .tcp_keepalive(std::time::Duration::from_secs(30))
+            .user_agent(concat!("loansync/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &api.ca_file {
+            let pem = std::fs::read(path).map_err(|e| SinkError::CaFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| SinkError::CaFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| SinkError::Client(e.to_string()))?;
+        Ok(AnalyticsClient {
+            inner: Arc::new(Inner {
+                http,
+                base: api.base_url.as_str().trim_end_matches('/').to_string(),
+                key: api.key.clone(),
+                retry: api.retry.clone(),
+            }),
+        })
+    }
+
+    /// Delivers one chunk. Never panics on any response.
+    pub async fn deliver(&self, batch: &Batch<'_>) -> Result<DeliveryReport, FatalError> {
+        let url = format!("{}{}", self.inner.base, batch.entity.endpoint());
+        let mut report = DeliveryReport::default();
+        // Ranges of record indexes still to send; a refused range is split in halves.
+        let mut todo = vec![(0usize, batch.records.len())];
+        while let Some((start, end)) = todo.pop() {
+            if start >= end {
+                continue;
+            }
+            let part = &batch.records[start..end];
+            let (outcome, attempts) = self.send_part(batch, &url, start, end).await;
+            report.requests += attempts;
+            report.retries += attempts.saturating_sub(1);
+            match outcome {
+                Ok(Answer::Accepted { rejected, body }) => {
+                    let mut refused: std::collections::HashMap<i64, service::Rejected> =
+                        std::collections::HashMap::new();
+                    for r in rejected {
+                        if part.iter().any(|rec| rec.id == r.id) {
+                            refused.insert(r.id, r);
+                        } else {
+                            tracing::warn!(
+                                id = r.id,
+                                "the API rejected an id that was not in the batch; ignored"
+                            );
+                        }
+                    }
+                    for rec in part {
+                        match refused.remove(&rec.id) {
+                            None => report.succeeded.push(rec.id),
+                            Some(r) => report.failed.push(RecordFailure {
+                                id: rec.id,
+                                error_code: r.error_code,
+                                message: r.message,
+                                details: details(Some(200), &body, attempts, r.details),
+                            }),
+                        }
+                    }
+                    report.last_response = Some(kept(body));
+                }
+                Ok(Answer::Refused {
+                    status,
+                    error_code,
+                    message,
+                    body,
+                }) => {
+                    if part.len() > 1 {
+                        let mid = start + part.len() / 2;
+                        // Pushed second half first, so the first half is sent first.
+                        todo.push((mid, end));
+                        todo.push((start, mid));
+                    } else {
+                        report.failed.push(RecordFailure {
+                            id: part[0].id,
+                            error_code,
+                            message,
+                            details: details(Some(status), &body, attempts, serde_json::json!({})),
+                        });
+                    }
+                    report.last_response = Some(kept(body));
+                }
+                Ok(Answer::Unauthorized { status, message }) => {
+                    return Err(FatalError::Unauthorized { status, message });
+                }
+                Ok(Answer::Failed {
+                    status,
+                    error_code,
+                    message,
+                    body,
+                }) => {
+                    fail_all(
+                        &mut report,
+                        part,
+                        &error_code,
+                        &message,
+                        status,
+                        &body,
+                        attempts,
+                    );
+                    report.last_response = Some(kept(body));
+                }
+                Err(t) => {
+                    tracing::warn!(
+                        status = ?t.status,
+                        attempts,
+                        code = %t.error_code,
+                        "retry budget spent: the records of this request fail"
+                    );
+                    let message = format!("{} (after {attempts} attempts)", t.message);
+                    fail_all(
+                        &mut report,
+                        part,
+                        &t.error_code,
+                        &message,
+                        t.status,
+                        &t.body,
+                        attempts,
+                    );
+                    if !t.body.is_null() {
+                        report.last_response = Some(kept(t.body));
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Sends one part of a chunk, retrying transient failures. Returns the answer (or the
+    /// last transient failure once the budget is spent) and the attempts made.
+    async fn send_part(
+        &self,
+        batch: &Batch<'_>,
+        url: &str,
+        start: usize,
+        end: usize,
+    ) -> (Result<Answer, Transient>, u32) {
+        let body = Bytes::from(encoder::body(
+            batch.sync_id,
+            batch.sync_type,
+            batch.entity,
+            batch.chunk,
+            &batch.records[start..end],
+        ));
+        let key = encoder::idempotency_key(batch.sync_id, batch.entity, batch.chunk, start, end);
+        let attempts = AtomicU32::new(0);
+        let max_interval = self.inner.retry.max_interval;
+        let result = (|| {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            service::send(
+                &self.inner.http,
+                url,
+                self.inner.key.expose_secret(),
+                &key,
+                body.clone(),
+            )
+        })
+        .retry(retry::policy(&self.inner.retry))
+        .sleep(tokio::time::sleep)
+        .adjust(|t: &Transient, d| retry::next_delay(d, t.retry_after, max_interval))
+        .notify(|t: &Transient, d| {
+            tracing::warn!(
+                status = ?t.status,
+                code = %t.error_code,
+                delay_ms = d.as_millis() as u64,
+                "analytics API failed transiently; retrying"
+            );
+        })
+        .await;
+        (result, attempts.load(Ordering::Relaxed))
+    }
+}
+
+fn fail_all(
+    report: &mut DeliveryReport,
+    part: &[Record],
+    code: &str,
+    message: &str,
+    status: Option<u16>,
+    body: &serde_json::Value,
+    attempts: u32,
+) {
+    for rec in part {
+        report.failed.push(RecordFailure {
+            id: rec.id,
+            error_code: code.to_string(),
+            message: message.to_string(),
+            details: details(status, body, attempts, serde_json::json!({})),
+        });
+    }
+}
+
+fn details(
+    status: Option<u16>,
+    body: &serde_json::Value,
+    attempts: u32,
+    api_details: serde_json::Value,
+) -> serde_json::Value {
+    let text = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    serde_json::json!({
+        "http_status": status,
+        "response_excerpt": text.chars().take(EXCERPT).collect::<String>(),
+        "attempts": attempts,
+        "api_details": api_details,
+    })
+}
+
+/// A response body as kept in `api_response`: whole when small, else an excerpt.
+fn kept(body: serde_json::Value) -> serde_json::Value {
+    let text = body.to_string();
+    if text.len() <= MAX_KEPT_RESPONSE {
+        body
+    } else {
+        let mut cut = MAX_KEPT_RESPONSE - 64;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        serde_json::json!({ "truncated": true, "excerpt": &text[..cut] })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_responses_are_cut_to_64_kib() {
+        let big = serde_json::json!({ "x": "é".repeat(100_000) });
+        let k = kept(big);
+        assert_eq!(k["truncated"], true);
+        assert!(k.to_string().len() <= MAX_KEPT_RESPONSE + 64);
+        let small = serde_json::json!({"accepted": 1});
+        assert_eq!(kept(small.clone()), small);
+    }
+}

@@ -1,0 +1,234 @@
+//! One HTTP call to the analytics API and what its answer means. Never retries.
+
+use bytes::Bytes;
+use std::time::Duration;
+
+/// The most of a response body loansync reads; a larger one is a failure.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// One record the API refused inside a `200`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub id: i64,
+    pub error_code: String,
+    pub message: String,
+    pub details: serde_json::Value,
+}
+
+/// What one request came to.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// `200`: every record not in `rejected` succeeded.
+    Accepted {
+        rejected: Vec<Rejected>,
+        body: serde_json::Value,
+    },
+    /// `400` / `413` / `422`: the whole batch was refused.
+    Refused {
+        status: u16,
+        error_code: String,
+        message: String,
+        body: serde_json::Value,
+    },
+    /// `401` / `403`: the credentials are wrong.
+    Unauthorized { status: u16, message: String },
+    /// Not retried: another status, or a body that breaks the contract.
+    Failed {
+        status: Option<u16>,
+        error_code: String,
+        message: String,
+        body: serde_json::Value,
+    },
+}
+
+/// A failure worth retrying (`408`, `429`, `5xx`, timeouts, connection errors).
+#[derive(Debug, Clone)]
+pub struct Transient {
+    pub status: Option<u16>,
+    /// `HTTP_<status>` or `NETWORK_ERROR`.
+    pub error_code: String,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+    pub body: serde_json::Value,
+}
+
+/// Sends one body.
+pub async fn send(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: &str,
+    idempotency_key: &str,
+    body: Bytes,
+) -> Result<Answer, Transient> {
+    let response = http
+        .post(url)
+        .bearer_auth(bearer)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("Idempotency-Key", idempotency_key)
+        .body(body)
+        .send()
+        .await
+        .map_err(network)?;
+    let status = response.status().as_u16();
+    let retry_after = super::retry::parse_retry_after(
+        response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let raw = match read_bounded(response).await {
+        Ok(Some(raw)) => raw,
+        Ok(None) => {
+            return Ok(Answer::Failed {
+                status: Some(status),
+                error_code: "RESPONSE_TOO_LARGE".into(),
+                message: format!("the response body exceeded {MAX_RESPONSE_BYTES} bytes"),
+                body: serde_json::json!({ "http_status": status }),
+            });
+        }
+        Err(e) => return Err(network(e)),
+    };
+    let json: Option<serde_json::Value> = serde_json::from_slice(&raw).ok();
+    let body = json.clone().unwrap_or_else(|| excerpt_value(&raw));
+    let field = |k: &str| {
+        json.as_ref()
+            .and_then(|j| j.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    Ok(match status {
+        200..=299 => match json.as_ref().and_then(parse_accepted) {
+            Some(rejected) => Answer::Accepted { rejected, body },
+            None => Answer::Failed {
+                status: Some(status),
+                error_code: "INVALID_RESPONSE".into(),
+                message: "the API answered 2xx with a body that is not {\"accepted\": n, \"rejected\": [...]}".into(),
+                body,
+            },
+        },
+        400 | 413 | 422 => Answer::Refused {
+            status,
+            error_code: field("error_code").unwrap_or_else(|| format!("HTTP_{status}")),
+            message: field("message").unwrap_or_else(|| format!("the API refused the batch with HTTP {status}")),
+            body,
+        },
+        401 | 403 => Answer::Unauthorized {
+            status,
+            message: field("message").unwrap_or_else(|| format!("HTTP {status}")),
+        },
+        408 | 429 | 500..=599 => {
+            return Err(Transient {
+                status: Some(status),
+                error_code: format!("HTTP_{status}"),
+                message: field("message").unwrap_or_else(|| format!("the API answered HTTP {status}")),
+                retry_after,
+                body,
+            });
+        }
+        _ => Answer::Failed {
+            status: Some(status),
+            error_code: format!("HTTP_{status}"),
+            message: field("message").unwrap_or_else(|| format!("the API answered HTTP {status}")),
+            body,
+        },
+    })
+}
+
+fn network(e: reqwest::Error) -> Transient {
+    let what = if e.is_timeout() {
+        "the request timed out"
+    } else if e.is_connect() {
+        "could not connect to the API"
+    } else {
+        "the connection failed"
+    };
+    Transient {
+        status: None,
+        error_code: "NETWORK_ERROR".into(),
+        // reqwest's error text names the URL, never the headers.
+        message: format!("{what}: {e}"),
+        retry_after: None,
+        body: serde_json::Value::Null,
+    }
+}
+
+/// Reads at most [`MAX_RESPONSE_BYTES`]; `None` when the body is larger.
+async fn read_bounded(mut r: reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if r.content_length()
+        .is_some_and(|n| n as usize > MAX_RESPONSE_BYTES)
+    {
+        return Ok(None);
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        if buf.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Some(buf))
+}
+
+/// A body that is not JSON, kept as a short text excerpt.
+fn excerpt_value(raw: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&raw[..raw.len().min(2048)]).into_owned();
+    serde_json::json!({ "raw": text })
+}
+
+/// `{"accepted": n, "rejected": [...]}` → the rejected records; `None` if the shape is off.
+fn parse_accepted(v: &serde_json::Value) -> Option<Vec<Rejected>> {
+    let obj = v.as_object()?;
+    obj.get("accepted")?.as_u64()?;
+    let list = match obj.get("rejected") {
+        None | Some(serde_json::Value::Null) => return Some(Vec::new()),
+        Some(l) => l.as_array()?,
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for item in list {
+        let id = item.get("id")?.as_i64()?;
+        out.push(Rejected {
+            id,
+            error_code: item
+                .get("error_code")
+                .and_then(|c| c.as_str())
+                .unwrap_or("REJECTED")
+                .chars()
+                .take(100)
+                .collect(),
+            message: item
+                .get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or("rejected by the analytics API")
+                .to_string(),
+            details: item
+                .get("details")
+                .cloned()
+                .unwrap_or(serde_json::json!({})),
+        });
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn accepted_bodies_are_checked() {
+        let r = parse_accepted(
+            &json!({"accepted": 2, "rejected": [{"id": 5, "error_code": "X", "message": "m"}]}),
+        )
+        .unwrap();
+        assert_eq!(r[0].id, 5);
+        assert_eq!(r[0].error_code, "X");
+        assert_eq!(parse_accepted(&json!({"accepted": 1})).unwrap(), vec![]);
+        assert!(parse_accepted(&json!({"rejected": []})).is_none());
+        assert!(
+            parse_accepted(&json!({"accepted": 1, "rejected": [{"error_code": "X"}]})).is_none()
+        );
+        assert!(parse_accepted(&json!([1, 2])).is_none());
+        let defaulted = parse_accepted(&json!({"accepted": 0, "rejected": [{"id": 1}]})).unwrap();
+        assert_eq!(defaulted[0].error_code, "REJECTED");
+    }
+}
