@@ -93,7 +93,12 @@ pub enum Command {
         limit: i64,
     },
     /// Re-publish a stalled sync's unsettled chunks from the chunk ledger.
-    Resume { sync_id: String },
+    Resume {
+        sync_id: String,
+        /// Work the chunks in this process instead (no broker; for single-process installs).
+        #[arg(long)]
+        in_process: bool,
+    },
     /// Run the local analytics API (stub) with optional fault injection.
     StubApi(StubArgs),
     /// Fill a database holding the Django source schema with synthetic data.
@@ -166,7 +171,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    telemetry::init_logging(settings.log_format);
+    // The demo prints its own progress: its logs only speak of trouble unless asked.
+    let default_filter = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    telemetry::init_logging(settings.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -276,7 +287,22 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             status(&pool, &settings, sync_id.as_deref(), json, limit).await?;
             Ok(0)
         }
-        Command::Resume { sync_id } => {
+        Command::Resume {
+            sync_id,
+            in_process: true,
+        } => {
+            let pool = db::connect(&settings).await?;
+            let started = std::time::Instant::now();
+            let queue = MemoryQueue::new();
+            let n = planner::resume(&pool, &sync_id, &queue).await?;
+            eprintln!("working {n} unsettled chunks of sync {sync_id} in this process");
+            let ctx = Arc::new(worker_context(&settings, pool.clone())?);
+            worker::run_memory(ctx, queue, settings.worker_concurrency).await;
+            let summary = summarize(&pool, sync_id, started).await?;
+            print!("{}", summary.render());
+            Ok(summary.exit_code())
+        }
+        Command::Resume { sync_id, .. } => {
             let pool = db::connect(&settings).await?;
             let broker = connect_broker(&settings).await?;
             let n = planner::resume(&pool, &sync_id, &broker).await?;
@@ -398,7 +424,9 @@ impl SyncSummary {
         let mut out = String::new();
         if let Some(active) = &self.busy_with {
             out.push_str(&format!(
-                "another sync is in progress ({active}); nothing was run\n"
+                "another sync is in progress ({active}); nothing was run.\n\
+                 If `loansync status` shows it stalled, finish it with \
+                 `loansync resume {active}` (add --in-process when there is no broker).\n"
             ));
             return out;
         }
@@ -454,6 +482,15 @@ pub async fn sync_in_process(
     };
     let ctx = Arc::new(worker_context(settings, pool.clone())?);
     worker::run_memory(ctx, queue, settings.worker_concurrency).await;
+    summarize(pool, sync_id, started).await
+}
+
+/// Reads a sync's outcome back from the history table.
+async fn summarize(
+    pool: &sqlx::PgPool,
+    sync_id: String,
+    started: std::time::Instant,
+) -> anyhow::Result<SyncSummary> {
     let status: String =
         sqlx::query_scalar("SELECT status::text FROM etl_folder_etlsynchistory WHERE sync_id = $1")
             .bind(&sync_id)

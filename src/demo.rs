@@ -185,7 +185,7 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
                 admin
                     .publish_json(&admin.topology.plan, std::slice::from_ref(&req))
                     .await?;
-                eprintln!("demo: triggered a {label} sync");
+                eprintln!("demo: triggered the {label} sync");
                 syncs.push(watch(&pool, syncs.len() + 1, label).await?);
             }
             cancel.cancel();

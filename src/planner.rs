@@ -241,6 +241,7 @@ pub async fn run_amqp(
         }
     };
     consuming.store(false, Ordering::SeqCst);
+    consumer.close().await;
     broker.close().await;
     result
 }

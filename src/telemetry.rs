@@ -8,10 +8,11 @@ use prometheus::{
 use std::sync::LazyLock;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the tracing subscriber: `RUST_LOG` filters (default `info`), `LOG_FORMAT`
+/// Installs the tracing subscriber: `RUST_LOG` filters (else `default_filter`), `LOG_FORMAT`
 /// picks JSON lines for machines or text for people. Safe to call more than once.
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -334,6 +334,7 @@ pub async fn run_amqp(
         );
         in_flight.abort_all();
     }
+    consumer.close().await;
     broker.close().await;
     Ok(())
 }

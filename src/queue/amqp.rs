@@ -137,7 +137,7 @@ impl Broker {
             .await?;
         Ok(Consumer {
             inner: consumer,
-            _channel: channel,
+            channel,
         })
     }
 
@@ -268,10 +268,19 @@ async fn declare_topology(
 pub struct Consumer {
     inner: lapin::Consumer,
     /// Kept alive for as long as the consumer: closing it would cancel consumption.
-    _channel: Channel,
+    channel: Channel,
 }
 
 impl Consumer {
+    /// Cancels consumption by closing its channel; unacknowledged messages go back to
+    /// the queue.
+    pub async fn close(&self) {
+        let _ = self
+            .channel
+            .close(200, ShortString::from("consumer stopped"))
+            .await;
+    }
+
     /// The next delivery, or `None` when the consumer was cancelled or the connection lost.
     pub async fn next(&mut self) -> Option<anyhow::Result<AmqpDelivery>> {
         self.inner.next().await.map(|r| {
