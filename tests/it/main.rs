@@ -3,4 +3,5 @@
 
 mod migrations;
 mod pipeline;
+mod sink;
 mod support;

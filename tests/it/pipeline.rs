@@ -274,14 +274,39 @@ impl Pipeline {
             .unwrap();
     }
 
-    /// Stops every component and deletes this test's queues.
-    pub async fn stop(self) {
+    /// Stops every component; the queues go when the pipeline is dropped.
+    pub async fn stop(mut self) {
         self.cancel.cancel();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             t.await.unwrap().unwrap();
         }
-        self.admin.delete_topology().await.unwrap();
-        self.admin.close().await;
+    }
+}
+
+impl Drop for Pipeline {
+    /// Deletes this test's queues even when the test failed half-way.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        // The test's runtime may be blocked in this Drop: use a connection of our own.
+        let prefix = self
+            .admin
+            .topology
+            .plan
+            .trim_end_matches(".plan")
+            .to_string();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                if let Ok(b) = Broker::connect(&amqp_url(), &prefix, 7).await {
+                    let _ = b.delete_topology().await;
+                    b.close().await;
+                }
+            });
+        })
+        .join();
     }
 }
 
@@ -323,6 +348,8 @@ async fn full_then_incremental_over_rabbitmq() {
     let h = wait_syncs_finished(&db.pool, 1).await;
     assert_eq!(h[0].status, "completed", "{:?}", h[0].error_message);
     let received = p.stub.received();
+    assert_eq!(received.forbidden, 0, "a never-send key reached the API");
+    assert!(received.status_count(422) == 0 && received.status_count(400) == 0);
     for e in EntityKind::ALL {
         let got: BTreeSet<i64> = received.ids(e);
         assert_eq!(
