@@ -4,4 +4,5 @@
 mod migrations;
 mod pipeline;
 mod sink;
+mod source;
 mod support;
