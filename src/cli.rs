@@ -123,6 +123,41 @@ pub enum Command {
     },
     /// The whole system end to end on this machine's services (see README).
     Demo(crate::demo::DemoArgs),
+    /// See, resolve and retry per-record errors (`etl_folder_etlsyncerror`).
+    #[command(subcommand)]
+    Errors(ErrorsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ErrorsCommand {
+    /// List error rows, newest first.
+    List {
+        #[arg(long = "sync")]
+        sync_id: Option<String>,
+        #[arg(long)]
+        entity: Option<EntityKind>,
+        /// Only rows not resolved yet.
+        #[arg(long)]
+        unresolved: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark error rows resolved by hand (by their `id`).
+    Resolve {
+        #[arg(required = true)]
+        ids: Vec<i32>,
+    },
+    /// Re-deliver the records of unresolved error rows in a new sync that moves no
+    /// watermark; rows that fail again get `retry_count` + 1.
+    Retry {
+        #[arg(long = "entity", value_name = "E")]
+        entities: Vec<EntityKind>,
+        /// Work the retry in this process instead of publishing its chunks.
+        #[arg(long)]
+        in_process: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -333,6 +368,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Demo(args) => crate::demo::run(args, &settings).await,
+        Command::Errors(cmd) => errors(cmd, &settings).await,
         Command::StubApi(args) => {
             let cfg = stub_api::StubConfig {
                 api_key: args
@@ -603,4 +639,94 @@ async fn status(
         }
     }
     Ok(())
+}
+
+async fn errors(cmd: ErrorsCommand, settings: &Arc<Settings>) -> anyhow::Result<u8> {
+    let pool = db::connect(settings).await?;
+    match cmd {
+        ErrorsCommand::List {
+            sync_id,
+            entity,
+            unresolved,
+            limit,
+            json,
+        } => {
+            let rows =
+                ledger::list_errors(&pool, sync_id.as_deref(), entity, unresolved, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:>7}  {:<10} {:>10}  {:<20} {:>5}  {:<8}  message",
+                    "id", "entity", "entity_id", "code", "tries", "resolved"
+                );
+                for r in rows {
+                    println!(
+                        "{:>7}  {:<10} {:>10}  {:<20} {:>5}  {:<8}  {}",
+                        r.id,
+                        r.entity_type,
+                        r.entity_id,
+                        r.error_code.as_deref().unwrap_or("-"),
+                        r.retry_count,
+                        if r.resolved { "yes" } else { "no" },
+                        r.error_message.chars().take(100).collect::<String>()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        ErrorsCommand::Resolve { ids } => {
+            let n = ledger::resolve_errors(&pool, &ids).await?;
+            println!(
+                "resolved {n} of {} error rows (the others were already resolved or do not exist)",
+                ids.len()
+            );
+            Ok(0)
+        }
+        ErrorsCommand::Retry {
+            entities,
+            in_process,
+        } => {
+            let started = std::time::Instant::now();
+            if in_process {
+                let queue = MemoryQueue::new();
+                let sync_id = match planner::plan_retry(&pool, settings, &entities, &queue).await? {
+                    PlanOutcome::Planned { sync_id, .. }
+                    | PlanOutcome::Duplicate { sync_id, .. } => sync_id,
+                    PlanOutcome::Busy { active_sync_id } => {
+                        println!("another sync is in progress ({active_sync_id}); retry later");
+                        return Ok(EXIT_BUSY);
+                    }
+                };
+                let ctx = Arc::new(worker_context(settings, pool.clone())?);
+                worker::run_memory(ctx, queue, settings.worker_concurrency).await;
+                let summary = summarize(&pool, sync_id, started).await?;
+                print!("{}", summary.render());
+                Ok(summary.exit_code())
+            } else {
+                let broker = connect_broker(settings).await?;
+                let outcome = planner::plan_retry(&pool, settings, &entities, &broker).await?;
+                broker.close().await;
+                match outcome {
+                    PlanOutcome::Planned {
+                        sync_id, totals, ..
+                    } => {
+                        println!(
+                            "retry sync {sync_id} planned: {:?}; workers deliver it (`loansync status {sync_id}`)",
+                            totals.records
+                        );
+                        Ok(0)
+                    }
+                    PlanOutcome::Busy { active_sync_id } => {
+                        println!("another sync is in progress ({active_sync_id}); retry later");
+                        Ok(EXIT_BUSY)
+                    }
+                    PlanOutcome::Duplicate { sync_id, .. } => {
+                        println!("retry sync {sync_id} already planned");
+                        Ok(0)
+                    }
+                }
+            }
+        }
+    }
 }

@@ -37,16 +37,57 @@ pub async fn plan_sync(
     req: &PlanRequest,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<PlanOutcome> {
-    let entities = req.entity_set();
-    anyhow::ensure!(!entities.is_empty(), "the planning message names no entity");
-    let begin = ledger::begin_sync(
+    plan(
         pool,
+        settings,
         req.sync_type,
-        &entities,
+        &req.entity_set(),
         req.request_id.as_deref(),
         Purpose::Sync,
+        publisher,
     )
-    .await?;
+    .await
+}
+
+/// Plans a retry of the unresolved error rows of `entities` (all four when empty): a
+/// new sync that re-delivers those records and moves no watermark (SPEC.md section 3).
+pub async fn plan_retry(
+    pool: &PgPool,
+    settings: &Settings,
+    entities: &[EntityKind],
+    publisher: &dyn ChunkPublisher,
+) -> anyhow::Result<PlanOutcome> {
+    let entities = if entities.is_empty() {
+        EntityKind::ALL.to_vec()
+    } else {
+        EntityKind::ALL
+            .into_iter()
+            .filter(|e| entities.contains(e))
+            .collect()
+    };
+    plan(
+        pool,
+        settings,
+        SyncType::Incremental,
+        &entities,
+        None,
+        Purpose::Retry,
+        publisher,
+    )
+    .await
+}
+
+async fn plan(
+    pool: &PgPool,
+    settings: &Settings,
+    sync_type: SyncType,
+    entities: &[EntityKind],
+    request_id: Option<&str>,
+    purpose: Purpose,
+    publisher: &dyn ChunkPublisher,
+) -> anyhow::Result<PlanOutcome> {
+    anyhow::ensure!(!entities.is_empty(), "the planning message names no entity");
+    let begin = ledger::begin_sync(pool, sync_type, entities, request_id, purpose).await?;
     let (sync_id, window_hi) = match begin {
         Begin::Started { sync_id, window_hi } => (sync_id, window_hi),
         Begin::Replan { sync_id, window_hi } => {
@@ -81,12 +122,7 @@ pub async fn plan_sync(
     };
 
     let (totals, finished) = write_ledger(
-        pool,
-        settings,
-        &sync_id,
-        req.sync_type,
-        &entities,
-        window_hi,
+        pool, settings, &sync_id, sync_type, entities, purpose, window_hi,
     )
     .await?;
     for (entity, n) in &totals.records {
@@ -98,12 +134,12 @@ pub async fn plan_sync(
     if let Some(status) = finished {
         METRICS
             .syncs
-            .with_label_values(&[req.sync_type.as_str(), status.as_str()])
+            .with_label_values(&[sync_type.as_str(), status.as_str()])
             .inc();
     }
     let jobs = ledger::unsettled_chunks(pool, &sync_id).await?;
     publisher.publish_chunks(&jobs).await?;
-    tracing::info!(%sync_id, sync_type = %req.sync_type, chunks = jobs.len(), records = ?totals.records, "sync planned");
+    tracing::info!(%sync_id, %sync_type, purpose = purpose.as_str(), chunks = jobs.len(), records = ?totals.records, "sync planned");
     Ok(PlanOutcome::Planned {
         sync_id,
         totals,
@@ -136,6 +172,7 @@ async fn write_ledger(
     sync_id: &str,
     sync_type: SyncType,
     entities: &[EntityKind],
+    purpose: Purpose,
     hi: DateTime<Utc>,
 ) -> anyhow::Result<(PlanTotals, Option<FinalStatus>)> {
     let mut tx = pool.begin().await?;
@@ -143,8 +180,13 @@ async fn write_ledger(
     let mut totals = PlanTotals::default();
     let mut earliest_lo: Option<DateTime<Utc>> = None;
     for &entity in entities {
-        let watermark = ledger::watermark(&mut tx, entity).await?;
-        let window = window_for(settings, sync_type, watermark, hi);
+        let window = match purpose {
+            Purpose::Sync => {
+                let watermark = ledger::watermark(&mut tx, entity).await?;
+                window_for(settings, sync_type, watermark, hi)
+            }
+            Purpose::Retry => SyncWindow { lo: None, hi },
+        };
         if let Some(lo) = window.lo {
             earliest_lo = Some(earliest_lo.map_or(lo, |e| e.min(lo)));
         }
@@ -152,7 +194,12 @@ async fn write_ledger(
         let (mut after, mut seq, mut planned) = (0i64, 0i32, 0i64);
         loop {
             // Keyset pagination: one page is one chunk; memory never grows with the table.
-            let ids = source::next_ids(&mut tx, entity, sync_type, &window, after, size).await?;
+            let ids = match purpose {
+                Purpose::Sync => {
+                    source::next_ids(&mut tx, entity, sync_type, &window, after, size).await?
+                }
+                Purpose::Retry => ledger::next_unresolved_ids(&mut tx, entity, after, size).await?,
+            };
             let Some(&last) = ids.last() else { break };
             ledger::insert_chunk(&mut tx, sync_id, entity, seq, &ids).await?;
             planned += ids.len() as i64;
