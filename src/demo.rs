@@ -110,16 +110,17 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
     settings.queue_prefix = format!("loansync-demo-{}", std::process::id());
     let settings = Arc::new(settings);
 
-    let broker = if args.single_process {
-        None
-    } else {
-        match Broker::connect(
+    let connect = || {
+        Broker::connect(
             settings.amqp_url.expose_secret(),
             &settings.queue_prefix,
             settings.delivery_limit + 2,
         )
-        .await
-        {
+    };
+    let broker = if args.single_process {
+        None
+    } else {
+        match connect().await {
             Ok(b) => Some(b),
             Err(e) => {
                 eprintln!(
@@ -136,12 +137,7 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
         Some(admin) => {
             let cancel = CancellationToken::new();
             let mut tasks = Vec::new();
-            let b = Broker::connect(
-                settings.amqp_url.expose_secret(),
-                &settings.queue_prefix,
-                settings.delivery_limit + 2,
-            )
-            .await?;
+            let b = connect().await?;
             tasks.push(tokio::spawn(planner::run_amqp(
                 pool.clone(),
                 settings.clone(),
@@ -150,12 +146,7 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
                 cancel.clone().cancelled_owned(),
             )));
             for _ in 0..2 {
-                let b = Broker::connect(
-                    settings.amqp_url.expose_secret(),
-                    &settings.queue_prefix,
-                    settings.delivery_limit + 2,
-                )
-                .await?;
+                let b = connect().await?;
                 let ctx = Arc::new(crate::cli::worker_context(&settings, pool.clone())?);
                 tasks.push(tokio::spawn(worker::run_amqp(
                     ctx,

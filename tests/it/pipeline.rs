@@ -302,19 +302,12 @@ impl Drop for Pipeline {
             .plan
             .trim_end_matches(".plan")
             .to_string();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok(b) = Broker::connect(&amqp_url(), &prefix, 7).await {
-                    let _ = b.delete_topology().await;
-                    b.close().await;
-                }
-            });
-        })
-        .join();
+        crate::support::run_detached(async move {
+            if let Ok(b) = Broker::connect(&amqp_url(), &prefix, 7).await {
+                let _ = b.delete_topology().await;
+                b.close().await;
+            }
+        });
     }
 }
 

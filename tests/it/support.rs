@@ -70,27 +70,32 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
-        // The test's runtime is blocked inside this Drop, so its pool cannot be closed
-        // gracefully here; DROP ... WITH (FORCE) ends those sessions instead. A small
-        // runtime on its own thread runs the admin statement.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok(admin) = PgPool::connect(&admin_url()).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&admin)
-                    .await;
-                    admin.close().await;
-                }
-            });
-        })
-        .join();
+        // DROP ... WITH (FORCE) ends the sessions of the test's own pool, which cannot be
+        // closed gracefully from inside this Drop.
+        run_detached(async move {
+            if let Ok(admin) = PgPool::connect(&admin_url()).await {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await;
+                admin.close().await;
+            }
+        });
     }
+}
+
+/// Runs clean-up work from a `Drop`, where the test's own runtime may be blocked: on a
+/// thread of its own with a small runtime, waiting for it to finish.
+pub fn run_detached(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(work);
+    })
+    .join();
 }
 
 /// Awaits `cond` until it holds or `deadline` passes; polls, never sleeps blindly.
