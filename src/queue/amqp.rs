@@ -72,26 +72,38 @@ impl Broker {
     ) -> anyhow::Result<()> {
         let mut pending = Vec::with_capacity(messages.len().min(1024));
         for m in messages {
-            let body = serde_json::to_vec(m)?;
-            let confirm = self
-                .publish
-                .basic_publish(
-                    ShortString::from(""),
-                    ShortString::from(queue),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &body,
-                    properties(),
-                )
-                .await?;
-            pending.push(confirm);
+            pending.push(self.start_publish(queue, &serde_json::to_vec(m)?).await?);
             if pending.len() >= 1024 {
                 await_confirms(&mut pending).await?;
             }
         }
         await_confirms(&mut pending).await
+    }
+
+    /// Publishes one message as it is (any bytes) and waits for its confirm.
+    pub async fn publish_bytes(&self, queue: &str, body: &[u8]) -> anyhow::Result<()> {
+        let confirm = self.start_publish(queue, body).await?;
+        await_confirms(&mut vec![confirm]).await
+    }
+
+    async fn start_publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+    ) -> anyhow::Result<lapin::PublisherConfirm> {
+        Ok(self
+            .publish
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties(),
+            )
+            .await?)
     }
 
     /// Moves a message to the dead-letter queue with `reason` in its `x-loansync-reason`
@@ -298,6 +310,22 @@ pub struct AmqpDelivery {
 impl AmqpDelivery {
     pub fn body(&self) -> &[u8] {
         &self.inner.data
+    }
+
+    /// A string header of the message (`x-loansync-reason` on a dead letter, say).
+    pub fn header(&self, name: &str) -> Option<String> {
+        match self
+            .inner
+            .properties
+            .headers()
+            .as_ref()?
+            .inner()
+            .get(name)?
+        {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+            _ => None,
+        }
     }
 
     pub fn redelivered(&self) -> bool {

@@ -4,6 +4,7 @@
 mod errors;
 mod migrations;
 mod pipeline;
+mod poison;
 mod sink;
 mod source;
 mod support;

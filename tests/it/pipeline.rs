@@ -221,7 +221,7 @@ pub struct Pipeline {
     pub stub: StubHandle,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
-    admin: Broker,
+    pub admin: Broker,
 }
 
 impl Pipeline {
