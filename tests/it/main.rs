@@ -5,6 +5,7 @@ mod errors;
 mod migrations;
 mod pipeline;
 mod poison;
+mod shutdown;
 mod sink;
 mod source;
 mod support;
