@@ -94,7 +94,10 @@ async fn migrate_twice_on_django_tables_changes_nothing() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(own, 3);
+    assert_eq!(
+        own, 3,
+        "loansync_sync, loansync_sync_entity, loansync_chunk"
+    );
 }
 
 #[test]
@@ -111,5 +114,45 @@ fn project_schema_copy_equals_the_shared_fixture() {
         crate::support::SOURCE_SCHEMA,
         fixture,
         "schema/django_source_schema.sql drifted from the shared fixture"
+    );
+}
+
+#[tokio::test]
+async fn incremental_selection_indexes_exist_and_are_valid() {
+    let db = TestDb::migrated().await;
+    let valid: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE c.relname LIKE 'loansync\\_%' AND i.indisvalid ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for name in [
+        "loansync_customer_date_modified",
+        "loansync_loan_date_modified",
+        "loansync_repayment_date_created",
+    ] {
+        assert!(
+            valid.iter().any(|v| v == name),
+            "{name} missing from {valid:?}"
+        );
+    }
+    // The incremental loan enumeration can use its index.
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT id::int8 FROM loans_ajoloan WHERE date_modified >= now() - interval '1 day' \
+         AND date_modified < now() AND id > 0 ORDER BY id LIMIT 100",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("loansync_loan_date_modified")),
+        "{plan:#?}"
     );
 }
