@@ -418,6 +418,7 @@ async fn start_http(
                 pool: pool.clone(),
                 broker: broker.cloned(),
                 consuming: consuming.clone(),
+                stale_after_secs: settings.stale_sync_after.as_secs_f64(),
             },
         )
         .await?;

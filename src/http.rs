@@ -19,9 +19,40 @@ pub struct Readiness {
     pub broker: Option<Broker>,
     /// Set by the consuming loop while its consumer is running.
     pub consuming: Arc<AtomicBool>,
+    /// `ETL_STALE_SYNC_SECS`, for the stalled-syncs gauge.
+    pub stale_after_secs: f64,
 }
 
-async fn metrics() -> (StatusCode, [(&'static str, &'static str); 1], String) {
+async fn metrics(
+    State(r): State<Readiness>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    METRICS.refresh_process();
+    // Watermark ages and stalled syncs are read from the database at scrape time; if
+    // it does not answer, the last values stay (and /readyz says why).
+    let read = async {
+        let ages: Vec<(String, f64)> = sqlx::query_as(
+            "SELECT entity_type::text, EXTRACT(EPOCH FROM now() - last_sync_timestamp)::float8 \
+             FROM etl_folder_etllastsync",
+        )
+        .fetch_all(&r.pool)
+        .await?;
+        let stalled: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM loansync_sync WHERE state = 'running' \
+             AND last_progress_at < now() - make_interval(secs => $1)",
+        )
+        .bind(r.stale_after_secs)
+        .fetch_one(&r.pool)
+        .await?;
+        Ok::<_, sqlx::Error>((ages, stalled))
+    };
+    if let Ok(Ok((ages, stalled))) = tokio::time::timeout(Duration::from_secs(2), read).await {
+        for (entity, age) in ages {
+            if entity.parse::<crate::domain::EntityKind>().is_ok() {
+                METRICS.watermark_age.with_label_values(&[&entity]).set(age);
+            }
+        }
+        METRICS.stalled_syncs.set(stalled);
+    }
     (
         StatusCode::OK,
         [("content-type", "text/plain; version=0.0.4")],

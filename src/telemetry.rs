@@ -3,7 +3,8 @@
 
 use crate::config::LogFormat;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::LazyLock;
 use tracing_subscriber::EnvFilter;
@@ -45,6 +46,14 @@ pub struct Metrics {
     pub transform_warnings: IntCounterVec,
     /// Chunks being worked on right now.
     pub chunks_in_flight: IntGauge,
+    /// Seconds since each entity's watermark (refreshed at every scrape).
+    pub watermark_age: GaugeVec,
+    /// Running syncs whose chunks have not moved for `ETL_STALE_SYNC_SECS`.
+    pub stalled_syncs: IntGauge,
+    /// Resident memory of this process, from /proc.
+    pub resident_memory: Gauge,
+    /// CPU time of this process, from /proc.
+    pub cpu_seconds: Counter,
 }
 
 impl Metrics {
@@ -116,8 +125,43 @@ impl Metrics {
         registry
             .register(Box::new(chunks_in_flight.clone()))
             .expect("unique metric");
+        let watermark_age = GaugeVec::new(
+            Opts::new(
+                "etl_watermark_age_seconds",
+                "Seconds since the entity's last-sync watermark.",
+            ),
+            &["entity"],
+        )
+        .expect("valid metric");
+        let stalled_syncs = IntGauge::new(
+            "etl_stalled_syncs",
+            "Running syncs with no chunk settled for ETL_STALE_SYNC_SECS.",
+        )
+        .expect("valid metric");
+        let resident_memory = Gauge::new(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+        )
+        .expect("valid metric");
+        let cpu_seconds = Counter::new(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(watermark_age.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(stalled_syncs.clone()),
+            Box::new(resident_memory.clone()),
+            Box::new(cpu_seconds.clone()),
+        ] {
+            registry.register(m).expect("unique metric");
+        }
         Metrics {
             registry,
+            watermark_age,
+            stalled_syncs,
+            resident_memory,
+            cpu_seconds,
             records,
             records_planned,
             chunks,
@@ -128,6 +172,35 @@ impl Metrics {
             plans_skipped,
             transform_warnings,
             chunks_in_flight,
+        }
+    }
+
+    /// Refreshes what is read rather than counted: process memory and CPU from /proc.
+    pub fn refresh_process(&self) {
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status")
+            && let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        {
+            self.resident_memory.set(kb * 1024.0);
+        }
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name (which may hold spaces) start at its ')'.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            // utime and stime are fields 14 and 15 of the line, in clock ticks (100 Hz).
+            if let (Some(u), Some(s)) = (fields.get(11), fields.get(12))
+                && let (Ok(u), Ok(s)) = (u.parse::<f64>(), s.parse::<f64>())
+            {
+                let total = (u + s) / 100.0;
+                let delta = total - self.cpu_seconds.get();
+                if delta > 0.0 {
+                    self.cpu_seconds.inc_by(delta);
+                }
+            }
         }
     }
 

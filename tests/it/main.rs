@@ -9,3 +9,4 @@ mod shutdown;
 mod sink;
 mod source;
 mod support;
+mod metrics;

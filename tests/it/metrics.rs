@@ -1,0 +1,114 @@
+//! `/metrics` during and after a sync agrees with the ETL tables; `/healthz`, `/readyz`.
+
+use crate::pipeline::{KEY, history, seeded_db, settings_for, small};
+use loansync::domain::{EntityKind, PlanRequest, SyncType};
+use loansync::http::{self, Readiness};
+use loansync::stub_api::{self, Faults, StubConfig};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The value of one sample line `name{labels} value` of the exposition.
+fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_agree_with_the_etl_tables() {
+    let db = seeded_db(small()).await;
+    let stub = stub_api::spawn(
+        StubConfig {
+            api_key: KEY.into(),
+            faults: Faults {
+                reject_every_nth: 9,
+                ..Default::default()
+            },
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let settings = settings_for(&db, &stub.url(), &[]);
+    let consuming = Arc::new(AtomicBool::new(false));
+    let addr = http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        Readiness {
+            pool: db.pool.clone(),
+            broker: None,
+            consuming: consuming.clone(),
+            stale_after_secs: 900.0,
+        },
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    assert_eq!(
+        get("/readyz").await.0,
+        503,
+        "not ready before the consumer runs"
+    );
+    consuming.store(true, Ordering::SeqCst);
+    assert_eq!(get("/readyz").await.0, 200);
+
+    let req = PlanRequest {
+        sync_type: SyncType::Full,
+        entities: None,
+        request_id: None,
+    };
+    let summary = loansync::cli::sync_in_process(&db.pool, &settings, &req)
+        .await
+        .unwrap();
+    assert_eq!(summary.exit_code(), 2);
+    let (status, text) = get("/metrics").await;
+    assert_eq!(status, 200);
+    let h = &history(&db.pool).await[0];
+    for e in EntityKind::ALL {
+        let (total, ok, failed) = h.counts(e);
+        let m = |outcome: &str| {
+            sample(
+                &text,
+                &format!("etl_records_total{{entity=\"{e}\",outcome=\"{outcome}\"}}"),
+            )
+            .unwrap_or(0.0) as i32
+        };
+        assert_eq!((m("success"), m("failed")), (ok, failed), "{e}");
+        let planned = sample(
+            &text,
+            &format!("etl_records_planned_total{{entity=\"{e}\"}}"),
+        )
+        .unwrap_or(0.0) as i32;
+        assert_eq!(planned, total, "{e}");
+        let age = sample(
+            &text,
+            &format!("etl_watermark_age_seconds{{entity=\"{e}\"}}"),
+        )
+        .expect("a watermark age");
+        assert!((0.0..60.0).contains(&age), "{e}: {age}");
+    }
+    assert_eq!(
+        sample(
+            &text,
+            "etl_syncs_total{status=\"partial_success\",sync_type=\"full\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "etl_stalled_syncs"), Some(0.0));
+    assert!(sample(&text, "process_resident_memory_bytes").unwrap() > 1e6);
+    assert!(
+        !text.contains(h.sync_id.as_str()),
+        "a sync id leaked into a label"
+    );
+}
