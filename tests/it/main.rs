@@ -2,6 +2,7 @@
 //! Every test owns its database and its queue names, so they run in parallel.
 
 mod errors;
+mod metrics;
 mod migrations;
 mod pipeline;
 mod poison;
@@ -9,4 +10,3 @@ mod shutdown;
 mod sink;
 mod source;
 mod support;
-mod metrics;
