@@ -156,6 +156,30 @@ impl Metrics {
         ] {
             registry.register(m).expect("unique metric");
         }
+        // Every label combination that can occur starts at zero, so dashboards and alerts
+        // see a series before its first event.
+        for e in crate::domain::EntityKind::ALL {
+            let e = e.as_str();
+            for o in ["success", "failed"] {
+                records.with_label_values(&[e, o]);
+            }
+            for o in ["settled", "duplicate", "aborted", "requeued", "dead_letter"] {
+                chunks.with_label_values(&[e, o]);
+            }
+            records_planned.with_label_values(&[e]);
+            http_requests.with_label_values(&[e]);
+            http_retries.with_label_values(&[e]);
+            transform_warnings.with_label_values(&[e]);
+            chunk_seconds.with_label_values(&[e]);
+        }
+        for t in ["full", "incremental"] {
+            for st in ["completed", "partial_success", "failed"] {
+                syncs.with_label_values(&[t, st]);
+            }
+        }
+        for r in ["busy", "duplicate", "invalid"] {
+            plans_skipped.with_label_values(&[r]);
+        }
         Metrics {
             registry,
             watermark_age,
