@@ -35,9 +35,15 @@ pub struct Metrics {
     pub chunks: IntCounterVec,
     /// Time from receiving a chunk to its commit, by entity.
     pub chunk_seconds: HistogramVec,
-    /// HTTP requests to the analytics API and retries, by entity.
-    pub http_requests: IntCounterVec,
+    /// Answers of the analytics API, by endpoint and status class (`2xx`, `4xx`, `5xx`,
+    /// `network` for no answer).
+    pub http_responses: IntCounterVec,
+    /// Request durations, by endpoint.
+    pub http_seconds: HistogramVec,
+    /// Retries, by reason (`status_429`, `status_5xx`, `status_408`, `network`).
     pub http_retries: IntCounterVec,
+    /// Durations of finished syncs, by type.
+    pub sync_seconds: HistogramVec,
     /// Finished syncs, by type and final status.
     pub syncs: IntCounterVec,
     /// Planning messages that planned nothing, by reason (`busy`, `duplicate`, `invalid`).
@@ -81,15 +87,15 @@ impl Metrics {
             "Chunk jobs handled, by entity and outcome.",
             &["entity", "outcome"],
         );
-        let http_requests = counter(
-            "etl_http_requests_total",
-            "Requests sent to the analytics API, by entity.",
-            &["entity"],
+        let http_responses = counter(
+            "etl_http_responses_total",
+            "Answers of the analytics API, by endpoint and status class.",
+            &["endpoint", "status_class"],
         );
         let http_retries = counter(
             "etl_http_retries_total",
-            "Requests to the analytics API that were retried, by entity.",
-            &["entity"],
+            "Requests to the analytics API that were retried, by reason.",
+            &["reason"],
         );
         let syncs = counter(
             "etl_syncs_total",
@@ -120,6 +126,30 @@ impl Metrics {
         registry
             .register(Box::new(chunk_seconds.clone()))
             .expect("unique metric");
+        let histogram = |name: &str, help: &str, label: &str, buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let http_seconds = histogram(
+            "etl_http_request_duration_seconds",
+            "Duration of one request to the analytics API.",
+            "endpoint",
+            vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        );
+        let sync_seconds = histogram(
+            "etl_sync_duration_seconds",
+            "Duration of finished syncs, from planning to the last chunk.",
+            "sync_type",
+            vec![
+                1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0,
+            ],
+        );
         let chunks_in_flight =
             IntGauge::new("etl_chunks_in_flight", "Chunks being processed now.").expect("valid");
         registry
@@ -167,12 +197,20 @@ impl Metrics {
                 chunks.with_label_values(&[e, o]);
             }
             records_planned.with_label_values(&[e]);
-            http_requests.with_label_values(&[e]);
-            http_retries.with_label_values(&[e]);
             transform_warnings.with_label_values(&[e]);
             chunk_seconds.with_label_values(&[e]);
         }
+        for endpoint in ["/etl/customers", "/etl/officers", "/etl/sync"] {
+            for class in ["2xx", "4xx", "5xx", "network"] {
+                http_responses.with_label_values(&[endpoint, class]);
+            }
+            http_seconds.with_label_values(&[endpoint]);
+        }
+        for r in ["status_429", "status_5xx", "status_408", "network"] {
+            http_retries.with_label_values(&[r]);
+        }
         for t in ["full", "incremental"] {
+            sync_seconds.with_label_values(&[t]);
             for st in ["completed", "partial_success", "failed"] {
                 syncs.with_label_values(&[t, st]);
             }
@@ -190,8 +228,10 @@ impl Metrics {
             records_planned,
             chunks,
             chunk_seconds,
-            http_requests,
+            http_responses,
+            http_seconds,
             http_retries,
+            sync_seconds,
             syncs,
             plans_skipped,
             transform_warnings,

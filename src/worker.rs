@@ -132,14 +132,6 @@ pub async fn process_chunk(
         };
         match ctx.client.deliver(&batch).await {
             Ok(report) => {
-                METRICS
-                    .http_requests
-                    .with_label_values(&[job.entity.as_str()])
-                    .inc_by(u64::from(report.requests));
-                METRICS
-                    .http_retries
-                    .with_label_values(&[job.entity.as_str()])
-                    .inc_by(u64::from(report.retries));
                 failures.extend(report.failed.into_iter().map(|f| FailedRecord {
                     id: f.id,
                     error_code: f.error_code,
@@ -209,6 +201,18 @@ async fn settle(
                     .syncs
                     .with_label_values(&[state.sync_type.as_str(), status.as_str()])
                     .inc();
+                if let Ok(Some(secs)) = sqlx::query_scalar::<_, Option<f64>>(
+                    "SELECT duration_seconds FROM etl_folder_etlsynchistory WHERE sync_id = $1",
+                )
+                .bind(&job.sync_id)
+                .fetch_one(&ctx.pool)
+                .await
+                {
+                    METRICS
+                        .sync_seconds
+                        .with_label_values(&[state.sync_type.as_str()])
+                        .observe(secs);
+                }
                 tracing::info!(status = status.as_str(), "sync finished");
             }
             Ok(ChunkOutcome::Settled {

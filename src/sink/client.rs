@@ -245,12 +245,23 @@ impl AnalyticsClient {
                 self.inner.key.expose_secret(),
                 &key,
                 body.clone(),
+                batch.entity.endpoint(),
             )
         })
         .retry(retry::policy(&self.inner.retry))
         .sleep(tokio::time::sleep)
         .adjust(|t: &Transient, d| retry::next_delay(d, t.retry_after, max_interval))
         .notify(|t: &Transient, d| {
+            let reason = match t.status {
+                None => "network",
+                Some(429) => "status_429",
+                Some(408) => "status_408",
+                Some(_) => "status_5xx",
+            };
+            crate::telemetry::METRICS
+                .http_retries
+                .with_label_values(&[reason])
+                .inc();
             tracing::warn!(
                 status = ?t.status,
                 code = %t.error_code,

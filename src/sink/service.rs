@@ -1,5 +1,6 @@
 //! One HTTP call to the analytics API and what its answer means. Never retries.
 
+use crate::telemetry::METRICS;
 use bytes::Bytes;
 use std::time::Duration;
 
@@ -54,6 +55,44 @@ pub struct Transient {
 
 /// Sends one body.
 pub async fn send(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: &str,
+    idempotency_key: &str,
+    body: Bytes,
+    endpoint: &'static str,
+) -> Result<Answer, Transient> {
+    let started = std::time::Instant::now();
+    let answer = send_inner(http, url, bearer, idempotency_key, body).await;
+    let class = match &answer {
+        Err(t) if t.status.is_none() => "network",
+        Err(t) => class_of(t.status.unwrap_or(0)),
+        Ok(Answer::Accepted { .. }) => "2xx",
+        Ok(Answer::Refused { status, .. } | Answer::Unauthorized { status, .. }) => {
+            class_of(*status)
+        }
+        Ok(Answer::Failed { status, .. }) => status.map_or("network", class_of),
+    };
+    METRICS
+        .http_responses
+        .with_label_values(&[endpoint, class])
+        .inc();
+    METRICS
+        .http_seconds
+        .with_label_values(&[endpoint])
+        .observe(started.elapsed().as_secs_f64());
+    answer
+}
+
+fn class_of(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        500..=599 => "5xx",
+        _ => "4xx",
+    }
+}
+
+async fn send_inner(
     http: &reqwest::Client,
     url: &str,
     bearer: &str,

@@ -67,9 +67,37 @@ async fn metrics_agree_with_the_etl_tables() {
         entities: None,
         request_id: None,
     };
-    let summary = loansync::cli::sync_in_process(&db.pool, &settings, &req)
+    let pool = db.pool.clone();
+    let sync = tokio::spawn(async move {
+        loansync::cli::sync_in_process(&pool, &settings, &req)
+            .await
+            .unwrap()
+    });
+    // Scrapes while the sync runs: served, and never ahead of what is settled.
+    let mut during = 0;
+    while !sync.is_finished() {
+        let (status, text) = get("/metrics").await;
+        assert_eq!(status, 200);
+        let settled: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("etl_records_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let planned: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(total_loans + total_repayments + total_customers + total_officers), 0)::int8 \
+             FROM etl_folder_etlsynchistory",
+        )
+        .fetch_one(&db.pool)
         .await
         .unwrap();
+        assert!(
+            settled <= planned as f64 || planned == 0,
+            "{settled} > {planned}"
+        );
+        during += 1;
+    }
+    assert!(during >= 1);
+    let summary = sync.await.unwrap();
     assert_eq!(summary.exit_code(), 2);
     let (status, text) = get("/metrics").await;
     assert_eq!(status, 200);
@@ -106,6 +134,18 @@ async fn metrics_agree_with_the_etl_tables() {
         "{text}"
     );
     assert_eq!(sample(&text, "etl_stalled_syncs"), Some(0.0));
+    assert!(
+        sample(
+            &text,
+            "etl_http_responses_total{endpoint=\"/etl/sync\",status_class=\"2xx\"}"
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert!(
+        text.contains("etl_sync_duration_seconds_count{sync_type=\"full\"} 1"),
+        "{text}"
+    );
     assert!(sample(&text, "process_resident_memory_bytes").unwrap() > 1e6);
     assert!(
         !text.contains(h.sync_id.as_str()),
