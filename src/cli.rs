@@ -309,7 +309,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         }
         Command::Sync { selection } => {
             let pool = db::connect(&settings).await?;
-            let summary = sync_in_process(&pool, &settings, &selection.request(None)).await?;
+            let summary =
+                sync_in_process_with(&pool, &settings, &selection.request(None), true).await?;
             print!("{}", summary.render());
             Ok(summary.exit_code())
         }
@@ -502,6 +503,16 @@ pub async fn sync_in_process(
     settings: &Settings,
     req: &PlanRequest,
 ) -> anyhow::Result<SyncSummary> {
+    sync_in_process_with(pool, settings, req, false).await
+}
+
+/// [`sync_in_process`], showing progress on stderr when `progress` is set.
+pub async fn sync_in_process_with(
+    pool: &sqlx::PgPool,
+    settings: &Settings,
+    req: &PlanRequest,
+    progress: bool,
+) -> anyhow::Result<SyncSummary> {
     let started = std::time::Instant::now();
     let queue = MemoryQueue::new();
     let sync_id = match planner::plan_sync(pool, settings, req, &queue).await? {
@@ -518,7 +529,19 @@ pub async fn sync_in_process(
         }
     };
     let ctx = Arc::new(worker_context(settings, pool.clone())?);
+    let (done, watching) = tokio::sync::watch::channel(false);
+    let watcher = progress.then(|| {
+        tokio::spawn(crate::progress::watch(
+            pool.clone(),
+            sync_id.clone(),
+            watching,
+        ))
+    });
     worker::run_memory(ctx, queue, settings.worker_concurrency).await;
+    let _ = done.send(true);
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
     summarize(pool, sync_id, started).await
 }
 

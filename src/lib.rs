@@ -19,6 +19,7 @@
 //!   and the in-memory queue of single-process mode behind the same seam.
 //! * [`ledger`]: sync history, chunk ledger, counters, error rows, watermarks.
 //! * [`planner`]: plan one sync; [`worker`]: process one chunk into an outcome.
+//! * [`progress`]: a running sync's progress for people (bars on a terminal).
 //! * [`telemetry`]: logging and metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! * [`seed`]: deterministic synthetic source data, generated set-based in PostgreSQL.
 //! * [`demo`]: `loansync demo`, the whole system on local services in one command.
@@ -32,6 +33,7 @@ pub mod domain;
 pub mod http;
 pub mod ledger;
 pub mod planner;
+pub mod progress;
 pub mod queue;
 pub mod seed;
 pub mod sink;
