@@ -1,6 +1,6 @@
 //! Loans (`loans_ajoloan`) with their agent, borrower, schedule and repayments.
 
-use super::{encode, finite, finite_opt, non_finite};
+use super::{encode, finite, non_finite};
 use crate::domain::Record;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
@@ -108,19 +108,20 @@ pub struct LoanRow {
     pub repayments: Repayments,
 }
 
-/// Aggregates of `loans_ajoloanschedule` (zeros and a null date when there are no rows).
+/// Aggregates of `loans_ajoloanschedule` (zeros and a null date when there are no rows;
+/// a NaN or infinite sum is sent as `null` and counted as a warning).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Schedule {
     pub installments: i64,
     pub installments_paid: i64,
     pub installments_late: i64,
     pub max_late_days: i64,
-    #[serde(serialize_with = "finite_opt")]
-    pub amount_due: Option<f64>,
-    #[serde(serialize_with = "finite_opt")]
-    pub amount_paid: Option<f64>,
-    #[serde(serialize_with = "finite_opt")]
-    pub amount_left: Option<f64>,
+    #[serde(serialize_with = "finite")]
+    pub amount_due: f64,
+    #[serde(serialize_with = "finite")]
+    pub amount_paid: f64,
+    #[serde(serialize_with = "finite")]
+    pub amount_left: f64,
     /// Earliest `due_date` not fully paid.
     pub next_due_date: Option<NaiveDate>,
 }
@@ -129,8 +130,8 @@ pub struct Schedule {
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Repayments {
     pub count: i64,
-    #[serde(serialize_with = "finite_opt")]
-    pub total_amount: Option<f64>,
+    #[serde(serialize_with = "finite")]
+    pub total_amount: f64,
     /// The latest `paid_date` (a timestamp).
     pub last_paid_date: Option<DateTime<Utc>>,
 }
@@ -141,14 +142,14 @@ pub fn transform(mut row: LoanRow) -> (Record, u32) {
         installments_paid: row.installments_paid,
         installments_late: row.installments_late,
         max_late_days: row.max_late_days,
-        amount_due: Some(row.amount_due),
-        amount_paid: Some(row.amount_paid),
-        amount_left: Some(row.amount_left),
+        amount_due: row.amount_due,
+        amount_paid: row.amount_paid,
+        amount_left: row.amount_left,
         next_due_date: row.next_due_date,
     };
     row.repayments = Repayments {
         count: row.repayment_count,
-        total_amount: Some(row.repayment_total),
+        total_amount: row.repayment_total,
         last_paid_date: row.last_paid_date,
     };
     let warnings = non_finite(&[
@@ -265,5 +266,48 @@ pub(crate) mod tests {
         assert_eq!(v["schedule"]["installments_late"], 2);
         assert_eq!(v["repayments"]["last_paid_date"], "2026-10-11T16:05:00Z");
         assert!(v.get("installments").is_none() && v.get("repayment_total").is_none());
+    }
+
+    #[test]
+    fn non_finite_aggregates_become_null_and_count() {
+        let mut r = row();
+        r.nem_fee = 500.0;
+        r.amount_due = f64::NAN;
+        r.amount_left = f64::NEG_INFINITY;
+        r.repayment_total = f64::INFINITY;
+        let (record, warnings) = transform(r);
+        assert_eq!(warnings, 3);
+        let v: serde_json::Value = serde_json::from_str(record.json.get()).unwrap();
+        assert_eq!(v["schedule"]["amount_due"], serde_json::Value::Null);
+        assert_eq!(v["schedule"]["amount_left"], serde_json::Value::Null);
+        assert_eq!(v["schedule"]["amount_paid"], 40000.25);
+        assert_eq!(v["repayments"]["total_amount"], serde_json::Value::Null);
+        assert_eq!(v["nem_fee"], 500.0);
+    }
+
+    #[test]
+    fn a_loan_without_schedule_or_repayments_sends_zeros_and_nulls() {
+        let mut r = row();
+        (
+            r.installments,
+            r.installments_paid,
+            r.installments_late,
+            r.max_late_days,
+        ) = (0, 0, 0, 0);
+        (r.amount_due, r.amount_paid, r.amount_left) = (0.0, 0.0, 0.0);
+        r.next_due_date = None;
+        (r.repayment_count, r.repayment_total, r.last_paid_date) = (0, 0.0, None);
+        let (record, _) = transform(r);
+        let v: serde_json::Value = serde_json::from_str(record.json.get()).unwrap();
+        assert_eq!(
+            v["schedule"],
+            serde_json::json!({"installments": 0, "installments_paid": 0, "installments_late": 0,
+                "max_late_days": 0, "amount_due": 0.0, "amount_paid": 0.0, "amount_left": 0.0,
+                "next_due_date": null})
+        );
+        assert_eq!(
+            v["repayments"],
+            serde_json::json!({"count": 0, "total_amount": 0.0, "last_paid_date": null})
+        );
     }
 }

@@ -4,6 +4,12 @@
 //! `transform` that fills the derived fields and encodes the record once, as JSON.
 //! Timestamps are RFC 3339 UTC with `Z`, dates `YYYY-MM-DD`, NULL stays `null`, and a
 //! NaN or infinite number becomes `null` and counts as a transform warning.
+//! (chrono's serde encoding of `DateTime<Utc>` is exactly
+//! `to_rfc3339_opts(SecondsFormat::AutoSi, true)`: `Z`, fractions only when present;
+//! a test below pins it.)
+//!
+//! Records are serialized from plain structs straight into a `RawValue`: no
+//! intermediate `serde_json::Value` on the hot path.
 
 pub mod customer;
 pub mod loan;
@@ -28,6 +34,24 @@ pub const NEVER_SEND: [&str; 11] = [
     "sms_result",
 ];
 
+/// Removes never-send keys, at any depth, from a JSON value passed through from the
+/// source (a `jsonb` column). Returns how many were removed.
+pub(crate) fn scrub(v: &mut serde_json::Value) -> u32 {
+    match v {
+        serde_json::Value::Object(m) => {
+            let before = m.len();
+            m.retain(|k, _| !NEVER_SEND.contains(&k.as_str()));
+            let mut n = (before - m.len()) as u32;
+            for v in m.values_mut() {
+                n += scrub(v);
+            }
+            n
+        }
+        serde_json::Value::Array(a) => a.iter_mut().map(scrub).sum(),
+        _ => 0,
+    }
+}
+
 /// Records of one chunk and how many values had to be sent as `null`.
 #[derive(Debug, Default)]
 pub struct Transformed {
@@ -41,14 +65,6 @@ pub(crate) fn finite<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_f64(*x)
     } else {
         s.serialize_none()
-    }
-}
-
-/// [`finite`] for nullable floats.
-pub(crate) fn finite_opt<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
-    match x {
-        Some(v) if v.is_finite() => s.serialize_f64(*v),
-        _ => s.serialize_none(),
     }
 }
 
@@ -114,22 +130,50 @@ mod tests {
 
     #[test]
     fn no_record_of_any_entity_carries_a_never_send_key() {
+        let mut officer_row = officer::tests::row();
+        officer_row.bucket = serde_json::json!([{"password": "x", "deep": [{"sms_body": "y"}]}]);
         let records = [
             customer::transform(customer::tests::row()).0,
             officer::transform(officer::tests::row()).0,
+            officer::transform(officer_row).0,
             loan::transform(loan::tests::row()).0,
             repayment::transform(repayment::tests::row()).0,
         ];
+        let carried = |v: &serde_json::Value| {
+            let mut all = Vec::new();
+            golden::keys(v, &mut all);
+            all.into_iter()
+                .filter(|k| NEVER_SEND.contains(&k.as_str()))
+                .collect::<Vec<_>>()
+        };
+        // The check itself finds a key at any depth.
+        assert_eq!(
+            carried(&serde_json::json!({"a": [{"b": {"nin": 1}}]})),
+            vec!["nin".to_string()]
+        );
         for r in &records {
             let v: serde_json::Value = serde_json::from_str(r.json.get()).unwrap();
             let mut all = Vec::new();
             golden::keys(&v, &mut all);
             assert!(all.len() > 10, "suspiciously few keys: {all:?}");
-            for k in NEVER_SEND {
-                assert!(!all.iter().any(|a| a == k), "record {} carries {k}", r.id);
-            }
+            assert_eq!(carried(&v), Vec::<String>::new(), "record {}", r.id);
             assert_eq!(v["id"], serde_json::json!(r.id));
+            // Columns that are not in ETL_SCHEMA.md's lists are not sent either.
+            for k in [
+                "user_id",
+                "card_issued",
+                "need_card",
+                "is_staff",
+                "is_superuser",
+                "is_active",
+                "installments",
+                "repayment_total",
+            ] {
+                assert!(v.get(k).is_none(), "record {} carries {k}", r.id);
+            }
         }
+        let officer: serde_json::Value = serde_json::from_str(records[1].json.get()).unwrap();
+        assert!(officer.get("first_name").is_none() && officer.get("last_name").is_none());
     }
 
     #[test]
@@ -138,8 +182,8 @@ mod tests {
         struct T {
             #[serde(serialize_with = "finite")]
             a: f64,
-            #[serde(serialize_with = "finite_opt")]
-            b: Option<f64>,
+            #[serde(serialize_with = "finite")]
+            b: f64,
             #[serde(serialize_with = "finite")]
             c: f64,
         }
@@ -147,11 +191,41 @@ mod tests {
             1,
             &T {
                 a: f64::NAN,
-                b: Some(f64::NEG_INFINITY),
+                b: f64::NEG_INFINITY,
                 c: 2.5,
             },
         );
         assert_eq!(r.json.get(), r#"{"a":null,"b":null,"c":2.5}"#);
         assert_eq!(non_finite(&[f64::NAN, f64::INFINITY, 1.0]), 2);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_z_and_keep_fractions() {
+        use chrono::{DateTime, NaiveDate, SecondsFormat, TimeZone, Utc};
+        #[derive(Serialize)]
+        struct T {
+            whole: DateTime<Utc>,
+            micros: DateTime<Utc>,
+            date: NaiveDate,
+        }
+        let whole = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        let micros = whole + chrono::Duration::microseconds(120);
+        let r = encode(
+            1,
+            &T {
+                whole,
+                micros,
+                date: NaiveDate::from_ymd_opt(2026, 2, 3).unwrap(),
+            },
+        );
+        assert_eq!(
+            r.json.get(),
+            r#"{"whole":"2026-01-02T03:04:05Z","micros":"2026-01-02T03:04:05.000120Z","date":"2026-02-03"}"#
+        );
+        // chrono's serde encoding is exactly this format.
+        assert_eq!(
+            micros.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            "2026-01-02T03:04:05.000120Z"
+        );
     }
 }

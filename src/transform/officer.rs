@@ -34,7 +34,14 @@ pub struct OfficerRow {
     pub customers_count: i64,
 }
 
-pub fn transform(row: OfficerRow) -> (Record, u32) {
+pub fn transform(mut row: OfficerRow) -> (Record, u32) {
+    // `bucket` is free-form JSON: never let a never-send key through inside it.
+    if super::scrub(&mut row.bucket) > 0 {
+        tracing::warn!(
+            id = row.id,
+            "never-send keys removed from an officer's bucket"
+        );
+    }
     (encode(row.id, &row), 0)
 }
 
@@ -76,5 +83,17 @@ pub(crate) mod tests {
         let (record, warnings) = transform(row());
         assert_eq!(warnings, 0);
         super::super::golden::check("officer", &record);
+    }
+
+    #[test]
+    fn never_send_keys_inside_the_bucket_are_removed() {
+        let mut r = row();
+        r.bucket = serde_json::json!([{"name": "A", "pin": "1234", "x": {"bvn": "1"}}, "B"]);
+        let (record, _) = transform(r);
+        let v: serde_json::Value = serde_json::from_str(record.json.get()).unwrap();
+        assert_eq!(
+            v["bucket"],
+            serde_json::json!([{"name": "A", "x": {}}, "B"])
+        );
     }
 }

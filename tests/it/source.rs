@@ -1,11 +1,21 @@
 //! Reading the Django tables: the filters and windows of SPEC.md section 2, keyset
-//! paging, and one chunk's related rows.
+//! paging, and one chunk's related rows, aggregates and never-send columns.
+//!
+//! The first tests build exactly the rows they need with [`crate::fixtures`]; the last
+//! three run over the seeded synthetic dataset.
 
+use crate::fixtures::{
+    Installment, SECRET, fixture_time, insert_customer, insert_loan, insert_officer,
+    insert_repayment, insert_repayment_with, insert_schedule, set_modified,
+};
 use crate::pipeline::{KEY, seeded_db, settings_for, small};
-use chrono::{DateTime, Duration, Utc};
+use crate::support::TestDb;
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use loansync::domain::{EntityKind, PlanRequest, SyncType, SyncWindow};
-use loansync::source::{load_chunk, next_ids};
+use loansync::source::{LoadedChunk, load_chunk, next_ids};
 use loansync::stub_api::{self, Faults, StubConfig};
+use loansync::transform::NEVER_SEND;
+use serde_json::{Value, json};
 
 async fn all_ids(
     pool: &sqlx::PgPool,
@@ -27,6 +37,639 @@ async fn all_ids(
         after = last;
     }
     out
+}
+
+const FULL: SyncType = SyncType::Full;
+const INCREMENTAL: SyncType = SyncType::Incremental;
+
+/// The window most tests use: [2026-03-01T00:00:00Z, 2026-03-01T01:00:00Z).
+fn window() -> SyncWindow {
+    let lo: DateTime<Utc> = "2026-03-01T00:00:00Z".parse().unwrap();
+    SyncWindow {
+        lo: Some(lo),
+        hi: lo + Duration::hours(1),
+    }
+}
+
+/// The window of a full sync: no lower bound, and an upper bound that must be ignored.
+fn full_window() -> SyncWindow {
+    SyncWindow {
+        lo: None,
+        hi: "2000-01-01T00:00:00Z".parse().unwrap(),
+    }
+}
+
+fn by_id(chunk: &LoadedChunk, id: i64) -> Value {
+    let r = chunk
+        .records
+        .iter()
+        .find(|r| r.id == id)
+        .unwrap_or_else(|| panic!("no record {id}"));
+    serde_json::from_str(r.json.get()).unwrap()
+}
+
+fn day(s: &str) -> NaiveDate {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn officers_are_selected_by_user_type_never_by_account_type() {
+    let db = TestDb::migrated().await;
+    let mut want = Vec::new();
+    for t in [
+        "AGENT",
+        "STAFF_AGENT",
+        "PROSPER_AGENT",
+        "DMO_AGENT",
+        "AJO_AGENT",
+        "RECOVERY_AGENT",
+    ] {
+        want.push(insert_officer(&db.pool, t, "REGULAR").await);
+    }
+    let key_account_agent = insert_officer(&db.pool, "AGENT", "KEY_ACCOUNT").await;
+    want.push(key_account_agent);
+    insert_officer(&db.pool, "MERCHANT", "REGULAR").await;
+    insert_officer(&db.pool, "KEY_ACCOUNT", "KEY_ACCOUNT").await;
+    insert_officer(&db.pool, "LOTTO_AGENT", "REGULAR").await;
+    insert_officer(&db.pool, "PERSONAL", "KEY_ACCOUNT").await;
+    let no_type = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    sqlx::query("UPDATE accounts_customuser SET user_type = NULL WHERE id = $1::int4")
+        .bind(no_type)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut last = insert_officer(&db.pool, "agent", "REGULAR").await; // case matters
+    last = last.max(insert_officer(&db.pool, "RECOVERY_AGENT", "KEY_ACCOUNT").await);
+    want.push(last);
+
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Officer, FULL, &full_window(), 100).await,
+        want
+    );
+    // Incremental: the same set, whatever the window (the table has no modification time).
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Officer, INCREMENTAL, &window(), 3).await,
+        want
+    );
+    assert!(want.contains(&key_account_agent));
+}
+
+#[tokio::test]
+async fn customers_full_takes_the_onboarded_incremental_also_needs_the_window() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let w = window();
+    let (lo, hi) = (w.lo.unwrap(), w.hi);
+    let at_lo = insert_customer(&db.pool, Some(agent), true).await;
+    let before_hi = insert_customer(&db.pool, Some(agent), true).await;
+    let at_hi = insert_customer(&db.pool, Some(agent), true).await;
+    let before_lo = insert_customer(&db.pool, None, true).await;
+    let not_onboarded = insert_customer(&db.pool, Some(agent), false).await;
+    let old = insert_customer(&db.pool, Some(agent), true).await; // fixture_time, before lo
+    for (id, t) in [
+        (at_lo, lo),
+        (before_hi, hi - Duration::microseconds(1)),
+        (at_hi, hi),
+        (before_lo, lo - Duration::microseconds(1)),
+        (not_onboarded, lo + Duration::minutes(1)),
+    ] {
+        set_modified(&db.pool, EntityKind::Customer, id, t).await;
+    }
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Customer, FULL, &full_window(), 2).await,
+        vec![at_lo, before_hi, at_hi, before_lo, old]
+    );
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Customer, INCREMENTAL, &w, 1).await,
+        vec![at_lo, before_hi]
+    );
+    // An incremental window without a lower bound: everything onboarded before hi.
+    let open = SyncWindow { lo: None, hi };
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Customer, INCREMENTAL, &open, 10).await,
+        vec![at_lo, before_hi, before_lo, old]
+    );
+}
+
+#[tokio::test]
+async fn loans_full_takes_the_disbursed_incremental_takes_the_modified_in_window() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let borrower = insert_customer(&db.pool, Some(agent), true).await;
+    let w = window();
+    let (lo, hi) = (w.lo.unwrap(), w.hi);
+    let disbursed_in = insert_loan(&db.pool, agent, borrower, true).await;
+    let pending_in = insert_loan(&db.pool, agent, borrower, false).await;
+    let disbursed_at_hi = insert_loan(&db.pool, agent, borrower, true).await;
+    let disbursed_old = insert_loan(&db.pool, agent, borrower, true).await;
+    let pending_old = insert_loan(&db.pool, agent, borrower, false).await;
+    let disbursed_at_lo = insert_loan(&db.pool, agent, borrower, true).await;
+    let disbursed_ancient = insert_loan(&db.pool, agent, borrower, true).await;
+    set_modified(
+        &db.pool,
+        EntityKind::Loan,
+        disbursed_in,
+        lo + Duration::minutes(30),
+    )
+    .await;
+    set_modified(
+        &db.pool,
+        EntityKind::Loan,
+        pending_in,
+        hi - Duration::microseconds(1),
+    )
+    .await;
+    set_modified(&db.pool, EntityKind::Loan, disbursed_at_hi, hi).await;
+    set_modified(&db.pool, EntityKind::Loan, disbursed_at_lo, lo).await;
+    let ancient: DateTime<Utc> = "1960-05-01T00:00:00Z".parse().unwrap();
+    set_modified(&db.pool, EntityKind::Loan, disbursed_ancient, ancient).await;
+    let _ = pending_old;
+
+    // Full: disbursed, whatever their time (even after the window's hi).
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Loan, FULL, &full_window(), 2).await,
+        vec![
+            disbursed_in,
+            disbursed_at_hi,
+            disbursed_old,
+            disbursed_at_lo,
+            disbursed_ancient
+        ]
+    );
+    // Incremental: modified in [lo, hi), disbursed or not.
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Loan, INCREMENTAL, &w, 2).await,
+        vec![disbursed_in, pending_in, disbursed_at_lo]
+    );
+    let open = SyncWindow { lo: None, hi };
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Loan, INCREMENTAL, &open, 100).await,
+        vec![
+            disbursed_in,
+            pending_in,
+            disbursed_old,
+            pending_old,
+            disbursed_at_lo,
+            disbursed_ancient
+        ]
+    );
+}
+
+#[tokio::test]
+async fn repayments_full_takes_all_incremental_takes_the_created_in_window() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let borrower = insert_customer(&db.pool, Some(agent), true).await;
+    let pending = insert_loan(&db.pool, agent, borrower, false).await;
+    let w = window();
+    let (lo, hi) = (w.lo.unwrap(), w.hi);
+    let at_lo = insert_repayment(&db.pool, pending).await;
+    let at_hi = insert_repayment(&db.pool, pending).await;
+    let only_modified_in = insert_repayment(&db.pool, pending).await;
+    let in_window = insert_repayment(&db.pool, pending).await;
+    set_modified(&db.pool, EntityKind::Repayment, at_lo, lo).await;
+    set_modified(&db.pool, EntityKind::Repayment, at_hi, hi).await;
+    set_modified(
+        &db.pool,
+        EntityKind::Repayment,
+        in_window,
+        hi - Duration::seconds(1),
+    )
+    .await;
+    // Modified in the window but created before it: not selected (date_created counts).
+    sqlx::query("UPDATE loans_ajoloanrepayment SET date_modified = $2 WHERE id = $1::int4")
+        .bind(only_modified_in)
+        .bind(lo + Duration::minutes(1))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Repayment, FULL, &full_window(), 3).await,
+        vec![at_lo, at_hi, only_modified_in, in_window]
+    );
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Repayment, INCREMENTAL, &w, 1).await,
+        vec![at_lo, in_window]
+    );
+}
+
+async fn page(conn: &mut sqlx::PgConnection, w: &SyncWindow, after: i64, limit: i64) -> Vec<i64> {
+    next_ids(conn, EntityKind::Customer, FULL, w, after, limit)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn keyset_pages_are_ascending_disjoint_and_complete() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let mut want = Vec::new();
+    for i in 0..23 {
+        let id = insert_customer(&db.pool, Some(agent), i % 4 != 0).await;
+        if i % 4 != 0 {
+            want.push(id);
+        }
+    }
+    let mut conn = db.pool.acquire().await.unwrap();
+    let w = full_window();
+    assert_eq!(page(&mut conn, &w, 0, 5).await, want[..5].to_vec());
+    assert_eq!(page(&mut conn, &w, want[4], 5).await, want[5..10].to_vec());
+    // `after` need not be a selected id: here a customer that is not onboarded.
+    let gap = (want[9]..).find(|id| !want.contains(id)).unwrap();
+    let rest: Vec<i64> = want.iter().copied().filter(|&id| id > gap).collect();
+    assert!(rest.len() >= 5);
+    assert_eq!(page(&mut conn, &w, gap, 100).await, rest);
+    assert!(
+        page(&mut conn, &w, *want.last().unwrap(), 5)
+            .await
+            .is_empty()
+    );
+    assert!(page(&mut conn, &w, 0, 0).await.is_empty());
+    drop(conn);
+    for size in [1, 4, 17, 1000] {
+        assert_eq!(
+            all_ids(&db.pool, EntityKind::Customer, FULL, &w, size).await,
+            want
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_loan_chunk_carries_related_fields_and_exact_aggregates() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AJO_AGENT", "KEY_ACCOUNT").await;
+    let borrowers_agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let borrower = insert_customer(&db.pool, Some(borrowers_agent), true).await;
+    sqlx::query("UPDATE ajo_ajouser SET branch_name = 'Yaba' WHERE id = $1::int4")
+        .bind(borrower)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let full = insert_loan(&db.pool, agent, borrower, true).await;
+    let bare = insert_loan(&db.pool, agent, borrower, false).await;
+    for i in [
+        Installment::new(day("2026-01-05"), 4000.0).paid(),
+        Installment::new(day("2026-01-06"), 4000.0).paid().late(2),
+        Installment::new(day("2026-01-08"), 4000.5).late(5),
+        Installment::new(day("2026-01-07"), 4000.0),
+        Installment {
+            due_date: None,
+            ..Installment::new(day("2026-01-01"), 1000.0)
+        },
+    ] {
+        insert_schedule(&db.pool, full, &i).await;
+    }
+    let t1: DateTime<Utc> = "2026-01-05T10:00:00Z".parse().unwrap();
+    let t2: DateTime<Utc> = "2026-01-06T16:30:00.25Z".parse().unwrap();
+    insert_repayment_with(&db.pool, full, 4000.0, t2).await;
+    insert_repayment_with(&db.pool, full, 2500.25, t1).await;
+
+    let chunk = load_chunk(&db.pool, EntityKind::Loan, &[bare, full])
+        .await
+        .unwrap();
+    assert!(chunk.missing.is_empty());
+    assert_eq!(chunk.warnings, 0);
+    assert_eq!(
+        chunk.records.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![full, bare]
+    );
+
+    let v = by_id(&chunk, full);
+    assert_eq!(v["id"], full);
+    assert_eq!(v["agent_id"], agent);
+    assert_eq!(v["borrower_id"], borrower);
+    assert!(v["eligibility_id"].is_i64());
+    assert_eq!(v["guarantor_id"], Value::Null);
+    assert_eq!(v["agent_email"], format!("officer{agent}@example.com"));
+    assert_eq!(v["agent_branch"], format!("Branch {agent}"));
+    assert_eq!(v["borrower_agent_id"], borrowers_agent);
+    assert_eq!(v["borrower_branch"], "Yaba");
+    assert_eq!(v["borrower_full_name"], "Adébáyọ̀ Ọlátúnjí");
+    assert_eq!(v["is_disbursed"], true);
+    assert_eq!(v["date_disbursed"], "2026-01-01T00:00:00Z");
+    assert_eq!(v["start_date"], "2026-01-02");
+    assert_eq!(v["amount"], 100000.0);
+    assert_eq!(
+        v["schedule"],
+        json!({
+            "installments": 5,
+            "installments_paid": 2,
+            "installments_late": 2,
+            "max_late_days": 5,
+            "amount_due": 17000.5,
+            "amount_paid": 8000.0,
+            "amount_left": 9000.5,
+            "next_due_date": "2026-01-07",
+        })
+    );
+    assert_eq!(
+        v["repayments"],
+        json!({"count": 2, "total_amount": 6500.25, "last_paid_date": "2026-01-06T16:30:00.250Z"})
+    );
+
+    let e = by_id(&chunk, bare);
+    assert_eq!(e["is_disbursed"], false);
+    assert_eq!(e["date_disbursed"], Value::Null);
+    assert_eq!(
+        e["schedule"],
+        json!({
+            "installments": 0, "installments_paid": 0, "installments_late": 0,
+            "max_late_days": 0, "amount_due": 0.0, "amount_paid": 0.0, "amount_left": 0.0,
+            "next_due_date": null,
+        })
+    );
+    assert_eq!(
+        e["repayments"],
+        json!({"count": 0, "total_amount": 0.0, "last_paid_date": null})
+    );
+}
+
+#[tokio::test]
+async fn nan_and_infinity_in_the_database_are_sent_as_null_and_counted() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let customer = insert_customer(&db.pool, Some(agent), true).await;
+    let loan = insert_loan(&db.pool, agent, customer, true).await;
+    insert_schedule(
+        &db.pool,
+        loan,
+        &Installment::new(day("2026-01-05"), f64::INFINITY),
+    )
+    .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "UPDATE loans_ajoloan SET nem_fee = 'NaN' WHERE id = {loan};
+         UPDATE ajo_ajouser SET longitude = '-Infinity' WHERE id = {customer};"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let chunk = load_chunk(&db.pool, EntityKind::Loan, &[loan])
+        .await
+        .unwrap();
+    // nem_fee, and the installment's due_amount and amount_left (both infinite sums).
+    assert_eq!(chunk.warnings, 3);
+    let v = by_id(&chunk, loan);
+    assert_eq!(v["nem_fee"], Value::Null);
+    assert_eq!(v["schedule"]["amount_due"], Value::Null);
+    assert_eq!(v["schedule"]["amount_left"], Value::Null);
+    assert_eq!(v["schedule"]["amount_paid"], 0.0);
+    let chunk = load_chunk(&db.pool, EntityKind::Customer, &[customer])
+        .await
+        .unwrap();
+    assert_eq!(chunk.warnings, 1);
+    assert_eq!(by_id(&chunk, customer)["longitude"], Value::Null);
+}
+
+#[tokio::test]
+async fn customer_officer_and_repayment_chunks_carry_their_derived_fields() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "KEY_ACCOUNT").await;
+    let lonely = insert_officer(&db.pool, "STAFF_AGENT", "REGULAR").await;
+    let named = insert_customer(&db.pool, Some(agent), true).await;
+    let unnamed = insert_customer(&db.pool, Some(agent), false).await;
+    let orphan = insert_customer(&db.pool, None, true).await;
+    sqlx::query(
+        "UPDATE ajo_ajouser SET first_name = '  ', last_name = NULL, bvn = '', nin = NULL
+         WHERE id = $1::int4",
+    )
+    .bind(unnamed)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE ajo_ajouser SET first_name = NULL WHERE id = $1::int4")
+        .bind(orphan)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let c = load_chunk(&db.pool, EntityKind::Customer, &[orphan, named, unnamed])
+        .await
+        .unwrap();
+    let v = by_id(&c, named);
+    assert_eq!(v["agent_id"], agent);
+    assert!(v.get("user_id").is_none());
+    assert_eq!(v["full_name"], "Adébáyọ̀ Ọlátúnjí");
+    assert_eq!(
+        (v["has_bvn"].clone(), v["has_nin"].clone()),
+        (json!(true), json!(true))
+    );
+    assert_eq!(v["dob"], "1988-02-29");
+    assert_eq!(v["date_modified"], "2026-01-01T00:00:00Z");
+    assert_eq!(v["lite_user_id"], Value::Null);
+    let v = by_id(&c, unnamed);
+    assert_eq!(v["full_name"], format!("+234806{unnamed:07}"));
+    assert_eq!(
+        (v["has_bvn"].clone(), v["has_nin"].clone()),
+        (json!(false), json!(false))
+    );
+    let v = by_id(&c, orphan);
+    assert_eq!(v["agent_id"], Value::Null);
+    assert_eq!(v["full_name"], "Ọlátúnjí");
+
+    let o = load_chunk(&db.pool, EntityKind::Officer, &[agent, lonely])
+        .await
+        .unwrap();
+    let v = by_id(&o, agent);
+    assert_eq!(v["customers_count"], 2, "named and unnamed, not the orphan");
+    assert_eq!(v["account_type"], "KEY_ACCOUNT");
+    assert_eq!(v["bucket"], json!(["A"]));
+    assert_eq!(v["date_joined"], "2026-01-01T00:00:00Z");
+    assert_eq!(by_id(&o, lonely)["customers_count"], 0);
+
+    let loan = insert_loan(&db.pool, agent, named, true).await;
+    let rep = insert_repayment(&db.pool, loan).await;
+    let r = load_chunk(&db.pool, EntityKind::Repayment, &[rep])
+        .await
+        .unwrap();
+    let v = by_id(&r, rep);
+    let (loan_ref, rep_ref): (String, uuid::Uuid) = sqlx::query_as(
+        "SELECT l.loan_ref::text, r.repayment_ref FROM loans_ajoloanrepayment r
+         JOIN loans_ajoloan l ON l.id = r.ajo_loan_id WHERE r.id = $1::int4",
+    )
+    .bind(rep)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(v["loan_ref"], loan_ref);
+    assert_eq!(v["repayment_ref"], rep_ref.hyphenated().to_string());
+    assert_eq!(v["ajo_loan_id"], loan);
+    assert_eq!(v["agent_id"], agent);
+    assert_eq!(v["borrower_id"], named);
+    assert_eq!(v["repayment_amount"], 4000.0);
+    assert_eq!(v["comment"], "Paid at Ọjà market");
+}
+
+#[tokio::test]
+async fn no_loaded_record_carries_a_never_send_column() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let customer = insert_customer(&db.pool, Some(agent), true).await;
+    let loan = insert_loan(&db.pool, agent, customer, true).await;
+    insert_schedule(&db.pool, loan, &Installment::new(day("2026-01-05"), 10.0)).await;
+    let rep = insert_repayment(&db.pool, loan).await;
+    for (entity, id) in [
+        (EntityKind::Officer, agent),
+        (EntityKind::Customer, customer),
+        (EntityKind::Loan, loan),
+        (EntityKind::Repayment, rep),
+    ] {
+        let chunk = load_chunk(&db.pool, entity, &[id]).await.unwrap();
+        assert_eq!(chunk.records.len(), 1);
+        let text = chunk.records[0].json.get();
+        assert!(
+            !text.contains(SECRET),
+            "{entity} record leaks a secret: {text}"
+        );
+        let v: Value = serde_json::from_str(text).unwrap();
+        let mut keys = Vec::new();
+        collect_keys(&v, &mut keys);
+        for k in NEVER_SEND {
+            assert!(
+                !keys.contains(&k.to_string()),
+                "{entity} record carries {k}"
+            );
+        }
+    }
+}
+
+fn collect_keys(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                out.push(k.clone());
+                collect_keys(v, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| collect_keys(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn load_chunk_reports_missing_ids_and_orders_by_id() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let a = insert_customer(&db.pool, Some(agent), true).await;
+    let b = insert_customer(&db.pool, Some(agent), false).await; // filter state is ignored
+    let c = insert_customer(&db.pool, Some(agent), true).await;
+    sqlx::query("DELETE FROM ajo_ajouser WHERE id = $1::int4")
+        .bind(b)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let d = insert_customer(&db.pool, Some(agent), false).await;
+    let chunk = load_chunk(&db.pool, EntityKind::Customer, &[d, 999_999, c, b, a])
+        .await
+        .unwrap();
+    assert_eq!(
+        chunk.records.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![a, c, d]
+    );
+    assert_eq!(chunk.missing, vec![b, 999_999]);
+    assert_eq!(by_id(&chunk, d)["onboarding_complete"], false);
+
+    for entity in EntityKind::ALL {
+        let none = load_chunk(&db.pool, entity, &[]).await.unwrap();
+        assert!(none.records.is_empty() && none.missing.is_empty());
+        let gone = load_chunk(&db.pool, entity, &[424_242]).await.unwrap();
+        assert!(gone.records.is_empty());
+        assert_eq!(gone.missing, vec![424_242]);
+    }
+}
+
+/// Counts the statements sqlx executes (its `sqlx::query` events) in this thread.
+struct CountQueries(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountQueries {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() == "sqlx::query" {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// A chunk of 50 loans, each with its own schedule and repayments, loads correctly in
+/// ONE query, the same single query as a chunk of one loan (the agent, borrower,
+/// schedule and repayment aggregates are joined in that statement: no query per row).
+#[tokio::test(flavor = "current_thread")]
+async fn a_chunk_of_50_loans_is_one_query() {
+    use std::sync::atomic::Ordering;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let borrower = insert_customer(&db.pool, Some(agent), true).await;
+    let mut loans = Vec::new();
+    for i in 0..50usize {
+        let loan = insert_loan(&db.pool, agent, borrower, i % 2 == 0).await;
+        for k in 0..(i % 4) {
+            let due = day("2026-01-01") + Duration::days(k as i64);
+            insert_schedule(&db.pool, loan, &Installment::new(due, 100.0 + i as f64)).await;
+        }
+        for _ in 0..(i % 3) {
+            insert_repayment_with(&db.pool, loan, 10.0 * i as f64, fixture_time()).await;
+        }
+        loans.push(loan);
+    }
+
+    // A pool of one connection, warmed up, so that only the chunk's statements run.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    load_chunk(&pool, EntityKind::Loan, &loans[..1])
+        .await
+        .unwrap();
+
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let subscriber = tracing_subscriber::registry().with(CountQueries(count.clone()));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let one = load_chunk(&pool, EntityKind::Loan, &loans[..1])
+        .await
+        .unwrap();
+    assert_eq!(one.records.len(), 1);
+    assert_eq!(
+        count.swap(0, Ordering::SeqCst),
+        1,
+        "a chunk of one loan: one query"
+    );
+
+    let chunk = load_chunk(&pool, EntityKind::Loan, &loans).await.unwrap();
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "a chunk of 50 loans: still one query"
+    );
+
+    assert_eq!(
+        chunk.records.iter().map(|r| r.id).collect::<Vec<_>>(),
+        loans
+    );
+    assert!(chunk.missing.is_empty());
+    for (i, &loan) in loans.iter().enumerate() {
+        let v = by_id(&chunk, loan);
+        let n = (i % 4) as f64;
+        assert_eq!(v["schedule"]["installments"], i % 4, "loan {loan}");
+        assert_eq!(
+            v["schedule"]["amount_due"],
+            n * (100.0 + i as f64),
+            "loan {loan}"
+        );
+        let next = (i % 4 > 0).then_some("2026-01-01");
+        assert_eq!(v["schedule"]["next_due_date"], json!(next), "loan {loan}");
+        assert_eq!(v["repayments"]["count"], i % 3, "loan {loan}");
+        assert_eq!(
+            v["repayments"]["total_amount"],
+            (i % 3) as f64 * 10.0 * i as f64,
+            "loan {loan}"
+        );
+        assert_eq!(v["is_disbursed"], i % 2 == 0);
+        assert_eq!(v["agent_email"], format!("officer{agent}@example.com"));
+    }
+    pool.close().await;
 }
 
 #[tokio::test]

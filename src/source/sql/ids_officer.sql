@@ -1,5 +1,6 @@
--- Officers: agents of every kind, never filtered by account_type; no time filter.
-SELECT id::int8 FROM accounts_customuser
-WHERE user_type IN ('AGENT', 'STAFF_AGENT', 'PROSPER_AGENT', 'DMO_AGENT', 'AJO_AGENT', 'RECOVERY_AGENT')
-  AND id > $1
-ORDER BY id LIMIT $2
+-- Officers, full and incremental alike: agents of every kind by user_type, never filtered by
+-- account_type, no time filter (the table has no modification time). $1 after, $2 limit.
+SELECT u.id::int8 AS id FROM accounts_customuser u
+WHERE u.user_type IN ('AGENT', 'STAFF_AGENT', 'PROSPER_AGENT', 'DMO_AGENT', 'AJO_AGENT', 'RECOVERY_AGENT')
+  AND u.id > $1
+ORDER BY u.id LIMIT $2

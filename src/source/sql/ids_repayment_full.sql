@@ -1,2 +1,4 @@
--- Repayments, full sync: all rows.
-SELECT id::int8 FROM loans_ajoloanrepayment WHERE id > $1 ORDER BY id LIMIT $2
+-- Repayments, full sync: all rows. $1 after, $2 limit.
+SELECT p.id::int8 AS id FROM loans_ajoloanrepayment p
+WHERE p.id > $1
+ORDER BY p.id LIMIT $2

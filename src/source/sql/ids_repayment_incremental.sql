@@ -1,4 +1,7 @@
--- Repayments, incremental sync: created in [$3, $4).
-SELECT id::int8 FROM loans_ajoloanrepayment
-WHERE date_created >= $3 AND date_created < $4 AND id > $1
-ORDER BY id LIMIT $2
+-- Repayments, incremental sync: created in [$3, $4); a NULL $3 is no lower bound (COALESCE
+-- keeps the bound sargable). $1 after, $2 limit.
+SELECT p.id::int8 AS id FROM loans_ajoloanrepayment p
+WHERE p.date_created >= COALESCE($3::timestamptz, '-infinity'::timestamptz)
+  AND p.date_created < $4::timestamptz
+  AND p.id > $1
+ORDER BY p.id LIMIT $2

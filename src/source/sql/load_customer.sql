@@ -8,6 +8,6 @@ SELECT id::int8 AS id, phone_number, first_name, last_name, alias, alt_phone, ge
        lite_user_id::int8 AS lite_user_id, user_id::int8 AS agent_id,
        (bvn IS NOT NULL AND bvn <> '') AS has_bvn,
        (nin IS NOT NULL AND nin <> '') AS has_nin
-FROM ajo_ajouser
-WHERE id = ANY($1::int8[])
-ORDER BY id
+FROM ajo_ajouser c
+WHERE c.id = ANY($1::int8[])
+ORDER BY c.id
