@@ -18,6 +18,7 @@ use secrecy::ExposeSecret;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use tokio_util::sync::CancellationToken;
 
 /// Exit code of `sync` when it ended `partial_success`.
 pub const EXIT_PARTIAL: u8 = 2;
@@ -264,27 +265,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         }
         Command::Planner => {
             let pool = db::connect(&settings).await?;
-            let broker = connect_broker(&settings).await?;
             let consuming = Arc::new(AtomicBool::new(false));
-            start_http(&settings, &pool, Some(&broker), &consuming).await?;
-            planner::run_amqp(pool, settings.clone(), broker, consuming, shutdown_signal()).await?;
+            start_http(&settings, &pool, &consuming).await?;
+            run_planner(pool, settings.clone(), consuming, on_shutdown_signal()).await?;
             Ok(0)
         }
         Command::Worker => {
             let pool = db::connect(&settings).await?;
-            let broker = connect_broker(&settings).await?;
             let consuming = Arc::new(AtomicBool::new(false));
-            start_http(&settings, &pool, Some(&broker), &consuming).await?;
-            let ctx = Arc::new(worker_context(&settings, pool)?);
-            worker::run_amqp(
-                ctx,
-                broker,
-                settings.worker_concurrency,
-                settings.shutdown_grace,
-                consuming,
-                shutdown_signal(),
-            )
-            .await?;
+            start_http(&settings, &pool, &consuming).await?;
+            run_worker(pool, settings.clone(), consuming, on_shutdown_signal()).await?;
             Ok(0)
         }
         Command::Trigger {
@@ -406,10 +396,109 @@ async fn connect_broker(settings: &Settings) -> anyhow::Result<Broker> {
     .await
 }
 
+/// A token cancelled on SIGTERM or Ctrl-C.
+fn on_shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        t.cancel();
+    });
+    token
+}
+
+/// Runs `consume` on a fresh broker connection, and again on a new one whenever the
+/// connection is lost (broker restart, network), with exponential backoff, until
+/// `shutdown` is cancelled. While disconnected the consumer flag is down, so `/readyz`
+/// reports the outage. Chunks in flight on a lost connection are redelivered by the
+/// broker; the ledger counts each once.
+async fn with_reconnect<F, Fut>(
+    settings: &Settings,
+    what: &str,
+    consuming: &Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    mut consume: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(Broker, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let first = std::time::Duration::from_millis(500);
+    let mut delay = first;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        match connect_broker(settings).await {
+            Ok(broker) => match consume(broker, shutdown.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    delay = first;
+                    tracing::warn!(error = %format!("{e:#}"), "{what} lost its broker connection: reconnecting");
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} cannot reach the broker")
+            }
+        }
+        consuming.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+    }
+}
+
+/// The planner process: consumes planning messages until `shutdown`, reconnecting.
+pub async fn run_planner(
+    pool: sqlx::PgPool,
+    settings: Arc<Settings>,
+    consuming: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    with_reconnect(
+        &settings,
+        "planner",
+        &consuming,
+        shutdown,
+        |broker, stop| {
+            planner::run_amqp(
+                pool.clone(),
+                settings.clone(),
+                broker,
+                consuming.clone(),
+                stop.cancelled_owned(),
+            )
+        },
+    )
+    .await
+}
+
+/// The worker process: consumes chunk jobs until `shutdown`, reconnecting.
+pub async fn run_worker(
+    pool: sqlx::PgPool,
+    settings: Arc<Settings>,
+    consuming: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let ctx = Arc::new(worker_context(&settings, pool)?);
+    with_reconnect(&settings, "worker", &consuming, shutdown, |broker, stop| {
+        worker::run_amqp(
+            ctx.clone(),
+            broker,
+            settings.worker_concurrency,
+            settings.shutdown_grace,
+            consuming.clone(),
+            stop.cancelled_owned(),
+        )
+    })
+    .await
+}
+
 async fn start_http(
     settings: &Settings,
     pool: &sqlx::PgPool,
-    broker: Option<&Broker>,
     consuming: &Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     if let Some(addr) = settings.metrics_addr {
@@ -417,7 +506,8 @@ async fn start_http(
             addr,
             http::Readiness {
                 pool: pool.clone(),
-                broker: broker.cloned(),
+                // The consumer flag covers the broker: it is down while disconnected.
+                broker: None,
                 consuming: consuming.clone(),
                 stale_after_secs: settings.stale_sync_after.as_secs_f64(),
             },

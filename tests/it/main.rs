@@ -7,6 +7,7 @@ mod metrics;
 mod migrations;
 mod pipeline;
 mod poison;
+mod reconnect;
 mod security;
 mod shutdown;
 mod sink;
