@@ -2,6 +2,7 @@
 //! Every test owns its database and its queue names, so they run in parallel.
 
 mod errors;
+mod faults;
 mod fixtures;
 mod metrics;
 mod migrations;

@@ -1,0 +1,237 @@
+//! Faults: a worker killed mid-chunk, a chunk that keeps failing, an API outage longer
+//! than the retry budget. Each ends with every planned record settled exactly once.
+
+use crate::pipeline::{
+    KEY, assert_books_balance, expected_full, history, seeded_db, settings_for, small,
+    wait_syncs_finished,
+};
+use crate::support::{amqp_url, wait_for};
+use loansync::domain::{EntityKind, PlanRequest, SyncType};
+use loansync::planner::{self, PlanOutcome};
+use loansync::queue::amqp::Broker;
+use loansync::queue::memory::MemoryQueue;
+use loansync::stub_api::{self, Faults, StubConfig, StubHandle};
+use loansync::worker::{self, ChunkOutcome};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+async fn stub(faults: Faults) -> StubHandle {
+    stub_api::spawn(
+        StubConfig {
+            api_key: KEY.into(),
+            faults,
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+fn full() -> PlanRequest {
+    PlanRequest {
+        sync_type: SyncType::Full,
+        entities: None,
+        request_id: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_chunk_loses_nothing() {
+    let db = seeded_db(small()).await;
+    // Slow answers keep chunks in flight (POST sent, not yet committed) when the kill lands.
+    let stub = stub(Faults {
+        slow_rate: 1.0,
+        slow_ms: 800,
+        ..Default::default()
+    })
+    .await;
+    let settings = settings_for(&db, &stub.url(), &[]);
+    let broker = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
+        .await
+        .unwrap();
+    planner::plan_sync(&db.pool, &settings, &full(), &broker)
+        .await
+        .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_loansync"))
+        .arg("worker")
+        .env("DATABASE_URL", &db.url)
+        .env("AMQP_URL", amqp_url())
+        .env("ETL_QUEUE_PREFIX", &settings.queue_prefix)
+        .env("ANALYTICS_API_URL", stub.url())
+        .env("ANALYTICS_API_KEY", KEY)
+        .env("ETL_WORKER_CONCURRENCY", "3")
+        .env("ETL_BATCH_SIZE_LOANS", "20")
+        .env("ETL_BATCH_SIZE_REPAYMENTS", "50")
+        .env("ETL_BATCH_SIZE_CUSTOMERS", "30")
+        .env("ETL_BATCH_SIZE_OFFICERS", "10")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for("chunks in flight", Duration::from_secs(30), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM loansync_chunk WHERE attempts > 0 AND settled_at IS NULL",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        n >= 2
+    })
+    .await;
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    let abandoned: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM loansync_chunk WHERE attempts > 0 AND settled_at IS NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        abandoned >= 1,
+        "the kill landed after everything was settled"
+    );
+
+    // The broker redelivers the unacked chunks to a new worker.
+    stub.set_faults(Faults::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
+    let b = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
+        .await
+        .unwrap();
+    let w = tokio::spawn(worker::run_amqp(
+        ctx,
+        b,
+        3,
+        Duration::from_secs(5),
+        Arc::new(AtomicBool::new(false)),
+        stop.clone().cancelled_owned(),
+    ));
+    let h = wait_syncs_finished(&db.pool, 1).await;
+    assert_eq!(h[0].status, "completed");
+    let redone: i64 = sqlx::query_scalar("SELECT count(*) FROM loansync_chunk WHERE attempts > 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        redone >= abandoned,
+        "the abandoned chunks were processed again"
+    );
+    let expected = expected_full(&db.pool).await;
+    for e in EntityKind::ALL {
+        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
+        let (total, ok, failed) = h[0].counts(e);
+        assert_eq!((ok, failed), (total, 0), "{e}: counted once");
+    }
+    assert_books_balance(&db.pool).await;
+    stop.cancel();
+    w.await.unwrap().unwrap();
+    broker.delete_topology().await.unwrap();
+    broker.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunk_that_keeps_failing_is_settled_as_failed_and_dead_lettered() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let settings = settings_for(&db, &stub.url(), &[("ETL_DELIVERY_LIMIT", "3")]);
+    let queue = MemoryQueue::new();
+    let PlanOutcome::Planned { .. } = planner::plan_sync(&db.pool, &settings, &full(), &queue)
+        .await
+        .unwrap()
+    else {
+        panic!("not planned")
+    };
+    // One loan chunk has crashed its workers three times already.
+    sqlx::query("UPDATE loansync_chunk SET attempts = 3 WHERE entity = 'loan' AND seq = 0")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let ctx = loansync::cli::worker_context(&settings, db.pool.clone()).unwrap();
+    let mut gave_up = 0;
+    while let Some(job) = queue.try_pop().await {
+        let d = worker::handle_message(&ctx, &serde_json::to_vec(&job).unwrap()).await;
+        if job.entity == EntityKind::Loan && job.seq == 0 {
+            let loansync::queue::Disposition::DeadLetter(reason) = d else {
+                panic!("the failing chunk was not dead-lettered: {d:?}")
+            };
+            assert!(reason.contains("ETL_DELIVERY_LIMIT"), "{reason}");
+            gave_up += 1;
+            // A later delivery of the same job is only acked.
+            assert_eq!(
+                worker::process_chunk(&ctx, &job).await.unwrap(),
+                ChunkOutcome::Duplicate
+            );
+        } else {
+            assert_eq!(d, loansync::queue::Disposition::Ack);
+        }
+    }
+    assert_eq!(gave_up, 1);
+    let h = history(&db.pool).await;
+    assert_eq!(h[0].status, "partial_success");
+    let codes: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT error_code::text FROM etl_folder_etlsyncerror WHERE entity_type = 'loan'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(codes, vec!["CHUNK_GAVE_UP".to_string()]);
+    assert_eq!(
+        h[0].counts(EntityKind::Loan).2,
+        20,
+        "the chunk's 20 loans failed"
+    );
+    assert_books_balance(&db.pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_outage_longer_than_the_budget_fails_records_that_a_retry_delivers() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults {
+        fail_next: 1_000_000,
+        fail_next_status: 503,
+        ..Default::default()
+    })
+    .await;
+    let settings = settings_for(&db, &stub.url(), &[("ETL_RETRY_MAX_ELAPSED_SECS", "1")]);
+    let s = loansync::cli::sync_in_process(&db.pool, &settings, &full())
+        .await
+        .unwrap();
+    assert_eq!(s.exit_code(), 3, "{}", s.render());
+    let codes: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT error_code::text FROM etl_folder_etlsyncerror")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(codes, vec!["HTTP_503".to_string()]);
+    let marks: i64 = sqlx::query_scalar("SELECT count(*) FROM etl_folder_etllastsync")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(marks, 0, "a failed sync moves no watermark");
+
+    // The API is back: `errors retry` delivers every record and resolves every row.
+    stub.set_faults(Faults::default());
+    let queue = MemoryQueue::new();
+    planner::plan_retry(&db.pool, &settings, &[], &queue)
+        .await
+        .unwrap();
+    worker::run_memory(
+        Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap()),
+        queue,
+        2,
+    )
+    .await;
+    let open: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM etl_folder_etlsyncerror WHERE NOT resolved")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(open, 0);
+    let expected = expected_full(&db.pool).await;
+    for e in EntityKind::ALL {
+        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
+    }
+    assert_eq!(history(&db.pool).await[1].status, "completed");
+    assert_books_balance(&db.pool).await;
+}
