@@ -44,22 +44,36 @@ for size in "${sizes[@]}"; do
   wall=$(echo "$(date +%s.%N) - $t0" | bc)
   rss1=$(awk '/VmHWM/ {print $2}' /proc/$w1/status); rss2=$(awk '/VmHWM/ {print $2}' /proc/$w2/status)
   requests=$(curl -sf "$ANALYTICS_API_URL/__stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+  # An incremental sync of 1,000 changed rows, trigger to completed.
+  psql $PG -q -d "$db" -c "UPDATE loans_ajoloan SET date_modified = now() WHERE id IN (SELECT id FROM loans_ajoloan ORDER BY id DESC LIMIT 400)" \
+    -c "UPDATE ajo_ajouser SET date_modified = now() WHERE id IN (SELECT id FROM ajo_ajouser WHERE onboarding_complete ORDER BY id DESC LIMIT 300)" \
+    -c "UPDATE loans_ajoloanrepayment SET date_created = now() WHERE id IN (SELECT id FROM loans_ajoloanrepayment ORDER BY id DESC LIMIT 300)"
+  t1=$(date +%s.%N)
+  $B trigger --request-id "bench-incr-$size-$$" >/dev/null
+  while :; do
+    st=$(psql $PG -d "$db" -Atc "SELECT status FROM etl_folder_etlsynchistory WHERE sync_type = 'incremental' ORDER BY id DESC LIMIT 1")
+    case "$st" in completed|partial_success|failed) break ;; esac
+    sleep 0.05
+  done
+  incr_wall=$(echo "$(date +%s.%N) - $t1" | bc)
+  incr_records=$(psql $PG -d "$db" -Atc "SELECT total_loans + total_repayments + total_customers + total_officers FROM etl_folder_etlsynchistory WHERE sync_type = 'incremental' ORDER BY id DESC LIMIT 1")
   kill -TERM $planner $w1 $w2 $stub; wait $planner $w1 $w2 $stub 2>/dev/null || true
   for q in plan chunks dead; do rabbitmqctl -q delete_queue "$prefix.$q" >/dev/null 2>&1 || true; done
   extract=$(psql $PG -d "$db" -f bench/extract.sql 2>&1 | awk '/^Time:/ {s += $2} END {print s/1000}')
-  python3 - "$size" "$db" "$wall" "$rss1" "$rss2" "$requests" "$extract" "$seed_s" <<'PY'
+  python3 - "$size" "$db" "$wall" "$rss1" "$rss2" "$requests" "$extract" "$seed_s" "$incr_wall" "$incr_records" <<'PY'
 import json, subprocess, sys, re
-size, db, wall, rss1, rss2, requests, extract, seed_s = sys.argv[1:]
+size, db, wall, rss1, rss2, requests, extract, seed_s, incr_wall, incr_records = sys.argv[1:]
 wall, extract = float(wall), float(extract)
 def q(sql):
     return subprocess.check_output(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-Atc", sql], text=True).strip()
 hist = q("SELECT status, duration_seconds, total_officers, total_customers, total_loans, total_repayments, "
-         "officers_failed + customers_failed + loans_failed + repayments_failed, started_at FROM etl_folder_etlsynchistory ORDER BY id DESC LIMIT 1").split("|")
+         "officers_failed + customers_failed + loans_failed + repayments_failed, started_at FROM etl_folder_etlsynchistory WHERE sync_type = 'full' ORDER BY id DESC LIMIT 1").split("|")
 status, duration = hist[0], float(hist[1])
 totals = dict(zip(["officer", "customer", "loan", "repayment"], map(int, hist[2:6])))
 records = sum(totals.values())
 spans = {}
-for line in q("SELECT entity, EXTRACT(EPOCH FROM max(settled_at) - min(settled_at) + interval '1 millisecond'), count(*) FROM loansync_chunk GROUP BY entity").splitlines():
+for line in q("SELECT entity, EXTRACT(EPOCH FROM max(settled_at) - min(settled_at) + interval '1 millisecond'), count(*) FROM loansync_chunk "
+              "WHERE sync_id = (SELECT sync_id FROM etl_folder_etlsynchistory WHERE sync_type = 'full' ORDER BY id DESC LIMIT 1) GROUP BY entity").splitlines():
     e, span, n = line.split("|"); spans[e] = float(span)
 planned_at = None
 for line in open("/tmp/bench-planner.log"):
@@ -79,6 +93,8 @@ report = {
     "raw_extraction_records_per_second": round(records / extract),
     "ratio_to_raw_extraction": round((records / duration) / (records / extract), 3),
     "seed_seconds": round(float(seed_s), 1),
+    "incremental_trigger_to_completed_seconds": round(float(incr_wall), 3),
+    "incremental_records": int(incr_records),
 }
 print(json.dumps(report, indent=2))
 json.dump(report, open(f"bench/report-{size}.json", "w"), indent=2)
