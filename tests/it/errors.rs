@@ -1,28 +1,21 @@
 //! `loansync errors retry`: unresolved error rows re-delivered in a sync of their own
 //! that moves no watermark; rows that fail again are bumped, delivered ones resolved.
 
-use crate::pipeline::{KEY, assert_books_balance, history, seeded_db, settings_for, small};
+use crate::pipeline::{assert_books_balance, history, seeded_db, settings_for, small};
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::memory::MemoryQueue;
-use loansync::stub_api::{self, Faults, StubConfig};
+use loansync::stub_api::Faults;
 use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_bumps_what_fails_again_and_resolves_what_arrives() {
     let db = seeded_db(small()).await;
-    let stub = stub_api::spawn(
-        StubConfig {
-            api_key: KEY.into(),
-            faults: Faults {
-                reject_every_nth: 5,
-                ..Default::default()
-            },
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let stub = crate::pipeline::stub(Faults {
+        reject_every_nth: 5,
+        ..Default::default()
+    })
+    .await;
     let settings = settings_for(&db, &stub.url(), &[]);
     let full = PlanRequest {
         sync_type: SyncType::Full,

@@ -1,8 +1,9 @@
 //! Faults: a worker killed mid-chunk, a chunk that keeps failing, an API outage longer
 //! than the retry budget. Each ends with every planned record settled exactly once.
 
+use crate::pipeline::stub;
 use crate::pipeline::{
-    KEY, assert_books_balance, expected_full, history, seeded_db, settings_for, small,
+    assert_books_balance, expected_full, history, seeded_db, settings_for, small,
     wait_syncs_finished,
 };
 use crate::support::{amqp_url, wait_for};
@@ -10,23 +11,11 @@ use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::amqp::Broker;
 use loansync::queue::memory::MemoryQueue;
-use loansync::stub_api::{self, Faults, StubConfig, StubHandle};
+use loansync::stub_api::Faults;
 use loansync::worker::{self, ChunkOutcome};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
-
-async fn stub(faults: Faults) -> StubHandle {
-    stub_api::spawn(
-        StubConfig {
-            api_key: KEY.into(),
-            faults,
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap()
-}
 
 fn full() -> PlanRequest {
     PlanRequest {
@@ -53,20 +42,8 @@ async fn a_worker_killed_mid_chunk_loses_nothing() {
     planner::plan_sync(&db.pool, &settings, &full(), &broker)
         .await
         .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_loansync"))
-        .arg("worker")
-        .env("DATABASE_URL", &db.url)
-        .env("AMQP_URL", amqp_url())
-        .env("ETL_QUEUE_PREFIX", &settings.queue_prefix)
-        .env("ANALYTICS_API_URL", stub.url())
-        .env("ANALYTICS_API_KEY", KEY)
+    let mut child = crate::pipeline::worker_process(&db, &settings, &stub.url())
         .env("ETL_WORKER_CONCURRENCY", "3")
-        .env("ETL_BATCH_SIZE_LOANS", "20")
-        .env("ETL_BATCH_SIZE_REPAYMENTS", "50")
-        .env("ETL_BATCH_SIZE_CUSTOMERS", "30")
-        .env("ETL_BATCH_SIZE_OFFICERS", "10")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     wait_for("chunks in flight", Duration::from_secs(30), || async {

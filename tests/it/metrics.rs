@@ -1,9 +1,9 @@
 //! `/metrics` during and after a sync agrees with the ETL tables; `/healthz`, `/readyz`.
 
-use crate::pipeline::{KEY, history, seeded_db, settings_for, small};
+use crate::pipeline::{history, seeded_db, settings_for, small};
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::http::{self, Readiness};
-use loansync::stub_api::{self, Faults, StubConfig};
+use loansync::stub_api::Faults;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,18 +18,11 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_agree_with_the_etl_tables() {
     let db = seeded_db(small()).await;
-    let stub = stub_api::spawn(
-        StubConfig {
-            api_key: KEY.into(),
-            faults: Faults {
-                reject_every_nth: 9,
-                ..Default::default()
-            },
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let stub = crate::pipeline::stub(Faults {
+        reject_every_nth: 9,
+        ..Default::default()
+    })
+    .await;
     let settings = settings_for(&db, &stub.url(), &[]);
     let consuming = Arc::new(AtomicBool::new(false));
     let addr = http::serve(

@@ -20,6 +20,38 @@ use tokio_util::sync::CancellationToken;
 pub const KEY: &str = "test-key-not-secret";
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The stub analytics API on a loopback port of its own, accepting [`KEY`].
+pub async fn stub(faults: Faults) -> StubHandle {
+    stub_api::spawn(
+        StubConfig {
+            api_key: KEY.into(),
+            faults,
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .expect("stub api")
+}
+
+/// A `loansync worker` process on this test's database, queues and stub, with the test
+/// chunk sizes; the caller adds what differs.
+pub fn worker_process(db: &TestDb, settings: &Settings, api_url: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_loansync"));
+    cmd.arg("worker")
+        .env("DATABASE_URL", &db.url)
+        .env("AMQP_URL", amqp_url())
+        .env("ETL_QUEUE_PREFIX", &settings.queue_prefix)
+        .env("ANALYTICS_API_URL", api_url)
+        .env("ANALYTICS_API_KEY", KEY)
+        .env("ETL_BATCH_SIZE_LOANS", "20")
+        .env("ETL_BATCH_SIZE_REPAYMENTS", "50")
+        .env("ETL_BATCH_SIZE_CUSTOMERS", "30")
+        .env("ETL_BATCH_SIZE_OFFICERS", "10")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true);
+    cmd
+}
+
 /// A small deterministic dataset: every user type, onboarded and not, disbursed and not.
 pub fn small() -> SeedSpec {
     SeedSpec {
@@ -603,15 +635,7 @@ mod units {
     use super::*;
 
     async fn stub() -> StubHandle {
-        stub_api::spawn(
-            StubConfig {
-                api_key: KEY.into(),
-                faults: Faults::default(),
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .await
-        .unwrap()
+        crate::pipeline::stub(Faults::default()).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -4,12 +4,12 @@
 //! completes with exact counters.
 
 use crate::pipeline::{
-    KEY, assert_books_balance, expected_full, seeded_db, settings_for, small, wait_syncs_finished,
+    assert_books_balance, expected_full, seeded_db, settings_for, small, wait_syncs_finished,
 };
 use crate::support::{amqp_url, wait_for};
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
-use loansync::stub_api::{self, Faults, StubConfig};
+use loansync::stub_api::Faults;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -32,19 +32,12 @@ fn connections(prefix: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn planner_and_workers_reconnect_after_the_broker_drops_them() {
     let db = seeded_db(small()).await;
-    let stub = stub_api::spawn(
-        StubConfig {
-            api_key: KEY.into(),
-            faults: Faults {
-                slow_rate: 1.0,
-                slow_ms: 300,
-                ..Default::default()
-            },
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let stub = crate::pipeline::stub(Faults {
+        slow_rate: 1.0,
+        slow_ms: 300,
+        ..Default::default()
+    })
+    .await;
     let settings = Arc::new(settings_for(
         &db,
         &stub.url(),

@@ -1,13 +1,11 @@
 //! SIGTERM: a worker process stops taking chunks, finishes the ones in flight, exits 0;
 //! nothing is lost and nothing is counted twice.
 
-use crate::pipeline::{
-    KEY, assert_books_balance, seeded_db, settings_for, small, wait_syncs_finished,
-};
+use crate::pipeline::{assert_books_balance, seeded_db, settings_for, small, wait_syncs_finished};
 use crate::support::{amqp_url, wait_for};
 use loansync::domain::{PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
-use loansync::stub_api::{self, Faults, StubConfig};
+use loansync::stub_api::Faults;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -15,19 +13,12 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
     let db = seeded_db(small()).await;
-    let stub = stub_api::spawn(
-        StubConfig {
-            api_key: KEY.into(),
-            faults: Faults {
-                slow_rate: 1.0,
-                slow_ms: 700,
-                ..Default::default()
-            },
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let stub = crate::pipeline::stub(Faults {
+        slow_rate: 1.0,
+        slow_ms: 700,
+        ..Default::default()
+    })
+    .await;
     let settings = settings_for(&db, &stub.url(), &[]);
     let broker = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
         .await
@@ -41,21 +32,9 @@ async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
         .await
         .unwrap();
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_loansync"))
-        .arg("worker")
-        .env("DATABASE_URL", &db.url)
-        .env("AMQP_URL", amqp_url())
-        .env("ETL_QUEUE_PREFIX", &settings.queue_prefix)
-        .env("ANALYTICS_API_URL", stub.url())
-        .env("ANALYTICS_API_KEY", KEY)
+    let mut child = crate::pipeline::worker_process(&db, &settings, &stub.url())
         .env("ETL_WORKER_CONCURRENCY", "2")
         .env("ETL_SHUTDOWN_GRACE_SECS", "20")
-        .env("ETL_BATCH_SIZE_LOANS", "20")
-        .env("ETL_BATCH_SIZE_REPAYMENTS", "50")
-        .env("ETL_BATCH_SIZE_CUSTOMERS", "30")
-        .env("ETL_BATCH_SIZE_OFFICERS", "10")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .expect("worker process");
     // Wait until the worker has chunks in flight (started, not settled).

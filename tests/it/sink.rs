@@ -1,10 +1,11 @@
 //! The analytics client against the stub API (and a hostile server) on loopback ports.
 
 use crate::pipeline::KEY;
+use crate::pipeline::stub;
 use loansync::config::{ApiSettings, RetrySettings};
 use loansync::domain::{EntityKind, Record, SyncType};
 use loansync::sink::{AnalyticsClient, Batch, FatalError};
-use loansync::stub_api::{self, Faults, StubConfig, StubHandle};
+use loansync::stub_api::Faults;
 use std::time::{Duration, Instant};
 
 fn records(ids: impl IntoIterator<Item = i64>) -> Vec<Record> {
@@ -29,18 +30,6 @@ fn client(url: &str, key: &str, max_elapsed: Duration) -> AnalyticsClient {
             max_elapsed,
         },
     })
-    .unwrap()
-}
-
-async fn stub(faults: Faults) -> StubHandle {
-    stub_api::spawn(
-        StubConfig {
-            api_key: KEY.into(),
-            faults,
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
     .unwrap()
 }
 

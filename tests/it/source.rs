@@ -8,12 +8,12 @@ use crate::fixtures::{
     Installment, SECRET, fixture_time, insert_customer, insert_loan, insert_officer,
     insert_repayment, insert_repayment_with, insert_schedule, set_modified,
 };
-use crate::pipeline::{KEY, seeded_db, settings_for, small};
+use crate::pipeline::{seeded_db, settings_for, small};
 use crate::support::TestDb;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use loansync::domain::{EntityKind, PlanRequest, SyncType, SyncWindow};
 use loansync::source::{LoadedChunk, load_chunk, next_ids};
-use loansync::stub_api::{self, Faults, StubConfig};
+use loansync::stub_api::Faults;
 use loansync::transform::NEVER_SEND;
 use serde_json::{Value, json};
 
@@ -858,15 +858,7 @@ async fn a_chunk_loads_its_related_rows_in_one_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_committed_late_by_an_open_transaction_arrives_in_the_next_sync() {
     let db = seeded_db(small()).await;
-    let stub = stub_api::spawn(
-        StubConfig {
-            api_key: KEY.into(),
-            faults: Faults::default(),
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let stub = crate::pipeline::stub(Faults::default()).await;
     let settings = settings_for(&db, &stub.url(), &[]);
     let loans_only = |t| PlanRequest {
         sync_type: t,
