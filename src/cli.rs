@@ -318,13 +318,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             in_process: true,
         } => {
             let pool = db::connect(&settings).await?;
-            let started = std::time::Instant::now();
             let queue = MemoryQueue::new();
             let n = planner::resume(&pool, &sync_id, &queue).await?;
             eprintln!("working {n} unsettled chunks of sync {sync_id} in this process");
             let ctx = Arc::new(worker_context(&settings, pool.clone())?);
             worker::run_memory(ctx, queue, settings.worker_concurrency).await;
-            let summary = summarize(&pool, sync_id, started).await?;
+            let summary = summarize(&pool, sync_id).await?;
             print!("{}", summary.render());
             Ok(summary.exit_code())
         }
@@ -632,20 +631,18 @@ pub async fn sync_in_process_with(
     if let Some(w) = watcher {
         let _ = w.await;
     }
-    summarize(pool, sync_id, started).await
+    summarize(pool, sync_id).await
 }
 
 /// Reads a sync's outcome back from the history table.
-async fn summarize(
-    pool: &sqlx::PgPool,
-    sync_id: String,
-    started: std::time::Instant,
-) -> anyhow::Result<SyncSummary> {
-    let status: String =
-        sqlx::query_scalar("SELECT status::text FROM etl_folder_etlsynchistory WHERE sync_id = $1")
-            .bind(&sync_id)
-            .fetch_one(pool)
-            .await?;
+/// A sync's outcome, read back from the history table (its duration is the history's).
+pub async fn summarize(pool: &sqlx::PgPool, sync_id: String) -> anyhow::Result<SyncSummary> {
+    let (status, seconds): (String, Option<f64>) = sqlx::query_as(
+        "SELECT status::text, duration_seconds FROM etl_folder_etlsynchistory WHERE sync_id = $1",
+    )
+    .bind(&sync_id)
+    .fetch_one(pool)
+    .await?;
     let status = match status.as_str() {
         "completed" => Some(FinalStatus::Completed),
         "partial_success" => Some(FinalStatus::PartialSuccess),
@@ -657,7 +654,7 @@ async fn summarize(
         sync_id: Some(sync_id),
         status,
         busy_with: None,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: seconds.unwrap_or(0.0),
     })
 }
 
@@ -801,7 +798,6 @@ async fn errors(cmd: ErrorsCommand, settings: &Arc<Settings>) -> anyhow::Result<
             entities,
             in_process,
         } => {
-            let started = std::time::Instant::now();
             if in_process {
                 let queue = MemoryQueue::new();
                 let sync_id = match planner::plan_retry(&pool, settings, &entities, &queue).await? {
@@ -814,7 +810,7 @@ async fn errors(cmd: ErrorsCommand, settings: &Arc<Settings>) -> anyhow::Result<
                 };
                 let ctx = Arc::new(worker_context(settings, pool.clone())?);
                 worker::run_memory(ctx, queue, settings.worker_concurrency).await;
-                let summary = summarize(&pool, sync_id, started).await?;
+                let summary = summarize(&pool, sync_id).await?;
                 print!("{}", summary.render());
                 Ok(summary.exit_code())
             } else {

@@ -206,38 +206,11 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
     println!();
     println!("loansync demo: {:.1}s in all", t0.elapsed().as_secs_f64());
     let mut worst = 0u8;
-    for id in &syncs {
-        let s = ledger::recent_syncs(&pool, Some(id), 1, 900).await?;
-        let Some(s) = s.first() else { continue };
-        let progress = ledger::entity_progress(&pool, id).await?;
-        let records: i32 = progress.iter().map(|p| p.total).sum();
-        let secs = s.duration_seconds.unwrap_or(0.0);
-        println!(
-            "\n{} sync {}: {} in {:.2}s ({:.0} records/s)",
-            s.sync_type,
-            s.sync_id,
-            s.status,
-            secs,
-            f64::from(records) / secs.max(1e-6)
-        );
-        println!(
-            "  {:<10} {:>8} {:>8} {:>8}",
-            "entity", "planned", "sent", "failed"
-        );
-        for p in progress {
-            println!(
-                "  {:<10} {:>8} {:>8} {:>8}",
-                p.entity.as_str(),
-                p.total,
-                p.success,
-                p.failed
-            );
-        }
-        worst = worst.max(match s.status.as_str() {
-            "completed" => 0,
-            "partial_success" => crate::cli::EXIT_PARTIAL,
-            _ => crate::cli::EXIT_FAILED,
-        });
+    for (id, label) in syncs.iter().zip(["full", "incremental"]) {
+        let summary = crate::cli::summarize(&pool, id.clone()).await?;
+        println!("\n{label}:");
+        print!("{}", summary.render());
+        worst = worst.max(summary.exit_code());
     }
     let received = stub.received();
     println!(
