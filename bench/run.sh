@@ -77,8 +77,9 @@ for line in q("SELECT entity, EXTRACT(EPOCH FROM max(settled_at) - min(settled_a
     e, span, n = line.split("|"); spans[e] = float(span)
 planned_at = None
 for line in open("/tmp/bench-planner.log"):
-    if '"sync planned"' in line:
+    if '"sync planned"' in line:  # the first one: the full sync
         planned_at = json.loads(line)["timestamp"]
+        break
 planner_s = float(q(f"SELECT EXTRACT(EPOCH FROM '{planned_at}'::timestamptz - '{hist[7]}'::timestamptz)")) if planned_at else None
 report = {
     "size": size, "status": status, "records": records, "records_per_entity": totals,
