@@ -523,6 +523,7 @@ pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> anyhow::Result
         client: AnalyticsClient::new(&settings.api)
             .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?,
         delivery_limit: settings.delivery_limit,
+        db_outage_wait: settings.db_outage_wait,
     })
 }
 

@@ -108,6 +108,9 @@ pub struct Settings {
     pub db_pool_size: u32,
     /// Time given to in-flight chunks on SIGTERM (`ETL_SHUTDOWN_GRACE_SECS`).
     pub shutdown_grace: Duration,
+    /// How long a worker (or the planner) holding a message waits for an unreachable
+    /// PostgreSQL before handing the message back to the broker (`ETL_DB_OUTAGE_WAIT_SECS`).
+    pub db_outage_wait: Duration,
     /// Where `/metrics`, `/healthz`, `/readyz` are served; `None` when empty (`METRICS_ADDR`).
     pub metrics_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -167,20 +170,22 @@ impl Settings {
             max_elapsed: Duration::from_secs(num(g, "ETL_RETRY_MAX_ELAPSED_SECS", 300u64)?),
         };
         let timeout = Duration::from_secs(num(g, "ETL_HTTP_TIMEOUT_SECS", 30u64)?);
+        let db_outage_wait = Duration::from_secs(num(g, "ETL_DB_OUTAGE_WAIT_SECS", 300u64)?);
         let broker_consumer_timeout =
             Duration::from_secs(num(g, "ETL_BROKER_CONSUMER_TIMEOUT_SECS", 1800u64)?);
         // A chunk is acked only after its POST (with every retry) and its commit. If the
         // retry budget could outlast the broker's consumer timeout, the broker would close
         // the channel under a working worker and redeliver the chunk: refuse that now.
         // Halving a refused batch adds requests, so leave room for one request timeout
-        // per level of halving of the largest chunk as well.
-        let worst_case = retry.max_elapsed + retry.max_interval + timeout * 12;
+        // per level of halving of the largest chunk as well, and the time a chunk may be
+        // held while PostgreSQL is unreachable.
+        let worst_case = retry.max_elapsed + retry.max_interval + timeout * 12 + db_outage_wait;
         if worst_case >= broker_consumer_timeout {
             return Err(invalid(
                 "ETL_RETRY_MAX_ELAPSED_SECS",
                 format!(
                     "a chunk could spend up to {}s retrying, which outlasts the broker's consumer timeout of {}s \
-                     (ETL_BROKER_CONSUMER_TIMEOUT_SECS); lower the retry budget or raise the broker's consumer_timeout",
+                     (ETL_BROKER_CONSUMER_TIMEOUT_SECS); lower the retry budget or ETL_DB_OUTAGE_WAIT_SECS, or raise the broker's consumer_timeout",
                     worst_case.as_secs(),
                     broker_consumer_timeout.as_secs()
                 ),
@@ -274,6 +279,7 @@ impl Settings {
             broker_consumer_timeout,
             db_pool_size: num(g, "ETL_DB_POOL_SIZE", u32::from(worker_concurrency) + 2)?,
             shutdown_grace: Duration::from_secs(num(g, "ETL_SHUTDOWN_GRACE_SECS", 30u64)?),
+            db_outage_wait,
             metrics_addr,
             log_format,
         })

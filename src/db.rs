@@ -39,3 +39,72 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await?;
     Ok(())
 }
+
+/// True when PostgreSQL answers `SELECT 1` within two seconds.
+pub async fn is_reachable(pool: &PgPool) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool),
+        )
+        .await,
+        Ok(Ok(1))
+    )
+}
+
+/// Waits, with backoff, until PostgreSQL answers again or `max_wait` has passed; says
+/// whether it answered.
+pub async fn wait_until_reachable(pool: &PgPool, max_wait: Duration) -> bool {
+    use backon::Retryable;
+    let probe = || async {
+        if is_reachable(pool).await {
+            Ok(())
+        } else {
+            Err(())
+        }
+    };
+    probe
+        .retry(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(max_wait))
+                .without_max_times(),
+        )
+        .await
+        .is_ok()
+}
+
+/// Runs `op` until it succeeds, fails while PostgreSQL answers, or PostgreSQL has been
+/// unreachable for `max_wait` in all. A failure during a database outage (a restart, a
+/// failover) is tried again once the database answers, instead of handing the message
+/// back to the broker: a redelivery would count against the queue's delivery limit.
+pub async fn through_outage<T, E, F, Fut>(
+    pool: &PgPool,
+    max_wait: Duration,
+    what: &str,
+    mut op: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let deadline = tokio::time::Instant::now() + max_wait;
+    loop {
+        let err = match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() || is_reachable(pool).await {
+            return Err(err);
+        }
+        crate::telemetry::METRICS.db_outage_waits.inc();
+        tracing::warn!(error = %format!("{err:#}"), wait_secs = left.as_secs(), "PostgreSQL does not answer: {what} waits for it");
+        if !wait_until_reachable(pool, left).await {
+            return Err(err);
+        }
+        tracing::info!("PostgreSQL answers again: {what} goes on");
+    }
+}

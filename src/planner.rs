@@ -274,7 +274,14 @@ pub async fn run_amqp(
                 tracing::error!(%reason, "dead-lettering a planning message");
                 Disposition::DeadLetter(reason)
             }
-            Ok(req) => match plan_sync(&pool, &settings, &req, &broker).await {
+            Ok(req) => match crate::db::through_outage(
+                &pool,
+                settings.db_outage_wait,
+                "the planning message",
+                || plan_sync(&pool, &settings, &req, &broker),
+            )
+            .await
+            {
                 Ok(_) => Disposition::Ack,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "planning failed: the message goes back to the queue");

@@ -3,8 +3,8 @@
 
 use crate::config::LogFormat;
 use prometheus::{
-    Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 use std::sync::LazyLock;
 use tracing_subscriber::EnvFilter;
@@ -52,6 +52,8 @@ pub struct Metrics {
     pub transform_warnings: IntCounterVec,
     /// Chunks being worked on right now.
     pub chunks_in_flight: IntGauge,
+    /// Times a chunk or planning message was held while PostgreSQL did not answer.
+    pub db_outage_waits: IntCounter,
     /// Seconds since each entity's watermark (refreshed at every scrape).
     pub watermark_age: GaugeVec,
     /// Running syncs whose chunks have not moved for `ETL_STALE_SYNC_SECS`.
@@ -155,6 +157,14 @@ impl Metrics {
         registry
             .register(Box::new(chunks_in_flight.clone()))
             .expect("unique metric");
+        let db_outage_waits = IntCounter::new(
+            "etl_db_outage_waits_total",
+            "Times a chunk or planning message was held while PostgreSQL did not answer.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(db_outage_waits.clone()))
+            .expect("unique metric");
         let watermark_age = GaugeVec::new(
             Opts::new(
                 "etl_watermark_age_seconds",
@@ -236,6 +246,7 @@ impl Metrics {
             plans_skipped,
             transform_warnings,
             chunks_in_flight,
+            db_outage_waits,
         }
     }
 

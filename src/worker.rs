@@ -26,6 +26,9 @@ pub struct WorkerContext {
     pub client: AnalyticsClient,
     /// Starts of one chunk after which it is settled as failed and dead-lettered.
     pub delivery_limit: u32,
+    /// How long a chunk is held while PostgreSQL is unreachable before it goes back to
+    /// the queue (see [`crate::db::through_outage`]).
+    pub db_outage_wait: Duration,
 }
 
 /// How one chunk ended.
@@ -246,7 +249,10 @@ pub async fn handle_message(ctx: &WorkerContext, body: &[u8]) -> Disposition {
 async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
     let started = Instant::now();
     METRICS.chunks_in_flight.inc();
-    let result = process_chunk(ctx, job).await;
+    let result = crate::db::through_outage(&ctx.pool, ctx.db_outage_wait, "the chunk", || {
+        process_chunk(ctx, job)
+    })
+    .await;
     METRICS.chunks_in_flight.dec();
     let entity = job.entity.as_str();
     let (outcome, disposition) = match result {

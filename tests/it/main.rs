@@ -9,6 +9,8 @@ mod migrations;
 mod pipeline;
 mod poison;
 mod reconnect;
+mod restarts;
+mod resume;
 mod security;
 mod shutdown;
 mod sink;
