@@ -4,6 +4,7 @@
 use crate::support::{TestDb, amqp_url, wait_for};
 use loansync::config::Settings;
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
+use loansync::http::{self, Readiness};
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::amqp::Broker;
 use loansync::queue::memory::MemoryQueue;
@@ -12,7 +13,7 @@ use loansync::stub_api::{self, Faults, StubConfig, StubHandle};
 use loansync::worker::{self, ChunkOutcome};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -770,5 +771,73 @@ mod units {
         .unwrap();
         assert_eq!(Some(wm), h[1].sync_end_date);
         assert_books_balance(&db.pool).await;
+    }
+}
+
+/// A planner and two workers in this process, with the `/readyz` of the first worker.
+pub struct InProcess {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// Consumer flags: the planner's, then each worker's.
+    pub consuming: Vec<Arc<AtomicBool>>,
+    readyz: String,
+}
+
+impl InProcess {
+    pub async fn start(db: &TestDb, settings: &Arc<Settings>) -> InProcess {
+        let stop = CancellationToken::new();
+        let consuming: Vec<Arc<AtomicBool>> =
+            (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let mut tasks = vec![tokio::spawn(loansync::cli::run_planner(
+            db.pool.clone(),
+            settings.clone(),
+            consuming[0].clone(),
+            stop.clone(),
+        ))];
+        for flag in &consuming[1..] {
+            // Each worker has a pool of its own, as a worker process would.
+            let pool = loansync::db::connect_url(&db.url, 4).await.unwrap();
+            tasks.push(tokio::spawn(loansync::cli::run_worker(
+                pool,
+                settings.clone(),
+                flag.clone(),
+                stop.clone(),
+            )));
+        }
+        let addr = http::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Readiness {
+                pool: loansync::db::connect_url(&db.url, 2).await.unwrap(),
+                broker: None,
+                consuming: consuming[1].clone(),
+                stale_after_secs: 900.0,
+            },
+        )
+        .await
+        .unwrap();
+        wait_for("consumers up", Duration::from_secs(20), || async {
+            consuming.iter().all(|f| f.load(Ordering::SeqCst))
+        })
+        .await;
+        InProcess {
+            stop,
+            tasks,
+            consuming,
+            readyz: format!("http://{addr}/readyz"),
+        }
+    }
+
+    pub async fn readyz(&self) -> (u16, String) {
+        match reqwest::get(&self.readyz).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            t.await.unwrap().unwrap();
+        }
     }
 }

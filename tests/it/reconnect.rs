@@ -4,16 +4,16 @@
 //! completes with exact counters.
 
 use crate::pipeline::{
-    assert_books_balance, expected_full, seeded_db, settings_for, small, wait_syncs_finished,
+    InProcess, assert_books_balance, expected_full, seeded_db, settings_for, small,
+    wait_syncs_finished,
 };
 use crate::support::{amqp_url, wait_for};
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
 use loansync::stub_api::Faults;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// The broker-side ids (Erlang pids) of the connections named `loansync-<prefix>`.
 fn connections(prefix: &str) -> Vec<String> {
@@ -44,26 +44,8 @@ async fn planner_and_workers_reconnect_after_the_broker_drops_them() {
         &[("ETL_WORKER_CONCURRENCY", "1")],
     ));
     let prefix = settings.queue_prefix.clone();
-    let stop = CancellationToken::new();
-    let flags: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
-    let mut tasks = vec![tokio::spawn(loansync::cli::run_planner(
-        db.pool.clone(),
-        settings.clone(),
-        flags[0].clone(),
-        stop.clone(),
-    ))];
-    for flag in &flags[1..] {
-        tasks.push(tokio::spawn(loansync::cli::run_worker(
-            db.pool.clone(),
-            settings.clone(),
-            flag.clone(),
-            stop.clone(),
-        )));
-    }
-    wait_for("consumers up", Duration::from_secs(20), || async {
-        flags.iter().all(|f| f.load(Ordering::SeqCst))
-    })
-    .await;
+    let running = InProcess::start(&db, &settings).await;
+    let flags = &running.consuming;
     let admin = Broker::connect(&amqp_url(), &prefix, 7).await.unwrap();
     let req = PlanRequest {
         sync_type: SyncType::Full,
@@ -122,10 +104,7 @@ async fn planner_and_workers_reconnect_after_the_broker_drops_them() {
     }
     assert_books_balance(&db.pool).await;
 
-    stop.cancel();
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
+    running.shutdown().await;
     let admin = Broker::connect(&amqp_url(), &prefix, 7).await.unwrap();
     admin.delete_topology().await.unwrap();
     admin.close().await;

@@ -8,21 +8,18 @@
 //! A guard starts the service again even when the test fails.
 
 use crate::pipeline::{
-    assert_books_balance, expected_full, seeded_db, settings_for, small, wait_syncs_finished,
+    InProcess, assert_books_balance, expected_full, seeded_db, settings_for, small,
+    wait_syncs_finished,
 };
 use crate::support::{TestDb, amqp_url, wait_for};
-use loansync::config::Settings;
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
-use loansync::http::{self, Readiness};
 use loansync::queue::amqp::Broker;
 use loansync::stub_api::{Faults, StubHandle};
 use loansync::telemetry::METRICS;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const OUTAGE_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -115,73 +112,6 @@ impl Drop for RabbitStopped {
     }
 }
 
-/// A planner and two workers in this process, with the `/readyz` of the first worker.
-struct Running {
-    stop: CancellationToken,
-    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
-    consuming: Vec<Arc<AtomicBool>>,
-    readyz: String,
-}
-
-impl Running {
-    async fn start(db: &TestDb, settings: &Arc<Settings>) -> Running {
-        let stop = CancellationToken::new();
-        let consuming: Vec<Arc<AtomicBool>> =
-            (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
-        let mut tasks = vec![tokio::spawn(loansync::cli::run_planner(
-            db.pool.clone(),
-            settings.clone(),
-            consuming[0].clone(),
-            stop.clone(),
-        ))];
-        for flag in &consuming[1..] {
-            // Each worker has a pool of its own, as a worker process would.
-            let pool = loansync::db::connect_url(&db.url, 4).await.unwrap();
-            tasks.push(tokio::spawn(loansync::cli::run_worker(
-                pool,
-                settings.clone(),
-                flag.clone(),
-                stop.clone(),
-            )));
-        }
-        let addr = http::serve(
-            "127.0.0.1:0".parse().unwrap(),
-            Readiness {
-                pool: loansync::db::connect_url(&db.url, 2).await.unwrap(),
-                broker: None,
-                consuming: consuming[1].clone(),
-                stale_after_secs: 900.0,
-            },
-        )
-        .await
-        .unwrap();
-        wait_for("consumers up", Duration::from_secs(20), || async {
-            consuming.iter().all(|f| f.load(Ordering::SeqCst))
-        })
-        .await;
-        Running {
-            stop,
-            tasks,
-            consuming,
-            readyz: format!("http://{addr}/readyz"),
-        }
-    }
-
-    async fn readyz(&self) -> (u16, String) {
-        match reqwest::get(&self.readyz).await {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(e) => (0, e.to_string()),
-        }
-    }
-
-    async fn shutdown(self) {
-        self.stop.cancel();
-        for t in self.tasks {
-            t.await.unwrap().unwrap();
-        }
-    }
-}
-
 /// Publishes a full sync and waits until a few of its chunks are settled.
 async fn start_full_sync(db: &TestDb, prefix: &str, request_id: &str) {
     let admin = Broker::connect(&amqp_url(), prefix, 7).await.unwrap();
@@ -249,7 +179,7 @@ async fn postgresql_restarted_mid_sync() {
         ],
     ));
     let prefix = settings.queue_prefix.clone();
-    let running = Running::start(&db, &settings).await;
+    let running = InProcess::start(&db, &settings).await;
     assert_eq!(running.readyz().await.0, 200);
     start_full_sync(&db, &prefix, "pg-restart-1").await;
 
@@ -290,7 +220,7 @@ async fn rabbitmq_restarted_mid_sync() {
         &[("ETL_WORKER_CONCURRENCY", "2")],
     ));
     let prefix = settings.queue_prefix.clone();
-    let running = Running::start(&db, &settings).await;
+    let running = InProcess::start(&db, &settings).await;
     start_full_sync(&db, &prefix, "rabbit-restart-1").await;
     let settled_before = settled_chunks(&db).await.unwrap();
 
