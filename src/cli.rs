@@ -385,12 +385,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
 }
 
 async fn connect_broker(settings: &Settings) -> anyhow::Result<Broker> {
-    Broker::connect(
+    Broker::connect_with_ca(
         settings.amqp_url.expose_secret(),
         &settings.queue_prefix,
         // The broker's own limit sits above loansync's, so that loansync settles a
         // chunk that keeps failing (and says why) before the broker drops it.
         settings.delivery_limit + 2,
+        settings.amqp_ca_pem.as_deref(),
     )
     .await
 }
@@ -604,6 +605,8 @@ pub async fn sync_in_process_with(
     progress: bool,
 ) -> anyhow::Result<SyncSummary> {
     let started = std::time::Instant::now();
+    // Built before planning, so that a client that cannot be built plans no sync.
+    let ctx = Arc::new(worker_context(settings, pool.clone())?);
     let queue = MemoryQueue::new();
     let sync_id = match planner::plan_sync(pool, settings, req, &queue).await? {
         PlanOutcome::Planned { sync_id, .. } => sync_id,
@@ -618,7 +621,6 @@ pub async fn sync_in_process_with(
             });
         }
     };
-    let ctx = Arc::new(worker_context(settings, pool.clone())?);
     let (done, watching) = tokio::sync::watch::channel(false);
     let watcher = progress.then(|| {
         tokio::spawn(crate::progress::watch(

@@ -88,6 +88,9 @@ pub struct Settings {
     pub database_url: SecretString,
     /// RabbitMQ (`AMQP_URL`).
     pub amqp_url: SecretString,
+    /// Extra CA certificates (PEM text, read and checked at start-up from the file named
+    /// by `AMQP_CA_FILE`) trusted besides the system roots for an `amqps://` broker.
+    pub amqp_ca_pem: Option<String>,
     /// Queue name prefix, so tenants and tests share a broker (`ETL_QUEUE_PREFIX`).
     pub queue_prefix: String,
     pub api: ApiSettings,
@@ -246,6 +249,13 @@ impl Settings {
                 ));
             }
         };
+        let api_ca_file = get("ANALYTICS_CA_FILE");
+        if let Some(path) = &api_ca_file {
+            crate::tls::read_ca_pem(path).map_err(|e| invalid("ANALYTICS_CA_FILE", e))?;
+        }
+        let amqp_ca_pem = get("AMQP_CA_FILE")
+            .map(|path| crate::tls::read_ca_pem(&path).map_err(|e| invalid("AMQP_CA_FILE", e)))
+            .transpose()?;
         let delivery_limit: u32 = num(g, "ETL_DELIVERY_LIMIT", 5u32)?;
         if delivery_limit == 0 {
             return Err(invalid("ETL_DELIVERY_LIMIT", "must be at least 1"));
@@ -258,12 +268,13 @@ impl Settings {
             amqp_url: get("AMQP_URL")
                 .unwrap_or_else(|| DEFAULT_AMQP_URL.into())
                 .into(),
+            amqp_ca_pem,
             queue_prefix,
             api: ApiSettings {
                 base_url,
                 key: key.into(),
                 timeout,
-                ca_file: get("ANALYTICS_CA_FILE"),
+                ca_file: api_ca_file,
                 retry,
             },
             chunk_sizes,

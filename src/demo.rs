@@ -111,10 +111,11 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
     let settings = Arc::new(settings);
 
     let connect = || {
-        Broker::connect(
+        Broker::connect_with_ca(
             settings.amqp_url.expose_secret(),
             &settings.queue_prefix,
             settings.delivery_limit + 2,
+            settings.amqp_ca_pem.as_deref(),
         )
     };
     let broker = if args.single_process {

@@ -21,6 +21,7 @@
 //! * [`planner`]: plan one sync; [`worker`]: process one chunk into an outcome.
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).
 //! * [`telemetry`]: logging and metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! * [`tls`]: extra CA files (`ANALYTICS_CA_FILE`, `AMQP_CA_FILE`) and refused certificates.
 //! * [`seed`]: deterministic synthetic source data, generated set-based in PostgreSQL.
 //! * [`demo`]: `loansync demo`, the whole system on local services in one command.
 //! * [`cli`]: the `loansync` command line; `main.rs` only calls [`cli::main`].
@@ -40,5 +41,6 @@ pub mod sink;
 pub mod source;
 pub mod stub_api;
 pub mod telemetry;
+pub mod tls;
 pub mod transform;
 pub mod worker;

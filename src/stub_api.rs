@@ -175,7 +175,15 @@ fn router(state: AppState) -> Router {
 
 /// Binds `addr` (port 0 allowed) and serves in a background task.
 pub async fn spawn(cfg: StubConfig, addr: SocketAddr) -> std::io::Result<StubHandle> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    spawn_on(cfg, tokio::net::TcpListener::bind(addr).await?)
+}
+
+/// Serves on `listener` in a background task: a TCP listener, or any other
+/// [`axum::serve::Listener`] (the TLS-terminating one of the TLS tests, say).
+pub fn spawn_on<L>(cfg: StubConfig, listener: L) -> std::io::Result<StubHandle>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
     let addr = listener.local_addr()?;
     let state = Arc::new(Mutex::new(Shared {
         key: cfg.api_key,

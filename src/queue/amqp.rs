@@ -12,6 +12,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -34,17 +35,42 @@ fn properties() -> BasicProperties {
 impl Broker {
     /// Connects, declares the three queues and opens the publish channel.
     pub async fn connect(url: &str, prefix: &str, delivery_limit: u32) -> anyhow::Result<Broker> {
-        let conn = Connection::connect(
+        Self::connect_with_ca(url, prefix, delivery_limit, None).await
+    }
+
+    /// [`Broker::connect`], trusting the CA certificates of `ca_pem` (PEM text, from
+    /// `AMQP_CA_FILE`) besides the system roots when `url` is `amqps://`. The broker's
+    /// certificate is always checked.
+    pub async fn connect_with_ca(
+        url: &str,
+        prefix: &str,
+        delivery_limit: u32,
+        ca_pem: Option<&str>,
+    ) -> anyhow::Result<Broker> {
+        let tls = OwnedTLSConfig {
+            cert_chain: ca_pem.map(str::to_owned),
+            ..OwnedTLSConfig::default()
+        };
+        let conn = Connection::connect_with_config(
             url,
             ConnectionProperties::default()
                 .with_connection_name(LongString::from(format!("loansync-{prefix}"))),
+            tls,
+            lapin::runtime::default_runtime()?,
         )
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to RabbitMQ at {}",
-                crate::config::redact_url(url)
-            )
+        .map_err(|e| {
+            let at = crate::config::redact_url(url);
+            match crate::tls::certificate_refused(&e) {
+                // The reason is all the chain below would say (three times over).
+                Some(reason) => anyhow::anyhow!(
+                    "cannot connect to RabbitMQ at {at}: the broker's TLS certificate was refused \
+                     ({reason}); if a private CA signed it, name that CA's PEM file in AMQP_CA_FILE"
+                ),
+                None => {
+                    anyhow::Error::new(e).context(format!("cannot connect to RabbitMQ at {at}"))
+                }
+            }
         })?;
         let topology = Topology::new(prefix);
         declare_topology(&conn, &topology, delivery_limit).await?;

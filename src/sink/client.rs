@@ -19,7 +19,8 @@ const EXCERPT: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("cannot read ANALYTICS_CA_FILE {path}: {reason}")]
+    /// `reason` names the file and what is wrong with it.
+    #[error("ANALYTICS_CA_FILE: {reason}")]
     CaFile { path: String, reason: String },
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
@@ -87,15 +88,18 @@ impl AnalyticsClient {
             .tcp_keepalive(std::time::Duration::from_secs(30))
             .user_agent(concat!("loansync/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &api.ca_file {
-            let pem = std::fs::read(path).map_err(|e| SinkError::CaFile {
+            // Checked here, at start-up: reqwest alone would skip a file holding no
+            // certificate, and the API's certificate would then be refused on every request.
+            let ca_error = |reason: String| SinkError::CaFile {
                 path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| SinkError::CaFile {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            builder = builder.add_root_certificate(cert);
+                reason,
+            };
+            let pem = crate::tls::read_ca_pem(path).map_err(ca_error)?;
+            for cert in reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| ca_error(format!("{path}: {e}")))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
         }
         let http = builder
             .build()

@@ -33,7 +33,8 @@ pub enum Answer {
     },
     /// `401` / `403`: the credentials are wrong.
     Unauthorized { status: u16, message: String },
-    /// Not retried: another status, or a body that breaks the contract.
+    /// Not retried: another status, a body that breaks the contract, or a refused TLS
+    /// certificate (`status` is `None` then).
     Failed {
         status: Option<u16>,
         error_code: String,
@@ -99,7 +100,7 @@ async fn send_inner(
     idempotency_key: &str,
     body: Bytes,
 ) -> Result<Answer, Transient> {
-    let response = http
+    let response = match http
         .post(url)
         .bearer_auth(bearer)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -107,7 +108,10 @@ async fn send_inner(
         .body(body)
         .send()
         .await
-        .map_err(network)?;
+    {
+        Ok(response) => response,
+        Err(e) => return certificate_refused(&e).ok_or_else(|| network(e)),
+    };
     let status = response.status().as_u16();
     let retry_after = super::retry::parse_retry_after(
         response
@@ -170,6 +174,25 @@ async fn send_inner(
             message: field("message").unwrap_or_else(|| format!("the API answered HTTP {status}")),
             body,
         },
+    })
+}
+
+/// The API's TLS certificate was refused. Not retried: the same certificate would be
+/// refused again until someone trusts its CA (`ANALYTICS_CA_FILE`) or fixes it.
+fn certificate_refused(e: &reqwest::Error) -> Option<Answer> {
+    let reason = crate::tls::certificate_refused(e)?;
+    tracing::error!(
+        %reason,
+        "the analytics API's TLS certificate was refused; its records fail without retries"
+    );
+    Some(Answer::Failed {
+        status: None,
+        error_code: "TLS_CERTIFICATE_REFUSED".into(),
+        message: format!(
+            "the analytics API's TLS certificate was refused ({reason}); if a private CA signed it, \
+             name that CA's PEM file in ANALYTICS_CA_FILE, then retry these records"
+        ),
+        body: serde_json::Value::Null,
     })
 }
 

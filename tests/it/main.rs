@@ -16,3 +16,4 @@ mod shutdown;
 mod sink;
 mod source;
 mod support;
+mod tls;
