@@ -41,6 +41,8 @@ pub struct ApiSettings {
     pub timeout: Duration,
     /// Extra CA certificate (PEM) trusted besides the system roots (`ANALYTICS_CA_FILE`).
     pub ca_file: Option<String>,
+    /// Gzip request bodies, with `Content-Encoding: gzip` (`ANALYTICS_GZIP`).
+    pub gzip: bool,
     pub retry: RetrySettings,
 }
 
@@ -275,6 +277,17 @@ impl Settings {
                 key: key.into(),
                 timeout,
                 ca_file: api_ca_file,
+                gzip: match get("ANALYTICS_GZIP").map(|v| v.trim().to_ascii_lowercase()) {
+                    None => false,
+                    Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => true,
+                    Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => false,
+                    Some(v) => {
+                        return Err(invalid(
+                            "ANALYTICS_GZIP",
+                            format!("{v:?} is not true or false"),
+                        ));
+                    }
+                },
                 retry,
             },
             chunk_sizes,

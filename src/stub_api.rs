@@ -65,6 +65,8 @@ pub struct Received {
     pub idempotency_keys: Vec<String>,
     /// Records that carried a never-send key (should stay empty).
     pub forbidden: u64,
+    /// Requests whose body came gzipped (`Content-Encoding: gzip`).
+    pub gzip_requests: u64,
 }
 
 impl Received {
@@ -329,7 +331,18 @@ async fn ingest(
             return resp;
         }
     }
-    let (status, value) = answer(&state, &headers, &body, endpoint);
+    let (status, value) = match decoded(&headers, body) {
+        Ok((body, gzipped)) => {
+            if gzipped {
+                lock(&state).received.gzip_requests += 1;
+            }
+            answer(&state, &headers, &body, endpoint)
+        }
+        Err((status, error_code, message)) => (
+            status,
+            json!({"error_code": error_code, "message": message}),
+        ),
+    };
     count(&state, status);
     (
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -340,6 +353,48 @@ async fn ingest(
 
 fn count(state: &AppState, status: u16) {
     *lock(state).received.statuses.entry(status).or_default() += 1;
+}
+
+/// The most a gzipped body may inflate to.
+const MAX_INFLATED_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The body as sent, inflated when it came with `Content-Encoding: gzip`; says whether
+/// it was. Other encodings are refused (`415`), a bad or oversized stream too.
+fn decoded(headers: &HeaderMap, body: Bytes) -> Result<(Bytes, bool), (u16, &'static str, String)> {
+    let encoding = headers
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("identity") => Ok((body, false)),
+        Some("gzip") => {
+            use std::io::Read;
+            let mut out = Vec::with_capacity(body.len() * 4);
+            flate2::read::GzDecoder::new(&body[..])
+                .take(MAX_INFLATED_BYTES + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| {
+                    (
+                        400,
+                        "BAD_ENCODING",
+                        format!("the body is not valid gzip: {e}"),
+                    )
+                })?;
+            if out.len() as u64 > MAX_INFLATED_BYTES {
+                return Err((
+                    413,
+                    "PAYLOAD_TOO_LARGE",
+                    format!("the body inflates beyond {MAX_INFLATED_BYTES} bytes"),
+                ));
+            }
+            Ok((Bytes::from(out), true))
+        }
+        Some(other) => Err((
+            415,
+            "UNSUPPORTED_ENCODING",
+            format!("Content-Encoding {other:?} is not supported"),
+        )),
+    }
 }
 
 /// Validates and accepts one body (no faults).
@@ -483,6 +538,7 @@ async fn stats(State(state): State<AppState>) -> axum::Json<Value> {
         "statuses": s.received.statuses,
         "accepted": per_entity,
         "forbidden": s.received.forbidden,
+        "gzip_requests": s.received.gzip_requests,
         "faults": s.faults,
     }))
 }

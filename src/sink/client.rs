@@ -77,6 +77,8 @@ struct Inner {
     base: String,
     key: SecretString,
     retry: crate::config::RetrySettings,
+    /// Request bodies are gzipped (`ANALYTICS_GZIP`).
+    gzip: bool,
 }
 
 impl AnalyticsClient {
@@ -101,6 +103,15 @@ impl AnalyticsClient {
                 builder = builder.add_root_certificate(cert);
             }
         }
+        if api.gzip {
+            // Every request of this client is a POST of a body that `send_part` gzips.
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(
+                reqwest::header::CONTENT_ENCODING,
+                reqwest::header::HeaderValue::from_static("gzip"),
+            );
+            builder = builder.default_headers(headers);
+        }
         let http = builder
             .build()
             .map_err(|e| SinkError::Client(e.to_string()))?;
@@ -110,6 +121,7 @@ impl AnalyticsClient {
                 base: api.base_url.as_str().trim_end_matches('/').to_string(),
                 key: api.key.clone(),
                 retry: api.retry.clone(),
+                gzip: api.gzip,
             }),
         })
     }
@@ -231,13 +243,18 @@ impl AnalyticsClient {
         start: usize,
         end: usize,
     ) -> (Result<Answer, Transient>, u32) {
-        let body = Bytes::from(encoder::body(
+        let json = encoder::body(
             batch.sync_id,
             batch.sync_type,
             batch.entity,
             batch.chunk,
             &batch.records[start..end],
-        ));
+        );
+        let body = Bytes::from(if self.inner.gzip {
+            encoder::gzip(&json)
+        } else {
+            json
+        });
         let key = encoder::idempotency_key(batch.sync_id, batch.entity, batch.chunk, start, end);
         let attempts = AtomicU32::new(0);
         let max_interval = self.inner.retry.max_interval;

@@ -19,11 +19,16 @@ fn records(ids: impl IntoIterator<Item = i64>) -> Vec<Record> {
 }
 
 fn client(url: &str, key: &str, max_elapsed: Duration) -> AnalyticsClient {
+    client_with(url, key, max_elapsed, false)
+}
+
+fn client_with(url: &str, key: &str, max_elapsed: Duration, gzip: bool) -> AnalyticsClient {
     AnalyticsClient::new(&ApiSettings {
         base_url: url::Url::parse(url).unwrap(),
         key: key.to_string().into(),
         timeout: Duration::from_secs(5),
         ca_file: None,
+        gzip,
         retry: RetrySettings {
             initial: Duration::from_millis(10),
             max_interval: Duration::from_millis(1500),
@@ -220,4 +225,41 @@ async fn a_huge_response_is_refused_without_reading_it_all() {
             .iter()
             .all(|f| f.error_code == "RESPONSE_TOO_LARGE")
     );
+}
+
+#[tokio::test]
+async fn gzipped_bodies_are_delivered_and_a_bad_stream_is_refused() {
+    let s = stub(Faults {
+        refuse_ids: vec![7],
+        ..Default::default()
+    })
+    .await;
+    let recs = records(1..=200);
+    let r = client_with(&s.url(), KEY, Duration::from_secs(2), true)
+        .deliver(&batch(&recs))
+        .await
+        .unwrap();
+    assert_eq!(r.succeeded.len(), 199);
+    assert_eq!(r.failed.iter().map(|f| f.id).collect::<Vec<_>>(), vec![7]);
+    let got = s.received();
+    assert_eq!(got.ids(EntityKind::Loan).len(), 199);
+    // Every request, the halving ones included, came gzipped.
+    assert_eq!(got.gzip_requests, u64::from(r.requests));
+    assert!(r.requests > 1);
+
+    // A body that claims gzip but is not: refused as a whole, nothing accepted.
+    let bad = reqwest::Client::new()
+        .post(format!("{}/etl/sync", s.url()))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .header("idempotency-key", "bad-gzip")
+        .body(r#"{"records":[{"id":1}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let body: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!(body["error_code"], "BAD_ENCODING");
+    assert_eq!(s.received().ids(EntityKind::Loan).len(), 199);
 }
