@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::domain::EntityKind;
-use crate::transform::NEVER_SEND;
+
+mod scan;
 
 /// Faults to inject. Rates are fractions of requests in `0.0..=1.0`.
 #[derive(Clone, Default, Debug, Serialize, Deserialize)]
@@ -247,16 +248,6 @@ fn error(status: StatusCode, code: &str, message: &str) -> (u16, Value) {
     )
 }
 
-fn has_forbidden_key(v: &Value) -> bool {
-    match v {
-        Value::Object(m) => m
-            .iter()
-            .any(|(k, v)| NEVER_SEND.contains(&k.as_str()) || has_forbidden_key(v)),
-        Value::Array(a) => a.iter().any(has_forbidden_key),
-        _ => false,
-    }
-}
-
 /// What a fault roll decided for one request.
 enum Fault {
     None,
@@ -433,21 +424,27 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
     if let Some(prev) = s.answered.get(&key) {
         return prev.clone();
     }
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+    let Ok(v) = serde_json::from_slice::<scan::Envelope>(body) else {
         return error(
             StatusCode::BAD_REQUEST,
             "INVALID_BODY",
             "the body is not JSON",
         );
     };
-    let str_field = |k: &str| v.get(k).and_then(Value::as_str);
-    let (Some(_sync_id), Some(sync_type), Some(entity), Some(_chunk), Some(records)) = (
-        str_field("sync_id"),
-        str_field("sync_type"),
-        str_field("entity_type"),
-        v.get("chunk").and_then(Value::as_i64),
-        v.get("records").and_then(Value::as_array),
-    ) else {
+    let (
+        Some(_sync_id),
+        Some(sync_type),
+        Some(entity),
+        Some(_chunk),
+        scan::Records::Array(records),
+    ) = (
+        v.sync_id.as_str(),
+        v.sync_type.as_str(),
+        v.entity_type.as_str(),
+        v.chunk.as_i64(),
+        &v.records,
+    )
+    else {
         return error(
             StatusCode::BAD_REQUEST,
             "INVALID_BODY",
@@ -477,18 +474,14 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
     }
     let mut ids = Vec::with_capacity(records.len());
     for r in records {
-        let Some(id) = r
-            .as_object()
-            .and_then(|o| o.get("id"))
-            .and_then(Value::as_i64)
-        else {
+        let (true, Some(id)) = (r.is_object, r.id) else {
             return error(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "INVALID_RECORD",
                 "every record must be an object with an integer id",
             );
         };
-        if has_forbidden_key(r) {
+        if r.forbidden {
             s.received.forbidden += 1;
             return error(
                 StatusCode::UNPROCESSABLE_ENTITY,
