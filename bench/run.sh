@@ -5,12 +5,19 @@
 # RSS, planner time, HTTP batches/s, and PostgreSQL's own extraction rate of the same rows
 # as JSON (bench/extract.sql) with the ratio.
 #   usage: bash bench/run.sh [S|M]...      (default: S M)
+# Environment: BENCH_DB_SSLMODE (default disable: every part is on loopback, where TLS to
+# PostgreSQL protects nothing and costs ~9% of the two cores; `prefer` measures it),
+# ANALYTICS_GZIP (passed to the workers), BENCH_TAG (report-<size>-<tag>.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(S M)
 cargo build --release -q --bin loansync
 B=$PWD/target/release/loansync
 PG="-h 127.0.0.1 -U postgres"
+sslmode=${BENCH_DB_SSLMODE:-disable}
+export PGSSLMODE=$sslmode
+gzip=${ANALYTICS_GZIP:-false}
+tag=${BENCH_TAG:+-$BENCH_TAG}
 
 for size in "${sizes[@]}"; do
   case $size in
@@ -20,12 +27,15 @@ for size in "${sizes[@]}"; do
   esac
   db=loansync_bench_$(echo "$size" | tr 'A-Z' 'a-z')
   prefix=bench-$size-$$
-  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db ETL_QUEUE_PREFIX=$prefix
+  export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db?sslmode=$sslmode" ETL_QUEUE_PREFIX=$prefix
   export RUST_LOG=warn,loansync::planner=info LOG_FORMAT=json
   psql $PG -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
   psql $PG -q -d "$db" -f schema/django_source_schema.sql >/dev/null
-  t=$(date +%s.%N); $B seed "${seed_args[@]}" --seed 7 >/dev/null; seed_s=$(echo "$(date +%s.%N) - $t" | bc)
+  t=$(date +%s.%N); RUST_LOG=error $B seed "${seed_args[@]}" --seed 7 >/dev/null; seed_s=$(echo "$(date +%s.%N) - $t" | bc)
   $B migrate >/dev/null
+  # The CI PostgreSQL runs with autovacuum off; a production database has it on. Give the
+  # freshly seeded tables the visibility map and statistics autovacuum would have given.
+  psql $PG -q -d "$db" -c "VACUUM (ANALYZE)"
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   export ANALYTICS_API_URL=http://127.0.0.1:$port
   $B stub-api --addr 127.0.0.1:$port >/dev/null 2>&1 & stub=$!
@@ -66,9 +76,9 @@ for size in "${sizes[@]}"; do
   kill -TERM $planner $w1 $w2 $stub; wait $planner $w1 $w2 $stub 2>/dev/null || true
   for q in plan chunks dead; do rabbitmqctl -q delete_queue "$prefix.$q" >/dev/null 2>&1 || true; done
   extract=$(psql $PG -d "$db" -f bench/extract.sql 2>&1 | awk '/^Time:/ {s += $2} END {print s/1000}')
-  python3 - "$size" "$db" "$wall" "$rss1" "$rss2" "$requests" "$extract" "$seed_s" "$incr_wall" "$incr_records" <<'PY'
+  python3 - "$size" "$db" "$wall" "$rss1" "$rss2" "$requests" "$extract" "$seed_s" "$incr_wall" "$incr_records" "$sslmode" "$gzip" "$tag" <<'PY'
 import json, subprocess, sys, re
-size, db, wall, rss1, rss2, requests, extract, seed_s, incr_wall, incr_records = sys.argv[1:]
+size, db, wall, rss1, rss2, requests, extract, seed_s, incr_wall, incr_records, sslmode, gzip, tag = sys.argv[1:]
 wall, extract = float(wall), float(extract)
 def q(sql):
     return subprocess.check_output(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-Atc", sql], text=True).strip()
@@ -88,7 +98,7 @@ for line in open("/tmp/bench-planner.log"):
         break
 planner_s = float(q(f"SELECT EXTRACT(EPOCH FROM '{planned_at}'::timestamptz - '{hist[7]}'::timestamptz)")) if planned_at else None
 report = {
-    "size": size, "status": status, "records": records, "records_per_entity": totals,
+    "size": size, "db_sslmode": sslmode, "analytics_gzip": gzip, "status": status, "records": records, "records_per_entity": totals,
     "failed": int(hist[6]),
     "sync_seconds": round(duration, 3), "trigger_to_done_seconds": round(wall, 3),
     "records_per_second": round(records / duration),
@@ -104,7 +114,7 @@ report = {
     "incremental_records": int(incr_records),
 }
 print(json.dumps(report, indent=2))
-json.dump(report, open(f"bench/report-{size}.json", "w"), indent=2)
+json.dump(report, open(f"bench/report-{size}{tag}.json", "w"), indent=2)
 PY
   psql $PG -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
 done
