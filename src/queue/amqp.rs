@@ -208,6 +208,8 @@ impl Broker {
                 .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
                 .await?;
         }
+        // Closed here: a channel left open errors in lapin when the connection closes.
+        let _ = channel.close(200, ShortString::from("done")).await;
         Ok(())
     }
 
