@@ -25,6 +25,123 @@ fn full() -> PlanRequest {
     }
 }
 
+/// After a worker was killed with `abandoned` chunks started and unsettled: the broker
+/// redelivers them to a new worker, the sync completes, every id arrived and each
+/// record is counted once.
+async fn a_new_worker_finishes_exactly(
+    db: &crate::support::TestDb,
+    settings: &loansync::config::Settings,
+    stub: &loansync::stub_api::StubHandle,
+    broker: Broker,
+    abandoned: i64,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ctx = Arc::new(loansync::cli::worker_context(settings, db.pool.clone()).unwrap());
+    let b = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
+        .await
+        .unwrap();
+    let w = tokio::spawn(worker::run_amqp(
+        ctx,
+        b,
+        3,
+        Duration::from_secs(5),
+        Arc::new(AtomicBool::new(false)),
+        stop.clone().cancelled_owned(),
+    ));
+    let h = wait_syncs_finished(&db.pool, 1).await;
+    assert_eq!(h[0].status, "completed");
+    let redone: i64 = sqlx::query_scalar("SELECT count(*) FROM loansync_chunk WHERE attempts > 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        redone >= abandoned,
+        "the abandoned chunks were processed again"
+    );
+    let expected = expected_full(&db.pool).await;
+    for e in EntityKind::ALL {
+        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
+        let (total, ok, failed) = h[0].counts(e);
+        assert_eq!((ok, failed), (total, 0), "{e}: counted once");
+    }
+    assert_books_balance(&db.pool).await;
+    stop.cancel();
+    w.await.unwrap().unwrap();
+    broker.delete_topology().await.unwrap();
+    broker.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_after_the_post_before_the_commit_loses_nothing() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let settings = settings_for(&db, &stub.url(), &[]);
+    let broker = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
+        .await
+        .unwrap();
+    planner::plan_sync(&db.pool, &settings, &full(), &broker)
+        .await
+        .unwrap();
+    // Holding the sync's history row makes every settle wait after its POST was
+    // answered: the worker has delivered, and has not committed.
+    let mut hold = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM etl_folder_etlsynchistory FOR UPDATE")
+        .fetch_all(&mut *hold)
+        .await
+        .unwrap();
+    let mut child = crate::pipeline::worker_process(&db, &settings, &stub.url())
+        .env("ETL_WORKER_CONCURRENCY", "3")
+        .spawn()
+        .unwrap();
+    wait_for(
+        "settles waiting after their POST",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            waiting >= 3
+        },
+    )
+    .await;
+    let answered = stub.received().status_count(200);
+    assert!(answered >= 3, "the POSTs were answered: {answered}");
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    hold.rollback().await.unwrap();
+    let (abandoned, settled): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE attempts > 0 AND settled_at IS NULL), \
+                count(*) FILTER (WHERE settled_at IS NOT NULL) FROM loansync_chunk",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(settled, 0, "no settle committed before the kill");
+    assert!(abandoned >= 3, "{abandoned}");
+    a_new_worker_finishes_exactly(&db, &settings, &stub, broker, abandoned).await;
+    // The delivered-but-unsettled bodies were sent again under the same Idempotency-Key,
+    // and the API counted each record once.
+    let received = stub.received();
+    let mut seen = std::collections::HashMap::<&str, u32>::new();
+    for k in &received.idempotency_keys {
+        *seen.entry(k.as_str()).or_default() += 1;
+    }
+    let resent = seen.values().filter(|&&n| n > 1).count();
+    assert!(resent >= 3, "{resent} bodies sent again with their key");
+    assert!(
+        received
+            .accepted
+            .values()
+            .flat_map(|m| m.values())
+            .all(|&n| n == 1),
+        "a record accepted twice"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_mid_chunk_loses_nothing() {
     let db = seeded_db(small()).await;
@@ -69,42 +186,8 @@ async fn a_worker_killed_mid_chunk_loses_nothing() {
         "the kill landed after everything was settled"
     );
 
-    // The broker redelivers the unacked chunks to a new worker.
     stub.set_faults(Faults::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
-    let b = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
-        .await
-        .unwrap();
-    let w = tokio::spawn(worker::run_amqp(
-        ctx,
-        b,
-        3,
-        Duration::from_secs(5),
-        Arc::new(AtomicBool::new(false)),
-        stop.clone().cancelled_owned(),
-    ));
-    let h = wait_syncs_finished(&db.pool, 1).await;
-    assert_eq!(h[0].status, "completed");
-    let redone: i64 = sqlx::query_scalar("SELECT count(*) FROM loansync_chunk WHERE attempts > 1")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert!(
-        redone >= abandoned,
-        "the abandoned chunks were processed again"
-    );
-    let expected = expected_full(&db.pool).await;
-    for e in EntityKind::ALL {
-        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
-        let (total, ok, failed) = h[0].counts(e);
-        assert_eq!((ok, failed), (total, 0), "{e}: counted once");
-    }
-    assert_books_balance(&db.pool).await;
-    stop.cancel();
-    w.await.unwrap().unwrap();
-    broker.delete_topology().await.unwrap();
-    broker.close().await;
+    a_new_worker_finishes_exactly(&db, &settings, &stub, broker, abandoned).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
