@@ -37,9 +37,20 @@ pub async fn stub(faults: Faults) -> StubHandle {
 /// A `loansync worker` process on this test's database, queues and stub, with the test
 /// chunk sizes; the caller adds what differs.
 pub fn worker_process(db: &TestDb, settings: &Settings, api_url: &str) -> tokio::process::Command {
+    let mut cmd = loansync_process(db, settings, api_url);
+    cmd.arg("worker");
+    cmd
+}
+
+/// The `loansync` binary on this test's database, queues and stub, with the test chunk
+/// sizes; the caller adds the command and what differs.
+pub fn loansync_process(
+    db: &TestDb,
+    settings: &Settings,
+    api_url: &str,
+) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_loansync"));
-    cmd.arg("worker")
-        .env("DATABASE_URL", &db.url)
+    cmd.env("DATABASE_URL", &db.url)
         .env("AMQP_URL", amqp_url())
         .env("ETL_QUEUE_PREFIX", &settings.queue_prefix)
         .env("ANALYTICS_API_URL", api_url)
@@ -248,56 +259,25 @@ pub async fn assert_books_balance(pool: &sqlx::PgPool) {
     }
 }
 
-/// A planner and two workers on RabbitMQ, each on its own connection, as separate
-/// processes would be.
+/// The stub API, a planner and two workers on RabbitMQ ([`InProcess`]), and an admin
+/// connection to publish with.
 pub struct Pipeline {
     pub stub: StubHandle,
-    cancel: CancellationToken,
-    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    running: InProcess,
     pub admin: Broker,
 }
 
 impl Pipeline {
     pub async fn start(db: &TestDb, faults: Faults, extra: &[(&str, &str)]) -> Pipeline {
-        let stub = stub_api::spawn(
-            StubConfig {
-                api_key: KEY.into(),
-                faults,
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .await
-        .expect("stub api");
+        let stub = stub(faults).await;
         let settings = Arc::new(settings_for(db, &stub.url(), extra));
-        let cancel = CancellationToken::new();
-        let url = amqp_url();
-        let connect = || Broker::connect(&url, &settings.queue_prefix, 7);
-        let admin = connect().await.expect("broker");
-        let mut tasks = Vec::new();
-        let planner_broker = connect().await.unwrap();
-        tasks.push(tokio::spawn(planner::run_amqp(
-            db.pool.clone(),
-            settings.clone(),
-            planner_broker,
-            Arc::new(AtomicBool::new(false)),
-            cancel.clone().cancelled_owned(),
-        )));
-        for _ in 0..2 {
-            let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
-            let b = connect().await.unwrap();
-            tasks.push(tokio::spawn(worker::run_amqp(
-                ctx,
-                b,
-                settings.worker_concurrency,
-                Duration::from_secs(5),
-                Arc::new(AtomicBool::new(false)),
-                cancel.clone().cancelled_owned(),
-            )));
-        }
+        let running = InProcess::start(db, &settings).await;
+        let admin = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
+            .await
+            .expect("broker");
         Pipeline {
             stub,
-            cancel,
-            tasks,
+            running,
             admin,
         }
     }
@@ -316,25 +296,19 @@ impl Pipeline {
     }
 
     /// Stops every component; the queues go when the pipeline is dropped.
-    pub async fn stop(mut self) {
-        self.cancel.cancel();
-        for t in std::mem::take(&mut self.tasks) {
-            t.await.unwrap().unwrap();
-        }
+    pub async fn stop(self) {
+        self.running.shutdown().await;
     }
 }
 
-impl Drop for Pipeline {
-    /// Deletes this test's queues even when the test failed half-way.
+/// Deletes the queues of a prefix when dropped, so that they go even when the test
+/// failed half-way.
+pub struct Queues(pub String);
+
+impl Drop for Queues {
     fn drop(&mut self) {
-        self.cancel.cancel();
+        let prefix = self.0.clone();
         // The test's runtime may be blocked in this Drop: use a connection of our own.
-        let prefix = self
-            .admin
-            .topology
-            .plan
-            .trim_end_matches(".plan")
-            .to_string();
         crate::support::run_detached(async move {
             if let Ok(b) = Broker::connect(&amqp_url(), &prefix, 7).await {
                 let _ = b.delete_topology().await;
@@ -774,13 +748,16 @@ mod units {
     }
 }
 
-/// A planner and two workers in this process, with the `/readyz` of the first worker.
+/// A planner and two workers in this process, each on its own broker connection (and
+/// the workers on their own database pools), as separate processes would be, with the
+/// `/readyz` of the first worker. Their queues are deleted when it is dropped.
 pub struct InProcess {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     /// Consumer flags: the planner's, then each worker's.
     pub consuming: Vec<Arc<AtomicBool>>,
     readyz: String,
+    _queues: Queues,
 }
 
 impl InProcess {
@@ -824,6 +801,7 @@ impl InProcess {
             tasks,
             consuming,
             readyz: format!("http://{addr}/readyz"),
+            _queues: Queues(settings.queue_prefix.clone()),
         }
     }
 
@@ -834,10 +812,16 @@ impl InProcess {
         }
     }
 
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.stop.cancel();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             t.await.unwrap().unwrap();
         }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

@@ -105,7 +105,4 @@ async fn planner_and_workers_reconnect_after_the_broker_drops_them() {
     assert_books_balance(&db.pool).await;
 
     running.shutdown().await;
-    let admin = Broker::connect(&amqp_url(), &prefix, 7).await.unwrap();
-    admin.delete_topology().await.unwrap();
-    admin.close().await;
 }

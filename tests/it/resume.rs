@@ -5,8 +5,8 @@
 //! in single-process mode (`--in-process`) and over RabbitMQ.
 
 use crate::pipeline::{
-    KEY, assert_books_balance, expected_full, history, seeded_db, settings_for, small, stub,
-    wait_syncs_finished, worker_process,
+    assert_books_balance, expected_full, history, loansync_process, seeded_db, settings_for, small,
+    stub, wait_syncs_finished, worker_process,
 };
 use crate::support::{TestDb, amqp_url, wait_for};
 use loansync::config::Settings;
@@ -37,15 +37,9 @@ async fn loansync(
     api_url: &str,
     args: &[&str],
 ) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_loansync"))
+    loansync_process(db, settings, api_url)
         .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("AMQP_URL", amqp_url())
-        .env("ETL_QUEUE_PREFIX", &settings.queue_prefix)
-        .env("ANALYTICS_API_URL", api_url)
-        .env("ANALYTICS_API_KEY", KEY)
         .env("ETL_STALE_SYNC_SECS", "1")
-        .env("RUST_LOG", "warn")
         .output()
         .await
         .expect("run loansync")

@@ -5,10 +5,10 @@
 //! record arrives; without it the certificate is refused at once, and the error says so.
 
 use crate::pipeline::{
-    InProcess, KEY, assert_books_balance, expected_full, history, seeded_db, settings_for, small,
-    wait_syncs_finished,
+    InProcess, KEY, Queues, assert_books_balance, expected_full, history, seeded_db, settings_for,
+    small, wait_syncs_finished,
 };
-use crate::support::{TestDb, amqp_url, run_detached, wait_for};
+use crate::support::{TestDb, amqp_url, wait_for};
 use loansync::config::Settings;
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
@@ -289,21 +289,6 @@ impl Drop for AmqpsProxy {
     }
 }
 
-/// Deletes a test's queues when it ends, passed or failed, over a plain connection.
-struct Queues(String);
-
-impl Drop for Queues {
-    fn drop(&mut self) {
-        let prefix = self.0.clone();
-        run_detached(async move {
-            if let Ok(b) = Broker::connect(&amqp_url(), &prefix, 7).await {
-                let _ = b.delete_topology().await;
-                b.close().await;
-            }
-        });
-    }
-}
-
 fn full_sync() -> PlanRequest {
     PlanRequest {
         sync_type: SyncType::Full,
@@ -532,7 +517,6 @@ async fn a_full_sync_over_amqps_with_amqp_ca_file() {
         ],
     ));
     assert!(settings.amqp_url.expose_secret().starts_with("amqps://"));
-    let _queues = Queues(settings.queue_prefix.clone());
 
     let running = InProcess::start(&db, &settings).await;
 
