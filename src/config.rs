@@ -39,8 +39,9 @@ pub struct ApiSettings {
     pub key: SecretString,
     /// Per-request timeout (`ETL_HTTP_TIMEOUT_SECS`).
     pub timeout: Duration,
-    /// Extra CA certificate (PEM) trusted besides the system roots (`ANALYTICS_CA_FILE`).
-    pub ca_file: Option<String>,
+    /// Extra CA certificates (PEM text, read and checked at start-up from the file named
+    /// by `ANALYTICS_CA_FILE`) trusted besides the system roots.
+    pub ca_pem: Option<String>,
     /// Gzip request bodies, with `Content-Encoding: gzip` (`ANALYTICS_GZIP`).
     pub gzip: bool,
     pub retry: RetrySettings,
@@ -251,13 +252,13 @@ impl Settings {
                 ));
             }
         };
-        let api_ca_file = get("ANALYTICS_CA_FILE");
-        if let Some(path) = &api_ca_file {
-            crate::tls::read_ca_pem(path).map_err(|e| invalid("ANALYTICS_CA_FILE", e))?;
-        }
-        let amqp_ca_pem = get("AMQP_CA_FILE")
-            .map(|path| crate::tls::read_ca_pem(&path).map_err(|e| invalid("AMQP_CA_FILE", e)))
-            .transpose()?;
+        let ca_pem = |name: &'static str| {
+            get(name)
+                .map(|path| crate::tls::read_ca_pem(&path).map_err(|e| invalid(name, e)))
+                .transpose()
+        };
+        let api_ca_pem = ca_pem("ANALYTICS_CA_FILE")?;
+        let amqp_ca_pem = ca_pem("AMQP_CA_FILE")?;
         let delivery_limit: u32 = num(g, "ETL_DELIVERY_LIMIT", 5u32)?;
         if delivery_limit == 0 {
             return Err(invalid("ETL_DELIVERY_LIMIT", "must be at least 1"));
@@ -276,7 +277,7 @@ impl Settings {
                 base_url,
                 key: key.into(),
                 timeout,
-                ca_file: api_ca_file,
+                ca_pem: api_ca_pem,
                 gzip: match get("ANALYTICS_GZIP").map(|v| v.trim().to_ascii_lowercase()) {
                     None => false,
                     Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => true,

@@ -19,9 +19,8 @@ const EXCERPT: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    /// `reason` names the file and what is wrong with it.
-    #[error("ANALYTICS_CA_FILE: {reason}")]
-    CaFile { path: String, reason: String },
+    #[error("ANALYTICS_CA_FILE: {0}")]
+    CaPem(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
 }
@@ -89,17 +88,15 @@ impl AnalyticsClient {
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .tcp_keepalive(std::time::Duration::from_secs(30))
             .user_agent(concat!("loansync/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &api.ca_file {
-            // Checked here, at start-up: reqwest alone would skip a file holding no
-            // certificate, and the API's certificate would then be refused on every request.
-            let ca_error = |reason: String| SinkError::CaFile {
-                path: path.clone(),
-                reason,
-            };
-            let pem = crate::tls::read_ca_pem(path).map_err(ca_error)?;
-            for cert in reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-                .map_err(|e| ca_error(format!("{path}: {e}")))?
-            {
+        if let Some(pem) = &api.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| SinkError::CaPem(e.to_string()))?;
+            // reqwest alone would skip text holding no certificate, and the API's
+            // certificate would then be refused on every request.
+            if certs.is_empty() {
+                return Err(SinkError::CaPem("no PEM certificate in it".into()));
+            }
+            for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
         }

@@ -27,7 +27,7 @@ fn client_with(url: &str, key: &str, max_elapsed: Duration, gzip: bool) -> Analy
         base_url: url::Url::parse(url).unwrap(),
         key: key.to_string().into(),
         timeout: Duration::from_secs(5),
-        ca_file: None,
+        ca_pem: None,
         gzip,
         retry: RetrySettings {
             initial: Duration::from_millis(10),
