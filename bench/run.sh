@@ -49,13 +49,17 @@ for size in "${sizes[@]}"; do
   # 9 % of the two cores the sync under test runs on (measured with perf, 2026-11-25).
   coproc POLL { exec psql $PG -d "$db" -AtqX; }
   poll() { echo "SELECT coalesce(($1), '');" >&"${POLL[1]}"; IFS= read -r st <&"${POLL[0]}"; }
+  # Waits until the newest sync matching $1 (a WHERE clause) has finished, polling every $2 s.
+  wait_finished() {
+    while :; do
+      poll "SELECT status FROM etl_folder_etlsynchistory WHERE $1 ORDER BY id DESC LIMIT 1"
+      case "$st" in completed|partial_success|failed) return ;; esac
+      sleep "$2"
+    done
+  }
   t0=$(date +%s.%N)
   $B trigger --full --request-id "bench-$size-$$" >/dev/null
-  while :; do
-    poll "SELECT status FROM etl_folder_etlsynchistory ORDER BY id DESC LIMIT 1"
-    case "$st" in completed|partial_success|failed) break ;; esac
-    sleep 0.2
-  done
+  wait_finished true 0.2
   wall=$(echo "$(date +%s.%N) - $t0" | bc)
   rss1=$(awk '/VmHWM/ {print $2}' /proc/$w1/status); rss2=$(awk '/VmHWM/ {print $2}' /proc/$w2/status)
   requests=$(curl -sf "$ANALYTICS_API_URL/__stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
@@ -65,11 +69,7 @@ for size in "${sizes[@]}"; do
     -c "UPDATE loans_ajoloanrepayment SET date_created = now() WHERE id IN (SELECT id FROM loans_ajoloanrepayment ORDER BY id DESC LIMIT 300)"
   t1=$(date +%s.%N)
   $B trigger --request-id "bench-incr-$size-$$" >/dev/null
-  while :; do
-    poll "SELECT status FROM etl_folder_etlsynchistory WHERE sync_type = 'incremental' ORDER BY id DESC LIMIT 1"
-    case "$st" in completed|partial_success|failed) break ;; esac
-    sleep 0.05
-  done
+  wait_finished "sync_type = 'incremental'" 0.05
   incr_wall=$(echo "$(date +%s.%N) - $t1" | bc)
   exec {POLL[1]}>&-; wait "$POLL_PID" || true
   incr_records=$(psql $PG -d "$db" -Atc "SELECT total_loans + total_repayments + total_customers + total_officers FROM etl_folder_etlsynchistory WHERE sync_type = 'incremental' ORDER BY id DESC LIMIT 1")
