@@ -117,6 +117,9 @@ pub struct Settings {
     /// How long a worker (or the planner) holding a message waits for an unreachable
     /// PostgreSQL before handing the message back to the broker (`ETL_DB_OUTAGE_WAIT_SECS`).
     pub db_outage_wait: Duration,
+    /// Finished syncs' chunk id lists are deleted after this long; history, counters and
+    /// error rows stay (`ETL_CHUNK_RETENTION_DAYS`).
+    pub chunk_retention: Duration,
     /// Where `/metrics`, `/healthz`, `/readyz` are served; `None` when empty (`METRICS_ADDR`).
     pub metrics_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -264,6 +267,15 @@ impl Settings {
             return Err(invalid("ETL_DELIVERY_LIMIT", "must be at least 1"));
         }
 
+        let retention_days: u32 = num(g, "ETL_CHUNK_RETENTION_DAYS", 7u32)?;
+        if !(1..=3650).contains(&retention_days) {
+            return Err(invalid(
+                "ETL_CHUNK_RETENTION_DAYS",
+                format!("{retention_days} is outside 1..=3650"),
+            ));
+        }
+        let chunk_retention = Duration::from_secs(u64::from(retention_days) * 86_400);
+
         Ok(Settings {
             database_url: get("DATABASE_URL")
                 .unwrap_or_else(|| DEFAULT_DATABASE_URL.into())
@@ -305,6 +317,7 @@ impl Settings {
             db_pool_size: num(g, "ETL_DB_POOL_SIZE", u32::from(worker_concurrency) + 2)?,
             shutdown_grace: Duration::from_secs(num(g, "ETL_SHUTDOWN_GRACE_SECS", 30u64)?),
             db_outage_wait,
+            chunk_retention,
             metrics_addr,
             log_format,
         })

@@ -36,13 +36,7 @@ async fn metrics(
         )
         .fetch_all(&r.pool)
         .await?;
-        let stalled: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM loansync_sync WHERE state = 'running' \
-             AND last_progress_at < now() - make_interval(secs => $1)",
-        )
-        .bind(r.stale_after_secs)
-        .fetch_one(&r.pool)
-        .await?;
+        let stalled = crate::ledger::stalled_count(&r.pool, r.stale_after_secs).await?;
         Ok::<_, sqlx::Error>((ages, stalled))
     };
     if let Ok(Ok((ages, stalled))) = tokio::time::timeout(Duration::from_secs(2), read).await {

@@ -87,7 +87,29 @@ async fn plan(
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<PlanOutcome> {
     anyhow::ensure!(!entities.is_empty(), "the planning message names no entity");
-    let begin = ledger::begin_sync(pool, sync_type, entities, request_id, purpose).await?;
+    // Held until the plan is committed and published: a planner that dies meanwhile
+    // releases it with its session, and the next one takes its claim over.
+    let lock = ledger::PlanningLock::acquire(pool).await?;
+    let outcome = plan_locked(
+        pool, &lock, settings, sync_type, entities, request_id, purpose, publisher,
+    )
+    .await;
+    lock.release().await;
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn plan_locked(
+    pool: &PgPool,
+    lock: &ledger::PlanningLock,
+    settings: &Settings,
+    sync_type: SyncType,
+    entities: &[EntityKind],
+    request_id: Option<&str>,
+    purpose: Purpose,
+    publisher: &dyn ChunkPublisher,
+) -> anyhow::Result<PlanOutcome> {
+    let begin = ledger::begin_sync(pool, lock, sync_type, entities, request_id, purpose).await?;
     let (sync_id, window_hi) = match begin {
         Begin::Started { sync_id, window_hi } => (sync_id, window_hi),
         Begin::Replan { sync_id, window_hi } => {
@@ -119,6 +141,7 @@ async fn plan(
             tracing::warn!(%active_sync_id, "another sync is in progress: this planning message is not run");
             return Ok(PlanOutcome::Busy { active_sync_id });
         }
+        Begin::Unbounded(why) => return Err(why.into()),
     };
 
     let (totals, finished) = write_ledger(
@@ -176,7 +199,10 @@ async fn write_ledger(
     hi: DateTime<Utc>,
 ) -> anyhow::Result<(PlanTotals, Option<FinalStatus>)> {
     let mut tx = pool.begin().await?;
-    ledger::clear_plan(&mut tx, sync_id).await?;
+    anyhow::ensure!(
+        ledger::clear_plan(&mut tx, sync_id).await?,
+        "sync {sync_id} is no longer planning: its plan is another planner's"
+    );
     let mut totals = PlanTotals::default();
     let mut earliest_lo: Option<DateTime<Utc>> = None;
     for &entity in entities {
@@ -231,6 +257,30 @@ pub fn parse_plan(body: &[u8]) -> Result<PlanRequest, String> {
         })
 }
 
+/// How often a long-running planner samples the xid clock (the precision of the window
+/// cap) and, every [`PRUNE_EVERY_TICKS`] ticks, prunes old chunk id lists.
+const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const PRUNE_EVERY_TICKS: u64 = 360;
+
+/// One housekeeping tick; failures are logged and tried again at the next tick.
+pub async fn housekeep(pool: &PgPool, settings: &Settings, tick: u64) {
+    if let Err(e) = ledger::clock::sample_now(pool).await {
+        tracing::debug!(error = %e, "could not sample the xid clock");
+    }
+    if tick.is_multiple_of(PRUNE_EVERY_TICKS) {
+        prune(pool, settings).await;
+    }
+}
+
+/// Deletes the chunk id lists of syncs finished longer than `ETL_CHUNK_RETENTION_DAYS` ago.
+pub async fn prune(pool: &PgPool, settings: &Settings) {
+    match ledger::prune_chunks(pool, settings.chunk_retention).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(chunks = n, "pruned the chunk ledger of old finished syncs"),
+        Err(e) => tracing::warn!(error = %e, "could not prune the chunk ledger"),
+    }
+}
+
 /// Re-publishes the unsettled chunks of a stalled sync from the ledger.
 pub async fn resume(
     pool: &PgPool,
@@ -259,9 +309,17 @@ pub async fn run_amqp(
     consuming.store(true, Ordering::SeqCst);
     tracing::info!(%queue, "planner consuming");
     tokio::pin!(shutdown);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
     let result = loop {
         let delivery = tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            _ = housekeeping.tick() => {
+                housekeep(&pool, &settings, ticks).await;
+                ticks += 1;
+                continue;
+            }
             next = consumer.next() => match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => break Err(e.context("planning consumer failed")),

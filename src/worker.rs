@@ -72,6 +72,10 @@ pub async fn process_chunk(
 ) -> Result<ChunkOutcome, ChunkError> {
     let Some(state) = ledger::start_chunk(&ctx.pool, &job.sync_id, job.entity, job.seq).await?
     else {
+        // A late copy of a chunk of a finished sync whose ledger was pruned: counted once.
+        if ledger::sync_finished(&ctx.pool, &job.sync_id).await? {
+            return Ok(ChunkOutcome::Duplicate);
+        }
         return Err(ChunkError::Unknown(format!(
             "{}/{}/{}",
             job.sync_id, job.entity, job.seq

@@ -6,14 +6,26 @@
 //! * [`settle_chunk`] settles one chunk exactly once: counters, error rows, resolutions,
 //!   and, for the last chunk, [`finalize`] (status, duration, watermarks);
 //! * [`abort_sync`] fails a sync fast (rejected credentials): the unsent chunks are
-//!   settled as failed records, without error rows.
+//!   settled as failed records, without error rows;
+//! * [`abandon_sync`] ends a sync by hand (`loansync abandon`);
+//! * [`prune_chunks`] drops finished syncs' chunk id lists after the retention.
+//!
+//! Whoever claims and plans a sync holds the [`PlanningLock`] (a session advisory lock):
+//! a `planning` sync nobody holds it for lost its planner, and the next planner abandons
+//! it ([`begin_sync`]), so a killed process never blocks later syncs.
+//!
+//! Lock order, for every transaction that takes more than one of these rows: chunk rows,
+//! then the history row, then the `loansync_sync` row. [`settle_chunk`] follows it by
+//! construction; [`abort_sync`] and [`abandon_sync`] settle the chunks first.
 
+pub mod clock;
 mod sql;
 
 use crate::domain::{EntityKind, SyncType, SyncWindow};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
+use std::sync::LazyLock;
 
 use sql::*;
 
@@ -72,16 +84,82 @@ pub enum Begin {
     Duplicate { sync_id: String, running: bool },
     /// Another sync is planning or running.
     Busy { active_sync_id: String },
+    /// The window's end cannot be bounded now (see [`clock::Unbounded`]); nothing claimed.
+    Unbounded(clock::Unbounded),
 }
 
-/// The sync's upper bound: the database's `now()`, capped at the start of the oldest
-/// transaction that is still open and has written, where the role can see it.
-const WINDOW_HI_SQL: &str = "SELECT LEAST(now(), (SELECT min(xact_start) FROM pg_stat_activity \
-     WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()))";
+/// The key of the session advisory lock held while a sync is claimed and planned.
+pub const PLANNING_LOCK_KEY: i64 = 0x4C53_504C;
+
+/// A `planning` sync whose planner is gone: no session holds the [`PlanningLock`].
+/// The same predicate in `status`, the stalled gauge and [`begin_sync`]'s takeover.
+const PLANNER_GONE_SQL: &str = "NOT EXISTS (SELECT 1 FROM pg_locks l \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = 1280528460 \
+       AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))";
+
+/// Whether the sync row `s` is stalled: running with no chunk settled for `stale_param`
+/// seconds, or planning with its planner gone.
+fn stalled_sql(stale_param: &str) -> String {
+    format!(
+        "((s.state = 'running' AND s.last_progress_at < now() - make_interval(secs => {stale_param})) \
+          OR (s.state = 'planning' AND {PLANNER_GONE_SQL}))"
+    )
+}
+
+/// How many syncs are stalled now (the `etl_stalled_syncs` gauge).
+pub async fn stalled_count(pool: &PgPool, stale_after_secs: f64) -> sqlx::Result<i64> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT count(*) FROM loansync_sync s WHERE {}",
+            stalled_sql("$1")
+        )
+    });
+    sqlx::query_scalar(SQL.as_str())
+        .bind(stale_after_secs)
+        .fetch_one(pool)
+        .await
+}
+
+/// Held by whoever claims and plans a sync (planner, single-process mode, `errors retry`,
+/// `abandon`): a session advisory lock on a connection of its own, taken out of the pool.
+/// Dropping it closes that connection, which releases the lock; so does the death of the
+/// process, since PostgreSQL ends the session with its socket.
+#[derive(Debug)]
+pub struct PlanningLock {
+    conn: Option<sqlx::PgConnection>,
+}
+
+impl PlanningLock {
+    /// Waits until no other session plans (planning takes seconds; a wait longer than
+    /// the connection's `lock_timeout` is an error, and the request is tried again).
+    pub async fn acquire(pool: &PgPool) -> sqlx::Result<PlanningLock> {
+        let mut conn = pool.acquire().await?.detach();
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(PLANNING_LOCK_KEY)
+            .execute(&mut conn)
+            .await?;
+        Ok(PlanningLock { conn: Some(conn) })
+    }
+
+    /// Releases the lock and closes its connection.
+    pub async fn release(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(PLANNING_LOCK_KEY)
+                .execute(&mut conn)
+                .await;
+            let _ = sqlx::Connection::close(conn).await;
+        }
+    }
+}
 
 /// Claims the one active-sync slot for a new sync and writes its `pending` history row.
+/// The caller holds the [`PlanningLock`], so a `planning` sync found here has lost its
+/// planner: with the same request id it is planned again, otherwise it is abandoned
+/// (history `failed`, nothing was sent) and the slot is taken.
 pub async fn begin_sync(
     pool: &PgPool,
+    _lock: &PlanningLock,
     sync_type: SyncType,
     entities: &[EntityKind],
     request_id: Option<&str>,
@@ -90,7 +168,7 @@ pub async fn begin_sync(
     let mut tx = pool.begin().await?;
     if let Some(rid) = request_id {
         let existing = sqlx::query(
-            "SELECT sync_id, state, window_hi FROM loansync_sync WHERE request_id = $1",
+            "SELECT sync_id, state, window_hi FROM loansync_sync WHERE request_id = $1 FOR UPDATE",
         )
         .bind(rid)
         .fetch_optional(&mut *tx)
@@ -110,15 +188,30 @@ pub async fn begin_sync(
             });
         }
     }
-    let window_hi: DateTime<Utc> = sqlx::query_scalar(WINDOW_HI_SQL)
-        .fetch_one(&mut *tx)
-        .await?;
+    let orphans: Vec<String> = sqlx::query_scalar(
+        "SELECT sync_id::text FROM loansync_sync WHERE state = 'planning' FOR UPDATE",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for orphan in &orphans {
+        abandon_orphan(&mut tx, orphan, ORPHAN_REASON).await?;
+        tracing::warn!(sync_id = %orphan, "abandoned a sync whose planner stopped while planning");
+    }
+    let window_hi = match clock::window_hi(&mut tx).await? {
+        Ok(hi) => hi,
+        Err(unbounded) => {
+            // Keep the abandonment of orphans: it is right whatever happens next.
+            tx.commit().await?;
+            return Ok(Begin::Unbounded(unbounded));
+        }
+    };
     let sync_id = uuid::Uuid::new_v4().to_string();
     sqlx::query(INSERT_HISTORY)
         .bind(&sync_id)
         .bind(sync_type.as_str())
         .execute(&mut *tx)
         .await?;
+    clock::sample(&mut tx).await?;
     let names: Vec<&str> = entities.iter().map(|e| e.as_str()).collect();
     let claimed = sqlx::query(
         "INSERT INTO loansync_sync (sync_id, request_id, sync_type, purpose, entities, state, window_hi) \
@@ -134,7 +227,8 @@ pub async fn begin_sync(
     .await?;
     if claimed.rows_affected() == 0 {
         tx.rollback().await?;
-        // Either the active slot or the request id was taken concurrently.
+        // The active slot is taken by a running sync (a request id taken concurrently
+        // cannot happen under the planning lock, but is answered all the same).
         if let Some(rid) = request_id {
             let again: Option<(String, String)> =
                 sqlx::query_as("SELECT sync_id, state FROM loansync_sync WHERE request_id = $1")
@@ -158,6 +252,33 @@ pub async fn begin_sync(
     }
     tx.commit().await?;
     Ok(Begin::Started { sync_id, window_hi })
+}
+
+const ORPHAN_REASON: &str = "its planner stopped while planning (process killed or connection \
+     lost): abandoned by the next planner. Nothing was sent and no watermark moved; trigger \
+     the sync again if it is still wanted";
+
+/// Ends a `planning` sync whose planner is gone: history `failed` with `reason`, zero
+/// counters (nothing was planned), the slot and its request id freed so that a
+/// redelivered planning message plans anew.
+async fn abandon_orphan(conn: &mut PgConnection, sync_id: &str, reason: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE etl_folder_etlsynchistory SET status = 'failed', completed_at = now(), \
+         duration_seconds = EXTRACT(EPOCH FROM (now() - started_at))::float8, error_message = $2 \
+         WHERE sync_id = $1",
+    )
+    .bind(sync_id)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE loansync_sync SET state = 'done', request_id = NULL, finished_at = now(), \
+         chunks_remaining = 0 WHERE sync_id = $1",
+    )
+    .bind(sync_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// The watermark of an entity: `etl_folder_etllastsync.last_sync_timestamp`.
@@ -293,8 +414,19 @@ pub async fn insert_sync_entity(
     Ok(())
 }
 
-/// Removes what a dead planner may have left of a sync's plan, so it can be planned again.
-pub async fn clear_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<()> {
+/// Locks the sync's row and checks that it is still `planning`, then removes what a dead
+/// planner may have left of its plan, so it can be planned again. Returns false (and
+/// touches nothing) when the sync is planned already: a ledger another planner committed
+/// is never cleared or rewritten.
+pub async fn clear_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<bool> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1 FOR UPDATE")
+            .bind(sync_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if state.as_deref() != Some("planning") {
+        return Ok(false);
+    }
     sqlx::query("DELETE FROM loansync_chunk WHERE sync_id = $1")
         .bind(sync_id)
         .execute(&mut *conn)
@@ -303,7 +435,7 @@ pub async fn clear_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<
         .bind(sync_id)
         .execute(&mut *conn)
         .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Writes the totals and moves the sync to `in_progress` (or finalizes it at once when
@@ -402,6 +534,16 @@ pub async fn start_chunk(
             attempts: r.get(5),
         }
     }))
+}
+
+/// Whether the sync exists and is finished.
+pub async fn sync_finished(pool: &PgPool, sync_id: &str) -> sqlx::Result<bool> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
+            .bind(sync_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(state.as_deref() == Some("done"))
 }
 
 /// One record that failed, as it will be written to `etl_folder_etlsyncerror`.
@@ -607,7 +749,9 @@ pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<Fi
                 .await?;
         }
     }
-    sqlx::query("UPDATE loansync_sync SET state = 'done', chunks_remaining = 0 WHERE sync_id = $1")
+    sqlx::query(
+        "UPDATE loansync_sync SET state = 'done', chunks_remaining = 0, finished_at = now() WHERE sync_id = $1",
+    )
         .bind(sync_id)
         .execute(&mut *conn)
         .await?;
@@ -623,9 +767,40 @@ pub async fn abort_sync(
     reason: &str,
     api_response: Option<&serde_json::Value>,
 ) -> sqlx::Result<bool> {
+    fail_unsettled(pool, sync_id, reason, api_response, Unsettled::Aborted).await
+}
+
+/// How [`fail_unsettled`] settles the chunks it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unsettled {
+    /// Rejected credentials: failed, no error rows (nothing is wrong with the records).
+    Aborted,
+    /// Ended by hand: failed with error rows `SYNC_ABANDONED`, so `errors retry` can
+    /// deliver them later (a retry sync's records keep their original rows).
+    Abandoned,
+}
+
+/// The error code of the records of a sync ended by hand.
+pub const ABANDONED_CODE: &str = "SYNC_ABANDONED";
+
+/// Settles every unsettled chunk of a running sync as failed and finalizes it `failed`.
+/// Locks in the ledger's order (chunks, history, sync): a settle that holds a chunk is
+/// waited for, and the chunk it settled is skipped. Concurrent calls for one sync are
+/// serialized by a transaction advisory lock that settles never take.
+async fn fail_unsettled(
+    pool: &PgPool,
+    sync_id: &str,
+    reason: &str,
+    api_response: Option<&serde_json::Value>,
+    how: Unsettled,
+) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('loansync.fail:' || $1, 0))")
+        .bind(sync_id)
+        .execute(&mut *tx)
+        .await?;
     let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1 FOR UPDATE")
+        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
             .bind(sync_id)
             .fetch_optional(&mut *tx)
             .await?;
@@ -633,18 +808,41 @@ pub async fn abort_sync(
         tx.rollback().await?;
         return Ok(false);
     }
-    let aborted: Vec<(String, i64)> = sqlx::query_as(
-        "WITH a AS (UPDATE loansync_chunk SET settled_at = now(), outcome = 'aborted', succeeded = 0, \
+    let outcome = match how {
+        Unsettled::Aborted => "aborted",
+        Unsettled::Abandoned => "abandoned",
+    };
+    let failed: Vec<(String, i64)> = sqlx::query_as(
+        "WITH a AS (UPDATE loansync_chunk SET settled_at = now(), outcome = $2, succeeded = 0, \
                     failed = cardinality(ids) WHERE sync_id = $1 AND settled_at IS NULL RETURNING entity, failed) \
          SELECT entity::text, sum(failed)::int8 FROM a GROUP BY entity",
     )
     .bind(sync_id)
+    .bind(outcome)
     .fetch_all(&mut *tx)
     .await?;
-    for (entity, n) in &aborted {
+    for (entity, n) in &failed {
         if let Ok(e) = entity.parse::<EntityKind>() {
             add_counters(&mut tx, sync_id, e, 0, *n as i32, api_response).await?;
         }
+    }
+    if how == Unsettled::Abandoned {
+        sqlx::query(
+            "INSERT INTO etl_folder_etlsyncerror ( \
+                 entity_type, entity_id, error_code, error_message, error_details, \
+                 created_at, retry_count, last_retry_at, resolved, resolved_at, sync_history_id) \
+             SELECT c.entity, u.id::text, $2, $3, jsonb_build_object('abandoned', true), \
+                    now(), 0, NULL, false, NULL, h.id \
+             FROM loansync_chunk c CROSS JOIN LATERAL unnest(c.ids) AS u(id) \
+             JOIN etl_folder_etlsynchistory h ON h.sync_id = c.sync_id \
+             JOIN loansync_sync s ON s.sync_id = c.sync_id \
+             WHERE c.sync_id = $1 AND c.outcome = 'abandoned' AND s.purpose = 'sync'",
+        )
+        .bind(sync_id)
+        .bind(ABANDONED_CODE)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
     }
     sqlx::query(
         "UPDATE etl_folder_etlsynchistory SET status = 'failed', error_message = $2 WHERE sync_id = $1",
@@ -653,9 +851,95 @@ pub async fn abort_sync(
     .bind(reason)
     .execute(&mut *tx)
     .await?;
+    // finalize locks the history row, then the sync row, and re-reads the state there:
+    // a settle that finalized the sync meanwhile has left it 'done'.
+    let still_running: bool = sqlx::query_scalar(
+        "SELECT state = 'running' FROM loansync_sync WHERE sync_id = $1 FOR UPDATE",
+    )
+    .bind(sync_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !still_running {
+        tx.rollback().await?;
+        return Ok(false);
+    }
     finalize(&mut tx, sync_id).await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// What [`abandon_sync`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Abandoned {
+    /// A running sync: its unsettled records were failed with [`ABANDONED_CODE`].
+    Running,
+    /// A sync still planning whose planner is gone: nothing had been sent.
+    Planning,
+    /// Nothing to do: the sync is finished (or unknown).
+    NotActive { state: Option<String> },
+}
+
+/// Ends a sync by hand (`loansync abandon`): unsettled chunks settled as failed with
+/// [`ABANDONED_CODE`] and error rows, history `failed` with `reason`, no watermark moved,
+/// books balanced. The caller holds the [`PlanningLock`], so a `planning` sync here has
+/// no live planner.
+pub async fn abandon_sync(
+    pool: &PgPool,
+    _lock: &PlanningLock,
+    sync_id: &str,
+    reason: &str,
+) -> sqlx::Result<Abandoned> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
+            .bind(sync_id)
+            .fetch_optional(pool)
+            .await?;
+    match state.as_deref() {
+        Some("planning") => {
+            let mut tx = pool.begin().await?;
+            let still: Option<String> = sqlx::query_scalar(
+                "SELECT state FROM loansync_sync WHERE sync_id = $1 AND state = 'planning' FOR UPDATE",
+            )
+            .bind(sync_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if still.is_none() {
+                tx.rollback().await?;
+                return Ok(Abandoned::NotActive { state });
+            }
+            abandon_orphan(&mut tx, sync_id, reason).await?;
+            tx.commit().await?;
+            Ok(Abandoned::Planning)
+        }
+        Some("running") => {
+            if fail_unsettled(pool, sync_id, reason, None, Unsettled::Abandoned).await? {
+                Ok(Abandoned::Running)
+            } else {
+                Ok(Abandoned::NotActive {
+                    state: Some("done".into()),
+                })
+            }
+        }
+        _ => Ok(Abandoned::NotActive { state }),
+    }
+}
+
+/// Deletes the chunk ledger (id lists) of syncs finished more than `retention` ago; the
+/// sync, its history row, counters and error rows stay. Returns the chunk rows deleted.
+pub async fn prune_chunks(pool: &PgPool, retention: std::time::Duration) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let deleted = sqlx::query(
+        "WITH old AS (UPDATE loansync_sync SET chunks_pruned_at = now() \
+                      WHERE state = 'done' AND chunks_pruned_at IS NULL \
+                        AND finished_at < now() - make_interval(secs => $1) RETURNING sync_id) \
+         DELETE FROM loansync_chunk c USING old WHERE c.sync_id = old.sync_id",
+    )
+    .bind(retention.as_secs_f64())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(deleted)
 }
 
 /// The chunks of a sync that are not settled yet, in publishing order.
@@ -739,16 +1023,20 @@ pub async fn recent_syncs(
     limit: i64,
     stale_after_secs: i64,
 ) -> sqlx::Result<Vec<SyncSummary>> {
-    sqlx::query_as(
-        "SELECT h.sync_id::text, h.sync_type::text, h.status::text, h.started_at, h.completed_at, h.duration_seconds, \
-                h.sync_start_date, h.sync_end_date, h.error_message, s.chunks_total, s.chunks_remaining, \
-                COALESCE(s.state = 'running' AND s.last_progress_at < now() - make_interval(secs => $3), false) AS stalled \
-         FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
-         WHERE ($1::text IS NULL OR h.sync_id = $1) ORDER BY h.started_at DESC, h.id DESC LIMIT $2",
-    )
-    .bind(sync_id)
-    .bind(limit)
-    .bind(stale_after_secs as f64)
-    .fetch_all(pool)
-    .await
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT h.sync_id::text, h.sync_type::text, h.status::text, h.started_at, h.completed_at, h.duration_seconds, \
+                    h.sync_start_date, h.sync_end_date, h.error_message, s.chunks_total, s.chunks_remaining, \
+                    COALESCE({}, false) AS stalled \
+             FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
+             WHERE ($1::text IS NULL OR h.sync_id = $1) ORDER BY h.started_at DESC, h.id DESC LIMIT $2",
+            stalled_sql("$3")
+        )
+    });
+    sqlx::query_as(SQL.as_str())
+        .bind(sync_id)
+        .bind(limit)
+        .bind(stale_after_secs as f64)
+        .fetch_all(pool)
+        .await
 }

@@ -17,6 +17,9 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_agree_with_the_etl_tables() {
+    // Runs alone: it compares the process-wide registry with one database, and under
+    // `cargo test` other tests of this process add to the same counters.
+    let _alone = crate::support::exclusive_services().await;
     let db = seeded_db(small()).await;
     let stub = crate::pipeline::stub(Faults {
         reject_every_nth: 9,
@@ -54,6 +57,15 @@ async fn metrics_agree_with_the_etl_tables() {
     );
     consuming.store(true, Ordering::SeqCst);
     assert_eq!(get("/readyz").await.0, 200);
+    // The registry is the process's: under `cargo test`, tests that ran before this one
+    // counted in it too. Nothing else runs now (the lock above), so compare increases.
+    let (_, baseline) = get("/metrics").await;
+    let base = |name: &str| sample(&baseline, name).unwrap_or(0.0);
+    let settled_before: f64 = baseline
+        .lines()
+        .filter(|l| l.starts_with("etl_records_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
 
     let req = PlanRequest {
         sync_type: SyncType::Full,
@@ -75,7 +87,8 @@ async fn metrics_agree_with_the_etl_tables() {
             .lines()
             .filter(|l| l.starts_with("etl_records_total{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+            .sum::<f64>()
+            - settled_before;
         let planned: i64 = sqlx::query_scalar(
             "SELECT COALESCE(sum(total_loans + total_repayments + total_customers + total_officers), 0)::int8 \
              FROM etl_folder_etlsynchistory",
@@ -98,18 +111,12 @@ async fn metrics_agree_with_the_etl_tables() {
     for e in EntityKind::ALL {
         let (total, ok, failed) = h.counts(e);
         let m = |outcome: &str| {
-            sample(
-                &text,
-                &format!("etl_records_total{{entity=\"{e}\",outcome=\"{outcome}\"}}"),
-            )
-            .unwrap_or(0.0) as i32
+            let name = format!("etl_records_total{{entity=\"{e}\",outcome=\"{outcome}\"}}");
+            (sample(&text, &name).unwrap_or(0.0) - base(&name)) as i32
         };
         assert_eq!((m("success"), m("failed")), (ok, failed), "{e}");
-        let planned = sample(
-            &text,
-            &format!("etl_records_planned_total{{entity=\"{e}\"}}"),
-        )
-        .unwrap_or(0.0) as i32;
+        let name = format!("etl_records_planned_total{{entity=\"{e}\"}}");
+        let planned = (sample(&text, &name).unwrap_or(0.0) - base(&name)) as i32;
         assert_eq!(planned, total, "{e}");
         let age = sample(
             &text,
@@ -118,12 +125,10 @@ async fn metrics_agree_with_the_etl_tables() {
         .expect("a watermark age");
         assert!((0.0..60.0).contains(&age), "{e}: {age}");
     }
+    let partial = "etl_syncs_total{status=\"partial_success\",sync_type=\"full\"}";
     assert_eq!(
-        sample(
-            &text,
-            "etl_syncs_total{status=\"partial_success\",sync_type=\"full\"}"
-        ),
-        Some(1.0),
+        sample(&text, partial).unwrap_or(0.0) - base(partial),
+        1.0,
         "{text}"
     );
     assert_eq!(sample(&text, "etl_stalled_syncs"), Some(0.0));
@@ -135,8 +140,10 @@ async fn metrics_agree_with_the_etl_tables() {
         .unwrap()
             > 0.0
     );
-    assert!(
-        text.contains("etl_sync_duration_seconds_count{sync_type=\"full\"} 1"),
+    let durations = "etl_sync_duration_seconds_count{sync_type=\"full\"}";
+    assert_eq!(
+        sample(&text, durations).unwrap_or(0.0) - base(durations),
+        1.0,
         "{text}"
     );
     assert!(sample(&text, "process_resident_memory_bytes").unwrap() > 1e6);

@@ -95,8 +95,8 @@ async fn migrate_twice_on_django_tables_changes_nothing() {
     .await
     .unwrap();
     assert_eq!(
-        own, 3,
-        "loansync_sync, loansync_sync_entity, loansync_chunk"
+        own, 4,
+        "loansync_sync, loansync_sync_entity, loansync_chunk, loansync_xid_clock"
     );
 }
 

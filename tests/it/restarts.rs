@@ -3,15 +3,16 @@
 //! `/readyz` reports the outage while it lasts, and the sync completes with exact
 //! counters.
 //!
-//! These tests stop a service every other test needs, so `.config/nextest.toml` gives
-//! each of them all of nextest's test threads: they run alone, one after the other.
+//! These tests stop a service every other test needs, so each holds the services lock
+//! exclusively ([`crate::support::exclusive_services`]): under `cargo test` and
+//! `cargo nextest run` alike, no other test runs while the service is down.
 //! A guard starts the service again even when the test fails.
 
 use crate::pipeline::{
     InProcess, assert_books_balance, expected_full, seeded_db, settings_for, small,
     wait_syncs_finished,
 };
-use crate::support::{TestDb, amqp_url, wait_for};
+use crate::support::{TestDb, amqp_url, exclusive_services, wait_for};
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
 use loansync::stub_api::{Faults, StubHandle};
@@ -167,6 +168,8 @@ async fn slow_stub() -> StubHandle {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgresql_restarted_mid_sync() {
+    // Runs alone: every other test's database goes away with PostgreSQL.
+    let _alone = exclusive_services().await;
     let db = seeded_db(small()).await;
     let stub = slow_stub().await;
     let settings = Arc::new(settings_for(
@@ -211,6 +214,8 @@ async fn postgresql_restarted_mid_sync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_restarted_mid_sync() {
+    // Runs alone: every other test's queues and connections go away with the broker.
+    let _alone = exclusive_services().await;
     let db = seeded_db(small()).await;
     let stub = slow_stub().await;
     let settings = Arc::new(settings_for(

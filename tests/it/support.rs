@@ -25,11 +25,74 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    /// The shared side of the services lock ([`exclusive_services`]), released after the
+    /// database is dropped. `None` in the test that holds the lock exclusively.
+    _services: Option<std::fs::File>,
+}
+
+/// The file whose lock says who uses the shared services (PostgreSQL, RabbitMQ, the
+/// process-wide metrics registry). Every test that creates a [`TestDb`] holds it shared;
+/// a test that stops a service or reads process-wide metrics holds it exclusively, so it
+/// runs alone under `cargo test` (threads of one process) and `cargo nextest run`
+/// (processes) alike: an advisory `flock`, released by the kernel if a test dies.
+fn services_lock_file() -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(std::env::temp_dir().join("loansync-tests-services.lock"))
+        .expect("open the services lock file")
+}
+
+thread_local! {
+    /// Set on the test's own thread while it holds the services lock exclusively.
+    static HOLDS_EXCLUSIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Held by a test that must run alone: waits until no other test holds the services
+/// lock, and keeps new ones waiting until dropped. Take it before creating the test's
+/// [`TestDb`].
+pub struct ExclusiveServices {
+    _file: std::fs::File,
+}
+
+pub async fn exclusive_services() -> ExclusiveServices {
+    let file = tokio::task::spawn_blocking(|| {
+        let f = services_lock_file();
+        f.lock().expect("lock the services exclusively");
+        f
+    })
+    .await
+    .expect("services lock task");
+    HOLDS_EXCLUSIVE.with(|h| h.set(true));
+    ExclusiveServices { _file: file }
+}
+
+impl Drop for ExclusiveServices {
+    fn drop(&mut self) {
+        HOLDS_EXCLUSIVE.with(|h| h.set(false));
+    }
+}
+
+async fn shared_services() -> Option<std::fs::File> {
+    if HOLDS_EXCLUSIVE.with(|h| h.get()) {
+        return None;
+    }
+    let file = tokio::task::spawn_blocking(|| {
+        let f = services_lock_file();
+        f.lock_shared().expect("lock the services shared");
+        f
+    })
+    .await
+    .expect("services lock task");
+    Some(file)
 }
 
 impl TestDb {
     /// An empty database holding the Django source schema, not yet migrated.
     pub async fn with_source_schema() -> TestDb {
+        let services = shared_services().await;
         let name = format!("loansync_t_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPool::connect(&admin_url())
             .await
@@ -51,7 +114,12 @@ impl TestDb {
             .execute(&pool)
             .await
             .expect("load source schema");
-        TestDb { name, url, pool }
+        TestDb {
+            name,
+            url,
+            pool,
+            _services: services,
+        }
     }
 
     /// The source schema plus loansync's migrations.
