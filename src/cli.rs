@@ -100,6 +100,14 @@ pub enum Command {
         #[arg(long)]
         in_process: bool,
     },
+    /// End a sync by hand: its unsettled records fail with SYNC_ABANDONED (error rows,
+    /// retryable with `errors retry`), its history row says `failed`, no watermark moves.
+    Abandon {
+        sync_id: String,
+        /// Why, in the history row's error_message.
+        #[arg(long, default_value = "abandoned by an operator (loansync abandon)")]
+        reason: String,
+    },
     /// Run the local analytics API (stub) with optional fault injection.
     StubApi(StubArgs),
     /// Fill a database holding the Django source schema with synthetic data.
@@ -334,6 +342,32 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             broker.close().await;
             println!("re-published {n} unsettled chunks of sync {sync_id}");
             Ok(0)
+        }
+        Command::Abandon { sync_id, reason } => {
+            let pool = db::connect(&settings).await?;
+            // A live planner holds the lock while it plans: abandon waits for it, so it
+            // never ends a sync that is being planned right now.
+            let lock = ledger::PlanningLock::acquire(&pool).await?;
+            let done = ledger::abandon_sync(&pool, &lock, &sync_id, &reason).await;
+            lock.release().await;
+            match done? {
+                ledger::Abandoned::NotActive { state } => anyhow::bail!(
+                    "sync {sync_id} is not planning or running ({}): nothing to abandon",
+                    state.as_deref().unwrap_or("no such sync")
+                ),
+                how => {
+                    let what = match how {
+                        ledger::Abandoned::Planning => "it had not been planned: nothing was sent",
+                        _ => {
+                            "its unsettled records failed with SYNC_ABANDONED; `loansync errors retry` delivers them"
+                        }
+                    };
+                    println!("abandoned sync {sync_id}: {what}");
+                    let summary = summarize(&pool, sync_id).await?;
+                    print!("{}", summary.render());
+                    Ok(0)
+                }
+            }
         }
         Command::Seed {
             scale,
@@ -634,6 +668,8 @@ pub async fn sync_in_process_with(
     if let Some(w) = watcher {
         let _ = w.await;
     }
+    // Single-process installs have no long-running planner to prune the chunk ledger.
+    planner::prune(pool, settings).await;
     summarize(pool, sync_id).await
 }
 
@@ -659,6 +695,17 @@ pub async fn summarize(pool: &sqlx::PgPool, sync_id: String) -> anyhow::Result<S
         busy_with: None,
         seconds: seconds.unwrap_or(0.0),
     })
+}
+
+/// What `status` says after a stalled sync, and what to do about it.
+fn stalled_hint(s: &ledger::SyncSummary) -> &'static str {
+    match (s.stalled, s.state.as_deref()) {
+        (false, _) => "",
+        (true, Some("planning")) => {
+            "  (STALLED: its planner is gone; the next sync abandons it, or run `loansync abandon`)"
+        }
+        (true, _) => "  (STALLED: run `loansync resume`, or `loansync abandon` to end it)",
+    }
 }
 
 async fn status(
@@ -688,11 +735,7 @@ async fn status(
                 s.sync_id,
                 s.sync_type,
                 s.status,
-                if s.stalled {
-                    "  (STALLED: run `loansync resume`)"
-                } else {
-                    ""
-                }
+                stalled_hint(s)
             );
             println!(
                 "window   {} .. {}",

@@ -979,7 +979,10 @@ pub struct SyncSummary {
     pub error_message: Option<String>,
     pub chunks_total: Option<i32>,
     pub chunks_remaining: Option<i32>,
-    /// A running sync whose chunks have not moved for `ETL_STALE_SYNC_SECS`.
+    /// loansync's own state: `planning`, `running` or `done` (none for a sync it did not make).
+    pub state: Option<String>,
+    /// A running sync whose chunks have not moved for `ETL_STALE_SYNC_SECS`, or a
+    /// planning one whose planner is gone.
     pub stalled: bool,
 }
 
@@ -1027,7 +1030,7 @@ pub async fn recent_syncs(
         format!(
             "SELECT h.sync_id::text, h.sync_type::text, h.status::text, h.started_at, h.completed_at, h.duration_seconds, \
                     h.sync_start_date, h.sync_end_date, h.error_message, s.chunks_total, s.chunks_remaining, \
-                    COALESCE({}, false) AS stalled \
+                    s.state::text AS state, COALESCE({}, false) AS stalled \
              FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
              WHERE ($1::text IS NULL OR h.sync_id = $1) ORDER BY h.started_at DESC, h.id DESC LIMIT $2",
             stalled_sql("$3")

@@ -11,6 +11,7 @@ mod poison;
 mod reconnect;
 mod restarts;
 mod resume;
+mod safety;
 mod security;
 mod shutdown;
 mod sink;

@@ -1,0 +1,32 @@
+-- The least-privilege role loansync runs as (planner, workers, triggers, status).
+--
+-- Run once per database, as the owner of Django's tables, AFTER `loansync migrate`
+-- (which runs as that owner: it creates the ETL tables when Django has not, loansync's
+-- own `loansync_*` tables, and indexes on Django's tables, which needs ownership):
+--
+--   psql "$OWNER_DATABASE_URL" -v ON_ERROR_STOP=1 -f deploy/sql/grants.sql
+--
+-- then set DATABASE_URL of the planner and workers to this role. The role name is
+-- `loansync`; change it below if yours differs. Nothing more is needed: no superuser,
+-- no pg_read_all_stats (the window cap reads only what every role may read: other
+-- sessions' backend_xid, see SPEC.md section 2 and migrations/20261127000001).
+-- CREATE ROLE loansync LOGIN PASSWORD '…';   -- or however your roles are managed
+
+GRANT USAGE ON SCHEMA public TO loansync;
+
+-- Django's source tables: read only.
+GRANT SELECT ON accounts_customuser, ajo_ajouser, loans_ajoloan, loans_ajoloanrepayment,
+    loans_ajoloanschedule TO loansync;
+
+-- The ETL tables the Django application reads: loansync writes them.
+GRANT SELECT, INSERT, UPDATE ON etl_folder_etlsynchistory, etl_folder_etlsyncerror,
+    etl_folder_etllastsync TO loansync;
+GRANT USAGE ON SEQUENCE etl_folder_etlsynchistory_id_seq, etl_folder_etlsyncerror_id_seq,
+    etl_folder_etllastsync_id_seq TO loansync;
+
+-- loansync's own tables (DELETE: pruning the chunk ledger and the xid clock).
+GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_sync, loansync_sync_entity, loansync_chunk,
+    loansync_xid_clock TO loansync;
+
+-- `loansync status` and the migrate Job's check read the migration history.
+GRANT SELECT ON _sqlx_migrations TO loansync;
