@@ -20,12 +20,18 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use tokio_util::sync::CancellationToken;
 
-/// Exit code of `sync` when it ended `partial_success`.
-pub const EXIT_PARTIAL: u8 = 2;
-/// Exit code of `sync` when it ended `failed`.
-pub const EXIT_FAILED: u8 = 3;
-/// Exit code of `sync` when another sync was in progress.
-pub const EXIT_BUSY: u8 = 4;
+// Exit codes (README "Exit codes"): 0 success, 1 an error, 2 a usage error (clap's);
+// the outcomes of a sync are above 9 so that no script mistakes one for the other.
+/// The sync ended `partial_success` (`sync`, `resume --in-process`, `errors retry
+/// --in-process`, `trigger --wait`).
+pub const EXIT_PARTIAL: u8 = 10;
+/// The sync ended `failed`.
+pub const EXIT_FAILED: u8 = 11;
+/// The sync did not run: another sync was in progress (single-process mode only; a
+/// planner keeps such a request and runs it later).
+pub const EXIT_BUSY: u8 = 12;
+/// `trigger --wait`: the sync had not finished when `--timeout` ran out (it goes on).
+pub const EXIT_TIMEOUT: u8 = 13;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -58,6 +64,8 @@ impl SyncSelection {
             },
             entities: (!self.entities.is_empty()).then(|| self.entities.clone()),
             request_id,
+            since: None,
+            until: None,
         }
     }
 }
@@ -70,13 +78,33 @@ pub enum Command {
     Planner,
     /// Consume chunk jobs and deliver them (long-running).
     Worker,
-    /// Publish a planning message.
+    /// Publish a planning message (and, with --wait, wait for its sync's outcome).
     Trigger {
         #[command(flatten)]
         selection: SyncSelection,
-        /// Idempotency of the trigger: a repeated id plans nothing new (default: a new UUID).
-        #[arg(long)]
+        /// Idempotency of the trigger: a repeated id plans nothing new (default: a new
+        /// UUID). In a Kubernetes Job, the Job's name (downward API), so that a retried
+        /// pod never plans twice.
+        #[arg(long, env = "ETL_REQUEST_ID")]
         request_id: Option<String>,
+        /// A backfill: rows changed at or after this time (RFC 3339), whatever the
+        /// watermarks say. Incremental selection; moves no watermark.
+        #[arg(long, value_name = "TS", conflicts_with = "full")]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// A backfill's end (exclusive, RFC 3339; default: now).
+        #[arg(long, value_name = "TS", requires = "since")]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Wait until the sync that serves this request has finished, and exit with its
+        /// outcome (0 completed, 10 partial_success, 11 failed, 13 timed out).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this long (e.g. 90s, 45m, 3h); the sync
+        /// goes on.
+        #[arg(long, value_name = "DURATION", requires = "wait", value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// With --wait: print the outcome as JSON.
+        #[arg(long, requires = "wait")]
+        json: bool,
     },
     /// Run one sync in this process (planner and workers over an in-memory queue; no broker).
     Sync {
@@ -288,22 +316,50 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::Trigger {
             selection,
             request_id,
+            since,
+            until,
+            wait,
+            timeout,
+            json,
         } => {
-            let req = selection.request(Some(
-                request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            ));
+            let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let mut req = selection.request(Some(request_id.clone()));
+            req.since = since;
+            req.until = until;
+            planner::parse_plan(&serde_json::to_vec(&req)?).map_err(anyhow::Error::msg)?;
+            // Connect to the database first: a --wait that cannot follow its request
+            // publishes nothing.
+            let pool = if wait {
+                Some(db::connect(&settings).await?)
+            } else {
+                None
+            };
             let broker = connect_broker(&settings).await?;
             broker
                 .publish_json(&broker.topology.plan, std::slice::from_ref(&req))
                 .await?;
             broker.close().await;
-            println!(
-                "published a {} planning message (request_id {}) to {}",
-                req.sync_type,
-                req.request_id.as_deref().unwrap_or("-"),
+            eprintln!(
+                "published a {} planning message (request_id {request_id}) to {}",
+                if req.since.is_some() {
+                    "backfill"
+                } else {
+                    req.sync_type.as_str()
+                },
                 broker.topology.plan
             );
-            Ok(0)
+            match pool {
+                None => Ok(0),
+                Some(pool) => {
+                    let waited = wait_for_request(&pool, &request_id, timeout).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&waited)?);
+                    } else {
+                        print!("{}", waited.render());
+                    }
+                    Ok(waited.exit_code())
+                }
+            }
         }
         Command::Sync { selection } => {
             let pool = db::connect(&settings).await?;
@@ -622,6 +678,75 @@ impl SyncSummary {
     }
 }
 
+/// What `trigger --wait` saw of its request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Waited {
+    pub request_id: String,
+    /// `pending` (waiting for the slot), `planned`, or `unseen` (no planner took it yet).
+    pub request_state: String,
+    pub timed_out: bool,
+    pub sync: Option<SyncSummary>,
+}
+
+impl Waited {
+    pub fn exit_code(&self) -> u8 {
+        match &self.sync {
+            Some(s) if s.status.is_some() => s.exit_code(),
+            _ if self.timed_out => EXIT_TIMEOUT,
+            _ => 1,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        match &self.sync {
+            Some(s) if s.status.is_some() => s.render(),
+            Some(s) => format!(
+                "timed out waiting: request {} is served by sync {} which is still running \
+                 (`loansync status {}`)\n",
+                self.request_id,
+                s.sync_id.as_deref().unwrap_or("-"),
+                s.sync_id.as_deref().unwrap_or("")
+            ),
+            None => format!(
+                "timed out waiting: request {} is {} (no sync serves it yet; \
+                 `loansync status` shows what runs)\n",
+                self.request_id, self.request_state
+            ),
+        }
+    }
+}
+
+/// Polls PostgreSQL until the sync serving `request_id` has finished, or `timeout`.
+async fn wait_for_request(
+    pool: &sqlx::PgPool,
+    request_id: &str,
+    timeout: Option<std::time::Duration>,
+) -> anyhow::Result<Waited> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        every.tick().await;
+        let seen = ledger::request_state(pool, request_id).await?;
+        let (state, sync_id, finished) = match seen {
+            None => ("unseen".to_string(), None, false),
+            Some(r) => (r.state, r.sync_id, r.finished),
+        };
+        let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if finished || timed_out {
+            let sync = match sync_id {
+                Some(id) => Some(summarize(pool, id).await?),
+                None => None,
+            };
+            return Ok(Waited {
+                request_id: request_id.to_string(),
+                request_state: state,
+                timed_out: !finished,
+                sync,
+            });
+        }
+    }
+}
+
 /// Single-process mode: plans `req` and works its chunks off an in-memory queue.
 pub async fn sync_in_process(
     pool: &sqlx::PgPool,
@@ -653,6 +778,9 @@ pub async fn sync_in_process_with(
                 progress: Vec::new(),
                 seconds: started.elapsed().as_secs_f64(),
             });
+        }
+        PlanOutcome::Pending { request_id, .. } => {
+            anyhow::bail!("request {request_id} was queued instead of planned in this process")
         }
     };
     let (done, watching) = tokio::sync::watch::channel(false);
@@ -794,6 +922,24 @@ async fn status(
                     .unwrap_or_else(|| "-".into())
             );
         }
+        let pending = ledger::pending_requests(pool).await?;
+        if !pending.is_empty() {
+            println!(
+                "\n{} planning request(s) pending, run when the current sync ends (coalesced):",
+                pending.len()
+            );
+            for (id, sync_type, at, since) in pending {
+                let kind = if since.is_some() {
+                    "backfill"
+                } else {
+                    sync_type.as_str()
+                };
+                println!(
+                    "  {id:<36}  {kind:<11}  received {}",
+                    at.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -853,6 +999,9 @@ async fn errors(cmd: ErrorsCommand, settings: &Arc<Settings>) -> anyhow::Result<
                         println!("another sync is in progress ({active_sync_id}); retry later");
                         return Ok(EXIT_BUSY);
                     }
+                    PlanOutcome::Pending { request_id, .. } => {
+                        anyhow::bail!("retry {request_id} was queued instead of planned")
+                    }
                 };
                 let ctx = Arc::new(worker_context(settings, pool.clone())?);
                 worker::run_memory(ctx, queue, settings.worker_concurrency).await;
@@ -880,6 +1029,9 @@ async fn errors(cmd: ErrorsCommand, settings: &Arc<Settings>) -> anyhow::Result<
                     PlanOutcome::Duplicate { sync_id, .. } => {
                         println!("retry sync {sync_id} already planned");
                         Ok(0)
+                    }
+                    PlanOutcome::Pending { request_id, .. } => {
+                        anyhow::bail!("retry {request_id} was queued instead of planned")
                     }
                 }
             }

@@ -173,6 +173,8 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
                     sync_type,
                     entities: None,
                     request_id: Some(uuid::Uuid::new_v4().to_string()),
+                    since: None,
+                    until: None,
                 };
                 admin
                     .publish_json(&admin.topology.plan, std::slice::from_ref(&req))
@@ -196,6 +198,8 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
                     sync_type,
                     entities: None,
                     request_id: None,
+                    since: None,
+                    until: None,
                 };
                 let s = crate::cli::sync_in_process(&pool, &settings, &req).await?;
                 eprint!("{}", s.render());

@@ -153,6 +153,13 @@ pub struct PlanRequest {
     pub entities: Option<Vec<EntityKind>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// A backfill: rows changed at or after this time (RFC 3339), whatever the
+    /// watermarks say; such a sync moves no watermark (`loansync trigger --since`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// A backfill's end (exclusive); the window never ends later than a regular one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl PlanRequest {

@@ -26,11 +26,35 @@ pub enum PlanOutcome {
     },
     /// The request id was seen before; its chunks were (re)published if still unsettled.
     Duplicate { sync_id: String, republished: usize },
-    /// Another sync is planning or running; nothing was planned.
+    /// Another sync is planning or running; nothing was planned (single-process mode).
     Busy { active_sync_id: String },
+    /// Another sync is running: the request is kept and planned when the slot frees
+    /// (the planner's messages). `again`: it was pending already.
+    Pending { request_id: String, again: bool },
 }
 
-/// Plans the sync `req` asks for and publishes its chunks through `publisher`.
+/// What a planning request asks for.
+pub fn spec_of(req: &PlanRequest) -> ledger::SyncSpec {
+    let backfill = req.since.is_some();
+    ledger::SyncSpec {
+        sync_type: if backfill {
+            SyncType::Incremental
+        } else {
+            req.sync_type
+        },
+        entities: req.entity_set(),
+        purpose: if backfill {
+            Purpose::Backfill
+        } else {
+            Purpose::Sync
+        },
+        since: req.since,
+        until: req.until,
+    }
+}
+
+/// Plans the sync `req` asks for and publishes its chunks through `publisher`; another
+/// sync in progress makes it [`PlanOutcome::Busy`] (single-process mode).
 pub async fn plan_sync(
     pool: &PgPool,
     settings: &Settings,
@@ -40,13 +64,62 @@ pub async fn plan_sync(
     plan(
         pool,
         settings,
-        req.sync_type,
-        &req.entity_set(),
+        &spec_of(req),
         req.request_id.as_deref(),
-        Purpose::Sync,
+        false,
         publisher,
     )
     .await
+}
+
+/// Plans a planning message from the queue: as [`plan_sync`], except that a request that
+/// finds another sync running is kept, durably, and planned when the slot frees
+/// ([`plan_pending`]). A request without an id gets one (`anonymous-<uuid>`, a prefix
+/// that marks it as such), so that it can be kept and followed.
+pub async fn plan_message(
+    pool: &PgPool,
+    settings: &Settings,
+    req: &PlanRequest,
+    publisher: &dyn ChunkPublisher,
+) -> anyhow::Result<PlanOutcome> {
+    let request_id = req
+        .request_id
+        .clone()
+        .unwrap_or_else(|| format!("anonymous-{}", uuid::Uuid::new_v4()));
+    plan(
+        pool,
+        settings,
+        &spec_of(req),
+        Some(&request_id),
+        true,
+        publisher,
+    )
+    .await
+}
+
+/// Plans the pending requests once the slot is free (coalesced, see
+/// [`ledger::begin_pending`]). `None` when there is nothing to plan now.
+pub async fn plan_pending(
+    pool: &PgPool,
+    settings: &Settings,
+    publisher: &dyn ChunkPublisher,
+) -> anyhow::Result<Option<PlanOutcome>> {
+    if !ledger::pending_ready(pool).await? {
+        return Ok(None);
+    }
+    let lock = ledger::PlanningLock::acquire(pool).await?;
+    let outcome = async {
+        let Some((spec, served, begin)) = ledger::begin_pending(pool, &lock).await? else {
+            return Ok(None);
+        };
+        tracing::info!(requests = ?served, sync_type = %spec.sync_type, purpose = spec.purpose.as_str(), "planning pending requests");
+        plan_claimed(pool, settings, &spec, begin, publisher)
+            .await
+            .map(Some)
+    }
+    .await;
+    lock.release().await;
+    outcome
 }
 
 /// Plans a retry of the unresolved error rows of `entities` (all four when empty): a
@@ -65,51 +138,49 @@ pub async fn plan_retry(
             .filter(|e| entities.contains(e))
             .collect()
     };
-    plan(
-        pool,
-        settings,
-        SyncType::Incremental,
-        &entities,
-        None,
-        Purpose::Retry,
-        publisher,
-    )
-    .await
+    let spec = ledger::SyncSpec {
+        sync_type: SyncType::Incremental,
+        entities,
+        purpose: Purpose::Retry,
+        since: None,
+        until: None,
+    };
+    plan(pool, settings, &spec, None, false, publisher).await
 }
 
 async fn plan(
     pool: &PgPool,
     settings: &Settings,
-    sync_type: SyncType,
-    entities: &[EntityKind],
+    spec: &ledger::SyncSpec,
     request_id: Option<&str>,
-    purpose: Purpose,
+    queue_if_busy: bool,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<PlanOutcome> {
-    anyhow::ensure!(!entities.is_empty(), "the planning message names no entity");
+    anyhow::ensure!(
+        !spec.entities.is_empty(),
+        "the planning message names no entity"
+    );
     // Held until the plan is committed and published: a planner that dies meanwhile
     // releases it with its session, and the next one takes its claim over.
     let lock = ledger::PlanningLock::acquire(pool).await?;
-    let outcome = plan_locked(
-        pool, &lock, settings, sync_type, entities, request_id, purpose, publisher,
-    )
+    let outcome = async {
+        let begin = ledger::begin_sync(pool, &lock, spec, request_id, queue_if_busy).await?;
+        plan_claimed(pool, settings, spec, begin, publisher).await
+    }
     .await;
     lock.release().await;
     outcome
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn plan_locked(
+/// Everything after the claim: the ledger, the totals, the chunk jobs.
+async fn plan_claimed(
     pool: &PgPool,
-    lock: &ledger::PlanningLock,
     settings: &Settings,
-    sync_type: SyncType,
-    entities: &[EntityKind],
-    request_id: Option<&str>,
-    purpose: Purpose,
+    spec: &ledger::SyncSpec,
+    begin: Begin,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<PlanOutcome> {
-    let begin = ledger::begin_sync(pool, lock, sync_type, entities, request_id, purpose).await?;
+    let (sync_type, purpose) = (spec.sync_type, spec.purpose);
     let (sync_id, window_hi) = match begin {
         Begin::Started { sync_id, window_hi } => (sync_id, window_hi),
         Begin::Replan { sync_id, window_hi } => {
@@ -138,16 +209,19 @@ async fn plan_locked(
         }
         Begin::Busy { active_sync_id } => {
             METRICS.plans_skipped.with_label_values(&["busy"]).inc();
-            tracing::warn!(%active_sync_id, "another sync is in progress: this planning message is not run");
+            tracing::warn!(%active_sync_id, "another sync is in progress: this sync is not run");
             return Ok(PlanOutcome::Busy { active_sync_id });
+        }
+        Begin::Pending { request_id, again } => {
+            if !again {
+                METRICS.plans_skipped.with_label_values(&["queued"]).inc();
+            }
+            tracing::info!(%request_id, again, "another sync is in progress: the request waits for it");
+            return Ok(PlanOutcome::Pending { request_id, again });
         }
         Begin::Unbounded(why) => return Err(why.into()),
     };
-
-    let (totals, finished) = write_ledger(
-        pool, settings, &sync_id, sync_type, entities, purpose, window_hi,
-    )
-    .await?;
+    let (totals, finished) = write_ledger(pool, settings, &sync_id, spec, window_hi).await?;
     for (entity, n) in &totals.records {
         METRICS
             .records_planned
@@ -193,11 +267,10 @@ async fn write_ledger(
     pool: &PgPool,
     settings: &Settings,
     sync_id: &str,
-    sync_type: SyncType,
-    entities: &[EntityKind],
-    purpose: Purpose,
+    spec: &ledger::SyncSpec,
     hi: DateTime<Utc>,
 ) -> anyhow::Result<(PlanTotals, Option<FinalStatus>)> {
+    let (sync_type, entities, purpose) = (spec.sync_type, &spec.entities[..], spec.purpose);
     let mut tx = pool.begin().await?;
     anyhow::ensure!(
         ledger::clear_plan(&mut tx, sync_id).await?,
@@ -212,6 +285,7 @@ async fn write_ledger(
                 window_for(settings, sync_type, watermark, hi)
             }
             Purpose::Retry => SyncWindow { lo: None, hi },
+            Purpose::Backfill => SyncWindow { lo: spec.since, hi },
         };
         if let Some(lo) = window.lo {
             earliest_lo = Some(earliest_lo.map_or(lo, |e| e.min(lo)));
@@ -221,7 +295,7 @@ async fn write_ledger(
         loop {
             // Keyset pagination: one page is one chunk; memory never grows with the table.
             let ids = match purpose {
-                Purpose::Sync => {
+                Purpose::Sync | Purpose::Backfill => {
                     source::next_ids(&mut tx, entity, sync_type, &window, after, size).await?
                 }
                 Purpose::Retry => ledger::next_unresolved_ids(&mut tx, entity, after, size).await?,
@@ -251,6 +325,17 @@ pub fn parse_plan(body: &[u8]) -> Result<PlanRequest, String> {
         .and_then(|r| {
             if r.entities.as_ref().is_some_and(|e| e.is_empty()) {
                 Err("invalid planning message: `entities` is empty".to_string())
+            } else if r.until.is_some() && r.since.is_none() {
+                Err("invalid planning message: `until` without `since`".to_string())
+            } else if r.since.is_some() && r.sync_type == SyncType::Full {
+                Err(
+                    "invalid planning message: a backfill (`since`) is incremental, not full"
+                        .to_string(),
+                )
+            } else if let (Some(since), Some(until)) = (r.since, r.until)
+                && since >= until
+            {
+                Err("invalid planning message: `since` is not before `until`".to_string())
             } else {
                 Ok(r)
             }
@@ -261,6 +346,9 @@ pub fn parse_plan(body: &[u8]) -> Result<PlanRequest, String> {
 /// cap) and, every [`PRUNE_EVERY_TICKS`] ticks, prunes old chunk id lists.
 const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 const PRUNE_EVERY_TICKS: u64 = 360;
+/// How often a long-running planner looks for pending requests to plan once the slot is
+/// free (a cheap read; the planning lock is taken only when there is work).
+const PENDING_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One housekeeping tick; failures are logged and tried again at the next tick.
 pub async fn housekeep(pool: &PgPool, settings: &Settings, tick: u64) {
@@ -278,6 +366,14 @@ pub async fn prune(pool: &PgPool, settings: &Settings) {
         Ok(0) => {}
         Ok(n) => tracing::info!(chunks = n, "pruned the chunk ledger of old finished syncs"),
         Err(e) => tracing::warn!(error = %e, "could not prune the chunk ledger"),
+    }
+}
+
+/// Plans what is pending if the slot is free; failures are logged and tried again at the
+/// next tick (the requests stay pending in PostgreSQL).
+async fn run_pending(pool: &PgPool, settings: &Settings, publisher: &dyn ChunkPublisher) {
+    if let Err(e) = plan_pending(pool, settings, publisher).await {
+        tracing::warn!(error = %format!("{e:#}"), "could not plan the pending requests; trying again shortly");
     }
 }
 
@@ -325,6 +421,8 @@ pub async fn run_amqp(
     tokio::pin!(shutdown);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending = tokio::time::interval(PENDING_EVERY);
+    pending.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = 0u64;
     let result = loop {
         let delivery = tokio::select! {
@@ -332,6 +430,10 @@ pub async fn run_amqp(
             _ = housekeeping.tick() => {
                 housekeep(&pool, &settings, ticks).await;
                 ticks += 1;
+                continue;
+            }
+            _ = pending.tick() => {
+                run_pending(&pool, &settings, &broker).await;
                 continue;
             }
             next = consumer.next() => match next {
@@ -350,7 +452,7 @@ pub async fn run_amqp(
                 &pool,
                 settings.db_outage_wait,
                 "the planning message",
-                || plan_sync(&pool, &settings, &req, &broker),
+                || plan_message(&pool, &settings, &req, &broker),
             )
             .await
             {
@@ -365,6 +467,7 @@ pub async fn run_amqp(
         if let Err(e) = delivery.settle(&broker, &queue, disposition).await {
             tracing::warn!(error = %format!("{e:#}"), "could not settle a planning message");
         }
+        run_pending(&pool, &settings, &broker).await;
     };
     consuming.store(false, Ordering::SeqCst);
     consumer.close().await;

@@ -26,7 +26,8 @@ GRANT USAGE ON SEQUENCE etl_folder_etlsynchistory_id_seq, etl_folder_etlsyncerro
 
 -- loansync's own tables (DELETE: pruning the chunk ledger and the xid clock).
 GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_sync, loansync_sync_entity, loansync_chunk,
-    loansync_xid_clock TO loansync;
+    loansync_xid_clock, loansync_request TO loansync;
+GRANT SELECT ON loansync_pending_request TO loansync;
 
 -- `loansync status` and the migrate Job's check read the migration history.
 GRANT SELECT ON _sqlx_migrations TO loansync;

@@ -35,6 +35,8 @@ use sql::*;
 pub enum Purpose {
     Sync,
     Retry,
+    /// A bounded window asked for by hand (`trigger --since`); moves no watermark.
+    Backfill,
 }
 
 impl Purpose {
@@ -42,6 +44,7 @@ impl Purpose {
         match self {
             Purpose::Sync => "sync",
             Purpose::Retry => "retry",
+            Purpose::Backfill => "backfill",
         }
     }
 }
@@ -84,6 +87,9 @@ pub enum Begin {
     Duplicate { sync_id: String, running: bool },
     /// Another sync is planning or running.
     Busy { active_sync_id: String },
+    /// Another sync is running: the request is kept (`again`: it was pending already)
+    /// and will be planned when the slot frees.
+    Pending { request_id: String, again: bool },
     /// The window's end cannot be bounded now (see [`clock::Unbounded`]); nothing claimed.
     Unbounded(clock::Unbounded),
 }
@@ -153,115 +159,347 @@ impl PlanningLock {
     }
 }
 
+/// What a new sync is: its type, entities, purpose and, for a backfill, its bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncSpec {
+    pub sync_type: SyncType,
+    pub entities: Vec<EntityKind>,
+    pub purpose: Purpose,
+    /// A backfill's lower bound (`trigger --since`); with [`Purpose::Backfill`] only.
+    pub since: Option<DateTime<Utc>>,
+    /// A backfill's upper bound (`trigger --until`); the window's end is never later
+    /// than the cap of [`clock::window_hi`] either.
+    pub until: Option<DateTime<Utc>>,
+}
+
 /// Claims the one active-sync slot for a new sync and writes its `pending` history row.
 /// The caller holds the [`PlanningLock`], so a `planning` sync found here has lost its
 /// planner: with the same request id it is planned again, otherwise it is abandoned
 /// (history `failed`, nothing was sent) and the slot is taken.
+///
+/// With `queue_if_busy`, a request (with an id) that finds another sync running is kept
+/// as pending in `loansync_request`, to be planned when the slot frees ([`begin_pending`]).
 pub async fn begin_sync(
     pool: &PgPool,
     _lock: &PlanningLock,
-    sync_type: SyncType,
-    entities: &[EntityKind],
+    spec: &SyncSpec,
     request_id: Option<&str>,
-    purpose: Purpose,
+    queue_if_busy: bool,
 ) -> sqlx::Result<Begin> {
     let mut tx = pool.begin().await?;
     if let Some(rid) = request_id {
-        let existing = sqlx::query(
-            "SELECT sync_id, state, window_hi FROM loansync_sync WHERE request_id = $1 FOR UPDATE",
+        let known: Option<(
+            String,
+            Option<String>,
+            Option<String>,
+            Option<DateTime<Utc>>,
+        )> = sqlx::query_as(
+            "SELECT r.state, r.sync_id::text, s.state, s.window_hi FROM loansync_request r \
+                 LEFT JOIN loansync_sync s USING (sync_id) WHERE r.request_id = $1 FOR UPDATE OF r",
         )
         .bind(rid)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some(row) = existing {
-            let sync_id: String = row.get(0);
-            let state: String = row.get(1);
-            return Ok(match state.as_str() {
-                "planning" => Begin::Replan {
-                    sync_id,
-                    window_hi: row.get(2),
+        if let Some((req_state, sync_id, sync_state, window_hi)) = known {
+            return Ok(match (req_state.as_str(), sync_id, sync_state.as_deref()) {
+                ("pending", _, _) => Begin::Pending {
+                    request_id: rid.to_string(),
+                    again: true,
                 },
-                s => Begin::Duplicate {
+                (_, Some(sync_id), Some("planning")) => Begin::Replan {
                     sync_id,
-                    running: s == "running",
+                    window_hi: window_hi.unwrap_or_else(Utc::now),
+                },
+                (_, sync_id, state) => Begin::Duplicate {
+                    sync_id: sync_id.unwrap_or_default(),
+                    running: state == Some("running"),
                 },
             });
         }
     }
+    abandon_orphans(&mut tx).await?;
+    let active: Option<String> =
+        sqlx::query_scalar("SELECT sync_id::text FROM loansync_sync WHERE state <> 'done' LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(active_sync_id) = active {
+        if let (true, Some(rid)) = (queue_if_busy, request_id) {
+            insert_request(&mut tx, rid, spec, "pending", None).await?;
+            tx.commit().await?;
+            return Ok(Begin::Pending {
+                request_id: rid.to_string(),
+                again: false,
+            });
+        }
+        tx.commit().await?;
+        return Ok(Begin::Busy { active_sync_id });
+    }
+    let (sync_id, window_hi) = match claim(&mut tx, spec, request_id).await? {
+        Ok(claimed) => claimed,
+        Err(unbounded) => {
+            tx.commit().await?;
+            return Ok(Begin::Unbounded(unbounded));
+        }
+    };
+    if let Some(rid) = request_id {
+        insert_request(&mut tx, rid, spec, "planned", Some(&sync_id)).await?;
+    }
+    tx.commit().await?;
+    Ok(Begin::Started { sync_id, window_hi })
+}
+
+/// Claims the slot for the pending requests, when it is free: every pending full request
+/// and the incremental ones it covers become one full sync; otherwise the oldest
+/// backfill runs alone; otherwise every pending incremental request becomes one
+/// incremental sync. `None` when nothing is pending or another sync holds the slot.
+pub async fn begin_pending(
+    pool: &PgPool,
+    _lock: &PlanningLock,
+) -> sqlx::Result<Option<(SyncSpec, Vec<String>, Begin)>> {
+    let mut tx = pool.begin().await?;
+    abandon_orphans(&mut tx).await?;
+    let active: Option<String> =
+        sqlx::query_scalar("SELECT sync_id::text FROM loansync_sync WHERE state <> 'done' LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?;
+    if active.is_some() {
+        tx.commit().await?;
+        return Ok(None);
+    }
+    type Pending = (
+        String,
+        String,
+        Vec<String>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    );
+    let pending: Vec<Pending> = sqlx::query_as(
+        "SELECT request_id, sync_type::text, entities, since, until FROM loansync_request \
+         WHERE state = 'pending' ORDER BY received_at, request_id FOR UPDATE",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let Some((spec, served)) = coalesce(&pending) else {
+        tx.commit().await?;
+        return Ok(None);
+    };
+    let (sync_id, window_hi) =
+        match claim(&mut tx, &spec, served.first().map(String::as_str)).await? {
+            Ok(claimed) => claimed,
+            Err(unbounded) => {
+                tx.commit().await?;
+                return Ok(Some((spec, served, Begin::Unbounded(unbounded))));
+            }
+        };
+    sqlx::query(
+        "UPDATE loansync_request SET state = 'planned', sync_id = $2, planned_at = now() \
+         WHERE request_id = ANY($1)",
+    )
+    .bind(&served)
+    .bind(&sync_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some((spec, served, Begin::Started { sync_id, window_hi })))
+}
+
+/// Whether a request is pending and the slot looks free (read without locks; the
+/// claim re-checks under the planning lock).
+pub async fn pending_ready(pool: &PgPool) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM loansync_request WHERE state = 'pending') \
+            AND NOT EXISTS (SELECT 1 FROM loansync_sync WHERE state <> 'done')",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// The pending requests, oldest first: request id, sync type, received at, and for a
+/// backfill its lower bound.
+pub async fn pending_requests(
+    pool: &PgPool,
+) -> sqlx::Result<Vec<(String, String, DateTime<Utc>, Option<DateTime<Utc>>)>> {
+    sqlx::query_as(
+        "SELECT request_id, sync_type::text, received_at, since FROM loansync_request \
+         WHERE state = 'pending' ORDER BY received_at, request_id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Which pending requests the next sync serves, and what that sync is (see
+/// [`begin_pending`]). Rows: request id, sync type, entities, since, until; oldest first.
+fn coalesce(
+    pending: &[(
+        String,
+        String,
+        Vec<String>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    )],
+) -> Option<(SyncSpec, Vec<String>)> {
+    let entities_of = |names: &[String]| -> Vec<EntityKind> {
+        EntityKind::ALL
+            .into_iter()
+            .filter(|e| names.iter().any(|n| n == e.as_str()))
+            .collect()
+    };
+    let regular = |t: &str| {
+        pending
+            .iter()
+            .filter(move |r| r.1 == t && r.3.is_none())
+            .collect::<Vec<_>>()
+    };
+    let union = |rows: &[&(
+        String,
+        String,
+        Vec<String>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    )]| {
+        let names: Vec<String> = rows.iter().flat_map(|r| r.2.iter().cloned()).collect();
+        entities_of(&names)
+    };
+    let fulls = regular("full");
+    if !fulls.is_empty() {
+        let entities = union(&fulls);
+        let mut served: Vec<String> = fulls.iter().map(|r| r.0.clone()).collect();
+        // A pending full supersedes the pending incremental requests it covers.
+        for r in regular("incremental") {
+            if entities_of(&r.2).iter().all(|e| entities.contains(e)) {
+                served.push(r.0.clone());
+            }
+        }
+        let spec = SyncSpec {
+            sync_type: SyncType::Full,
+            entities,
+            purpose: Purpose::Sync,
+            since: None,
+            until: None,
+        };
+        return Some((spec, served));
+    }
+    let oldest = pending.first()?;
+    if oldest.3.is_some() {
+        let spec = SyncSpec {
+            sync_type: SyncType::Incremental,
+            entities: entities_of(&oldest.2),
+            purpose: Purpose::Backfill,
+            since: oldest.3,
+            until: oldest.4,
+        };
+        return Some((spec, vec![oldest.0.clone()]));
+    }
+    let incrementals = regular("incremental");
+    let spec = SyncSpec {
+        sync_type: SyncType::Incremental,
+        entities: union(&incrementals),
+        purpose: Purpose::Sync,
+        since: None,
+        until: None,
+    };
+    Some((spec, incrementals.iter().map(|r| r.0.clone()).collect()))
+}
+
+/// The claim itself, in the caller's transaction: the window's end, the history row
+/// (`pending`), a sample of the xid clock, the `planning` row holding the slot.
+async fn claim(
+    tx: &mut PgConnection,
+    spec: &SyncSpec,
+    request_id: Option<&str>,
+) -> sqlx::Result<Result<(String, DateTime<Utc>), clock::Unbounded>> {
+    let window_hi = match clock::window_hi(&mut *tx).await? {
+        Ok(hi) => spec.until.map_or(hi, |until| until.min(hi)),
+        Err(unbounded) => return Ok(Err(unbounded)),
+    };
+    let sync_id = uuid::Uuid::new_v4().to_string();
+    sqlx::query(INSERT_HISTORY)
+        .bind(&sync_id)
+        .bind(spec.sync_type.as_str())
+        .execute(&mut *tx)
+        .await?;
+    clock::sample(&mut *tx).await?;
+    let names: Vec<&str> = spec.entities.iter().map(|e| e.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO loansync_sync (sync_id, request_id, sync_type, purpose, entities, state, window_hi, since) \
+         VALUES ($1, $2, $3, $4, $5, 'planning', $6, $7)",
+    )
+    .bind(&sync_id)
+    .bind(request_id)
+    .bind(spec.sync_type.as_str())
+    .bind(spec.purpose.as_str())
+    .bind(&names)
+    .bind(window_hi)
+    .bind(spec.since)
+    .execute(&mut *tx)
+    .await?;
+    Ok(Ok((sync_id, window_hi)))
+}
+
+async fn insert_request(
+    tx: &mut PgConnection,
+    request_id: &str,
+    spec: &SyncSpec,
+    state: &str,
+    sync_id: Option<&str>,
+) -> sqlx::Result<()> {
+    let names: Vec<&str> = spec.entities.iter().map(|e| e.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO loansync_request (request_id, sync_type, entities, since, until, state, sync_id, planned_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $7::text IS NULL THEN NULL ELSE now() END)",
+    )
+    .bind(request_id)
+    .bind(spec.sync_type.as_str())
+    .bind(&names)
+    .bind(spec.since)
+    .bind(spec.until)
+    .bind(state)
+    .bind(sync_id)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Abandons every `planning` sync: the caller holds the [`PlanningLock`], so their
+/// planners are gone.
+async fn abandon_orphans(tx: &mut PgConnection) -> sqlx::Result<()> {
     let orphans: Vec<String> = sqlx::query_scalar(
         "SELECT sync_id::text FROM loansync_sync WHERE state = 'planning' FOR UPDATE",
     )
     .fetch_all(&mut *tx)
     .await?;
     for orphan in &orphans {
-        abandon_orphan(&mut tx, orphan, ORPHAN_REASON).await?;
+        abandon_orphan(&mut *tx, orphan, ORPHAN_REASON, true).await?;
         tracing::warn!(sync_id = %orphan, "abandoned a sync whose planner stopped while planning");
     }
-    let window_hi = match clock::window_hi(&mut tx).await? {
-        Ok(hi) => hi,
-        Err(unbounded) => {
-            // Keep the abandonment of orphans: it is right whatever happens next.
-            tx.commit().await?;
-            return Ok(Begin::Unbounded(unbounded));
-        }
-    };
-    let sync_id = uuid::Uuid::new_v4().to_string();
-    sqlx::query(INSERT_HISTORY)
-        .bind(&sync_id)
-        .bind(sync_type.as_str())
-        .execute(&mut *tx)
-        .await?;
-    clock::sample(&mut tx).await?;
-    let names: Vec<&str> = entities.iter().map(|e| e.as_str()).collect();
-    let claimed = sqlx::query(
-        "INSERT INTO loansync_sync (sync_id, request_id, sync_type, purpose, entities, state, window_hi) \
-         VALUES ($1, $2, $3, $4, $5, 'planning', $6) ON CONFLICT DO NOTHING",
-    )
-    .bind(&sync_id)
-    .bind(request_id)
-    .bind(sync_type.as_str())
-    .bind(purpose.as_str())
-    .bind(&names)
-    .bind(window_hi)
-    .execute(&mut *tx)
-    .await?;
-    if claimed.rows_affected() == 0 {
-        tx.rollback().await?;
-        // The active slot is taken by a running sync (a request id taken concurrently
-        // cannot happen under the planning lock, but is answered all the same).
-        if let Some(rid) = request_id {
-            let again: Option<(String, String)> =
-                sqlx::query_as("SELECT sync_id, state FROM loansync_sync WHERE request_id = $1")
-                    .bind(rid)
-                    .fetch_optional(pool)
-                    .await?;
-            if let Some((sync_id, state)) = again {
-                return Ok(Begin::Duplicate {
-                    sync_id,
-                    running: state == "running",
-                });
-            }
-        }
-        let active: Option<String> =
-            sqlx::query_scalar("SELECT sync_id FROM loansync_sync WHERE state <> 'done' LIMIT 1")
-                .fetch_optional(pool)
-                .await?;
-        return Ok(Begin::Busy {
-            active_sync_id: active.unwrap_or_else(|| "(just finished)".into()),
-        });
-    }
-    tx.commit().await?;
-    Ok(Begin::Started { sync_id, window_hi })
+    Ok(())
 }
 
 const ORPHAN_REASON: &str = "its planner stopped while planning (process killed or connection \
-     lost): abandoned by the next planner. Nothing was sent and no watermark moved; trigger \
-     the sync again if it is still wanted";
+     lost): abandoned by the next planner. Nothing was sent and no watermark moved; the \
+     planning requests it served are pending again and run when the slot frees";
 
 /// Ends a `planning` sync whose planner is gone: history `failed` with `reason`, zero
-/// counters (nothing was planned), the slot and its request id freed so that a
-/// redelivered planning message plans anew.
-async fn abandon_orphan(conn: &mut PgConnection, sync_id: &str, reason: &str) -> sqlx::Result<()> {
+/// counters (nothing was planned), the slot and its request id freed. With `requeue`
+/// (a takeover by the next planner, not an operator's abandon), the requests it served
+/// are pending again, so that none is lost.
+async fn abandon_orphan(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    reason: &str,
+    requeue: bool,
+) -> sqlx::Result<()> {
+    if requeue {
+        sqlx::query(
+            // A request without an id of its own is not: its planning message, unacked,
+            // comes back from the broker as a new request.
+            "UPDATE loansync_request SET state = 'pending', sync_id = NULL, planned_at = NULL \
+             WHERE sync_id = $1 AND request_id NOT LIKE 'anonymous-%'",
+        )
+        .bind(sync_id)
+        .execute(&mut *conn)
+        .await?;
+    }
     sqlx::query(
         "UPDATE etl_folder_etlsynchistory SET status = 'failed', completed_at = now(), \
          duration_seconds = EXTRACT(EPOCH FROM (now() - started_at))::float8, error_message = $2 \
@@ -525,14 +763,39 @@ pub async fn start_chunk(
             } else {
                 SyncType::Incremental
             },
-            purpose: if purpose == "retry" {
-                Purpose::Retry
-            } else {
-                Purpose::Sync
+            purpose: match purpose.as_str() {
+                "retry" => Purpose::Retry,
+                "backfill" => Purpose::Backfill,
+                _ => Purpose::Sync,
             },
             history_id: r.get(4),
             attempts: r.get(5),
         }
+    }))
+}
+
+/// Where a planning request is: `pending` or `planned`, the sync serving it, and
+/// whether that sync has finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestState {
+    pub state: String,
+    pub sync_id: Option<String>,
+    pub finished: bool,
+}
+
+/// [`RequestState`] of a request id; `None` until a planner has taken the request.
+pub async fn request_state(pool: &PgPool, request_id: &str) -> sqlx::Result<Option<RequestState>> {
+    let row: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT r.state, r.sync_id::text, s.state FROM loansync_request r \
+         LEFT JOIN loansync_sync s USING (sync_id) WHERE r.request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(state, sync_id, sync_state)| RequestState {
+        state,
+        finished: sync_state.as_deref() == Some("done"),
+        sync_id,
     }))
 }
 
@@ -662,7 +925,7 @@ async fn record_failures(conn: &mut PgConnection, r: &ChunkResult<'_>) -> sqlx::
     let messages: Vec<&str> = r.failed.iter().map(|f| f.message.as_str()).collect();
     let details: Vec<&serde_json::Value> = r.failed.iter().map(|f| &f.details).collect();
     let sql = match r.purpose {
-        Purpose::Sync => INSERT_ERRORS,
+        Purpose::Sync | Purpose::Backfill => INSERT_ERRORS,
         Purpose::Retry => RETRY_ERRORS,
     };
     sqlx::query(sql)
@@ -836,7 +1099,7 @@ async fn fail_unsettled(
              FROM loansync_chunk c CROSS JOIN LATERAL unnest(c.ids) AS u(id) \
              JOIN etl_folder_etlsynchistory h ON h.sync_id = c.sync_id \
              JOIN loansync_sync s ON s.sync_id = c.sync_id \
-             WHERE c.sync_id = $1 AND c.outcome = 'abandoned' AND s.purpose = 'sync'",
+             WHERE c.sync_id = $1 AND c.outcome = 'abandoned' AND s.purpose <> 'retry'",
         )
         .bind(sync_id)
         .bind(ABANDONED_CODE)
@@ -907,7 +1170,7 @@ pub async fn abandon_sync(
                 tx.rollback().await?;
                 return Ok(Abandoned::NotActive { state });
             }
-            abandon_orphan(&mut tx, sync_id, reason).await?;
+            abandon_orphan(&mut tx, sync_id, reason, false).await?;
             tx.commit().await?;
             Ok(Abandoned::Planning)
         }

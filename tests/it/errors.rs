@@ -21,11 +21,13 @@ async fn retry_bumps_what_fails_again_and_resolves_what_arrives() {
         sync_type: SyncType::Full,
         entities: None,
         request_id: None,
+        since: None,
+        until: None,
     };
     let s = loansync::cli::sync_in_process(&db.pool, &settings, &full)
         .await
         .unwrap();
-    assert_eq!(s.exit_code(), 2, "{}", s.render());
+    assert_eq!(s.exit_code(), loansync::cli::EXIT_PARTIAL, "{}", s.render());
     let open: i64 =
         sqlx::query_scalar("SELECT count(*) FROM etl_folder_etlsyncerror WHERE NOT resolved")
             .fetch_one(&db.pool)

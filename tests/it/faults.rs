@@ -22,6 +22,8 @@ fn full() -> PlanRequest {
         sync_type: SyncType::Full,
         entities: None,
         request_id: None,
+        since: None,
+        until: None,
     }
 }
 
@@ -257,7 +259,7 @@ async fn an_api_outage_longer_than_the_budget_fails_records_that_a_retry_deliver
     let s = loansync::cli::sync_in_process(&db.pool, &settings, &full())
         .await
         .unwrap();
-    assert_eq!(s.exit_code(), 3, "{}", s.render());
+    assert_eq!(s.exit_code(), loansync::cli::EXIT_FAILED, "{}", s.render());
     let codes: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT error_code::text FROM etl_folder_etlsyncerror")
             .fetch_all(&db.pool)

@@ -9,6 +9,7 @@ mod migrations;
 mod pipeline;
 mod poison;
 mod reconnect;
+mod requests;
 mod restarts;
 mod resume;
 mod safety;

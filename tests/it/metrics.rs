@@ -71,6 +71,8 @@ async fn metrics_agree_with_the_etl_tables() {
         sync_type: SyncType::Full,
         entities: None,
         request_id: None,
+        since: None,
+        until: None,
     };
     let pool = db.pool.clone();
     let sync = tokio::spawn(async move {
@@ -104,7 +106,7 @@ async fn metrics_agree_with_the_etl_tables() {
     }
     assert!(during >= 1);
     let summary = sync.await.unwrap();
-    assert_eq!(summary.exit_code(), 2);
+    assert_eq!(summary.exit_code(), loansync::cli::EXIT_PARTIAL);
     let (status, text) = get("/metrics").await;
     assert_eq!(status, 200);
     let h = &history(&db.pool).await[0];

@@ -288,6 +288,8 @@ impl Pipeline {
             sync_type,
             entities: None,
             request_id: Some(request_id.into()),
+            since: None,
+            until: None,
         };
         self.admin
             .publish_json(&self.admin.topology.plan, &[req])
@@ -623,6 +625,8 @@ mod units {
             sync_type: SyncType::Full,
             entities: None,
             request_id: None,
+            since: None,
+            until: None,
         };
         let PlanOutcome::Planned { totals, .. } =
             planner::plan_sync(&db.pool, &settings, &req, &queue)
@@ -670,6 +674,8 @@ mod units {
             sync_type: SyncType::Full,
             entities: None,
             request_id: Some(id.into()),
+            since: None,
+            until: None,
         };
         let (r1, r2) = (req("a"), req("b"));
         let (a, b) = tokio::join!(
@@ -715,6 +721,8 @@ mod units {
             sync_type: SyncType::Full,
             entities: None,
             request_id: None,
+            since: None,
+            until: None,
         };
         let summary = loansync::cli::sync_in_process(&db.pool, &settings, &req)
             .await
@@ -729,6 +737,8 @@ mod units {
             sync_type: SyncType::Incremental,
             entities: Some(vec![EntityKind::Loan]),
             request_id: None,
+            since: None,
+            until: None,
         };
         let s2 = loansync::cli::sync_in_process(&db.pool, &settings, &only_loans)
             .await

@@ -51,6 +51,8 @@ async fn planner_and_workers_reconnect_after_the_broker_drops_them() {
         sync_type: SyncType::Full,
         entities: None,
         request_id: Some("reconnect-1".into()),
+        since: None,
+        until: None,
     };
     admin
         .publish_json(&admin.topology.plan, &[req])

@@ -120,6 +120,8 @@ async fn start_full_sync(db: &TestDb, prefix: &str, request_id: &str) {
         sync_type: SyncType::Full,
         entities: None,
         request_id: Some(request_id.into()),
+        since: None,
+        until: None,
     };
     admin
         .publish_json(&admin.topology.plan, &[req])

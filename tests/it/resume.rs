@@ -51,6 +51,8 @@ async fn plan_lost_sync(db: &TestDb, settings: &Settings, sync_type: SyncType) -
         sync_type,
         entities: None,
         request_id: None,
+        since: None,
+        until: None,
     };
     let err = loansync::planner::plan_sync(&db.pool, settings, &req, &LostBroker)
         .await

@@ -92,6 +92,8 @@ fn loans_only(sync_type: SyncType) -> PlanRequest {
         sync_type,
         entities: Some(vec![EntityKind::Loan]),
         request_id: None,
+        since: None,
+        until: None,
     }
 }
 
@@ -302,6 +304,8 @@ async fn a_planner_killed_while_planning_over_rabbitmq(request_id: Option<&str>)
         sync_type: SyncType::Full,
         entities: None,
         request_id: request_id.map(str::to_string),
+        since: None,
+        until: None,
     };
     admin
         .publish_json(&admin.topology.plan, std::slice::from_ref(&req))
@@ -374,6 +378,8 @@ async fn two_planners_given_one_request_id_at_once_plan_one_sync() {
         sync_type: SyncType::Full,
         entities: None,
         request_id: Some("nightly-once".into()),
+        since: None,
+        until: None,
     };
 
     // One planner is held inside its plan; the other has the copy and waits for it.

@@ -27,6 +27,8 @@ async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
         sync_type: SyncType::Full,
         entities: None,
         request_id: None,
+        since: None,
+        until: None,
     };
     loansync::planner::plan_sync(&db.pool, &settings, &req, &broker)
         .await

@@ -864,6 +864,8 @@ async fn a_row_committed_late_by_an_open_transaction_arrives_in_the_next_sync() 
         sync_type: t,
         entities: Some(vec![EntityKind::Loan]),
         request_id: None,
+        since: None,
+        until: None,
     };
     let first = loansync::cli::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Full))
         .await

@@ -294,6 +294,8 @@ fn full_sync() -> PlanRequest {
         sync_type: SyncType::Full,
         entities: None,
         request_id: None,
+        since: None,
+        until: None,
     }
 }
 
@@ -341,7 +343,12 @@ async fn without_the_ca_the_api_certificate_is_refused_at_once_and_the_records_c
     .await
     .expect("the refused certificate was retried instead of failing at once")
     .unwrap();
-    assert_eq!(summary.exit_code(), 3, "{}", summary.render());
+    assert_eq!(
+        summary.exit_code(),
+        loansync::cli::EXIT_FAILED,
+        "{}",
+        summary.render()
+    );
 
     // Nothing reached the API: every connection ended in the handshake.
     let received = api.stub.received();
