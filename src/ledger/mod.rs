@@ -188,19 +188,20 @@ pub async fn begin_sync(
 ) -> sqlx::Result<Begin> {
     let mut tx = pool.begin().await?;
     if let Some(rid) = request_id {
-        let known: Option<(
-            String,
-            Option<String>,
-            Option<String>,
-            Option<DateTime<Utc>>,
-        )> = sqlx::query_as(
+        let known: Option<KnownRequest> = sqlx::query_as(
             "SELECT r.state, r.sync_id::text, s.state, s.window_hi FROM loansync_request r \
                  LEFT JOIN loansync_sync s USING (sync_id) WHERE r.request_id = $1 FOR UPDATE OF r",
         )
         .bind(rid)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some((req_state, sync_id, sync_state, window_hi)) = known {
+        if let Some(KnownRequest {
+            req_state,
+            sync_id,
+            sync_state,
+            window_hi,
+        }) = known
+        {
             return Ok(match (req_state.as_str(), sync_id, sync_state.as_deref()) {
                 ("pending", _, _) => Begin::Pending {
                     request_id: rid.to_string(),
@@ -266,14 +267,7 @@ pub async fn begin_pending(
         tx.commit().await?;
         return Ok(None);
     }
-    type Pending = (
-        String,
-        String,
-        Vec<String>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-    );
-    let pending: Vec<Pending> = sqlx::query_as(
+    let pending: Vec<PendingRequest> = sqlx::query_as(
         "SELECT request_id, sync_type::text, entities, since, until FROM loansync_request \
          WHERE state = 'pending' ORDER BY received_at, request_id FOR UPDATE",
     )
@@ -327,17 +321,28 @@ pub async fn pending_requests(
     .await
 }
 
+/// A request known to the ledger, as [`begin_sync`] finds it.
+#[derive(Debug, sqlx::FromRow)]
+struct KnownRequest {
+    req_state: String,
+    sync_id: Option<String>,
+    sync_state: Option<String>,
+    window_hi: Option<DateTime<Utc>>,
+}
+
+/// A pending request, as [`begin_pending`] coalesces it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct PendingRequest {
+    request_id: String,
+    sync_type: String,
+    entities: Vec<String>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+}
+
 /// Which pending requests the next sync serves, and what that sync is (see
 /// [`begin_pending`]). Rows: request id, sync type, entities, since, until; oldest first.
-fn coalesce(
-    pending: &[(
-        String,
-        String,
-        Vec<String>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-    )],
-) -> Option<(SyncSpec, Vec<String>)> {
+fn coalesce(pending: &[PendingRequest]) -> Option<(SyncSpec, Vec<String>)> {
     let entities_of = |names: &[String]| -> Vec<EntityKind> {
         EntityKind::ALL
             .into_iter()
@@ -347,27 +352,27 @@ fn coalesce(
     let regular = |t: &str| {
         pending
             .iter()
-            .filter(move |r| r.1 == t && r.3.is_none())
+            .filter(move |r| r.sync_type == t && r.since.is_none())
             .collect::<Vec<_>>()
     };
-    let union = |rows: &[&(
-        String,
-        String,
-        Vec<String>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-    )]| {
-        let names: Vec<String> = rows.iter().flat_map(|r| r.2.iter().cloned()).collect();
+    let union = |rows: &[&PendingRequest]| {
+        let names: Vec<String> = rows
+            .iter()
+            .flat_map(|r| r.entities.iter().cloned())
+            .collect();
         entities_of(&names)
     };
     let fulls = regular("full");
     if !fulls.is_empty() {
         let entities = union(&fulls);
-        let mut served: Vec<String> = fulls.iter().map(|r| r.0.clone()).collect();
+        let mut served: Vec<String> = fulls.iter().map(|r| r.request_id.clone()).collect();
         // A pending full supersedes the pending incremental requests it covers.
         for r in regular("incremental") {
-            if entities_of(&r.2).iter().all(|e| entities.contains(e)) {
-                served.push(r.0.clone());
+            if entities_of(&r.entities)
+                .iter()
+                .all(|e| entities.contains(e))
+            {
+                served.push(r.request_id.clone());
             }
         }
         let spec = SyncSpec {
@@ -380,15 +385,15 @@ fn coalesce(
         return Some((spec, served));
     }
     let oldest = pending.first()?;
-    if oldest.3.is_some() {
+    if oldest.since.is_some() {
         let spec = SyncSpec {
             sync_type: SyncType::Incremental,
-            entities: entities_of(&oldest.2),
+            entities: entities_of(&oldest.entities),
             purpose: Purpose::Backfill,
-            since: oldest.3,
-            until: oldest.4,
+            since: oldest.since,
+            until: oldest.until,
         };
-        return Some((spec, vec![oldest.0.clone()]));
+        return Some((spec, vec![oldest.request_id.clone()]));
     }
     let incrementals = regular("incremental");
     let spec = SyncSpec {
@@ -398,7 +403,10 @@ fn coalesce(
         since: None,
         until: None,
     };
-    Some((spec, incrementals.iter().map(|r| r.0.clone()).collect()))
+    Some((
+        spec,
+        incrementals.iter().map(|r| r.request_id.clone()).collect(),
+    ))
 }
 
 /// The claim itself, in the caller's transaction: the window's end, the history row
@@ -1305,4 +1313,68 @@ pub async fn recent_syncs(
         .bind(stale_after_secs as f64)
         .fetch_all(pool)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: &str, sync_type: &str, entities: &[&str], since: bool) -> PendingRequest {
+        PendingRequest {
+            request_id: id.into(),
+            sync_type: sync_type.into(),
+            entities: entities.iter().map(|e| e.to_string()).collect(),
+            since: since.then(Utc::now),
+            until: None,
+        }
+    }
+
+    #[test]
+    fn a_pending_full_supersedes_the_incrementals_it_covers() {
+        let pending = [
+            req("i1", "incremental", &["loan"], false),
+            req("f1", "full", &["loan", "customer"], false),
+            req("i2", "incremental", &["officer"], false),
+            req("f2", "full", &["repayment"], false),
+            req("b1", "incremental", &["loan"], true),
+        ];
+        let (spec, served) = coalesce(&pending).unwrap();
+        assert_eq!(spec.sync_type, SyncType::Full);
+        assert_eq!(
+            spec.entities,
+            vec![
+                EntityKind::Customer,
+                EntityKind::Loan,
+                EntityKind::Repayment
+            ]
+        );
+        assert_eq!(
+            served,
+            vec!["f1", "f2", "i1"],
+            "i2 (officer) is not covered"
+        );
+    }
+
+    #[test]
+    fn without_a_full_the_oldest_backfill_runs_alone_else_incrementals_merge() {
+        let backfill_first = [
+            req("b1", "incremental", &["loan"], true),
+            req("i1", "incremental", &["loan"], false),
+        ];
+        let (spec, served) = coalesce(&backfill_first).unwrap();
+        assert_eq!(
+            (spec.purpose, served),
+            (Purpose::Backfill, vec!["b1".to_string()])
+        );
+        let incrementals = [
+            req("i1", "incremental", &["loan"], false),
+            req("b1", "incremental", &["loan"], true),
+            req("i2", "incremental", &["officer"], false),
+        ];
+        let (spec, served) = coalesce(&incrementals).unwrap();
+        assert_eq!(spec.purpose, Purpose::Sync);
+        assert_eq!(spec.entities, vec![EntityKind::Officer, EntityKind::Loan]);
+        assert_eq!(served, vec!["i1", "i2"]);
+        assert!(coalesce(&[]).is_none());
+    }
 }
