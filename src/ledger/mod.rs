@@ -189,7 +189,8 @@ pub async fn begin_sync(
     let mut tx = pool.begin().await?;
     if let Some(rid) = request_id {
         let known: Option<KnownRequest> = sqlx::query_as(
-            "SELECT r.state, r.sync_id::text, s.state, s.window_hi FROM loansync_request r \
+            "SELECT r.state AS req_state, r.sync_id::text AS sync_id, s.state AS sync_state, s.window_hi \
+                 FROM loansync_request r \
                  LEFT JOIN loansync_sync s USING (sync_id) WHERE r.request_id = $1 FOR UPDATE OF r",
         )
         .bind(rid)

@@ -336,6 +336,7 @@ async fn a_planner_killed_while_planning_over_rabbitmq(request_id: Option<&str>)
         assert_eq!(got.ids(e), expected[&e], "{e}");
         assert!(got.accepted[&e].values().all(|&n| n == 1), "{e} sent twice");
     }
+    assert_eq!(admin.queue_depth(&admin.topology.dead).await.unwrap(), 0);
     assert_books_balance(&db.pool).await;
     running.shutdown().await;
     admin.close().await;
@@ -413,6 +414,12 @@ async fn two_planners_given_one_request_id_at_once_plan_one_sync() {
         assert_eq!(got.ids(e), expected[&e], "{e}");
         assert!(got.accepted[&e].values().all(|&n| n == 1), "{e} sent twice");
     }
+    // The copy the second planner held was answered as a duplicate, not retried to death.
+    wait_for("the plan queue drained", DEADLINE, || async {
+        admin.queue_depth(&admin.topology.plan).await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(admin.queue_depth(&admin.topology.dead).await.unwrap(), 0);
     assert_books_balance(&db.pool).await;
     stop.cancel();
     second.await.unwrap().unwrap();
