@@ -227,8 +227,10 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli.command, settings)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "loansync failed");
-            eprintln!("loansync: {e:#}");
+            // Library errors may quote a URL: never print its credentials.
+            let e = crate::config::redact_text(&format!("{e:#}"));
+            tracing::error!(error = %e, "loansync failed");
+            eprintln!("loansync: {e}");
             ExitCode::from(1)
         }
     }
