@@ -472,7 +472,11 @@ fn check_database_url(raw: &str) -> Result<(), String> {
             u.scheme()
         ));
     }
-    for (k, _) in u.query_pairs() {
+    for (k, v) in u.query_pairs() {
+        // The CA file is read when connecting: check it now, like ANALYTICS_CA_FILE.
+        if matches!(k.as_ref(), "sslrootcert" | "ssl-root-cert" | "ssl-ca") {
+            crate::tls::read_ca_pem(&v).map_err(|e| format!("{k}: {e}"))?;
+        }
         let known =
             PG_PARAMETERS.contains(&k.as_ref()) || (k.starts_with("options[") && k.ends_with(']'));
         if !known {
@@ -968,12 +972,29 @@ mod tests {
             .to_string();
         assert!(err.contains("sslpassword"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
-        // What the deploy examples use is accepted.
-        settings(&[(
+        // What the deploy examples use is accepted, once the CA file is there.
+        let example = "postgres://loansync:hunter2@postgres.lending.svc:5432/lending?sslmode=verify-full&sslrootcert=";
+        let err = settings(&[(
             "DATABASE_URL",
-            "postgres://loansync:hunter2@postgres.lending.svc:5432/lending?sslmode=verify-full&sslrootcert=/etc/loansync/db-ca/ca.pem",
+            &format!("{example}/nonexistent/loansync/db-ca.pem"),
         )])
-        .unwrap();
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("DATABASE_URL: sslrootcert: cannot read /nonexistent"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem();
+        let path = std::env::temp_dir().join(format!("loansync-db-ca-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, ca).unwrap();
+        settings(&[("DATABASE_URL", &format!("{example}{}", path.display()))]).unwrap();
+        std::fs::remove_file(path).unwrap();
         settings(&[(
             "AMQP_URL",
             "amqps://loansync:hunter2@rabbitmq.messaging.svc:5671/%2f",
