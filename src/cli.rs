@@ -154,9 +154,14 @@ pub enum Command {
         /// Seed of the generator: the same seed gives the same data.
         #[arg(long, default_value_t = 42)]
         seed: i64,
-        /// Empty the source tables first.
+        /// Empty the source tables first. Refused when they hold rows `loansync seed` did
+        /// not write, unless --confirm-database names the database.
         #[arg(long)]
         reset: bool,
+        /// With --reset: empty the source tables even if they hold rows the seed did not
+        /// write. NAME must be the name of the database DATABASE_URL points at.
+        #[arg(long, value_name = "NAME", requires = "reset")]
+        confirm_database: Option<String>,
     },
     /// The whole system end to end on this machine's services (see README).
     Demo(crate::demo::DemoArgs),
@@ -263,8 +268,10 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli.command, settings)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "loansync failed");
-            eprintln!("loansync: {e:#}");
+            // Library errors may quote a URL: never print its credentials.
+            let e = crate::config::redact_text(&format!("{e:#}"));
+            tracing::error!(error = %e, "loansync failed");
+            eprintln!("loansync: {e}");
             ExitCode::from(1)
         }
     }
@@ -433,10 +440,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             repayments,
             seed,
             reset,
+            confirm_database,
         } => {
             let pool = db::connect(&settings).await?;
             if reset {
-                crate::seed::reset_source(&pool).await?;
+                crate::seed::reset_source(&pool, confirm_database.as_deref()).await?;
             }
             let mut spec = crate::seed::SeedSpec::scale(scale, seed);
             spec.users = users.unwrap_or(spec.users);

@@ -31,7 +31,7 @@ pub struct RetrySettings {
 }
 
 /// Where and how to reach the analytics API.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ApiSettings {
     /// Base URL, without a trailing slash (`ANALYTICS_API_URL`).
     pub base_url: url::Url,
@@ -138,24 +138,25 @@ impl Settings {
     }
 
     /// Reads settings through `get`, so tests can pass their own environment.
+    ///
+    /// Every variable has a range; a value outside it, a value that does not parse, or a
+    /// variable set to an empty string is refused with an error naming the variable (an
+    /// unset variable takes its default). Nothing here panics, whatever the input.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        fn num<T: std::str::FromStr>(
-            get: &dyn Fn(&str) -> Option<String>,
-            name: &'static str,
-            default: T,
-        ) -> Result<T, ConfigError> {
-            match get(name) {
-                None => Ok(default),
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .map_err(|_| invalid(name, format!("{v:?} is not a valid number"))),
+        // A variable set but empty is a mistake (a template not filled in), not a request
+        // for the default: refuse it. METRICS_ADDR alone documents empty as "off".
+        let get = |k: &'static str| -> Result<Option<String>, ConfigError> {
+            match get(k) {
+                Some(v) if v.trim().is_empty() && k != "METRICS_ADDR" => {
+                    Err(invalid(k, "is set but empty; unset it to use the default"))
+                }
+                Some(v) if v.trim().is_empty() => Ok(None),
+                v => Ok(v),
             }
-        }
-        let g: &dyn Fn(&str) -> Option<String> = &get;
+        };
+        let g: &Lookup = &get;
 
-        let key = match (get("ANALYTICS_API_KEY"), get("ANALYTICS_API_KEY_FILE")) {
+        let key = match (get("ANALYTICS_API_KEY")?, get("ANALYTICS_API_KEY_FILE")?) {
             (Some(k), _) => k,
             (None, Some(path)) => std::fs::read_to_string(&path)
                 .map_err(|e| invalid("ANALYTICS_API_KEY_FILE", format!("cannot read {path}: {e}")))?
@@ -166,28 +167,67 @@ impl Settings {
         if key.is_empty() {
             return Err(invalid("ANALYTICS_API_KEY", "the key is empty"));
         }
-        let api_url = get("ANALYTICS_API_URL").unwrap_or_else(|| DEFAULT_API_URL.into());
-        let base_url = url::Url::parse(api_url.trim_end_matches('/'))
-            .map_err(|e| invalid("ANALYTICS_API_URL", e.to_string()))?;
+        // It travels in an `Authorization` header: refuse what a header cannot carry now,
+        // rather than failing every request later. The key itself is never echoed.
+        if !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(invalid(
+                "ANALYTICS_API_KEY",
+                "the key holds spaces, control or non-ASCII characters, which an HTTP header cannot carry",
+            ));
+        }
+        let api_url = get("ANALYTICS_API_URL")?.unwrap_or_else(|| DEFAULT_API_URL.into());
+        let base_url = url::Url::parse(api_url.trim().trim_end_matches('/'))
+            .map_err(|e| invalid("ANALYTICS_API_URL", format!("not a URL: {e}")))?;
         if !matches!(base_url.scheme(), "http" | "https") {
             return Err(invalid("ANALYTICS_API_URL", "must be http:// or https://"));
         }
+        let allow_plaintext = boolean(g, "ANALYTICS_ALLOW_PLAINTEXT", false)?;
+        if base_url.scheme() == "http" && !is_loopback(&base_url) && !allow_plaintext {
+            return Err(invalid(
+                "ANALYTICS_API_URL",
+                format!(
+                    "{} is plain http:// to a host that is not loopback: the API key and every record \
+                     would cross the network unencrypted. Use https://, or set ANALYTICS_ALLOW_PLAINTEXT=true \
+                     if the network itself is trusted",
+                    redact_url(base_url.as_str())
+                ),
+            ));
+        }
 
         let retry = RetrySettings {
-            initial: Duration::from_millis(num(g, "ETL_RETRY_INITIAL_MS", 500u64)?),
-            max_interval: Duration::from_secs(num(g, "ETL_RETRY_MAX_INTERVAL_SECS", 30u64)?),
-            max_elapsed: Duration::from_secs(num(g, "ETL_RETRY_MAX_ELAPSED_SECS", 300u64)?),
+            initial: Duration::from_millis(num(g, "ETL_RETRY_INITIAL_MS", 500u64, 1..=60_000)?),
+            max_interval: Duration::from_secs(num(
+                g,
+                "ETL_RETRY_MAX_INTERVAL_SECS",
+                30u64,
+                1..=3_600,
+            )?),
+            // 0: no retries at all.
+            max_elapsed: Duration::from_secs(num(
+                g,
+                "ETL_RETRY_MAX_ELAPSED_SECS",
+                300u64,
+                0..=DAY,
+            )?),
         };
-        let timeout = Duration::from_secs(num(g, "ETL_HTTP_TIMEOUT_SECS", 30u64)?);
-        let db_outage_wait = Duration::from_secs(num(g, "ETL_DB_OUTAGE_WAIT_SECS", 300u64)?);
-        let broker_consumer_timeout =
-            Duration::from_secs(num(g, "ETL_BROKER_CONSUMER_TIMEOUT_SECS", 1800u64)?);
+        // 0 would time every request out at once.
+        let timeout = Duration::from_secs(num(g, "ETL_HTTP_TIMEOUT_SECS", 30u64, 1..=600)?);
+        // 0: a message is handed back to the broker as soon as PostgreSQL fails to answer.
+        let db_outage_wait =
+            Duration::from_secs(num(g, "ETL_DB_OUTAGE_WAIT_SECS", 300u64, 0..=DAY)?);
+        let broker_consumer_timeout = Duration::from_secs(num(
+            g,
+            "ETL_BROKER_CONSUMER_TIMEOUT_SECS",
+            1800u64,
+            60..=7 * DAY,
+        )?);
         // A chunk is acked only after its POST (with every retry) and its commit. If the
         // retry budget could outlast the broker's consumer timeout, the broker would close
         // the channel under a working worker and redeliver the chunk: refuse that now.
         // Halving a refused batch adds requests, so leave room for one request timeout
         // per level of halving of the largest chunk as well, and the time a chunk may be
-        // held while PostgreSQL is unreachable.
+        // held while PostgreSQL is unreachable. (The ranges above keep this sum far from
+        // overflowing.)
         let worst_case = retry.max_elapsed + retry.max_interval + timeout * 12 + db_outage_wait;
         if worst_case >= broker_consumer_timeout {
             return Err(invalid(
@@ -200,34 +240,22 @@ impl Settings {
                 ),
             ));
         }
-        if retry.initial.is_zero() || retry.max_interval < retry.initial {
+        if retry.max_interval < retry.initial {
             return Err(invalid(
                 "ETL_RETRY_INITIAL_MS",
-                "must be positive and not above ETL_RETRY_MAX_INTERVAL_SECS",
+                "must not be above ETL_RETRY_MAX_INTERVAL_SECS",
             ));
         }
 
+        let batch = |name: &'static str, default: u32| num(g, name, default, 1..=10_000);
         let chunk_sizes = ChunkSizes {
-            customers: num(g, "ETL_BATCH_SIZE_CUSTOMERS", 500u32)?,
-            officers: num(g, "ETL_BATCH_SIZE_OFFICERS", 500u32)?,
-            loans: num(g, "ETL_BATCH_SIZE_LOANS", 100u32)?,
-            repayments: num(g, "ETL_BATCH_SIZE_REPAYMENTS", 200u32)?,
+            customers: batch("ETL_BATCH_SIZE_CUSTOMERS", 500u32)?,
+            officers: batch("ETL_BATCH_SIZE_OFFICERS", 500u32)?,
+            loans: batch("ETL_BATCH_SIZE_LOANS", 100u32)?,
+            repayments: batch("ETL_BATCH_SIZE_REPAYMENTS", 200u32)?,
         };
-        for (name, v) in [
-            ("ETL_BATCH_SIZE_CUSTOMERS", chunk_sizes.customers),
-            ("ETL_BATCH_SIZE_OFFICERS", chunk_sizes.officers),
-            ("ETL_BATCH_SIZE_LOANS", chunk_sizes.loans),
-            ("ETL_BATCH_SIZE_REPAYMENTS", chunk_sizes.repayments),
-        ] {
-            if !(1..=10_000).contains(&v) {
-                return Err(invalid(name, format!("{v} is outside 1..=10000")));
-            }
-        }
-        let worker_concurrency: u16 = num(g, "ETL_WORKER_CONCURRENCY", 4u16)?;
-        if worker_concurrency == 0 {
-            return Err(invalid("ETL_WORKER_CONCURRENCY", "must be at least 1"));
-        }
-        let queue_prefix = get("ETL_QUEUE_PREFIX").unwrap_or_else(|| "etl".into());
+        let worker_concurrency: u16 = num(g, "ETL_WORKER_CONCURRENCY", 4u16, 1..=256)?;
+        let queue_prefix = get("ETL_QUEUE_PREFIX")?.unwrap_or_else(|| "etl".into());
         if !queue_prefix
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
@@ -237,15 +265,23 @@ impl Settings {
                 "only letters, digits, '.', '-' and '_' are allowed",
             ));
         }
-        let metrics_addr = match get("METRICS_ADDR") {
+        // Queue names are at most 255 bytes; leave room for the suffixes.
+        if queue_prefix.len() > 200 {
+            return Err(invalid(
+                "ETL_QUEUE_PREFIX",
+                format!("{} characters; at most 200", queue_prefix.len()),
+            ));
+        }
+        let metrics_addr = match get("METRICS_ADDR")? {
             None => None,
-            Some(v) if v == "off" => None,
+            Some(v) if v.trim() == "off" => None,
             Some(v) => Some(
-                v.parse()
+                v.trim()
+                    .parse()
                     .map_err(|_| invalid("METRICS_ADDR", format!("{v:?} is not host:port")))?,
             ),
         };
-        let log_format = match get("LOG_FORMAT").as_deref() {
+        let log_format = match get("LOG_FORMAT")?.as_deref().map(str::trim) {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
@@ -255,17 +291,26 @@ impl Settings {
                 ));
             }
         };
-        let ca_pem = |name: &'static str| {
-            get(name)
+        let ca_pem = |name: &'static str| -> Result<Option<String>, ConfigError> {
+            get(name)?
                 .map(|path| crate::tls::read_ca_pem(&path).map_err(|e| invalid(name, e)))
                 .transpose()
         };
         let api_ca_pem = ca_pem("ANALYTICS_CA_FILE")?;
         let amqp_ca_pem = ca_pem("AMQP_CA_FILE")?;
-        let delivery_limit: u32 = num(g, "ETL_DELIVERY_LIMIT", 5u32)?;
-        if delivery_limit == 0 {
-            return Err(invalid("ETL_DELIVERY_LIMIT", "must be at least 1"));
-        }
+        // The broker's own limit is this plus two (a quorum queue's delivery-limit).
+        let delivery_limit: u32 = num(g, "ETL_DELIVERY_LIMIT", 5u32, 1..=100)?;
+        // Each chunk in flight holds a connection, and the pool never goes below two.
+        let db_pool_size: u32 = num(
+            g,
+            "ETL_DB_POOL_SIZE",
+            u32::from(worker_concurrency) + 2,
+            2..=1_000,
+        )?;
+        let database_url = get("DATABASE_URL")?.unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        check_database_url(database_url.trim()).map_err(|e| invalid("DATABASE_URL", e))?;
+        let amqp_url = get("AMQP_URL")?.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
+        check_amqp_url(amqp_url.trim()).map_err(|e| invalid("AMQP_URL", e))?;
 
         let retention_days: u32 = num(g, "ETL_CHUNK_RETENTION_DAYS", 7u32)?;
         if !(1..=3650).contains(&retention_days) {
@@ -277,12 +322,8 @@ impl Settings {
         let chunk_retention = Duration::from_secs(u64::from(retention_days) * 86_400);
 
         Ok(Settings {
-            database_url: get("DATABASE_URL")
-                .unwrap_or_else(|| DEFAULT_DATABASE_URL.into())
-                .into(),
-            amqp_url: get("AMQP_URL")
-                .unwrap_or_else(|| DEFAULT_AMQP_URL.into())
-                .into(),
+            database_url: database_url.trim().to_string().into(),
+            amqp_url: amqp_url.trim().to_string().into(),
             amqp_ca_pem,
             queue_prefix,
             api: ApiSettings {
@@ -290,32 +331,42 @@ impl Settings {
                 key: key.into(),
                 timeout,
                 ca_pem: api_ca_pem,
-                gzip: match get("ANALYTICS_GZIP").map(|v| v.trim().to_ascii_lowercase()) {
-                    None => false,
-                    Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => true,
-                    Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => false,
-                    Some(v) => {
-                        return Err(invalid(
-                            "ANALYTICS_GZIP",
-                            format!("{v:?} is not true or false"),
-                        ));
-                    }
-                },
+                gzip: boolean(g, "ANALYTICS_GZIP", false)?,
                 retry,
             },
             chunk_sizes,
-            default_lookback: chrono::Duration::days(num(g, "ETL_DEFAULT_LOOKBACK_DAYS", 30i64)?),
+            // 0 would make the first incremental sync of an entity send nothing; a full
+            // sync is the way to send everything. 100 years keeps date arithmetic in range.
+            default_lookback: chrono::Duration::days(num(
+                g,
+                "ETL_DEFAULT_LOOKBACK_DAYS",
+                30i64,
+                1..=36_500,
+            )?),
+            // 0: no overlap (the window's upper bound already waits for open transactions).
             incremental_overlap: chrono::Duration::seconds(num(
                 g,
                 "ETL_INCREMENTAL_OVERLAP_SECS",
                 120i64,
+                0..=7 * DAY,
             )?),
-            stale_sync_after: Duration::from_secs(num(g, "ETL_STALE_SYNC_SECS", 900u64)?),
+            stale_sync_after: Duration::from_secs(num(
+                g,
+                "ETL_STALE_SYNC_SECS",
+                900u64,
+                1..=7 * DAY,
+            )?),
             worker_concurrency,
             delivery_limit,
             broker_consumer_timeout,
-            db_pool_size: num(g, "ETL_DB_POOL_SIZE", u32::from(worker_concurrency) + 2)?,
-            shutdown_grace: Duration::from_secs(num(g, "ETL_SHUTDOWN_GRACE_SECS", 30u64)?),
+            db_pool_size,
+            // 0: on SIGTERM, chunks in flight are handed back to the broker at once.
+            shutdown_grace: Duration::from_secs(num(
+                g,
+                "ETL_SHUTDOWN_GRACE_SECS",
+                30u64,
+                0..=3_600,
+            )?),
             db_outage_wait,
             chunk_retention,
             metrics_addr,
@@ -334,16 +385,268 @@ impl Settings {
     }
 }
 
-/// Replaces the password of a URL with `***`; a string that is not a URL is hidden whole.
+const DAY: i128 = 86_400;
+
+type Lookup<'a> = dyn Fn(&'static str) -> Result<Option<String>, ConfigError> + 'a;
+
+/// A whole number in `range` (unset: `default`). The error gives the range, and never
+/// panics however large or negative the text.
+fn num<T>(
+    get: &Lookup,
+    name: &'static str,
+    default: T,
+    range: std::ops::RangeInclusive<i128>,
+) -> Result<T, ConfigError>
+where
+    T: TryFrom<i128>,
+{
+    let Some(v) = get(name)? else {
+        return Ok(default);
+    };
+    let (lo, hi) = (*range.start(), *range.end());
+    let n: i128 = v.trim().parse().map_err(|_| {
+        invalid(
+            name,
+            format!("{v:?} is not a whole number (expected {lo} to {hi})"),
+        )
+    })?;
+    if !range.contains(&n) {
+        return Err(invalid(
+            name,
+            format!("{n} is out of range (expected {lo} to {hi})"),
+        ));
+    }
+    T::try_from(n).map_err(|_| invalid(name, format!("{n} is out of range")))
+}
+
+/// `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`, any case).
+fn boolean(get: &Lookup, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match get(name)?.map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => Ok(true),
+        Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => Ok(false),
+        Some(v) => Err(invalid(name, format!("{v:?} is not true or false"))),
+    }
+}
+
+/// A host that never leaves the machine: 127.0.0.0/8, ::1, `localhost`.
+fn is_loopback(u: &url::Url) -> bool {
+    match u.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+/// The query parameters sqlx's PostgreSQL driver understands. It ignores any other, with a
+/// log line that prints the value: a misspelt `sslmode` would silently leave TLS off, and a
+/// libpq-only `sslpassword` would be logged. Both are refused instead.
+const PG_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// `DATABASE_URL` as sqlx will read it: the URL form only (sqlx does not take libpq's
+/// `host=… password=…` strings), known parameters only. The error never holds the password.
+fn check_database_url(raw: &str) -> Result<(), String> {
+    const FORM: &str =
+        "postgres://USER:PASSWORD@HOST:5432/DBNAME?sslmode=verify-full&sslrootcert=/path/to/ca.pem";
+    let u = match url::Url::parse(raw) {
+        Ok(u) => u,
+        Err(_) if raw.contains('=') && !raw.contains("://") => {
+            return Err(format!(
+                "this looks like a libpq key/value string; loansync's driver takes the URL form only: {FORM}"
+            ));
+        }
+        Err(e) => return Err(format!("not a URL ({e}); expected {FORM}")),
+    };
+    if !matches!(u.scheme(), "postgres" | "postgresql") {
+        return Err(format!(
+            "the scheme is {:?}; expected postgres:// or postgresql://",
+            u.scheme()
+        ));
+    }
+    for (k, v) in u.query_pairs() {
+        // The CA file is read when connecting: check it now, like ANALYTICS_CA_FILE.
+        if matches!(k.as_ref(), "sslrootcert" | "ssl-root-cert" | "ssl-ca") {
+            crate::tls::read_ca_pem(&v).map_err(|e| format!("{k}: {e}"))?;
+        }
+        let known =
+            PG_PARAMETERS.contains(&k.as_ref()) || (k.starts_with("options[") && k.ends_with(']'));
+        if !known {
+            return Err(format!(
+                "unknown parameter {k:?} (the driver would ignore it); known: {}",
+                PG_PARAMETERS.join(", ")
+            ));
+        }
+    }
+    <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(raw)
+        .map(drop)
+        .map_err(|e| redact_text(&e.to_string()))
+}
+
+/// `AMQP_URL` as lapin will read it. The error never holds the password (lapin's own
+/// error for a URL without `//` quotes the whole URL, so that case is caught first).
+fn check_amqp_url(raw: &str) -> Result<(), String> {
+    const FORM: &str = "amqp://USER:PASSWORD@HOST:5672/VHOST (or amqps://)";
+    let u = url::Url::parse(raw).map_err(|e| format!("not a URL ({e}); expected {FORM}"))?;
+    if u.cannot_be_a_base() || !u.has_host() {
+        return Err(format!("not a URL with a host; expected {FORM}"));
+    }
+    if !matches!(u.scheme(), "amqp" | "amqps") {
+        return Err(format!("the scheme is {:?}; expected {FORM}", u.scheme()));
+    }
+    raw.parse::<lapin::uri::AMQPUri>()
+        .map(drop)
+        .map_err(|e| redact_text(&e))
+}
+
+/// Query parameters and key/value pairs whose value is hidden: `password`, `passwd`,
+/// `pwd`, `sslpassword`, `token`, `key`, `secret`, `api_key`, … (any case, any name
+/// containing one of these words).
+fn is_credential_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "auth",
+        "credential",
+        "signature",
+    ]
+    .iter()
+    .any(|w| k.contains(w))
+}
+
+/// A URL fit to print: the password of its user info and the value of every
+/// credential-like query parameter become `***`. A libpq key/value string has its
+/// credential values hidden the same way; any other text that is not a URL is hidden whole.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
             }
+            if u.query_pairs().any(|(k, _)| is_credential_key(&k)) {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if is_credential_key(&k) {
+                            "***".to_string()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
+        Err(_) if raw.contains('=') && !raw.contains("://") => redact_key_values(raw),
         Err(_) => "<unparseable url>".to_string(),
+    }
+}
+
+/// `host=db password='a b' user=x` → `host=db password=*** user=x`.
+fn redact_key_values(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(eq) = rest.find('=') {
+        let (before, after) = rest.split_at(eq);
+        // The key is the last word before '='.
+        let key = before
+            .rsplit(|c: char| c.is_whitespace())
+            .next()
+            .unwrap_or_default()
+            .trim();
+        out.push_str(before);
+        out.push('=');
+        let after = &after[1..];
+        // The value: a quoted string (with \' escapes) or up to the next whitespace.
+        let end = if let Some(quoted) = after.strip_prefix('\'') {
+            let mut escaped = false;
+            quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let close = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    close
+                })
+                .map_or(after.len(), |(i, _)| i + 2)
+        } else {
+            after.find(char::is_whitespace).unwrap_or(after.len())
+        };
+        if is_credential_key(key) {
+            out.push_str("***");
+        } else {
+            out.push_str(&after[..end]);
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Free text (an error message, a log line) with every URL in it passed through
+/// [`redact_url`] and every `password=…`-like pair hidden, for text that came from a
+/// library and may quote a URL.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        // Back to the start of the scheme.
+        let start = rest[..i]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |j| j + 1);
+        let end = i + rest[i..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '\'' | '"' | '<' | '>' | '`' | ')'))
+            .unwrap_or(rest.len() - i);
+        out.push_str(&redact_key_values(&rest[..start]));
+        if start == i {
+            // "://" without a scheme: not a URL, hide what follows up to the separator.
+            out.push_str("<hidden>");
+        } else {
+            out.push_str(&redact_url(&rest[start..end]));
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(&redact_key_values(rest));
+    out
+}
+
+impl std::fmt::Debug for ApiSettings {
+    /// The URL is printed redacted (it may carry credentials), the key not at all.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiSettings")
+            .field("base_url", &redact_url(self.base_url.as_str()))
+            .field("key", &self.key)
+            .field("timeout", &self.timeout)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
+            .field("gzip", &self.gzip)
+            .field("retry", &self.retry)
+            .finish()
     }
 }
 
@@ -418,5 +721,314 @@ mod tests {
             !format!("{s:?}").contains("pw"),
             "Debug must not print secrets"
         );
+    }
+
+    /// Every class of bad value, per variable: refused, with the variable named first.
+    #[test]
+    fn bad_values_are_refused_naming_the_variable() {
+        let cases: &[(&str, &str)] = &[
+            // empty strings
+            ("DATABASE_URL", ""),
+            ("ANALYTICS_API_KEY", "  "),
+            ("ETL_BATCH_SIZE_LOANS", ""),
+            ("LOG_FORMAT", ""),
+            // non-numeric
+            ("ETL_HTTP_TIMEOUT_SECS", "thirty"),
+            ("ETL_WORKER_CONCURRENCY", "4.5"),
+            ("ETL_DEFAULT_LOOKBACK_DAYS", "1e3"),
+            // negative
+            ("ETL_INCREMENTAL_OVERLAP_SECS", "-1"),
+            ("ETL_DEFAULT_LOOKBACK_DAYS", "-30"),
+            ("ETL_SHUTDOWN_GRACE_SECS", "-5"),
+            // zero where zero means nothing sensible
+            ("ETL_HTTP_TIMEOUT_SECS", "0"),
+            ("ETL_RETRY_INITIAL_MS", "0"),
+            ("ETL_RETRY_MAX_INTERVAL_SECS", "0"),
+            ("ETL_BATCH_SIZE_CUSTOMERS", "0"),
+            ("ETL_BATCH_SIZE_OFFICERS", "0"),
+            ("ETL_BATCH_SIZE_LOANS", "0"),
+            ("ETL_BATCH_SIZE_REPAYMENTS", "0"),
+            ("ETL_WORKER_CONCURRENCY", "0"),
+            ("ETL_DELIVERY_LIMIT", "0"),
+            ("ETL_DB_POOL_SIZE", "0"),
+            ("ETL_DB_POOL_SIZE", "1"),
+            ("ETL_DEFAULT_LOOKBACK_DAYS", "0"),
+            ("ETL_STALE_SYNC_SECS", "0"),
+            ("ETL_BROKER_CONSUMER_TIMEOUT_SECS", "0"),
+            // absurd or overflowing
+            ("ETL_WORKER_CONCURRENCY", "65536"),
+            ("ETL_WORKER_CONCURRENCY", "10000"),
+            ("ETL_BATCH_SIZE_LOANS", "10001"),
+            ("ETL_DELIVERY_LIMIT", "4294967296"),
+            ("ETL_DB_POOL_SIZE", "100000"),
+            ("ETL_DEFAULT_LOOKBACK_DAYS", "36501"),
+            ("ETL_DEFAULT_LOOKBACK_DAYS", "9223372036854775807"),
+            ("ETL_INCREMENTAL_OVERLAP_SECS", "9223372036854775807"),
+            ("ETL_HTTP_TIMEOUT_SECS", "18446744073709551615"),
+            ("ETL_RETRY_MAX_ELAPSED_SECS", "18446744073709551615"),
+            (
+                "ETL_DB_OUTAGE_WAIT_SECS",
+                "99999999999999999999999999999999999999999",
+            ),
+            ("ETL_RETRY_INITIAL_MS", "60001"),
+            ("ETL_SHUTDOWN_GRACE_SECS", "3601"),
+            // words
+            ("ANALYTICS_GZIP", "maybe"),
+            ("ANALYTICS_ALLOW_PLAINTEXT", "sure"),
+            ("LOG_FORMAT", "xml"),
+            ("METRICS_ADDR", "localhost"),
+            ("ETL_QUEUE_PREFIX", "a b"),
+            ("ANALYTICS_API_URL", "ftp://x.example.com"),
+            ("ANALYTICS_API_URL", "not a url"),
+            ("ANALYTICS_API_KEY", "two words"),
+            ("ANALYTICS_API_KEY_FILE", "/nonexistent/loansync-key"),
+            ("ANALYTICS_CA_FILE", "/nonexistent/ca.pem"),
+            ("AMQP_CA_FILE", "/nonexistent/ca.pem"),
+            ("DATABASE_URL", "mysql://u@h/db"),
+            ("DATABASE_URL", "postgres://u@h/db?sslmode=sometimes"),
+            ("DATABASE_URL", "postgres://u@h/db?ssl_mode=verify-full"),
+            ("DATABASE_URL", "postgres://u@h/db?port=http"),
+            ("AMQP_URL", "http://guest@h:5672"),
+            ("AMQP_URL", "amqp://guest@h:5672/%2f?heartbeat=often"),
+        ];
+        for (name, value) in cases {
+            let err = match settings(&[(name, value)]) {
+                Ok(_) => panic!("{name}={value:?} was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                err.starts_with(&format!("{name}: ")),
+                "{name}={value:?} gave {err:?}"
+            );
+        }
+        // A retry initial delay above the largest interval names the initial delay.
+        let err = settings(&[
+            ("ETL_RETRY_INITIAL_MS", "5000"),
+            ("ETL_RETRY_MAX_INTERVAL_SECS", "2"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("ETL_RETRY_INITIAL_MS: "),
+            "{err}"
+        );
+    }
+
+    /// Zero is accepted where it means something, and the bounds themselves are in range.
+    #[test]
+    fn zero_and_the_bounds_are_accepted_where_they_mean_something() {
+        let s = settings(&[
+            ("ETL_RETRY_MAX_ELAPSED_SECS", "0"),
+            ("ETL_DB_OUTAGE_WAIT_SECS", "0"),
+            ("ETL_INCREMENTAL_OVERLAP_SECS", "0"),
+            ("ETL_SHUTDOWN_GRACE_SECS", "0"),
+            ("ETL_DEFAULT_LOOKBACK_DAYS", "36500"),
+            ("ETL_WORKER_CONCURRENCY", "256"),
+            ("ETL_BATCH_SIZE_LOANS", "10000"),
+            ("ETL_DB_POOL_SIZE", " 2 "),
+            ("METRICS_ADDR", ""),
+            ("ANALYTICS_GZIP", "TRUE"),
+        ])
+        .unwrap();
+        assert_eq!(s.api.retry.max_elapsed, Duration::ZERO);
+        assert_eq!(s.db_outage_wait, Duration::ZERO);
+        assert_eq!(s.incremental_overlap, chrono::Duration::zero());
+        assert_eq!(s.shutdown_grace, Duration::ZERO);
+        assert_eq!(s.default_lookback, chrono::Duration::days(36500));
+        assert_eq!(s.worker_concurrency, 256);
+        assert_eq!(s.db_pool_size, 2);
+        assert_eq!(s.metrics_addr, None);
+        assert!(s.api.gzip);
+        // The largest lookback, from today, is still a date.
+        assert!(
+            chrono::Utc::now()
+                .checked_sub_signed(s.default_lookback)
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn plain_http_to_a_remote_host_needs_the_allow_variable() {
+        for local in [
+            "http://127.0.0.1:8088",
+            "http://127.1.2.3",
+            "http://localhost:8088/api",
+            "http://LOCALHOST",
+            "http://[::1]:8088",
+            "https://analytics.example.com",
+            "https://10.0.0.5",
+        ] {
+            settings(&[("ANALYTICS_API_URL", local)]).unwrap_or_else(|e| panic!("{local}: {e}"));
+        }
+        for remote in [
+            "http://stub:8088",
+            "http://10.0.0.5",
+            "http://analytics.example.com",
+            "http://[2001:db8::1]",
+            "http://localhost.example.com",
+            "http://user:hunter2@analytics.example.com",
+        ] {
+            let err = settings(&[("ANALYTICS_API_URL", remote)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("ANALYTICS_API_URL: "), "{err}");
+            assert!(err.contains("ANALYTICS_ALLOW_PLAINTEXT=true"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+            let s = settings(&[
+                ("ANALYTICS_API_URL", remote),
+                ("ANALYTICS_ALLOW_PLAINTEXT", "true"),
+            ])
+            .unwrap();
+            assert_eq!(s.api.base_url.scheme(), "http");
+            assert!(!format!("{s:?}").contains("hunter2"));
+        }
+        let err = settings(&[
+            ("ANALYTICS_API_URL", "http://stub:8088"),
+            ("ANALYTICS_ALLOW_PLAINTEXT", "false"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("ANALYTICS_ALLOW_PLAINTEXT"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_url_form_is_redacted() {
+        let cases = [
+            (
+                "postgres://app:hunter2@db:5432/x",
+                "postgres://app:***@db:5432/x",
+            ),
+            (
+                "postgresql://app:hunter2@db/x?sslmode=verify-full",
+                "postgresql://app:***@db/x?sslmode=verify-full",
+            ),
+            (
+                "postgres://app@db/x?password=hunter2&sslmode=require",
+                "postgres://app@db/x?password=***&sslmode=require",
+            ),
+            (
+                "postgres://db/x?user=app&PassWord=hunter2",
+                "postgres://db/x?user=app&PassWord=***",
+            ),
+            (
+                "postgres://db/x?sslpassword=hunter2",
+                "postgres://db/x?sslpassword=***",
+            ),
+            (
+                "postgres://db/x?passwd=hunter2",
+                "postgres://db/x?passwd=***",
+            ),
+            ("postgres://db/x?pwd=hunter2", "postgres://db/x?pwd=***"),
+            (
+                "amqp://guest:hunter2@h:5672/%2f",
+                "amqp://guest:***@h:5672/%2f",
+            ),
+            (
+                "amqps://loansync:hunter2@h/%2f?heartbeat=30",
+                "amqps://loansync:***@h/%2f?heartbeat=30",
+            ),
+            ("amqp://guest@h:5672/%2f", "amqp://guest@h:5672/%2f"),
+            (
+                "https://u:hunter2@api.example.com/v1",
+                "https://u:***@api.example.com/v1",
+            ),
+            (
+                "http://api.example.com/v1?key=hunter2&page=2",
+                "http://api.example.com/v1?key=***&page=2",
+            ),
+            (
+                "https://api.example.com/?token=hunter2&API_KEY=hunter2&secret=hunter2&access_token=hunter2",
+                "https://api.example.com/?token=***&API_KEY=***&secret=***&access_token=***",
+            ),
+            (
+                "host=db user=app password=hunter2 dbname=x",
+                "host=db user=app password=*** dbname=x",
+            ),
+            (
+                "host=db password='hunter2 with \\' quote' sslmode=verify-full",
+                "host=db password=*** sslmode=verify-full",
+            ),
+            ("postgres://u:hunter2@[::1", "<unparseable url>"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(redact_url(raw), want, "{raw}");
+            assert!(!redact_url(raw).contains("hunter2"));
+        }
+    }
+
+    #[test]
+    fn urls_inside_text_are_redacted() {
+        let text = "error sending request for url (http://api.example.com/loans?key=hunter2): \
+                    tried amqp://guest:hunter2@h/%2f and 'postgres://u:hunter2@db/x', password=hunter2";
+        let r = redact_text(text);
+        assert!(!r.contains("hunter2"), "{r}");
+        assert!(r.contains("http://api.example.com/loans?key=***)"), "{r}");
+        assert!(r.contains("amqp://guest:***@h/%2f and"), "{r}");
+        assert!(r.contains("'postgres://u:***@db/x'"), "{r}");
+        assert!(r.ends_with("password=***"), "{r}");
+        assert_eq!(redact_text("no url here"), "no url here");
+    }
+
+    #[test]
+    fn connection_strings_are_checked_at_start_up_without_echoing_the_password() {
+        // libpq key/value strings are not taken by sqlx: refused with the URL form shown.
+        let err = settings(&[("DATABASE_URL", "host=db user=app password=hunter2 dbname=x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key/value"), "{err}");
+        assert!(err.contains("postgres://"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        // A parameter sqlx would ignore (and log, value included) is refused.
+        let err = settings(&[("DATABASE_URL", "postgres://u@db/x?sslpassword=hunter2")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sslpassword"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        // What the deploy examples use is accepted, once the CA file is there.
+        let example = "postgres://loansync:hunter2@postgres.lending.svc:5432/lending?sslmode=verify-full&sslrootcert=";
+        let err = settings(&[(
+            "DATABASE_URL",
+            &format!("{example}/nonexistent/loansync/db-ca.pem"),
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("DATABASE_URL: sslrootcert: cannot read /nonexistent"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem();
+        let path = std::env::temp_dir().join(format!("loansync-db-ca-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, ca).unwrap();
+        settings(&[("DATABASE_URL", &format!("{example}{}", path.display()))]).unwrap();
+        std::fs::remove_file(path).unwrap();
+        settings(&[(
+            "AMQP_URL",
+            "amqps://loansync:hunter2@rabbitmq.messaging.svc:5671/%2f",
+        )])
+        .unwrap();
+        let err = settings(&[("AMQP_URL", "amqp:hunter2")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("AMQP_URL: "), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn the_api_url_never_shows_in_debug_with_its_credentials() {
+        let s = settings(&[(
+            "ANALYTICS_API_URL",
+            "https://u:hunter2@api.example.com/v1?key=hunter2",
+        )])
+        .unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("api.example.com"), "{debug}");
     }
 }

@@ -254,9 +254,18 @@ fn window_for(
     match sync_type {
         SyncType::Full => SyncWindow { lo: None, hi },
         SyncType::Incremental => {
-            let from = watermark.unwrap_or(hi - settings.default_lookback);
+            // Checked: out-of-range settings are refused at start-up, but a date that
+            // cannot be computed must never panic. Year 1 is before any row anyway.
+            let year_one = DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).unwrap_or(hi);
+            let from = watermark.unwrap_or_else(|| {
+                hi.checked_sub_signed(settings.default_lookback)
+                    .unwrap_or(year_one)
+            });
             SyncWindow {
-                lo: Some(from - settings.incremental_overlap),
+                lo: Some(
+                    from.checked_sub_signed(settings.incremental_overlap)
+                        .unwrap_or(year_one),
+                ),
                 hi,
             }
         }

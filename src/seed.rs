@@ -50,27 +50,119 @@ pub struct SeedReport {
 
 const SEED_SQL: &str = include_str!("seed.sql");
 
-/// Empties the source tables loansync reads (never the ETL tables).
-pub async fn reset_source(pool: &PgPool) -> sqlx::Result<()> {
-    sqlx::raw_sql(
-        "TRUNCATE loans_ajoloanrepayment, loans_ajoloanschedule, loans_ajoloan, loans_loanguarantor, \
-         loans_loaneligibility, ajo_ajouser, accounts_customuser RESTART IDENTITY CASCADE",
-    )
-    .execute(pool)
+/// Every table [`reset_source`] empties: the source tables the seed fills and those that
+/// reference them. Never the ETL tables.
+pub const SOURCE_TABLES: &[&str] = &[
+    "loans_ajoloanrepayment",
+    "loans_ajoloanschedule",
+    "loans_ajoloan",
+    "loans_loanguarantor",
+    "loans_loaneligibility",
+    "ajo_ajouser",
+    "accounts_customuser_groups",
+    "accounts_customuser_user_permissions",
+    "accounts_customuser",
+];
+
+/// Written by [`seed`] in the transaction that fills the tables: per table, how many rows
+/// it wrote and the largest id. A table holding more rows, or an id above that, holds
+/// rows the seed did not write.
+pub const MARKER_TABLE: &str = "loansync_seed_marker";
+
+/// Empties the source tables loansync reads (never the ETL tables), but only in a
+/// database that holds nothing but what [`seed`] wrote (or nothing at all), unless
+/// `confirm_database` names the database, as `current_database()` spells it. A real
+/// database is never emptied by mistake: the check and the `TRUNCATE` happen under one
+/// lock, and no table outside [`SOURCE_TABLES`] is touched (no `CASCADE`).
+pub async fn reset_source(pool: &PgPool, confirm_database: Option<&str>) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let current: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *tx)
+        .await?;
+    if let Some(name) = confirm_database
+        && name != current
+    {
+        anyhow::bail!(
+            "--confirm-database {name:?} does not name the database DATABASE_URL points at \
+             ({current:?}); nothing was emptied"
+        );
+    }
+    let tables = SOURCE_TABLES.join(", ");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *tx)
     .await?;
+    if confirm_database.is_none()
+        && let Some((table, rows)) = unseeded_rows(&mut tx).await?
+    {
+        anyhow::bail!(
+            "refusing to empty database {current:?}: {table} holds {rows} row(s) that \
+             `loansync seed` did not write, so this may be real data. Nothing was emptied. If the \
+             database really is disposable, run again with --confirm-database {current}"
+        );
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "TRUNCATE {tables} RESTART IDENTITY; DROP TABLE IF EXISTS {MARKER_TABLE}"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 
-/// Fills the source tables. They must be empty (see [`reset_source`]).
+/// The first table holding rows the seed did not write, and how many at least.
+async fn unseeded_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+) -> anyhow::Result<Option<(&'static str, i64)>> {
+    let marked: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(MARKER_TABLE)
+        .fetch_one(&mut **tx)
+        .await?;
+    for &table in SOURCE_TABLES {
+        let (rows, max_id): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*), coalesce(max(id), 0)::bigint FROM {table}"
+        )))
+        .fetch_one(&mut **tx)
+        .await?;
+        let (seeded_rows, seeded_max): (i64, i64) = if marked {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT coalesce(max(seeded_rows), 0), coalesce(max(max_id), 0) \
+                 FROM {MARKER_TABLE} WHERE table_name = $1"
+            )))
+            .bind(table)
+            .fetch_one(&mut **tx)
+            .await?
+        } else {
+            (0, 0)
+        };
+        if rows > seeded_rows || max_id > seeded_max {
+            let beyond: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM {table} WHERE id > $1"
+            )))
+            .bind(seeded_max)
+            .fetch_one(&mut **tx)
+            .await?;
+            return Ok(Some((table, beyond.max(rows - seeded_rows))));
+        }
+    }
+    Ok(None)
+}
+
+/// Fills the source tables, which must all be empty (see [`reset_source`]), and records
+/// what it wrote in [`MARKER_TABLE`], in the same transaction.
 pub async fn seed(pool: &PgPool, spec: SeedSpec) -> anyhow::Result<SeedReport> {
     let started = std::time::Instant::now();
-    let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts_customuser")
-        .fetch_one(pool)
-        .await?;
-    anyhow::ensure!(
-        existing == 0,
-        "accounts_customuser already holds {existing} rows: seed an empty database (use --reset)"
-    );
+    for table in SOURCE_TABLES {
+        let existing: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(pool)
+                .await?;
+        anyhow::ensure!(
+            existing == 0,
+            "{table} already holds {existing} rows: seed an empty database (use --reset)"
+        );
+    }
     let mut tx = pool.begin().await?;
     // Parameters reach the script as settings read with current_setting().
     for (k, v) in [
@@ -87,6 +179,24 @@ pub async fn seed(pool: &PgPool, spec: SeedSpec) -> anyhow::Result<SeedReport> {
             .await?;
     }
     sqlx::raw_sql(SEED_SQL).execute(&mut *tx).await?;
+    let marks = SOURCE_TABLES
+        .iter()
+        .map(|t| format!("SELECT '{t}', count(*), coalesce(max(id), 0)::bigint FROM {t}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (
+             table_name text PRIMARY KEY,
+             seeded_rows bigint NOT NULL,
+             max_id bigint NOT NULL,
+             seeded_at timestamptz NOT NULL DEFAULT now()
+         );
+         COMMENT ON TABLE {MARKER_TABLE} IS 'Written by loansync seed: the rows it wrote. loansync seed --reset empties only a database holding nothing else.';
+         DELETE FROM {MARKER_TABLE};
+         INSERT INTO {MARKER_TABLE} (table_name, seeded_rows, max_id) {marks};"
+    )))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     sqlx::raw_sql(
         "ANALYZE accounts_customuser, ajo_ajouser, loans_ajoloan, loans_ajoloanschedule, loans_ajoloanrepayment",

@@ -73,7 +73,8 @@ pub struct AnalyticsClient {
 
 struct Inner {
     http: reqwest::Client,
-    base: String,
+    /// The API's base URL; an endpoint's path is appended to its path, its query kept.
+    base: url::Url,
     key: SecretString,
     retry: crate::config::RetrySettings,
     /// Request bodies are gzipped (`ANALYTICS_GZIP`).
@@ -115,7 +116,7 @@ impl AnalyticsClient {
         Ok(AnalyticsClient {
             inner: Arc::new(Inner {
                 http,
-                base: api.base_url.as_str().trim_end_matches('/').to_string(),
+                base: api.base_url.clone(),
                 key: api.key.clone(),
                 retry: api.retry.clone(),
                 gzip: api.gzip,
@@ -125,7 +126,7 @@ impl AnalyticsClient {
 
     /// Delivers one chunk. Never panics on any response.
     pub async fn deliver(&self, batch: &Batch<'_>) -> Result<DeliveryReport, FatalError> {
-        let url = format!("{}{}", self.inner.base, batch.entity.endpoint());
+        let url = endpoint_url(&self.inner.base, batch.entity.endpoint());
         let mut report = DeliveryReport::default();
         // Ranges of record indexes still to send; a refused range is split in halves.
         let mut todo = vec![(0usize, batch.records.len())];
@@ -292,6 +293,14 @@ impl AnalyticsClient {
     }
 }
 
+/// `base` with `endpoint` appended to its path; a query string on `base` is kept.
+fn endpoint_url(base: &url::Url, endpoint: &str) -> String {
+    let mut url = base.clone();
+    let path = format!("{}{endpoint}", base.path().trim_end_matches('/'));
+    url.set_path(&path);
+    url.into()
+}
+
 fn fail_all(
     report: &mut DeliveryReport,
     part: &[Record],
@@ -356,5 +365,19 @@ mod tests {
         assert!(k.to_string().len() <= MAX_KEPT_RESPONSE + 64);
         let small = serde_json::json!({"accepted": 1});
         assert_eq!(kept(small.clone()), small);
+    }
+
+    #[test]
+    fn endpoints_are_appended_to_the_path_keeping_the_query() {
+        let at = |base: &str, e: &str| endpoint_url(&url::Url::parse(base).unwrap(), e);
+        assert_eq!(at("http://h:1", "/etl/sync"), "http://h:1/etl/sync");
+        assert_eq!(
+            at("http://h:1/api/", "/etl/sync"),
+            "http://h:1/api/etl/sync"
+        );
+        assert_eq!(
+            at("https://u:p@h/api?key=k", "/etl/customers"),
+            "https://u:p@h/api/etl/customers?key=k"
+        );
     }
 }

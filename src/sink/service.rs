@@ -110,7 +110,7 @@ async fn send_inner(
         .await
     {
         Ok(response) => response,
-        Err(e) => return certificate_refused(&e).ok_or_else(|| network(e)),
+        Err(e) => return certificate_refused(&e).ok_or_else(|| network(e, url)),
     };
     let status = response.status().as_u16();
     let retry_after = super::retry::parse_retry_after(
@@ -129,7 +129,7 @@ async fn send_inner(
                 body: serde_json::json!({ "http_status": status }),
             });
         }
-        Err(e) => return Err(network(e)),
+        Err(e) => return Err(network(e, url)),
     };
     let json: Option<serde_json::Value> = serde_json::from_slice(&raw).ok();
     let body = json.clone().unwrap_or_else(|| excerpt_value(&raw));
@@ -196,7 +196,10 @@ fn certificate_refused(e: &reqwest::Error) -> Option<Answer> {
     })
 }
 
-fn network(e: reqwest::Error) -> Transient {
+/// A transport failure, described without anything secret: reqwest's own text quotes the
+/// request URL (query string included), so the URL is dropped from it and named here
+/// through [`redact_url`](crate::config::redact_url); the rest of the chain says why.
+fn network(e: reqwest::Error, url: &str) -> Transient {
     let what = if e.is_timeout() {
         "the request timed out"
     } else if e.is_connect() {
@@ -204,11 +207,21 @@ fn network(e: reqwest::Error) -> Transient {
     } else {
         "the connection failed"
     };
+    let e = e.without_url();
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        source = s.source();
+    }
     Transient {
         status: None,
         error_code: "NETWORK_ERROR".into(),
-        // reqwest's error text names the URL, never the headers.
-        message: format!("{what}: {e}"),
+        message: crate::config::redact_text(&format!(
+            "{what} ({}): {why}",
+            crate::config::redact_url(url)
+        )),
         retry_after: None,
         body: serde_json::Value::Null,
     }
