@@ -312,13 +312,7 @@ impl Settings {
         let amqp_url = get("AMQP_URL")?.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
         check_amqp_url(amqp_url.trim()).map_err(|e| invalid("AMQP_URL", e))?;
 
-        let retention_days: u32 = num(g, "ETL_CHUNK_RETENTION_DAYS", 7u32)?;
-        if !(1..=3650).contains(&retention_days) {
-            return Err(invalid(
-                "ETL_CHUNK_RETENTION_DAYS",
-                format!("{retention_days} is outside 1..=3650"),
-            ));
-        }
+        let retention_days: u32 = num(g, "ETL_CHUNK_RETENTION_DAYS", 7u32, 1..=3650)?;
         let chunk_retention = Duration::from_secs(u64::from(retention_days) * 86_400);
 
         Ok(Settings {

@@ -104,11 +104,18 @@ async fn transport_errors_carry_no_credential_from_the_api_url() {
         sync_type: SyncType::Full,
         entities: None,
         request_id: None,
+        since: None,
+        until: None,
     };
     let summary = loansync::cli::sync_in_process(&db.pool, &settings, &full)
         .await
         .unwrap();
-    assert_eq!(summary.exit_code(), 3, "{}", summary.render());
+    assert_eq!(
+        summary.exit_code(),
+        loansync::cli::EXIT_FAILED,
+        "{}",
+        summary.render()
+    );
     assert!(!summary.render().contains("secret"));
 
     let rows: Vec<String> = sqlx::query_scalar(
