@@ -78,6 +78,31 @@ impl Default for ChunkSizes {
     }
 }
 
+/// Limits set on every pooled PostgreSQL connection, so that a stuck statement, a held
+/// lock or a forgotten transaction cannot wedge a worker (see `crate::db`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbTimeouts {
+    /// `statement_timeout` of every statement (`ETL_DB_STATEMENT_TIMEOUT_SECS`, 0 = none).
+    pub statement: Duration,
+    /// `lock_timeout`: longest wait for one lock (`ETL_DB_LOCK_TIMEOUT_SECS`, 0 = none).
+    pub lock: Duration,
+    /// `idle_in_transaction_session_timeout` (`ETL_DB_IDLE_IN_TX_TIMEOUT_SECS`, 0 = none).
+    pub idle_in_transaction: Duration,
+    /// Longest wait for a pooled connection (`ETL_DB_ACQUIRE_TIMEOUT_SECS`).
+    pub acquire: Duration,
+}
+
+impl Default for DbTimeouts {
+    fn default() -> Self {
+        DbTimeouts {
+            statement: Duration::from_secs(60),
+            lock: Duration::from_secs(30),
+            idle_in_transaction: Duration::from_secs(60),
+            acquire: Duration::from_secs(5),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -117,6 +142,11 @@ pub struct Settings {
     /// How long a worker (or the planner) holding a message waits for an unreachable
     /// PostgreSQL before handing the message back to the broker (`ETL_DB_OUTAGE_WAIT_SECS`).
     pub db_outage_wait: Duration,
+    /// Per-connection PostgreSQL timeouts and the pool's acquire timeout (`ETL_DB_*`).
+    pub db_timeouts: DbTimeouts,
+    /// How long a publish waits for the broker's confirm before it fails
+    /// (`ETL_PUBLISH_CONFIRM_TIMEOUT_SECS`).
+    pub publish_confirm_timeout: Duration,
     /// Where `/metrics`, `/healthz`, `/readyz` are served; `None` when empty (`METRICS_ADDR`).
     pub metrics_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -259,6 +289,36 @@ impl Settings {
         };
         let api_ca_pem = ca_pem("ANALYTICS_CA_FILE")?;
         let amqp_ca_pem = ca_pem("AMQP_CA_FILE")?;
+        let d = DbTimeouts::default();
+        let db_timeouts = DbTimeouts {
+            statement: Duration::from_secs(num(
+                g,
+                "ETL_DB_STATEMENT_TIMEOUT_SECS",
+                d.statement.as_secs(),
+            )?),
+            lock: Duration::from_secs(num(g, "ETL_DB_LOCK_TIMEOUT_SECS", d.lock.as_secs())?),
+            idle_in_transaction: Duration::from_secs(num(
+                g,
+                "ETL_DB_IDLE_IN_TX_TIMEOUT_SECS",
+                d.idle_in_transaction.as_secs(),
+            )?),
+            acquire: Duration::from_secs(num(
+                g,
+                "ETL_DB_ACQUIRE_TIMEOUT_SECS",
+                d.acquire.as_secs(),
+            )?),
+        };
+        if db_timeouts.acquire.is_zero() {
+            return Err(invalid("ETL_DB_ACQUIRE_TIMEOUT_SECS", "must be at least 1"));
+        }
+        let publish_confirm_timeout =
+            Duration::from_secs(num(g, "ETL_PUBLISH_CONFIRM_TIMEOUT_SECS", 30u64)?);
+        if publish_confirm_timeout.is_zero() {
+            return Err(invalid(
+                "ETL_PUBLISH_CONFIRM_TIMEOUT_SECS",
+                "must be at least 1",
+            ));
+        }
         let delivery_limit: u32 = num(g, "ETL_DELIVERY_LIMIT", 5u32)?;
         if delivery_limit == 0 {
             return Err(invalid("ETL_DELIVERY_LIMIT", "must be at least 1"));
@@ -305,6 +365,8 @@ impl Settings {
             db_pool_size: num(g, "ETL_DB_POOL_SIZE", u32::from(worker_concurrency) + 2)?,
             shutdown_grace: Duration::from_secs(num(g, "ETL_SHUTDOWN_GRACE_SECS", 30u64)?),
             db_outage_wait,
+            db_timeouts,
+            publish_confirm_timeout,
             metrics_addr,
             log_format,
         })
