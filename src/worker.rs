@@ -358,28 +358,36 @@ pub async fn handle_message(ctx: &WorkerContext, body: &[u8]) -> Disposition {
     handle_job(ctx, &job).instrument(span).await
 }
 
-async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
+/// Runs a chunk's processing, turning a panic into a permanent `WORKER_PANIC` failure.
+pub async fn contain_panic<T>(
+    work: impl std::future::Future<Output = Result<T, ChunkError>>,
+) -> Result<T, ChunkError> {
     use futures::FutureExt;
+    std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            METRICS.chunk_panics.inc();
+            Err(ChunkError::Permanent {
+                code: WORKER_PANIC,
+                reason: format!("processing the chunk panicked: {}", panic_message(&*panic)),
+            })
+        })
+}
+
+async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
     let started = Instant::now();
     METRICS.chunks_in_flight.inc();
     // A panic anywhere in the chunk's processing is contained here, the one place both
     // the RabbitMQ loop and the in-memory loop go through: the chunk fails, the process
     // goes on.
-    let result = std::panic::AssertUnwindSafe(crate::db::through_outage(
+    let result = contain_panic(crate::db::through_outage(
         &ctx.pool,
         ctx.db_outage_wait,
         "the chunk",
         || process_chunk(ctx, job),
     ))
-    .catch_unwind()
-    .await
-    .unwrap_or_else(|panic| {
-        METRICS.chunk_panics.inc();
-        Err(ChunkError::Permanent {
-            code: WORKER_PANIC,
-            reason: format!("processing the chunk panicked: {}", panic_message(&*panic)),
-        })
-    });
+    .await;
     METRICS.chunks_in_flight.dec();
     let entity = job.entity.as_str();
     let (outcome, disposition) = match result {
@@ -439,7 +447,7 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
 
 /// Settles every record of a chunk that cannot succeed as failed with `code`, so that
 /// the books balance and `loansync errors retry` can send them once fixed.
-async fn fail_chunk(
+pub async fn fail_chunk(
     ctx: &WorkerContext,
     job: &ChunkJob,
     code: &str,
@@ -588,4 +596,50 @@ pub async fn run_memory(ctx: Arc<WorkerContext>, queue: MemoryQueue, concurrency
         });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_permanent_worker_panic() {
+        let before = METRICS.chunk_panics.get();
+        let r: Result<(), ChunkError> = contain_panic(async {
+            let v: Vec<i32> = Vec::new();
+            #[allow(clippy::indexing_slicing)]
+            let _ = v[3];
+            Ok(())
+        })
+        .await;
+        match r {
+            Err(ChunkError::Permanent { code, reason }) => {
+                assert_eq!(code, WORKER_PANIC);
+                assert!(reason.contains("index out of bounds"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(METRICS.chunk_panics.get(), before + 1);
+        let ok: Result<u8, ChunkError> = contain_panic(async { Ok(7) }).await;
+        assert_eq!(ok.unwrap(), 7);
+    }
+
+    #[test]
+    fn decode_errors_are_permanent_and_connection_errors_transient() {
+        let decode = sqlx::Error::ColumnDecode {
+            index: "date_created".into(),
+            source: "out of range".into(),
+        };
+        assert!(is_permanent(&decode));
+        assert!(matches!(
+            ChunkError::from(decode),
+            ChunkError::Permanent {
+                code: RECORD_UNREADABLE,
+                ..
+            }
+        ));
+        assert!(!is_permanent(&sqlx::Error::PoolTimedOut));
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(ChunkError::from(io), ChunkError::Transient(_)));
+    }
 }

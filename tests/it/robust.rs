@@ -367,6 +367,65 @@ async fn unreadable_rows_fail_alone_over_rabbitmq() {
     p.stop().await;
 }
 
+/// What the worker does with a chunk whose processing panicked: every record of it is
+/// settled as `WORKER_PANIC` (so the books balance), the others are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunk_that_panicked_is_settled_as_worker_panic() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let settings = settings_for(&db, &stub.url(), &[]);
+    let queue = MemoryQueue::new();
+    let officers = request(SyncType::Full, Some(vec![EntityKind::Officer]));
+    let PlanOutcome::Planned { sync_id, .. } =
+        planner::plan_sync(&db.pool, &settings, &officers, &queue)
+            .await
+            .unwrap()
+    else {
+        panic!("not planned")
+    };
+    let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
+    let first = queue.try_pop().await.unwrap();
+    worker::fail_chunk(
+        &ctx,
+        &first,
+        worker::WORKER_PANIC,
+        "processing the chunk panicked: boom",
+    )
+    .await
+    .unwrap();
+    // Delivered again (the broker redelivers what it had not seen acked): counted once.
+    queue.push(first.clone());
+    worker::run_memory(ctx, queue, 3).await;
+
+    let failed: Vec<String> = sqlx::query_scalar(
+        "SELECT entity_id FROM etl_folder_etlsyncerror WHERE error_code = 'WORKER_PANIC' ORDER BY entity_id::int8",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT unnest(ids) FROM loansync_chunk WHERE sync_id = $1 AND entity = 'officer' AND seq = $2",
+    )
+    .bind(&sync_id)
+    .bind(first.seq)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        failed,
+        ids.iter().map(i64::to_string).collect::<Vec<_>>(),
+        "the panicked chunk's records, once each"
+    );
+    let h = history(&db.pool).await;
+    assert_eq!(h[0].status, "partial_success");
+    let mut want = expected_full(&db.pool).await[&EntityKind::Officer].clone();
+    for id in &ids {
+        want.remove(id);
+    }
+    assert_eq!(stub.received().ids(EntityKind::Officer), want);
+    assert_books_balance(&db.pool).await;
+}
+
 // ---------------------------------------------------------------- item 8: the broker
 
 /// Deletes a prefix's queues (declared with `limit`) when dropped.
