@@ -8,7 +8,7 @@ use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType};
 use crate::ledger::{self, FinalStatus};
 use crate::planner::{self, PlanOutcome};
-use crate::queue::amqp::Broker;
+use crate::queue::amqp::{Broker, BrokerHealth, BrokerOptions};
 use crate::queue::memory::MemoryQueue;
 use crate::sink::AnalyticsClient;
 use crate::worker::{self, WorkerContext};
@@ -309,15 +309,31 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::Planner => {
             let pool = db::connect(&settings).await?;
             let consuming = Arc::new(AtomicBool::new(false));
-            start_http(&settings, &pool, &consuming).await?;
-            run_planner(pool, settings.clone(), consuming, on_shutdown_signal()).await?;
+            let health = BrokerHealth::default();
+            start_http(&settings, &pool, &consuming, &health).await?;
+            run_planner_with(
+                pool,
+                settings.clone(),
+                consuming,
+                health,
+                on_shutdown_signal(),
+            )
+            .await?;
             Ok(0)
         }
         Command::Worker => {
             let pool = db::connect(&settings).await?;
             let consuming = Arc::new(AtomicBool::new(false));
-            start_http(&settings, &pool, &consuming).await?;
-            run_worker(pool, settings.clone(), consuming, on_shutdown_signal()).await?;
+            let health = BrokerHealth::default();
+            start_http(&settings, &pool, &consuming, &health).await?;
+            run_worker_with(
+                pool,
+                settings.clone(),
+                consuming,
+                health,
+                on_shutdown_signal(),
+            )
+            .await?;
             Ok(0)
         }
         Command::Trigger {
@@ -483,13 +499,25 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
 }
 
 async fn connect_broker(settings: &Settings) -> anyhow::Result<Broker> {
-    Broker::connect_with_ca(
+    connect_broker_with(settings, BrokerHealth::default()).await
+}
+
+/// Connects to the broker of `settings`, reporting the connection's state to `health`.
+pub async fn connect_broker_with(
+    settings: &Settings,
+    health: BrokerHealth,
+) -> anyhow::Result<Broker> {
+    Broker::connect_with(
         settings.amqp_url.expose_secret(),
         &settings.queue_prefix,
         // The broker's own limit sits above loansync's, so that loansync settles a
         // chunk that keeps failing (and says why) before the broker drops it.
-        settings.delivery_limit + 2,
+        crate::queue::amqp::broker_delivery_limit(settings.delivery_limit),
         settings.amqp_ca_pem.as_deref(),
+        BrokerOptions {
+            confirm_timeout: settings.publish_confirm_timeout,
+            health,
+        },
     )
     .await
 }
@@ -514,6 +542,7 @@ async fn with_reconnect<F, Fut>(
     settings: &Settings,
     what: &str,
     consuming: &Arc<AtomicBool>,
+    health: &BrokerHealth,
     shutdown: CancellationToken,
     mut consume: F,
 ) -> anyhow::Result<()>
@@ -527,14 +556,18 @@ where
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        match connect_broker(settings).await {
-            Ok(broker) => match consume(broker, shutdown.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    delay = first;
-                    tracing::warn!(error = %format!("{e:#}"), "{what} lost its broker connection: reconnecting");
+        match connect_broker_with(settings, health.clone()).await {
+            Ok(broker) => {
+                let ended = consume(broker, shutdown.clone()).await;
+                health.set_connected(false);
+                match ended {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        delay = first;
+                        tracing::warn!(error = %format!("{e:#}"), "{what} lost its broker connection: reconnecting");
+                    }
                 }
-            },
+            }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} cannot reach the broker")
             }
@@ -555,10 +588,22 @@ pub async fn run_planner(
     consuming: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_planner_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
+}
+
+/// [`run_planner`], reporting the broker connection's state to `health` (`/readyz`).
+pub async fn run_planner_with(
+    pool: sqlx::PgPool,
+    settings: Arc<Settings>,
+    consuming: Arc<AtomicBool>,
+    health: BrokerHealth,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     with_reconnect(
         &settings,
         "planner",
         &consuming,
+        &health,
         shutdown,
         |broker, stop| {
             planner::run_amqp(
@@ -580,17 +625,35 @@ pub async fn run_worker(
     consuming: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_worker_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
+}
+
+/// [`run_worker`], reporting the broker connection's state to `health` (`/readyz`).
+pub async fn run_worker_with(
+    pool: sqlx::PgPool,
+    settings: Arc<Settings>,
+    consuming: Arc<AtomicBool>,
+    health: BrokerHealth,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let ctx = Arc::new(worker_context(&settings, pool)?);
-    with_reconnect(&settings, "worker", &consuming, shutdown, |broker, stop| {
-        worker::run_amqp(
-            ctx.clone(),
-            broker,
-            settings.worker_concurrency,
-            settings.shutdown_grace,
-            consuming.clone(),
-            stop.cancelled_owned(),
-        )
-    })
+    with_reconnect(
+        &settings,
+        "worker",
+        &consuming,
+        &health,
+        shutdown,
+        |broker, stop| {
+            worker::run_amqp(
+                ctx.clone(),
+                broker,
+                settings.worker_concurrency,
+                settings.shutdown_grace,
+                consuming.clone(),
+                stop.cancelled_owned(),
+            )
+        },
+    )
     .await
 }
 
@@ -598,14 +661,14 @@ async fn start_http(
     settings: &Settings,
     pool: &sqlx::PgPool,
     consuming: &Arc<AtomicBool>,
+    health: &BrokerHealth,
 ) -> anyhow::Result<()> {
     if let Some(addr) = settings.metrics_addr {
         http::serve(
             addr,
             http::Readiness {
                 pool: pool.clone(),
-                // The consumer flag covers the broker: it is down while disconnected.
-                broker: None,
+                broker: Some(health.clone()),
                 consuming: consuming.clone(),
                 stale_after_secs: settings.stale_sync_after.as_secs_f64(),
             },

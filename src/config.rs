@@ -78,6 +78,31 @@ impl Default for ChunkSizes {
     }
 }
 
+/// Limits set on every pooled PostgreSQL connection, so that a stuck statement, a held
+/// lock or a forgotten transaction cannot wedge a worker (see `crate::db`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbTimeouts {
+    /// `statement_timeout` of every statement (`ETL_DB_STATEMENT_TIMEOUT_SECS`, 0 = none).
+    pub statement: Duration,
+    /// `lock_timeout`: longest wait for one lock (`ETL_DB_LOCK_TIMEOUT_SECS`, 0 = none).
+    pub lock: Duration,
+    /// `idle_in_transaction_session_timeout` (`ETL_DB_IDLE_IN_TX_TIMEOUT_SECS`, 0 = none).
+    pub idle_in_transaction: Duration,
+    /// Longest wait for a pooled connection (`ETL_DB_ACQUIRE_TIMEOUT_SECS`).
+    pub acquire: Duration,
+}
+
+impl Default for DbTimeouts {
+    fn default() -> Self {
+        DbTimeouts {
+            statement: Duration::from_secs(60),
+            lock: Duration::from_secs(30),
+            idle_in_transaction: Duration::from_secs(60),
+            acquire: Duration::from_secs(5),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -120,6 +145,11 @@ pub struct Settings {
     /// Finished syncs' chunk id lists are deleted after this long; history, counters and
     /// error rows stay (`ETL_CHUNK_RETENTION_DAYS`).
     pub chunk_retention: Duration,
+    /// Per-connection PostgreSQL timeouts and the pool's acquire timeout (`ETL_DB_*`).
+    pub db_timeouts: DbTimeouts,
+    /// How long a publish waits for the broker's confirm before it fails
+    /// (`ETL_PUBLISH_CONFIRM_TIMEOUT_SECS`).
+    pub publish_confirm_timeout: Duration,
     /// Where `/metrics`, `/healthz`, `/readyz` are served; `None` when empty (`METRICS_ADDR`).
     pub metrics_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -315,6 +345,41 @@ impl Settings {
         let retention_days: u32 = num(g, "ETL_CHUNK_RETENTION_DAYS", 7u32, 1..=3650)?;
         let chunk_retention = Duration::from_secs(u64::from(retention_days) * 86_400);
 
+        let d = DbTimeouts::default();
+        // 0 turns a PostgreSQL timeout off; the pool's acquire timeout must be positive.
+        let db_timeouts = DbTimeouts {
+            statement: Duration::from_secs(num(
+                g,
+                "ETL_DB_STATEMENT_TIMEOUT_SECS",
+                d.statement.as_secs(),
+                0..=86_400,
+            )?),
+            lock: Duration::from_secs(num(
+                g,
+                "ETL_DB_LOCK_TIMEOUT_SECS",
+                d.lock.as_secs(),
+                0..=86_400,
+            )?),
+            idle_in_transaction: Duration::from_secs(num(
+                g,
+                "ETL_DB_IDLE_IN_TX_TIMEOUT_SECS",
+                d.idle_in_transaction.as_secs(),
+                0..=86_400,
+            )?),
+            acquire: Duration::from_secs(num(
+                g,
+                "ETL_DB_ACQUIRE_TIMEOUT_SECS",
+                d.acquire.as_secs(),
+                1..=600,
+            )?),
+        };
+        let publish_confirm_timeout = Duration::from_secs(num(
+            g,
+            "ETL_PUBLISH_CONFIRM_TIMEOUT_SECS",
+            30u64,
+            1..=3_600,
+        )?);
+
         Ok(Settings {
             database_url: database_url.trim().to_string().into(),
             amqp_url: amqp_url.trim().to_string().into(),
@@ -363,6 +428,8 @@ impl Settings {
             )?),
             db_outage_wait,
             chunk_retention,
+            db_timeouts,
+            publish_confirm_timeout,
             metrics_addr,
             log_format,
         })

@@ -1,6 +1,6 @@
 //! The connection pool and the embedded migrations.
 
-use crate::config::Settings;
+use crate::config::{DbTimeouts, Settings};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -11,17 +11,55 @@ use std::time::Duration;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Opens a pool sized for this process. Connections lazily reconnect after an outage.
+/// Every connection carries the limits of `ETL_DB_*` ([`connect_options`]).
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
-    connect_url(settings.database_url.expose_secret(), settings.db_pool_size).await
+    connect_url_with(
+        settings.database_url.expose_secret(),
+        settings.db_pool_size,
+        &settings.db_timeouts,
+    )
+    .await
 }
 
+/// [`connect`] for a URL, with the default [`DbTimeouts`].
 pub async fn connect_url(url: &str, size: u32) -> anyhow::Result<PgPool> {
-    let opts = PgConnectOptions::from_str(url)
+    connect_url_with(url, size, &DbTimeouts::default()).await
+}
+
+/// The connect options of `url` with loansync's session settings: `statement_timeout`,
+/// `lock_timeout` and `idle_in_transaction_session_timeout` (per statement, per lock
+/// wait, per idle moment inside a transaction; 0 turns one off), and the server's TCP
+/// keepalives. They are startup options, so they hold on every pooled connection,
+/// reconnected ones included, and `RESET` returns to them.
+///
+/// sqlx 0.9 offers no client-side TCP keepalive: a connection whose peer vanished
+/// without a FIN is noticed through these server-side limits and the server's
+/// keepalives (which end the session and free its locks), and on the client through
+/// the pool's acquire timeout and [`is_reachable`]'s two-second probe.
+pub fn connect_options(url: &str, t: &DbTimeouts) -> anyhow::Result<PgConnectOptions> {
+    let ms = |d: std::time::Duration| d.as_millis().to_string();
+    Ok(PgConnectOptions::from_str(url)
         .map_err(|e| anyhow::anyhow!("DATABASE_URL is not valid: {e}"))?
-        .application_name("loansync");
+        .application_name("loansync")
+        .options([
+            ("statement_timeout", ms(t.statement)),
+            ("lock_timeout", ms(t.lock)),
+            (
+                "idle_in_transaction_session_timeout",
+                ms(t.idle_in_transaction),
+            ),
+            ("tcp_keepalives_idle", "30".to_string()),
+            ("tcp_keepalives_interval", "10".to_string()),
+            ("tcp_keepalives_count", "3".to_string()),
+        ]))
+}
+
+/// A pool on `url` of `size` connections with the limits `t`.
+pub async fn connect_url_with(url: &str, size: u32, t: &DbTimeouts) -> anyhow::Result<PgPool> {
+    let opts = connect_options(url, t)?;
     let pool = PgPoolOptions::new()
         .max_connections(size.max(2))
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(t.acquire)
         .connect_with(opts)
         .await
         .map_err(|e| {
@@ -35,8 +73,24 @@ pub async fn connect_url(url: &str, size: u32) -> anyhow::Result<PgPool> {
 
 /// Applies loansync's migrations. Safe to run repeatedly and on a database where
 /// Django already created the ETL tables.
+///
+/// A migration may build an index on a big table or wait for Django's migrations: it
+/// runs without the statement and lock timeouts, on a connection that gets them back
+/// (`RESET`) before it returns to the pool.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR.run(pool).await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::raw_sql("SET statement_timeout = 0; SET lock_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    let ran = MIGRATOR.run(&mut *conn).await;
+    let reset = sqlx::raw_sql("RESET statement_timeout; RESET lock_timeout")
+        .execute(&mut *conn)
+        .await;
+    if ran.is_err() || reset.is_err() {
+        // Not handed back with its limits off.
+        conn.close_on_drop();
+    }
+    ran?;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! `/metrics`, `/healthz` and `/readyz` of every long-running process.
 
-use crate::queue::amqp::Broker;
+use crate::queue::amqp::BrokerHealth;
 use crate::telemetry::METRICS;
 use axum::Router;
 use axum::extract::State;
@@ -16,7 +16,9 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct Readiness {
     pub pool: PgPool,
-    pub broker: Option<Broker>,
+    /// The process's broker connection (across reconnections); `None` in a process
+    /// without a broker.
+    pub broker: Option<BrokerHealth>,
     /// Set by the consuming loop while its consumer is running.
     pub consuming: Arc<AtomicBool>,
     /// `ETL_STALE_SYNC_SECS`, for the stalled-syncs gauge.
@@ -62,10 +64,23 @@ async fn readyz(State(r): State<Readiness>) -> (StatusCode, String) {
     .await
     .map(|x| x.is_ok())
     .unwrap_or(false);
-    let broker = r.broker.as_ref().is_none_or(|b| b.is_connected());
     let consuming = r.consuming.load(Ordering::SeqCst);
-    let body = format!("database: {db}\nbroker: {broker}\nconsumer: {consuming}\n");
-    if db && broker && consuming {
+    readiness_report(db, r.broker.as_ref(), consuming)
+}
+
+/// The answer of `/readyz`: 200 only when the database answers, the broker connection
+/// is up and not blocked (a blocked connection cannot publish, ack or dead-letter), and
+/// the consumer runs.
+pub fn readiness_report(
+    db: bool,
+    broker: Option<&BrokerHealth>,
+    consuming: bool,
+) -> (StatusCode, String) {
+    let broker_ok = broker.is_none_or(|b| b.is_ready());
+    let broker_state = broker.map_or("none", |b| b.describe());
+    let body =
+        format!("database: {db}\nbroker: {broker_ok} ({broker_state})\nconsumer: {consuming}\n");
+    if db && broker_ok && consuming {
         (StatusCode::OK, body)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body)
@@ -95,4 +110,59 @@ pub async fn serve(addr: SocketAddr, readiness: Readiness) -> anyhow::Result<Soc
     });
     tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::METRICS;
+
+    #[test]
+    fn a_blocked_or_lost_broker_makes_readyz_fail_and_is_counted() {
+        let health = BrokerHealth::default();
+        let (code, body) = readiness_report(true, Some(&health), true);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("broker: false (disconnected)"), "{body}");
+
+        health.set_connected(true);
+        let (code, body) = readiness_report(true, Some(&health), true);
+        assert_eq!(code, StatusCode::OK, "{body}");
+
+        let blocked_before = METRICS.broker_blocked_total.get();
+        health.on_event(&lapin::Event::ConnectionBlocked("low on memory".into()));
+        let (code, body) = readiness_report(true, Some(&health), true);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("broker: false (blocked)"), "{body}");
+        assert_eq!(METRICS.broker_blocked_total.get(), blocked_before + 1);
+        assert!(METRICS.broker_blocked.get() >= 1);
+        assert!(METRICS.render().contains("etl_broker_blocked_total"));
+
+        // A repeated notice is the same episode.
+        health.on_event(&lapin::Event::ConnectionBlocked("low on memory".into()));
+        assert_eq!(METRICS.broker_blocked_total.get(), blocked_before + 1);
+
+        health.on_event(&lapin::Event::ConnectionUnblocked);
+        let (code, body) = readiness_report(true, Some(&health), true);
+        assert_eq!(code, StatusCode::OK, "{body}");
+
+        // Losing the connection while blocked: not ready, and the gauge goes back.
+        health.on_event(&lapin::Event::ConnectionBlocked("disk".into()));
+        health.set_connected(false);
+        assert!(!health.is_blocked());
+        let (code, _) = readiness_report(true, Some(&health), true);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_process_without_broker_needs_database_and_consumer() {
+        assert_eq!(readiness_report(true, None, true).0, StatusCode::OK);
+        assert_eq!(
+            readiness_report(false, None, true).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            readiness_report(true, None, false).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
 }

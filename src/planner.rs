@@ -469,7 +469,12 @@ pub async fn run_amqp(
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "planning failed: the message goes back to the queue");
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    Disposition::Requeue
+                    // Unreachable PostgreSQL: put back without spending a delivery.
+                    if crate::db::is_reachable(&pool).await {
+                        Disposition::Requeue
+                    } else {
+                        Disposition::Republish
+                    }
                 }
             },
         };

@@ -31,7 +31,8 @@ pub struct Metrics {
     /// Records planned, by entity.
     pub records_planned: IntCounterVec,
     /// Chunks handled by workers, by entity and outcome (`settled`, `duplicate`,
-    /// `aborted`, `requeued`, `dead_letter`).
+    /// `aborted`, `requeued`, `republished` (put back while PostgreSQL was unreachable,
+    /// not counted by the broker), `dead_letter`).
     pub chunks: IntCounterVec,
     /// Time from receiving a chunk to its commit, by entity.
     pub chunk_seconds: HistogramVec,
@@ -54,6 +55,14 @@ pub struct Metrics {
     pub chunks_in_flight: IntGauge,
     /// Times a chunk or planning message was held while PostgreSQL did not answer.
     pub db_outage_waits: IntCounter,
+    /// `connection.blocked` notices received from RabbitMQ (memory or disk alarm).
+    pub broker_blocked_total: IntCounter,
+    /// Broker connections of this process blocked right now.
+    pub broker_blocked: IntGauge,
+    /// Publishes, confirms or acks that got no answer within the confirm timeout.
+    pub broker_timeouts: IntCounter,
+    /// Panics caught while processing a chunk (the chunk was failed, the process lives).
+    pub chunk_panics: IntCounter,
     /// Seconds since each entity's watermark (refreshed at every scrape).
     pub watermark_age: GaugeVec,
     /// Running syncs whose chunks have not moved for `ETL_STALE_SYNC_SECS`.
@@ -165,6 +174,33 @@ impl Metrics {
         registry
             .register(Box::new(db_outage_waits.clone()))
             .expect("unique metric");
+        let int_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let broker_blocked_total = int_counter(
+            "etl_broker_blocked_total",
+            "connection.blocked notices from RabbitMQ (a memory or disk alarm holds publishers).",
+        );
+        let broker_timeouts = int_counter(
+            "etl_broker_timeouts_total",
+            "Publishes, confirms or acks with no answer within ETL_PUBLISH_CONFIRM_TIMEOUT_SECS.",
+        );
+        let chunk_panics = int_counter(
+            "etl_chunk_panics_total",
+            "Panics caught while processing a chunk; the chunk's records were failed.",
+        );
+        let broker_blocked = IntGauge::new(
+            "etl_broker_blocked",
+            "Broker connections of this process that RabbitMQ has blocked now.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(broker_blocked.clone()))
+            .expect("unique metric");
         let watermark_age = GaugeVec::new(
             Opts::new(
                 "etl_watermark_age_seconds",
@@ -203,7 +239,14 @@ impl Metrics {
             for o in ["success", "failed"] {
                 records.with_label_values(&[e, o]);
             }
-            for o in ["settled", "duplicate", "aborted", "requeued", "dead_letter"] {
+            for o in [
+                "settled",
+                "duplicate",
+                "aborted",
+                "requeued",
+                "republished",
+                "dead_letter",
+            ] {
                 chunks.with_label_values(&[e, o]);
             }
             records_planned.with_label_values(&[e]);
@@ -247,6 +290,10 @@ impl Metrics {
             transform_warnings,
             chunks_in_flight,
             db_outage_waits,
+            broker_blocked_total,
+            broker_blocked,
+            broker_timeouts,
+            chunk_panics,
         }
     }
 

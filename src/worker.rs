@@ -54,15 +54,128 @@ pub enum ChunkError {
     /// The message names no chunk of the ledger: it can never succeed.
     #[error("no chunk {0} in the ledger")]
     Unknown(String),
+    /// Trying again cannot help (a value the database returns that cannot be decoded,
+    /// a type mismatch): the chunk's records are settled as failed with this code.
+    #[error("permanent failure ({code}): {reason}")]
+    Permanent { code: &'static str, reason: String },
     /// The database (or another dependency) failed: try again later.
     #[error("transient failure: {0:#}")]
     Transient(#[from] anyhow::Error),
 }
 
+/// Error code of records whose source row cannot be read (decoded) as it is.
+pub const RECORD_UNREADABLE: &str = "RECORD_UNREADABLE";
+/// Error code of records of a chunk whose processing panicked.
+pub const WORKER_PANIC: &str = "WORKER_PANIC";
+
+/// True for errors that a new attempt cannot cure: decoding or type errors, and data
+/// exceptions (SQLSTATE class 22: a value out of range, say). Connection, pool, I/O,
+/// lock and timeout errors are transient.
+pub fn is_permanent(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. } => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("22")),
+        _ => false,
+    }
+}
+
 impl From<sqlx::Error> for ChunkError {
     fn from(e: sqlx::Error) -> Self {
-        ChunkError::Transient(e.into())
+        if is_permanent(&e) {
+            ChunkError::Permanent {
+                code: RECORD_UNREADABLE,
+                reason: e.to_string(),
+            }
+        } else {
+            ChunkError::Transient(e.into())
+        }
     }
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
+/// Why rows could not be loaded.
+enum LoadFailure {
+    /// These rows cannot be read as they are (decode error or a panic while decoding or
+    /// transforming them).
+    Unreadable(String),
+    /// Anything else (the database is down, a lock timed out): try the chunk again.
+    Other(ChunkError),
+}
+
+/// Loads and transforms rows, catching panics and telling unreadable rows apart.
+async fn load_guarded(
+    ctx: &WorkerContext,
+    entity: crate::domain::EntityKind,
+    ids: &[i64],
+) -> Result<source::LoadedChunk, LoadFailure> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(source::load_chunk(&ctx.pool, entity, ids))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(loaded)) => Ok(loaded),
+        Ok(Err(e)) if is_permanent(&e) => Err(LoadFailure::Unreadable(e.to_string())),
+        Ok(Err(e)) => Err(LoadFailure::Other(ChunkError::Transient(e.into()))),
+        Err(panic) => {
+            METRICS.chunk_panics.inc();
+            Err(LoadFailure::Unreadable(format!(
+                "reading the row panicked: {}",
+                panic_message(&*panic)
+            )))
+        }
+    }
+}
+
+/// Loads a chunk. When its rows cannot all be read (a value that cannot be decoded,
+/// such as an `infinity` timestamp, which panics inside the decoder), loads them one by
+/// one: the readable ones go on, the others are returned as `RECORD_UNREADABLE`
+/// failures.
+async fn load_isolating(
+    ctx: &WorkerContext,
+    job: &ChunkJob,
+    ids: &[i64],
+) -> Result<(source::LoadedChunk, Vec<FailedRecord>), ChunkError> {
+    let reason = match load_guarded(ctx, job.entity, ids).await {
+        Ok(loaded) => return Ok((loaded, Vec::new())),
+        Err(LoadFailure::Other(e)) => return Err(e),
+        Err(LoadFailure::Unreadable(reason)) => reason,
+    };
+    tracing::warn!(%reason, "a chunk's rows cannot all be read: loading them one by one");
+    let mut all = source::LoadedChunk::default();
+    let mut unreadable = Vec::new();
+    for &id in ids {
+        match load_guarded(ctx, job.entity, &[id]).await {
+            Ok(one) => {
+                all.records.extend(one.records);
+                all.missing.extend(one.missing);
+                all.warnings += one.warnings;
+            }
+            Err(LoadFailure::Other(e)) => return Err(e),
+            Err(LoadFailure::Unreadable(reason)) => {
+                tracing::error!(id, %reason, "source row cannot be read: its record fails");
+                unreadable.push(FailedRecord {
+                    id,
+                    error_code: RECORD_UNREADABLE.into(),
+                    message: format!("the source row cannot be read: {reason}"),
+                    details: serde_json::json!({}),
+                });
+            }
+        }
+    }
+    Ok((all, unreadable))
 }
 
 /// Processes one chunk job end to end.
@@ -104,9 +217,7 @@ pub async fn process_chunk(
         return Ok(ChunkOutcome::GaveUp { reason });
     }
 
-    let loaded = source::load_chunk(&ctx.pool, job.entity, &state.ids)
-        .await
-        .map_err(|e| ChunkError::Transient(e.into()))?;
+    let (loaded, unreadable) = load_isolating(ctx, job, &state.ids).await?;
     if loaded.warnings > 0 {
         METRICS
             .transform_warnings
@@ -127,6 +238,7 @@ pub async fn process_chunk(
             details: serde_json::json!({}),
         })
         .collect();
+    failures.extend(unreadable);
     let (succeeded, api_response) = if loaded.records.is_empty() {
         (Vec::new(), None)
     } else {
@@ -250,12 +362,35 @@ pub async fn handle_message(ctx: &WorkerContext, body: &[u8]) -> Disposition {
     handle_job(ctx, &job).instrument(span).await
 }
 
+/// Runs a chunk's processing, turning a panic into a permanent `WORKER_PANIC` failure.
+pub async fn contain_panic<T>(
+    work: impl std::future::Future<Output = Result<T, ChunkError>>,
+) -> Result<T, ChunkError> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            METRICS.chunk_panics.inc();
+            Err(ChunkError::Permanent {
+                code: WORKER_PANIC,
+                reason: format!("processing the chunk panicked: {}", panic_message(&*panic)),
+            })
+        })
+}
+
 async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
     let started = Instant::now();
     METRICS.chunks_in_flight.inc();
-    let result = crate::db::through_outage(&ctx.pool, ctx.db_outage_wait, "the chunk", || {
-        process_chunk(ctx, job)
-    })
+    // A panic anywhere in the chunk's processing is contained here, the one place both
+    // the RabbitMQ loop and the in-memory loop go through: the chunk fails, the process
+    // goes on.
+    let result = contain_panic(crate::db::through_outage(
+        &ctx.pool,
+        ctx.db_outage_wait,
+        "the chunk",
+        || process_chunk(ctx, job),
+    ))
     .await;
     METRICS.chunks_in_flight.dec();
     let entity = job.entity.as_str();
@@ -280,9 +415,30 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
             tracing::error!(%reason, "dead-lettering a chunk message");
             ("dead_letter", Disposition::DeadLetter(reason))
         }
+        Err(ChunkError::Permanent { code, reason }) => {
+            match fail_chunk(ctx, job, code, &reason).await {
+                Ok(()) => {
+                    tracing::error!(code, %reason, "chunk settled as failed and dead-lettered");
+                    (
+                        "dead_letter",
+                        Disposition::DeadLetter(format!("{code}: {reason}")),
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(code, %reason, error = %format!("{e:#}"), "a chunk that cannot succeed could not be settled as failed: it will be delivered again");
+                    ("requeued", Disposition::Requeue)
+                }
+            }
+        }
         Err(ChunkError::Transient(e)) => {
-            tracing::warn!(error = %format!("{e:#}"), "chunk failed transiently: it will be delivered again");
-            ("requeued", Disposition::Requeue)
+            if crate::db::is_reachable(&ctx.pool).await {
+                tracing::warn!(error = %format!("{e:#}"), "chunk failed transiently: it will be delivered again");
+                ("requeued", Disposition::Requeue)
+            } else {
+                // Not worked on at all: put back without spending a delivery.
+                tracing::warn!(error = %format!("{e:#}"), wait_secs = ctx.db_outage_wait.as_secs(), "PostgreSQL is still unreachable: the chunk is put back in the queue");
+                ("republished", Disposition::Republish)
+            }
         }
     };
     METRICS.chunks.with_label_values(&[entity, outcome]).inc();
@@ -291,6 +447,38 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
         .with_label_values(&[entity])
         .observe(started.elapsed().as_secs_f64());
     disposition
+}
+
+/// Settles every record of a chunk that cannot succeed as failed with `code`, so that
+/// the books balance and `loansync errors retry` can send them once fixed.
+pub async fn fail_chunk(
+    ctx: &WorkerContext,
+    job: &ChunkJob,
+    code: &str,
+    reason: &str,
+) -> Result<(), ChunkError> {
+    let Some(state) = ledger::start_chunk(&ctx.pool, &job.sync_id, job.entity, job.seq).await?
+    else {
+        return Err(ChunkError::Unknown(format!(
+            "{}/{}/{}",
+            job.sync_id, job.entity, job.seq
+        )));
+    };
+    if state.settled {
+        return Ok(());
+    }
+    let failures: Vec<FailedRecord> = state
+        .ids
+        .iter()
+        .map(|&id| FailedRecord {
+            id,
+            error_code: code.to_string(),
+            message: reason.to_string(),
+            details: serde_json::json!({}),
+        })
+        .collect();
+    settle(ctx, job, &state, &[], &failures, None).await?;
+    Ok(())
 }
 
 /// Consumes `<prefix>.chunks` until `shutdown` resolves, with at most `concurrency`
@@ -360,7 +548,7 @@ async fn settle_delivery(
     delivery: AmqpDelivery,
 ) {
     let disposition = handle_message(ctx, delivery.body()).await;
-    if disposition == Disposition::Requeue {
+    if matches!(disposition, Disposition::Requeue | Disposition::Republish) {
         // Let a failing dependency breathe before the chunk comes back.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -399,7 +587,10 @@ pub async fn run_memory(ctx: Arc<WorkerContext>, queue: MemoryQueue, concurrency
                 };
                 in_flight.fetch_add(1, SeqCst);
                 let span = tracing::info_span!("chunk", sync_id = %job.sync_id, entity = %job.entity, chunk = job.seq);
-                if handle_job(&ctx, &job).instrument(span).await == Disposition::Requeue {
+                if matches!(
+                    handle_job(&ctx, &job).instrument(span).await,
+                    Disposition::Requeue | Disposition::Republish
+                ) {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     queue.push(job);
                 }
@@ -409,4 +600,50 @@ pub async fn run_memory(ctx: Arc<WorkerContext>, queue: MemoryQueue, concurrency
         });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_permanent_worker_panic() {
+        let before = METRICS.chunk_panics.get();
+        let r: Result<(), ChunkError> = contain_panic(async {
+            let v: Vec<i32> = Vec::new();
+            #[allow(clippy::indexing_slicing)]
+            let _ = v[3];
+            Ok(())
+        })
+        .await;
+        match r {
+            Err(ChunkError::Permanent { code, reason }) => {
+                assert_eq!(code, WORKER_PANIC);
+                assert!(reason.contains("index out of bounds"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(METRICS.chunk_panics.get(), before + 1);
+        let ok: Result<u8, ChunkError> = contain_panic(async { Ok(7) }).await;
+        assert_eq!(ok.unwrap(), 7);
+    }
+
+    #[test]
+    fn decode_errors_are_permanent_and_connection_errors_transient() {
+        let decode = sqlx::Error::ColumnDecode {
+            index: "date_created".into(),
+            source: "out of range".into(),
+        };
+        assert!(is_permanent(&decode));
+        assert!(matches!(
+            ChunkError::from(decode),
+            ChunkError::Permanent {
+                code: RECORD_UNREADABLE,
+                ..
+            }
+        ));
+        assert!(!is_permanent(&sqlx::Error::PoolTimedOut));
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(ChunkError::from(io), ChunkError::Transient(_)));
+    }
 }

@@ -15,15 +15,128 @@ use lapin::options::{
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The `x-delivery-limit` declared on the queues for loansync's `ETL_DELIVERY_LIMIT`.
+///
+/// A backstop only: loansync settles a chunk that keeps failing (and says why) after
+/// `limit` starts, from its own ledger count. The broker's limit sits a margin above
+/// it, for deliveries that never reach the ledger (a worker killed before its first
+/// statement). Requeues caused by a database outage do not count against it at all
+/// ([`Disposition::Republish`]).
+pub fn broker_delivery_limit(limit: u32) -> u32 {
+    limit.saturating_add(2)
+}
+
+/// How a [`Broker`] behaves beyond its URL.
+#[derive(Clone, Debug)]
+pub struct BrokerOptions {
+    /// Longest wait for a publish (or an ack) to be taken and confirmed
+    /// (`ETL_PUBLISH_CONFIRM_TIMEOUT_SECS`).
+    pub confirm_timeout: Duration,
+    /// Where this connection reports its state (shared with `/readyz`).
+    pub health: BrokerHealth,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions {
+            confirm_timeout: Duration::from_secs(30),
+            health: BrokerHealth::default(),
+        }
+    }
+}
+
+/// What `/readyz` knows of a process's broker connection, kept across reconnections:
+/// connected or not, and blocked or not (RabbitMQ sends `connection.blocked` while a
+/// memory or disk alarm holds publishers).
+#[derive(Clone, Debug, Default)]
+pub struct BrokerHealth(Arc<HealthInner>);
+
+#[derive(Debug, Default)]
+struct HealthInner {
+    connected: AtomicBool,
+    blocked: AtomicBool,
+}
+
+impl BrokerHealth {
+    pub fn set_connected(&self, up: bool) {
+        self.0.connected.store(up, Ordering::SeqCst);
+        if !up {
+            // A new connection starts unblocked.
+            self.set_blocked(false, "");
+        }
+    }
+
+    /// Records a `connection.blocked` (with the broker's reason) or `connection.unblocked`.
+    pub fn set_blocked(&self, blocked: bool, reason: &str) {
+        let was = self.0.blocked.swap(blocked, Ordering::SeqCst);
+        if blocked && !was {
+            crate::telemetry::METRICS.broker_blocked_total.inc();
+            crate::telemetry::METRICS.broker_blocked.inc();
+            tracing::warn!(
+                reason,
+                "RabbitMQ blocked the connection (memory or disk alarm): publishes wait, and fail after ETL_PUBLISH_CONFIRM_TIMEOUT_SECS"
+            );
+        } else if !blocked && was {
+            crate::telemetry::METRICS.broker_blocked.dec();
+            tracing::info!("RabbitMQ unblocked the connection");
+        }
+    }
+
+    /// Applies a connection event of lapin.
+    pub fn on_event(&self, event: &lapin::Event) {
+        match event {
+            lapin::Event::ConnectionBlocked(reason) => self.set_blocked(true, reason),
+            lapin::Event::ConnectionUnblocked => self.set_blocked(false, ""),
+            _ => {}
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.0.connected.load(Ordering::SeqCst)
+    }
+
+    pub fn is_blocked(&self) -> bool {
+        self.0.blocked.load(Ordering::SeqCst)
+    }
+
+    /// Connected and not blocked.
+    pub fn is_ready(&self) -> bool {
+        self.is_connected() && !self.is_blocked()
+    }
+
+    /// `connected`, `blocked` or `disconnected`, for `/readyz`.
+    pub fn describe(&self) -> &'static str {
+        match (self.is_connected(), self.is_blocked()) {
+            (false, _) => "disconnected",
+            (true, true) => "blocked",
+            (true, false) => "connected",
+        }
+    }
+}
 
 /// A connection to RabbitMQ with the topology declared and a confirming publish channel.
 #[derive(Clone)]
 pub struct Broker {
-    conn: std::sync::Arc<Connection>,
+    conn: Arc<Connection>,
     /// Confirm-mode channel used only for publishing.
     publish: Channel,
     pub topology: Topology,
+    confirm_timeout: Duration,
+    health: BrokerHealth,
 }
+
+/// Headers the broker sets on delivery, dropped when a message is published again.
+const BROKER_HEADERS: [&str; 5] = [
+    "x-delivery-count",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+];
 
 /// Persistent JSON messages.
 fn properties() -> BasicProperties {
@@ -46,6 +159,25 @@ impl Broker {
         prefix: &str,
         delivery_limit: u32,
         ca_pem: Option<&str>,
+    ) -> anyhow::Result<Broker> {
+        Self::connect_with(
+            url,
+            prefix,
+            delivery_limit,
+            ca_pem,
+            BrokerOptions::default(),
+        )
+        .await
+    }
+
+    /// [`Broker::connect_with_ca`] with a confirm timeout, reporting its state (blocked,
+    /// connected) to `opts.health`.
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        delivery_limit: u32,
+        ca_pem: Option<&str>,
+        opts: BrokerOptions,
     ) -> anyhow::Result<Broker> {
         let tls = OwnedTLSConfig {
             cert_chain: ca_pem.map(str::to_owned),
@@ -72,22 +204,64 @@ impl Broker {
                 }
             }
         })?;
+        let health = opts.health;
+        // Blocked / unblocked notices, for /readyz and the metrics. The stream ends with
+        // the connection.
+        let mut events = conn.events_listener();
+        let watcher = health.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                watcher.on_event(&event);
+            }
+        });
         let topology = Topology::new(prefix);
         declare_topology(&conn, &topology, delivery_limit).await?;
         let publish = conn.create_channel().await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        health.set_connected(true);
         Ok(Broker {
-            conn: std::sync::Arc::new(conn),
+            conn: Arc::new(conn),
             publish,
             topology,
+            confirm_timeout: opts.confirm_timeout,
+            health,
         })
     }
 
-    /// True while the connection is usable (for `/readyz`).
+    /// True while the connection is usable and not blocked (for `/readyz`).
     pub fn is_connected(&self) -> bool {
-        self.conn.status().connected()
+        self.conn.status().connected() && !self.conn.status().blocked()
+    }
+
+    /// The state this connection reports to.
+    pub fn health(&self) -> &BrokerHealth {
+        &self.health
+    }
+
+    /// `op`, failed after the confirm timeout: nothing waits forever on a blocked or
+    /// silent broker.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        match tokio::time::timeout(self.confirm_timeout, op).await {
+            Ok(r) => r,
+            Err(_) => {
+                crate::telemetry::METRICS.broker_timeouts.inc();
+                Err(anyhow::anyhow!(
+                    "{what}: no answer from RabbitMQ within {}s (ETL_PUBLISH_CONFIRM_TIMEOUT_SECS){}",
+                    self.confirm_timeout.as_secs_f64(),
+                    if self.conn.status().blocked() {
+                        "; the broker has blocked this connection (memory or disk alarm)"
+                    } else {
+                        ""
+                    }
+                ))
+            }
+        }
     }
 
     /// Publishes persistent JSON messages to `queue` and waits for every confirm.
@@ -96,26 +270,73 @@ impl Broker {
         queue: &str,
         messages: &[T],
     ) -> anyhow::Result<()> {
-        let mut pending = Vec::with_capacity(messages.len().min(1024));
-        for m in messages {
-            pending.push(self.start_publish(queue, &serde_json::to_vec(m)?).await?);
-            if pending.len() >= 1024 {
-                await_confirms(&mut pending).await?;
+        self.bounded("publishing", async {
+            let mut pending = Vec::with_capacity(messages.len().min(1024));
+            for m in messages {
+                pending.push(
+                    self.start_publish(queue, &serde_json::to_vec(m)?, properties())
+                        .await?,
+                );
+                if pending.len() >= 1024 {
+                    await_confirms(&mut pending).await?;
+                }
             }
-        }
-        await_confirms(&mut pending).await
+            await_confirms(&mut pending).await
+        })
+        .await
     }
 
     /// Publishes one message as it is (any bytes) and waits for its confirm.
     pub async fn publish_bytes(&self, queue: &str, body: &[u8]) -> anyhow::Result<()> {
-        let confirm = self.start_publish(queue, body).await?;
-        await_confirms(&mut vec![confirm]).await
+        self.bounded("publishing", async {
+            let confirm = self.start_publish(queue, body, properties()).await?;
+            await_confirms(&mut vec![confirm]).await
+        })
+        .await
+    }
+
+    /// Publishes a received message again to `queue` (its body and headers, less those
+    /// the broker adds on delivery, plus `x-loansync-republished` counting how often)
+    /// and waits for the confirm.
+    pub async fn republish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        received: &BasicProperties,
+    ) -> anyhow::Result<()> {
+        let mut headers = FieldTable::default();
+        let mut times = 0i64;
+        if let Some(h) = received.headers() {
+            for (k, v) in h.inner() {
+                if k.as_str() == "x-loansync-republished" {
+                    times = match v {
+                        AMQPValue::LongLongInt(n) => *n,
+                        AMQPValue::LongInt(n) => i64::from(*n),
+                        _ => 0,
+                    };
+                } else if !BROKER_HEADERS.contains(&k.as_str()) {
+                    headers.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        headers.insert(
+            ShortString::from("x-loansync-republished"),
+            AMQPValue::LongLongInt(times + 1),
+        );
+        self.bounded("republishing", async {
+            let confirm = self
+                .start_publish(queue, body, properties().with_headers(headers))
+                .await?;
+            await_confirms(&mut vec![confirm]).await
+        })
+        .await
     }
 
     async fn start_publish(
         &self,
         queue: &str,
         body: &[u8],
+        props: BasicProperties,
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         Ok(self
             .publish
@@ -127,7 +348,7 @@ impl Broker {
                     ..Default::default()
                 },
                 body,
-                properties(),
+                props,
             )
             .await?)
     }
@@ -144,19 +365,22 @@ impl Broker {
             ShortString::from("x-loansync-source"),
             AMQPValue::LongString(LongString::from(source)),
         );
-        let confirm = self
-            .publish
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(self.topology.dead.as_str()),
-                BasicPublishOptions::default(),
-                body,
-                properties().with_headers(headers),
-            )
-            .await?
-            .await?;
-        anyhow::ensure!(confirm.is_ack(), "the broker refused the dead letter");
-        Ok(())
+        self.bounded("dead-lettering", async {
+            let confirm = self
+                .publish
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(self.topology.dead.as_str()),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties().with_headers(headers),
+                )
+                .await?
+                .await?;
+            anyhow::ensure!(confirm.is_ack(), "the broker refused the dead letter");
+            Ok(())
+        })
+        .await
     }
 
     /// Starts consuming `queue` with at most `prefetch` unacknowledged messages.
@@ -377,28 +601,48 @@ impl AmqpDelivery {
             .unwrap_or(0)
     }
 
-    /// Acks, requeues, or dead-letters (publish to `<prefix>.dead` with the reason, then ack).
+    /// Acks, requeues, republishes (publish again to `source`, confirmed, then ack), or
+    /// dead-letters (publish to `<prefix>.dead` with the reason, then ack). Each step
+    /// gives up after the broker's confirm timeout; the message is then redelivered
+    /// when the connection goes.
     pub async fn settle(
         &self,
         broker: &Broker,
         source: &str,
         d: Disposition,
     ) -> anyhow::Result<()> {
+        let ack = || async {
+            broker
+                .bounded("acking", async {
+                    self.inner.ack(BasicAckOptions::default()).await?;
+                    Ok(())
+                })
+                .await
+        };
         match d {
-            Disposition::Ack => {
-                self.inner.ack(BasicAckOptions::default()).await?;
-            }
+            Disposition::Ack => ack().await?,
             Disposition::Requeue => {
-                self.inner
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
+                broker
+                    .bounded("requeueing", async {
+                        self.inner
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                ..Default::default()
+                            })
+                            .await?;
+                        Ok(())
                     })
                     .await?;
             }
+            Disposition::Republish => {
+                broker
+                    .republish(source, self.body(), &self.inner.properties)
+                    .await?;
+                ack().await?;
+            }
             Disposition::DeadLetter(reason) => {
                 broker.dead_letter(self.body(), source, &reason).await?;
-                self.inner.ack(BasicAckOptions::default()).await?;
+                ack().await?;
             }
         }
         Ok(())

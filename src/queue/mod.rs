@@ -43,8 +43,14 @@ pub trait ChunkPublisher: Send + Sync {
 pub enum Disposition {
     /// Done and committed (or nothing to do): remove it.
     Ack,
-    /// A transient failure (database down, shutting down): deliver it again.
+    /// A transient failure (shutting down, a statement that failed): deliver it again.
+    /// On RabbitMQ this counts against the queue's `x-delivery-limit`.
     Requeue,
+    /// Not worked on because a dependency (PostgreSQL) was unreachable: put it back
+    /// without counting a delivery. On RabbitMQ the same body and headers are published
+    /// again (confirmed) and only then is the original acked, so the broker's delivery
+    /// count starts over; loansync's own attempt count (the ledger's) is unaffected.
+    Republish,
     /// It can never succeed: move it to the dead-letter queue with this reason.
     DeadLetter(String),
 }

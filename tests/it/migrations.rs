@@ -95,8 +95,9 @@ async fn migrate_twice_on_django_tables_changes_nothing() {
     .await
     .unwrap();
     assert_eq!(
-        own, 4,
-        "loansync_sync, loansync_sync_entity, loansync_chunk, loansync_xid_clock"
+        own, 6,
+        "loansync_sync, loansync_sync_entity, loansync_chunk, loansync_xid_clock, \
+         loansync_request and the view loansync_pending_request"
     );
 }
 

@@ -297,6 +297,14 @@ impl Pipeline {
             .unwrap();
     }
 
+    /// True while the planner and both workers are consuming.
+    pub fn consumers_running(&self) -> bool {
+        self.running
+            .consuming
+            .iter()
+            .all(|f| f.load(Ordering::SeqCst))
+    }
+
     /// Stops every component; the queues go when the pipeline is dropped.
     pub async fn stop(self) {
         self.running.shutdown().await;
