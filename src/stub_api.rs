@@ -66,6 +66,9 @@ pub struct Received {
     pub idempotency_keys: Vec<String>,
     /// Records that carried a never-send key (should stay empty).
     pub forbidden: u64,
+    /// Requests whose idempotency key had been answered before for another set of
+    /// records: they got that other set's answer (should stay 0).
+    pub keys_reused_for_other_records: u64,
     /// Requests whose body came gzipped (`Content-Encoding: gzip`).
     pub gzip_requests: u64,
 }
@@ -110,9 +113,10 @@ struct Shared {
     faults: Faults,
     rng: fastrand::Rng,
     received: Received,
-    /// Answers already given per idempotency key (a retry of an accepted body gets the
-    /// same answer and is not counted twice).
-    answered: HashMap<String, (u16, Value)>,
+    /// Answers already given per idempotency key, with the ids of the body answered (a
+    /// retry of an accepted body gets the same answer and is not counted twice; so does
+    /// any body reusing the key, as a caching API would do).
+    answered: HashMap<String, (Vec<i64>, u16, Value)>,
 }
 
 type AppState = Arc<Mutex<Shared>>;
@@ -421,9 +425,6 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
         );
     }
     s.received.idempotency_keys.push(key.clone());
-    if let Some(prev) = s.answered.get(&key) {
-        return prev.clone();
-    }
     let Ok(v) = serde_json::from_slice::<scan::Envelope>(body) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -491,6 +492,13 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
         }
         ids.push(id);
     }
+    if let Some((answered_ids, status, value)) = s.answered.get(&key) {
+        let answer = (*status, value.clone());
+        if *answered_ids != ids {
+            s.received.keys_reused_for_other_records += 1;
+        }
+        return answer;
+    }
     if let Some(bad) = ids.iter().find(|id| s.faults.refuse_ids.contains(id)) {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -514,7 +522,7 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
         }
     }
     let value = json!({ "accepted": ids.len() - rejected.len(), "rejected": rejected });
-    s.answered.insert(key, (200, value.clone()));
+    s.answered.insert(key, (ids, 200, value.clone()));
     (200, value)
 }
 
@@ -531,6 +539,7 @@ async fn stats(State(state): State<AppState>) -> axum::Json<Value> {
         "statuses": s.received.statuses,
         "accepted": per_entity,
         "forbidden": s.received.forbidden,
+        "keys_reused_for_other_records": s.received.keys_reused_for_other_records,
         "gzip_requests": s.received.gzip_requests,
         "faults": s.faults,
     }))

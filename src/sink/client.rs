@@ -252,7 +252,7 @@ impl AnalyticsClient {
         } else {
             json
         });
-        let key = encoder::idempotency_key(batch.sync_id, batch.entity, batch.chunk, start, end);
+        let key = encoder::idempotency_key(batch.sync_id, batch.entity, &batch.records[start..end]);
         let attempts = AtomicU32::new(0);
         let max_interval = self.inner.retry.max_interval;
         let result = (|| {

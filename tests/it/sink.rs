@@ -1,11 +1,15 @@
 //! The analytics client against the stub API (and a hostile server) on loopback ports.
 
-use crate::pipeline::KEY;
 use crate::pipeline::stub;
+use crate::pipeline::{KEY, seeded_db, settings_for, small};
+use crate::support::wait_for;
 use loansync::config::{ApiSettings, RetrySettings};
-use loansync::domain::{EntityKind, Record, SyncType};
+use loansync::domain::{ChunkJob, EntityKind, PlanRequest, Record, SyncType};
+use loansync::queue::memory::MemoryQueue;
 use loansync::sink::{AnalyticsClient, Batch, FatalError};
 use loansync::stub_api::Faults;
+use loansync::worker::{self, ChunkOutcome};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn records(ids: impl IntoIterator<Item = i64>) -> Vec<Record> {
@@ -92,7 +96,11 @@ async fn transient_failures_are_retried_with_the_same_idempotency_key() {
         1,
         "only the successful attempt reaches validation"
     );
-    assert_eq!(keys[0], "s-1:loan:0:0-10");
+    assert_eq!(
+        keys[0],
+        loansync::sink::encoder::idempotency_key("s-1", EntityKind::Loan, &recs)
+    );
+    assert!(keys[0].starts_with("s-1:loan:1-10:10:"), "{}", keys[0]);
 }
 
 #[tokio::test]
@@ -262,4 +270,160 @@ async fn gzipped_bodies_are_delivered_and_a_bad_stream_is_refused() {
     let body: serde_json::Value = bad.json().await.unwrap();
     assert_eq!(body["error_code"], "BAD_ENCODING");
     assert_eq!(s.received().ids(EntityKind::Loan).len(), 199);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_records() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let settings = settings_for(&db, &stub.url(), &[("ETL_BATCH_SIZE_LOANS", "8")]);
+    let queue = MemoryQueue::new();
+    loansync::planner::plan_sync(
+        &db.pool,
+        &settings,
+        &PlanRequest {
+            sync_type: SyncType::Full,
+            entities: Some(vec![EntityKind::Loan]),
+            request_id: None,
+        },
+        &queue,
+    )
+    .await
+    .unwrap();
+    let (sync_id, ids): (String, Vec<i64>) =
+        sqlx::query_as("SELECT sync_id, ids FROM loansync_chunk WHERE entity = 'loan' AND seq = 0")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ids.len(), 8);
+    // The API refuses the chunk's last record: the chunk is halved, and the parts
+    // without it are accepted (and their answers cached by key, as the stub does).
+    stub.set_faults(Faults {
+        refuse_ids: vec![ids[7]],
+        ..Default::default()
+    });
+    let job = ChunkJob {
+        sync_id: sync_id.clone(),
+        entity: EntityKind::Loan,
+        seq: 0,
+    };
+    let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
+
+    // First attempt: POSTed and answered, then the worker dies before its settle
+    // commits (the history row is held, so the settle waits; then its task and its
+    // database session are killed).
+    let mut hold = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM etl_folder_etlsynchistory FOR UPDATE")
+        .fetch_all(&mut *hold)
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let (ctx, job) = (ctx.clone(), job.clone());
+        async move { worker::process_chunk(&ctx, &job).await }
+    });
+    let waiting = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+    };
+    wait_for(
+        "the first attempt's settle to wait",
+        Duration::from_secs(30),
+        || async { waiting().await.is_some() },
+    )
+    .await;
+    let pid = waiting().await.unwrap();
+    first.abort();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    hold.rollback().await.unwrap();
+    let after_first = stub.received();
+    // 8 → 422; 0..4 → 200; 4..8 → 422; 4..6 → 200; 6..8 → 422; 6 → 200; 7 → 422.
+    assert_eq!(
+        (after_first.status_count(200), after_first.status_count(422)),
+        (3, 4)
+    );
+    let settled: bool =
+        sqlx::query_scalar("SELECT settled_at IS NOT NULL FROM loansync_chunk WHERE sync_id = $1 AND entity = 'loan' AND seq = 0")
+            .bind(&sync_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(!settled, "the first attempt must not have settled");
+
+    // The chunk's first row is deleted; the second attempt sends 7 records, so every
+    // position names other records than in the first attempt.
+    let mut tx = db.pool.begin().await.unwrap();
+    for sql in [
+        "DELETE FROM loans_ajoloanrepayment WHERE ajo_loan_id = $1::int4",
+        "DELETE FROM loans_ajoloanschedule WHERE loan_id = $1::int4",
+        "DELETE FROM loans_ajoloan WHERE id = $1::int4",
+    ] {
+        sqlx::query(sql)
+            .bind(ids[0])
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let outcome = worker::process_chunk(&ctx, &job).await.unwrap();
+    assert!(
+        matches!(
+            outcome,
+            ChunkOutcome::Settled {
+                succeeded: 6,
+                failed: 2,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    let got = stub.received();
+    assert_eq!(
+        got.keys_reused_for_other_records, 0,
+        "a key named two different sets of records, and the second got the first's answer"
+    );
+    // The second attempt's whole body carries a key of its own.
+    let second: Vec<&String> = got.idempotency_keys[after_first.idempotency_keys.len()..]
+        .iter()
+        .collect();
+    assert!(!after_first.idempotency_keys.contains(second[0]));
+    assert!(
+        second[0].starts_with(&format!("{sync_id}:loan:{}-{}:7:", ids[1], ids[7])),
+        "{}",
+        second[0]
+    );
+    // Only records the API accepted are counted as delivered; the refused one fails
+    // with the API's code, the deleted one as missing.
+    let accepted = got.ids(EntityKind::Loan);
+    assert_eq!(accepted, ids[..7].iter().copied().collect());
+    let errors: Vec<(String, String)> = sqlx::query_as(
+        "SELECT entity_id, error_code FROM etl_folder_etlsyncerror ORDER BY entity_id::int8",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        errors,
+        vec![
+            (ids[0].to_string(), "SOURCE_ROW_MISSING".to_string()),
+            (ids[7].to_string(), "RECORD_REFUSED".to_string()),
+        ]
+    );
+    // Parts resent with the same records as in the first attempt (ids 4..6, then 6)
+    // carried the same key and got their cached answer: those records were counted
+    // once. (Records 1..3 went again in a body of other records: at least once.)
+    let times = &got.accepted[&EntityKind::Loan];
+    assert_eq!(
+        [times[&ids[4]], times[&ids[5]], times[&ids[6]]],
+        [1, 1, 1],
+        "{times:?}"
+    );
 }
