@@ -31,6 +31,9 @@ pub struct Faults {
     /// Answer 429 with `Retry-After: retry_after_secs`.
     pub rate_429: f64,
     pub retry_after_secs: u64,
+    /// Pad the `message` of injected error answers, and the `message` and `details` of
+    /// `rejected` entries, to this many bytes: a hostile or broken API (0: off).
+    pub huge_text_bytes: usize,
     /// Sleep `slow_ms` before answering.
     pub slow_rate: f64,
     pub slow_ms: u64,
@@ -310,12 +313,14 @@ async fn ingest(
         }
         Fault::Status(status, retry_after) => {
             count(&state, status);
+            let huge = lock(&state).faults.huge_text_bytes;
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut resp = (
                 code,
-                axum::Json(
-                    json!({"error_code": format!("HTTP_{status}"), "message": "injected fault"}),
-                ),
+                axum::Json(json!({
+                    "error_code": format!("HTTP_{status}"),
+                    "message": padded("injected fault", huge),
+                })),
             )
                 .into_response();
             if let Some(secs) = retry_after
@@ -344,6 +349,16 @@ async fn ingest(
         axum::Json(value),
     )
         .into_response()
+}
+
+/// `text`, padded with `.` to `len` bytes when it is shorter.
+fn padded(text: &str, len: usize) -> String {
+    let mut out = text.to_string();
+    if out.len() < len {
+        out.push(' ');
+        out.extend(std::iter::repeat_n('.', len - out.len()));
+    }
+    out
 }
 
 fn count(state: &AppState, status: u16) {
@@ -507,15 +522,20 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
         );
     }
     let nth = s.faults.reject_every_nth;
+    let huge = s.faults.huge_text_bytes;
     let mut rejected = Vec::new();
     let accepted_map = s.received.accepted.entry(entity).or_default();
     for id in &ids {
         if nth > 0 && id.rem_euclid(nth as i64) == 0 {
+            let mut details = json!({"rule": "reject_every_nth", "n": nth});
+            if huge > 0 {
+                details["context"] = Value::String(padded("", huge));
+            }
             rejected.push(json!({
                 "id": id,
                 "error_code": "VALIDATION_FAILED",
-                "message": format!("record {id} failed validation"),
-                "details": {"rule": "reject_every_nth", "n": nth},
+                "message": padded(&format!("record {id} failed validation"), huge),
+                "details": details,
             }));
         } else {
             *accepted_map.entry(*id).or_default() += 1;

@@ -6,6 +6,7 @@ use crate::support::wait_for;
 use loansync::config::{ApiSettings, RetrySettings};
 use loansync::domain::{ChunkJob, EntityKind, PlanRequest, Record, SyncType};
 use loansync::queue::memory::MemoryQueue;
+use loansync::sink::service::MAX_API_TEXT;
 use loansync::sink::{AnalyticsClient, Batch, FatalError};
 use loansync::stub_api::Faults;
 use loansync::worker::{self, ChunkOutcome};
@@ -426,4 +427,76 @@ async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_recor
         [1, 1, 1],
         "{times:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_api_messages_are_bounded_in_error_rows() {
+    let db = seeded_db(small()).await;
+    // 1 MB error bodies (just under the 1 MiB read limit) on every request.
+    let stub = stub(Faults {
+        fail_next: 1_000_000,
+        fail_next_status: 500,
+        huge_text_bytes: 1_000_000,
+        ..Default::default()
+    })
+    .await;
+    let settings = settings_for(
+        &db,
+        &stub.url(),
+        &[
+            ("ETL_BATCH_SIZE_REPAYMENTS", "500"),
+            ("ETL_RETRY_MAX_ELAPSED_SECS", "1"),
+        ],
+    );
+    let repayments = PlanRequest {
+        sync_type: SyncType::Full,
+        entities: Some(vec![EntityKind::Repayment]),
+        request_id: None,
+    };
+    loansync::cli::sync_in_process(&db.pool, &settings, &repayments)
+        .await
+        .unwrap();
+    let sizes = || async {
+        sqlx::query_as::<_, (String, i64, i64, i64)>(
+            "SELECT error_code, count(*), max(octet_length(error_message))::int8, \
+                    max(octet_length(error_details::text))::int8 \
+             FROM etl_folder_etlsyncerror GROUP BY 1 ORDER BY 1",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let rows = sizes().await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (code, n, message, details) = rows[0].clone();
+    assert_eq!((code.as_str(), n), ("HTTP_500", 420), "{rows:?}");
+    assert!(message <= MAX_API_TEXT as i64 + 64, "{rows:?}");
+    assert!(details <= 4 * 1024, "{rows:?}");
+    let api_response: i64 = sqlx::query_scalar(
+        "SELECT max(octet_length(api_response::text))::int8 FROM etl_folder_etlsynchistory",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(api_response <= 64 * 1024 + 64, "{api_response}");
+
+    // Rejections in a 200 whose message and details are 80 KB each.
+    stub.set_faults(Faults {
+        reject_every_nth: 100,
+        huge_text_bytes: 80_000,
+        ..Default::default()
+    });
+    loansync::cli::sync_in_process(&db.pool, &settings, &repayments)
+        .await
+        .unwrap();
+    let rows = sizes().await;
+    let rejected = rows
+        .iter()
+        .find(|r| r.0 == "VALIDATION_FAILED")
+        .unwrap_or_else(|| panic!("no rejection recorded: {rows:?}"));
+    assert!(rejected.1 >= 4, "{rows:?}");
+    for (_, _, message, details) in &rows {
+        assert!(*message <= MAX_API_TEXT as i64 + 64, "{rows:?}");
+        assert!(*details <= 12 * 1024, "{rows:?}");
+    }
 }
