@@ -26,11 +26,16 @@ mod scan;
 #[derive(Clone, Default, Debug, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Faults {
-    /// Answer 503.
+    /// Answer 503 (with `Retry-After` when `retry_after_secs` is set).
     pub error_5xx_rate: f64,
     /// Answer 429 with `Retry-After: retry_after_secs`.
     pub rate_429: f64,
     pub retry_after_secs: u64,
+    /// Send `Retry-After` as an HTTP-date (now + `retry_after_secs`) instead of seconds.
+    pub retry_after_date: bool,
+    /// A batch of more than this many records is refused whole with 413, before any
+    /// other fault, as a proxy in front of the API would (0: off).
+    pub max_records: usize,
     /// Pad the `message` of injected error answers, and the `message` and `details` of
     /// `rejected` entries, to this many bytes: a hostile or broken API (0: off).
     pub huge_text_bytes: usize,
@@ -259,6 +264,7 @@ fn error(status: StatusCode, code: &str, message: &str) -> (u16, Value) {
 enum Fault {
     None,
     Status(u16, Option<u64>),
+    TooManyRecords(usize),
     Drop,
     Garbage,
 }
@@ -270,11 +276,26 @@ async fn ingest(
     endpoint: Endpoint,
 ) -> Response {
     // Faults first, as a struggling API would.
+    let max_records = lock(&state).faults.max_records;
+    let too_many = if max_records > 0 {
+        decoded(&headers, body.clone())
+            .ok()
+            .and_then(|(b, _)| serde_json::from_slice::<scan::Envelope>(&b).ok())
+            .and_then(|v| match v.records {
+                scan::Records::Array(r) => Some(r.len()),
+                _ => None,
+            })
+            .filter(|n| *n > max_records)
+    } else {
+        None
+    };
     let (fault, slow) = {
         let mut s = lock(&state);
         let f = s.faults.clone();
         let slow = (f.slow_rate > 0.0 && s.rng.f64() < f.slow_rate).then_some(f.slow_ms);
-        let fault = if f.fail_next > 0 {
+        let fault = if let Some(n) = too_many {
+            Fault::TooManyRecords(n)
+        } else if f.fail_next > 0 {
             s.faults.fail_next -= 1;
             Fault::Status(f.fail_next_status.max(100), None)
         } else if f.garbage_next > 0 {
@@ -283,7 +304,7 @@ async fn ingest(
         } else if f.drop_rate > 0.0 && s.rng.f64() < f.drop_rate {
             Fault::Drop
         } else if f.error_5xx_rate > 0.0 && s.rng.f64() < f.error_5xx_rate {
-            Fault::Status(503, None)
+            Fault::Status(503, (f.retry_after_secs > 0).then_some(f.retry_after_secs))
         } else if f.rate_429 > 0.0 && s.rng.f64() < f.rate_429 {
             Fault::Status(429, Some(f.retry_after_secs))
         } else {
@@ -311,9 +332,23 @@ async fn ingest(
             count(&state, 200);
             return (StatusCode::OK, "<html>not json</html>").into_response();
         }
+        Fault::TooManyRecords(n) => {
+            count(&state, 413);
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                axum::Json(json!({
+                    "error_code": "TOO_MANY_RECORDS",
+                    "message": format!("{n} records in one request; at most {max_records}"),
+                })),
+            )
+                .into_response();
+        }
         Fault::Status(status, retry_after) => {
             count(&state, status);
-            let huge = lock(&state).faults.huge_text_bytes;
+            let (huge, by_date) = {
+                let s = lock(&state);
+                (s.faults.huge_text_bytes, s.faults.retry_after_date)
+            };
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut resp = (
                 code,
@@ -323,9 +358,16 @@ async fn ingest(
                 })),
             )
                 .into_response();
-            if let Some(secs) = retry_after
-                && let Ok(v) = secs.to_string().parse()
-            {
+            let value = retry_after.map(|secs| {
+                if by_date {
+                    httpdate::fmt_http_date(
+                        std::time::SystemTime::now() + Duration::from_secs(secs),
+                    )
+                } else {
+                    secs.to_string()
+                }
+            });
+            if let Some(v) = value.and_then(|v| v.parse().ok()) {
                 resp.headers_mut().insert("retry-after", v);
             }
             return resp;

@@ -273,6 +273,23 @@ async fn gzipped_bodies_are_delivered_and_a_bad_stream_is_refused() {
     assert_eq!(s.received().ids(EntityKind::Loan).len(), 199);
 }
 
+/// A client whose largest retry interval is `max_interval` (the others use 1.5 s).
+fn client_capped(url: &str, max_elapsed: Duration, max_interval: Duration) -> AnalyticsClient {
+    AnalyticsClient::new(&ApiSettings {
+        base_url: url::Url::parse(url).unwrap(),
+        key: KEY.to_string().into(),
+        timeout: Duration::from_secs(5),
+        ca_pem: None,
+        gzip: false,
+        retry: RetrySettings {
+            initial: Duration::from_millis(10),
+            max_interval,
+            max_elapsed,
+        },
+    })
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_records() {
     let db = seeded_db(small()).await;
@@ -426,6 +443,75 @@ async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_recor
         [times[&ids[4]], times[&ids[5]], times[&ids[6]]],
         [1, 1, 1],
         "{times:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_chunk_ends_within_its_deadline_while_halving_under_retry_after() {
+    // Batches are refused (413) down to single records, and single records get 503 with
+    // Retry-After: 1. The chunk has 2 s in all, halving included: about two attempts of
+    // the first single record fit, and the records left are not sent. (With a budget
+    // per request body, each of the 8 records would have had 2 s of 503s.)
+    let s = stub(Faults {
+        max_records: 1,
+        error_5xx_rate: 1.0,
+        retry_after_secs: 1,
+        ..Default::default()
+    })
+    .await;
+    let recs = records(1..=8);
+    let r = client(&s.url(), KEY, Duration::from_secs(2))
+        .deliver(&batch(&recs))
+        .await
+        .unwrap();
+    let got = s.received();
+    // 8, then 4, then 2 records refused (the first half is sent first); after that
+    // the first record used up the deadline, and nothing more is sent.
+    assert_eq!(got.status_count(413), 3);
+    let singles = got.status_count(503);
+    assert!(
+        (1..=2).contains(&singles),
+        "{singles} single-record requests: a part had more than the chunk's deadline"
+    );
+    assert_eq!(u64::from(r.requests), got.requests());
+    assert!(r.succeeded.is_empty());
+    assert_eq!(r.failed.len(), 8);
+    let codes: Vec<&str> = r.failed.iter().map(|f| f.error_code.as_str()).collect();
+    assert_eq!(codes[0], "HTTP_503", "{codes:?}");
+    assert!(
+        codes[1..].iter().all(|c| *c == "CHUNK_DEADLINE"),
+        "{codes:?}"
+    );
+    assert_eq!(r.failed[1].details["http_status"], 413);
+    assert!(
+        r.failed[1].message.contains("ETL_RETRY_MAX_ELAPSED_SECS"),
+        "{}",
+        r.failed[1].message
+    );
+
+    // Retry-After as an HTTP-date counts the same: asked to wait 5 s with 2 s left, the
+    // first single record is not retried at all (it would be, every ~10 ms, if the
+    // date were not understood).
+    let s = stub(Faults {
+        max_records: 1,
+        error_5xx_rate: 1.0,
+        retry_after_secs: 5,
+        retry_after_date: true,
+        ..Default::default()
+    })
+    .await;
+    let r = client_capped(&s.url(), Duration::from_secs(2), Duration::from_secs(30))
+        .deliver(&batch(&recs))
+        .await
+        .unwrap();
+    let got = s.received();
+    assert_eq!((got.status_count(413), got.status_count(503)), (3, 1));
+    assert_eq!(r.requests, 4);
+    assert_eq!(r.failed[0].error_code, "HTTP_503");
+    assert!(
+        r.failed[1..]
+            .iter()
+            .all(|f| f.error_code == "CHUNK_DEADLINE")
     );
 }
 
