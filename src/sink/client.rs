@@ -174,17 +174,26 @@ impl AnalyticsClient {
             report.retries += attempts.saturating_sub(1);
             match outcome {
                 Ok(Answer::Accepted { rejected, body }) => {
+                    let ids: std::collections::HashSet<i64> =
+                        part.iter().map(|rec| rec.id).collect();
                     let mut refused: std::collections::HashMap<i64, service::Rejected> =
                         std::collections::HashMap::new();
+                    // One log line for all of them: a hostile answer may list thousands.
+                    let (mut strangers, mut example) = (0usize, None);
                     for r in rejected {
-                        if part.iter().any(|rec| rec.id == r.id) {
+                        if ids.contains(&r.id) {
                             refused.insert(r.id, r);
                         } else {
-                            tracing::warn!(
-                                id = r.id,
-                                "the API rejected an id that was not in the batch; ignored"
-                            );
+                            strangers += 1;
+                            example.get_or_insert(r.id);
                         }
+                    }
+                    if let Some(id) = example {
+                        tracing::warn!(
+                            count = strangers,
+                            example_id = id,
+                            "the API rejected ids that were not in the batch; ignored"
+                        );
                     }
                     let text = if refused.is_empty() {
                         String::new()

@@ -586,3 +586,34 @@ async fn huge_api_messages_are_bounded_in_error_rows() {
         assert!(*details <= 12 * 1024, "{rows:?}");
     }
 }
+
+#[tokio::test]
+async fn rejections_of_ids_not_in_the_batch_are_ignored() {
+    // A broken API answering 200 with 20,000 rejections for ids it was never sent, and
+    // one for a record of the batch.
+    let app = axum::Router::new().route(
+        "/etl/sync",
+        axum::routing::post(|| async {
+            let mut rejected: Vec<serde_json::Value> = (0..20_000)
+                .map(|i| serde_json::json!({"id": 1_000_000 + i, "error_code": "X"}))
+                .collect();
+            rejected.push(serde_json::json!({"id": 2, "error_code": "BAD", "message": "no"}));
+            axum::Json(serde_json::json!({"accepted": 0, "rejected": rejected}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let recs = records(1..=3);
+    let r = client(&format!("http://{addr}"), KEY, Duration::from_secs(1))
+        .deliver(&batch(&recs))
+        .await
+        .unwrap();
+    assert_eq!(r.succeeded, vec![1, 3]);
+    assert_eq!(r.failed.len(), 1);
+    assert_eq!(
+        (r.failed[0].id, r.failed[0].error_code.as_str()),
+        (2, "BAD")
+    );
+    assert_eq!(r.requests, 1);
+}
