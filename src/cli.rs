@@ -216,7 +216,7 @@ pub struct StubArgs {
     /// Fraction of requests answered 429 with Retry-After.
     #[arg(long = "rate-429", default_value_t = 0.0)]
     pub rate_429: f64,
-    /// Retry-After seconds on 429 answers.
+    /// Retry-After seconds on 429 and 503 answers (0: none on 503s).
     #[arg(long, default_value_t = 1)]
     pub retry_after_secs: u64,
     /// Fraction of requests answered slowly, and how slowly.

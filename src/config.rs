@@ -26,7 +26,8 @@ pub struct RetrySettings {
     pub initial: Duration,
     /// Largest single delay (`ETL_RETRY_MAX_INTERVAL_SECS`).
     pub max_interval: Duration,
-    /// Total time a batch may spend retrying before its records fail (`ETL_RETRY_MAX_ELAPSED_SECS`).
+    /// The deadline of one chunk in the analytics client, for all its requests: retries,
+    /// `Retry-After` waits and the halving of refused batches (`ETL_RETRY_MAX_ELAPSED_SECS`).
     pub max_elapsed: Duration,
 }
 
@@ -251,22 +252,24 @@ impl Settings {
             1800u64,
             60..=7 * DAY,
         )?);
-        // A chunk is acked only after its POST (with every retry) and its commit. If the
-        // retry budget could outlast the broker's consumer timeout, the broker would close
-        // the channel under a working worker and redeliver the chunk: refuse that now.
-        // Halving a refused batch adds requests, so leave room for one request timeout
-        // per level of halving of the largest chunk as well, and the time a chunk may be
-        // held while PostgreSQL is unreachable. (The ranges above keep this sum far from
-        // overflowing.)
-        let worst_case = retry.max_elapsed + retry.max_interval + timeout * 12 + db_outage_wait;
+        // A chunk is acked only after its POST (with every retry) and its commit. If one
+        // chunk could outlast the broker's consumer timeout, the broker would close the
+        // channel under a working worker and redeliver the chunk: refuse that now. (The
+        // ranges above keep this sum far from overflowing.)
+        let worst_case = chunk_worst_case(&retry, timeout, db_outage_wait);
         if worst_case >= broker_consumer_timeout {
             return Err(invalid(
                 "ETL_RETRY_MAX_ELAPSED_SECS",
                 format!(
-                    "a chunk could spend up to {}s retrying, which outlasts the broker's consumer timeout of {}s \
-                     (ETL_BROKER_CONSUMER_TIMEOUT_SECS); lower the retry budget or ETL_DB_OUTAGE_WAIT_SECS, or raise the broker's consumer_timeout",
+                    "one chunk could be held for up to {}s, which outlasts the broker's consumer timeout of {}s \
+                     (ETL_BROKER_CONSUMER_TIMEOUT_SECS): ETL_DB_OUTAGE_WAIT_SECS ({}s) + ETL_RETRY_MAX_ELAPSED_SECS ({}s) \
+                     + ETL_HTTP_TIMEOUT_SECS ({}s) + {}s for its database work; lower one of these, or raise the broker's consumer_timeout",
                     worst_case.as_secs(),
-                    broker_consumer_timeout.as_secs()
+                    broker_consumer_timeout.as_secs(),
+                    db_outage_wait.as_secs(),
+                    retry.max_elapsed.as_secs(),
+                    timeout.as_secs(),
+                    CHUNK_DB_ALLOWANCE.as_secs(),
                 ),
             ));
         }
@@ -600,6 +603,27 @@ fn is_credential_key(k: &str) -> bool {
     .any(|w| k.contains(w))
 }
 
+/// Time allowed for one chunk's own database work: the pool acquisitions of its start,
+/// its load and its settle (at most 10 s each, see [`crate::db::connect_url`]), and the
+/// pause before a failed chunk is handed back.
+pub const CHUNK_DB_ALLOWANCE: Duration = Duration::from_secs(30);
+
+/// The longest a worker can hold one chunk's message before acking or returning it.
+///
+/// The analytics client gives a chunk one deadline, `max_elapsed`, for every request
+/// of it (retries, `Retry-After` waits, halving), starts none after it, and a request
+/// started before it lasts at most `timeout`. A chunk that meets an unreachable
+/// PostgreSQL is held and run again for up to `db_outage_wait`
+/// ([`crate::db::through_outage`]), so the last run may start just before that wait
+/// ends, and then take a whole chunk's time again.
+pub fn chunk_worst_case(
+    retry: &RetrySettings,
+    timeout: Duration,
+    db_outage_wait: Duration,
+) -> Duration {
+    db_outage_wait + retry.max_elapsed + timeout + CHUNK_DB_ALLOWANCE
+}
+
 /// A URL fit to print: the password of its user info and the value of every
 /// credential-like query parameter become `***`. A libpq key/value string has its
 /// credential values hidden the same way; any other text that is not a URL is hidden whole.
@@ -747,6 +771,34 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("consumer timeout"), "{err}");
+        // Every term of the worst case is named, with its value.
+        let err = settings(&[("ETL_DB_OUTAGE_WAIT_SECS", "1500")])
+            .unwrap_err()
+            .to_string();
+        for name in [
+            "ETL_DB_OUTAGE_WAIT_SECS (1500s)",
+            "ETL_RETRY_MAX_ELAPSED_SECS (300s)",
+            "ETL_HTTP_TIMEOUT_SECS (30s)",
+            "ETL_BROKER_CONSUMER_TIMEOUT_SECS",
+            "up to 1860s",
+        ] {
+            assert!(err.contains(name), "{name} missing from: {err}");
+        }
+        assert!(settings(&[("ETL_HTTP_TIMEOUT_SECS", "1200")]).is_err());
+    }
+
+    #[test]
+    fn the_worst_case_of_a_chunk_counts_halving_inside_the_deadline() {
+        // Halving no longer adds requests beyond the deadline: a long request timeout
+        // costs one timeout, not one per level of halving.
+        let s = settings(&[("ETL_HTTP_TIMEOUT_SECS", "100")]).unwrap();
+        assert_eq!(
+            chunk_worst_case(&s.api.retry, s.api.timeout, s.db_outage_wait),
+            Duration::from_secs(300 + 100 + 300 + 30)
+        );
+        // Just under and just at the consumer timeout.
+        assert!(settings(&[("ETL_BROKER_CONSUMER_TIMEOUT_SECS", "661")]).is_ok());
+        assert!(settings(&[("ETL_BROKER_CONSUMER_TIMEOUT_SECS", "660")]).is_err());
     }
 
     #[test]

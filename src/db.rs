@@ -117,16 +117,16 @@ pub async fn wait_until_reachable(pool: &PgPool, max_wait: Duration) -> bool {
             Err(())
         }
     };
-    probe
-        .retry(
-            backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5))
-                .with_total_delay(Some(max_wait))
-                .without_max_times(),
-        )
-        .await
-        .is_ok()
+    let probing = probe.retry(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .with_total_delay(Some(max_wait))
+            .without_max_times(),
+    );
+    // The backoff counts only its delays, not the probes (up to 2 s each): the timeout
+    // makes `max_wait` a bound (config::chunk_worst_case counts on it).
+    matches!(tokio::time::timeout(max_wait, probing).await, Ok(Ok(())))
 }
 
 /// Runs `op` until it succeeds, fails while PostgreSQL answers, or PostgreSQL has been

@@ -26,11 +26,19 @@ mod scan;
 #[derive(Clone, Default, Debug, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Faults {
-    /// Answer 503.
+    /// Answer 503 (with `Retry-After` when `retry_after_secs` is set).
     pub error_5xx_rate: f64,
     /// Answer 429 with `Retry-After: retry_after_secs`.
     pub rate_429: f64,
     pub retry_after_secs: u64,
+    /// Send `Retry-After` as an HTTP-date (now + `retry_after_secs`) instead of seconds.
+    pub retry_after_date: bool,
+    /// A batch of more than this many records is refused whole with 413, before any
+    /// other fault, as a proxy in front of the API would (0: off).
+    pub max_records: usize,
+    /// Pad the `message` of injected error answers, and the `message` and `details` of
+    /// `rejected` entries, to this many bytes: a hostile or broken API (0: off).
+    pub huge_text_bytes: usize,
     /// Sleep `slow_ms` before answering.
     pub slow_rate: f64,
     pub slow_ms: u64,
@@ -66,6 +74,9 @@ pub struct Received {
     pub idempotency_keys: Vec<String>,
     /// Records that carried a never-send key (should stay empty).
     pub forbidden: u64,
+    /// Requests whose idempotency key had been answered before for another set of
+    /// records: they got that other set's answer (should stay 0).
+    pub keys_reused_for_other_records: u64,
     /// Requests whose body came gzipped (`Content-Encoding: gzip`).
     pub gzip_requests: u64,
 }
@@ -110,9 +121,10 @@ struct Shared {
     faults: Faults,
     rng: fastrand::Rng,
     received: Received,
-    /// Answers already given per idempotency key (a retry of an accepted body gets the
-    /// same answer and is not counted twice).
-    answered: HashMap<String, (u16, Value)>,
+    /// Answers already given per idempotency key, with the ids of the body answered (a
+    /// retry of an accepted body gets the same answer and is not counted twice; so does
+    /// any body reusing the key, as a caching API would do).
+    answered: HashMap<String, (Vec<i64>, u16, Value)>,
 }
 
 type AppState = Arc<Mutex<Shared>>;
@@ -252,6 +264,7 @@ fn error(status: StatusCode, code: &str, message: &str) -> (u16, Value) {
 enum Fault {
     None,
     Status(u16, Option<u64>),
+    TooManyRecords(usize),
     Drop,
     Garbage,
 }
@@ -263,11 +276,26 @@ async fn ingest(
     endpoint: Endpoint,
 ) -> Response {
     // Faults first, as a struggling API would.
+    let max_records = lock(&state).faults.max_records;
+    let too_many = if max_records > 0 {
+        decoded(&headers, body.clone())
+            .ok()
+            .and_then(|(b, _)| serde_json::from_slice::<scan::Envelope>(&b).ok())
+            .and_then(|v| match v.records {
+                scan::Records::Array(r) => Some(r.len()),
+                _ => None,
+            })
+            .filter(|n| *n > max_records)
+    } else {
+        None
+    };
     let (fault, slow) = {
         let mut s = lock(&state);
         let f = s.faults.clone();
         let slow = (f.slow_rate > 0.0 && s.rng.f64() < f.slow_rate).then_some(f.slow_ms);
-        let fault = if f.fail_next > 0 {
+        let fault = if let Some(n) = too_many {
+            Fault::TooManyRecords(n)
+        } else if f.fail_next > 0 {
             s.faults.fail_next -= 1;
             Fault::Status(f.fail_next_status.max(100), None)
         } else if f.garbage_next > 0 {
@@ -276,7 +304,7 @@ async fn ingest(
         } else if f.drop_rate > 0.0 && s.rng.f64() < f.drop_rate {
             Fault::Drop
         } else if f.error_5xx_rate > 0.0 && s.rng.f64() < f.error_5xx_rate {
-            Fault::Status(503, None)
+            Fault::Status(503, (f.retry_after_secs > 0).then_some(f.retry_after_secs))
         } else if f.rate_429 > 0.0 && s.rng.f64() < f.rate_429 {
             Fault::Status(429, Some(f.retry_after_secs))
         } else {
@@ -304,19 +332,42 @@ async fn ingest(
             count(&state, 200);
             return (StatusCode::OK, "<html>not json</html>").into_response();
         }
+        Fault::TooManyRecords(n) => {
+            count(&state, 413);
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                axum::Json(json!({
+                    "error_code": "TOO_MANY_RECORDS",
+                    "message": format!("{n} records in one request; at most {max_records}"),
+                })),
+            )
+                .into_response();
+        }
         Fault::Status(status, retry_after) => {
             count(&state, status);
+            let (huge, by_date) = {
+                let s = lock(&state);
+                (s.faults.huge_text_bytes, s.faults.retry_after_date)
+            };
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut resp = (
                 code,
-                axum::Json(
-                    json!({"error_code": format!("HTTP_{status}"), "message": "injected fault"}),
-                ),
+                axum::Json(json!({
+                    "error_code": format!("HTTP_{status}"),
+                    "message": padded("injected fault", huge),
+                })),
             )
                 .into_response();
-            if let Some(secs) = retry_after
-                && let Ok(v) = secs.to_string().parse()
-            {
+            let value = retry_after.map(|secs| {
+                if by_date {
+                    httpdate::fmt_http_date(
+                        std::time::SystemTime::now() + Duration::from_secs(secs),
+                    )
+                } else {
+                    secs.to_string()
+                }
+            });
+            if let Some(v) = value.and_then(|v| v.parse().ok()) {
                 resp.headers_mut().insert("retry-after", v);
             }
             return resp;
@@ -340,6 +391,16 @@ async fn ingest(
         axum::Json(value),
     )
         .into_response()
+}
+
+/// `text`, padded with `.` to `len` bytes when it is shorter.
+fn padded(text: &str, len: usize) -> String {
+    let mut out = text.to_string();
+    if out.len() < len {
+        out.push(' ');
+        out.extend(std::iter::repeat_n('.', len - out.len()));
+    }
+    out
 }
 
 fn count(state: &AppState, status: u16) {
@@ -421,9 +482,6 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
         );
     }
     s.received.idempotency_keys.push(key.clone());
-    if let Some(prev) = s.answered.get(&key) {
-        return prev.clone();
-    }
     let Ok(v) = serde_json::from_slice::<scan::Envelope>(body) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -491,6 +549,13 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
         }
         ids.push(id);
     }
+    if let Some((answered_ids, status, value)) = s.answered.get(&key) {
+        let answer = (*status, value.clone());
+        if *answered_ids != ids {
+            s.received.keys_reused_for_other_records += 1;
+        }
+        return answer;
+    }
     if let Some(bad) = ids.iter().find(|id| s.faults.refuse_ids.contains(id)) {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -499,22 +564,27 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
         );
     }
     let nth = s.faults.reject_every_nth;
+    let huge = s.faults.huge_text_bytes;
     let mut rejected = Vec::new();
     let accepted_map = s.received.accepted.entry(entity).or_default();
     for id in &ids {
         if nth > 0 && id.rem_euclid(nth as i64) == 0 {
+            let mut details = json!({"rule": "reject_every_nth", "n": nth});
+            if huge > 0 {
+                details["context"] = Value::String(padded("", huge));
+            }
             rejected.push(json!({
                 "id": id,
                 "error_code": "VALIDATION_FAILED",
-                "message": format!("record {id} failed validation"),
-                "details": {"rule": "reject_every_nth", "n": nth},
+                "message": padded(&format!("record {id} failed validation"), huge),
+                "details": details,
             }));
         } else {
             *accepted_map.entry(*id).or_default() += 1;
         }
     }
     let value = json!({ "accepted": ids.len() - rejected.len(), "rejected": rejected });
-    s.answered.insert(key, (200, value.clone()));
+    s.answered.insert(key, (ids, 200, value.clone()));
     (200, value)
 }
 
@@ -531,6 +601,7 @@ async fn stats(State(state): State<AppState>) -> axum::Json<Value> {
         "statuses": s.received.statuses,
         "accepted": per_entity,
         "forbidden": s.received.forbidden,
+        "keys_reused_for_other_records": s.received.keys_reused_for_other_records,
         "gzip_requests": s.received.gzip_requests,
         "faults": s.faults,
     }))

@@ -125,33 +125,82 @@ impl AnalyticsClient {
     }
 
     /// Delivers one chunk. Never panics on any response.
+    ///
+    /// The chunk has one deadline, `ETL_RETRY_MAX_ELAPSED_SECS` from now, for all its
+    /// requests: retries, `Retry-After` waits and the halving of refused batches alike.
+    /// No request starts after it, so a chunk spends at most that plus one request
+    /// (`ETL_HTTP_TIMEOUT_SECS`) here. A part whose retries the deadline ends fails with
+    /// its last status; once that happened, or the deadline passed, the parts not sent
+    /// yet fail with `CHUNK_DEADLINE`. The first request is always sent.
     pub async fn deliver(&self, batch: &Batch<'_>) -> Result<DeliveryReport, FatalError> {
         let url = endpoint_url(&self.inner.base, batch.entity.endpoint());
+        let deadline = tokio::time::Instant::now() + self.inner.retry.max_elapsed;
         let mut report = DeliveryReport::default();
-        // Ranges of record indexes still to send; a refused range is split in halves.
-        let mut todo = vec![(0usize, batch.records.len())];
-        while let Some((start, end)) = todo.pop() {
+        // Ranges of record indexes still to send, with the status that refused the
+        // batch they were halved from; a refused range is split in halves.
+        let mut todo: Vec<(usize, usize, Option<u16>)> = vec![(0, batch.records.len(), None)];
+        // Set once the deadline ended a part's retries, or passed.
+        let mut spent = false;
+        while let Some((start, end, refused_by)) = todo.pop() {
             if start >= end {
                 continue;
             }
             let part = &batch.records[start..end];
-            let (outcome, attempts) = self.send_part(batch, &url, start, end).await;
+            if report.requests > 0 && (spent || tokio::time::Instant::now() >= deadline) {
+                if !spent {
+                    tracing::warn!(
+                        requests = report.requests,
+                        "the chunk's deadline passed: the records not sent yet fail"
+                    );
+                    spent = true;
+                }
+                let message = format!(
+                    "not sent: the chunk's time in the analytics client \
+                     (ETL_RETRY_MAX_ELAPSED_SECS, {}s) ran out{}",
+                    self.inner.retry.max_elapsed.as_secs(),
+                    match refused_by {
+                        Some(status) => format!(
+                            " while its batch, refused with HTTP {status}, was being halved"
+                        ),
+                        None => String::new(),
+                    }
+                );
+                // Not sent alone: no attempt of their own.
+                let details = details(refused_by, "", 0, serde_json::json!({}));
+                fail_all(&mut report, part, "CHUNK_DEADLINE", &message, &details);
+                continue;
+            }
+            let (outcome, attempts) = self.send_part(batch, &url, part, deadline).await;
             report.requests += attempts;
             report.retries += attempts.saturating_sub(1);
             match outcome {
                 Ok(Answer::Accepted { rejected, body }) => {
+                    let ids: std::collections::HashSet<i64> =
+                        part.iter().map(|rec| rec.id).collect();
                     let mut refused: std::collections::HashMap<i64, service::Rejected> =
                         std::collections::HashMap::new();
+                    // One log line for all of them: a hostile answer may list thousands.
+                    let (mut strangers, mut example) = (0usize, None);
                     for r in rejected {
-                        if part.iter().any(|rec| rec.id == r.id) {
+                        if ids.contains(&r.id) {
                             refused.insert(r.id, r);
                         } else {
-                            tracing::warn!(
-                                id = r.id,
-                                "the API rejected an id that was not in the batch; ignored"
-                            );
+                            strangers += 1;
+                            example.get_or_insert(r.id);
                         }
                     }
+                    if let Some(id) = example {
+                        tracing::warn!(
+                            count = strangers,
+                            example_id = id,
+                            "the API rejected ids that were not in the batch; ignored"
+                        );
+                    }
+                    let text = if refused.is_empty() {
+                        String::new()
+                    } else {
+                        excerpt(&body)
+                    };
                     for rec in part {
                         match refused.remove(&rec.id) {
                             None => report.succeeded.push(rec.id),
@@ -159,7 +208,7 @@ impl AnalyticsClient {
                                 id: rec.id,
                                 error_code: r.error_code,
                                 message: r.message,
-                                details: details(Some(200), &body, attempts, r.details),
+                                details: details(Some(200), &text, attempts, r.details),
                             }),
                         }
                     }
@@ -174,14 +223,20 @@ impl AnalyticsClient {
                     if part.len() > 1 {
                         let mid = start + part.len() / 2;
                         // Pushed second half first, so the first half is sent first.
-                        todo.push((mid, end));
-                        todo.push((start, mid));
+                        todo.push((mid, end, Some(status)));
+                        todo.push((start, mid, Some(status)));
                     } else {
+                        let details = details(
+                            Some(status),
+                            &excerpt(&body),
+                            attempts,
+                            serde_json::json!({}),
+                        );
                         report.failed.push(RecordFailure {
                             id: part[0].id,
                             error_code,
                             message,
-                            details: details(Some(status), &body, attempts, serde_json::json!({})),
+                            details,
                         });
                     }
                     report.last_response = Some(kept(body));
@@ -195,34 +250,22 @@ impl AnalyticsClient {
                     message,
                     body,
                 }) => {
-                    fail_all(
-                        &mut report,
-                        part,
-                        &error_code,
-                        &message,
-                        status,
-                        &body,
-                        attempts,
-                    );
+                    let details = details(status, &excerpt(&body), attempts, serde_json::json!({}));
+                    fail_all(&mut report, part, &error_code, &message, &details);
                     report.last_response = Some(kept(body));
                 }
                 Err(t) => {
+                    spent = true;
                     tracing::warn!(
                         status = ?t.status,
                         attempts,
                         code = %t.error_code,
-                        "retry budget spent: the records of this request fail"
+                        "the chunk's retry budget is spent: the records of this request fail"
                     );
                     let message = format!("{} (after {attempts} attempts)", t.message);
-                    fail_all(
-                        &mut report,
-                        part,
-                        &t.error_code,
-                        &message,
-                        t.status,
-                        &t.body,
-                        attempts,
-                    );
+                    let details =
+                        details(t.status, &excerpt(&t.body), attempts, serde_json::json!({}));
+                    fail_all(&mut report, part, &t.error_code, &message, &details);
                     if !t.body.is_null() {
                         report.last_response = Some(kept(t.body));
                     }
@@ -232,28 +275,29 @@ impl AnalyticsClient {
         Ok(report)
     }
 
-    /// Sends one part of a chunk, retrying transient failures. Returns the answer (or the
-    /// last transient failure once the budget is spent) and the attempts made.
+    /// Sends one part of a chunk, retrying transient failures until the chunk's
+    /// `deadline` would pass before the next attempt. Returns the answer (or the last
+    /// transient failure) and the attempts made.
     async fn send_part(
         &self,
         batch: &Batch<'_>,
         url: &str,
-        start: usize,
-        end: usize,
+        part: &[Record],
+        deadline: tokio::time::Instant,
     ) -> (Result<Answer, Transient>, u32) {
         let json = encoder::body(
             batch.sync_id,
             batch.sync_type,
             batch.entity,
             batch.chunk,
-            &batch.records[start..end],
+            part,
         );
         let body = Bytes::from(if self.inner.gzip {
             encoder::gzip(&json)
         } else {
             json
         });
-        let key = encoder::idempotency_key(batch.sync_id, batch.entity, batch.chunk, start, end);
+        let key = encoder::idempotency_key(batch.sync_id, batch.entity, part);
         let attempts = AtomicU32::new(0);
         let max_interval = self.inner.retry.max_interval;
         let result = (|| {
@@ -269,7 +313,10 @@ impl AnalyticsClient {
         })
         .retry(retry::policy(&self.inner.retry))
         .sleep(tokio::time::sleep)
-        .adjust(|t: &Transient, d| retry::next_delay(d, t.retry_after, max_interval))
+        .adjust(|t: &Transient, d| {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            retry::next_delay(d, t.retry_after, max_interval, left)
+        })
         .notify(|t: &Transient, d| {
             let reason = match t.status {
                 None => "network",
@@ -301,39 +348,45 @@ fn endpoint_url(base: &url::Url, endpoint: &str) -> String {
     url.into()
 }
 
+/// Every record of `part` fails the same way (`details` built once for the part).
 fn fail_all(
     report: &mut DeliveryReport,
     part: &[Record],
     code: &str,
     message: &str,
-    status: Option<u16>,
-    body: &serde_json::Value,
-    attempts: u32,
+    details: &serde_json::Value,
 ) {
     for rec in part {
         report.failed.push(RecordFailure {
             id: rec.id,
             error_code: code.to_string(),
             message: message.to_string(),
-            details: details(status, body, attempts, serde_json::json!({})),
+            details: details.clone(),
         });
+    }
+}
+
+/// The start of a response body's JSON text, for an error row's details.
+fn excerpt(body: &serde_json::Value) -> String {
+    if body.is_null() {
+        return String::new();
+    }
+    let text = body.to_string();
+    match text.char_indices().nth(EXCERPT) {
+        Some((cut, _)) => text[..cut].to_string(),
+        None => text,
     }
 }
 
 fn details(
     status: Option<u16>,
-    body: &serde_json::Value,
+    excerpt: &str,
     attempts: u32,
     api_details: serde_json::Value,
 ) -> serde_json::Value {
-    let text = if body.is_null() {
-        String::new()
-    } else {
-        body.to_string()
-    };
     serde_json::json!({
         "http_status": status,
-        "response_excerpt": text.chars().take(EXCERPT).collect::<String>(),
+        "response_excerpt": excerpt,
         "attempts": attempts,
         "api_details": api_details,
     })

@@ -50,16 +50,27 @@ pub fn gzip(body: &[u8]) -> Vec<u8> {
     enc.finish().expect("gzip into memory")
 }
 
-/// Names the sync, entity, chunk and the part of the chunk (`start-end`, record
-/// indexes, end exclusive) a body carries: the same on every retry of that body.
-pub fn idempotency_key(
-    sync_id: &str,
-    entity: EntityKind,
-    chunk: i32,
-    start: usize,
-    end: usize,
-) -> String {
-    format!("{sync_id}:{entity}:{chunk}:{start}-{end}")
+/// The `Idempotency-Key` of a body: names the sync, the entity and the records the body
+/// carries, never their positions in the chunk. The same on every retry of the same
+/// body; two bodies carrying different sets of records never share it, even when a
+/// row deleted between two attempts of a chunk shifts the records of a halved part.
+///
+/// `<sync_id>:<entity>:<first id>-<last id>:<count>:<sha256 of the ids, hex>`.
+pub fn idempotency_key(sync_id: &str, entity: EntityKind, records: &[Record]) -> String {
+    use sha2::Digest;
+    use std::fmt::Write;
+    let mut hash = sha2::Sha256::new();
+    for r in records {
+        hash.update(r.id.to_be_bytes());
+    }
+    let first = records.first().map_or(0, |r| r.id);
+    let last = records.last().map_or(0, |r| r.id);
+    let mut key = format!("{sync_id}:{entity}:{first}-{last}:{}:", records.len());
+    for b in hash.finalize() {
+        // Writing to a String cannot fail.
+        let _ = write!(key, "{b:02x}");
+    }
+    key
 }
 
 #[cfg(test)]
@@ -113,10 +124,26 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_key_names_the_part() {
+    fn idempotency_key_names_the_records_not_their_positions() {
+        let recs: Vec<Record> = (1..=5).map(rec).collect();
+        let key = idempotency_key("s", EntityKind::Repayment, &recs);
+        // The ids as big-endian i64, hashed with SHA-256 (checked against Python's hashlib).
         assert_eq!(
-            idempotency_key("s", EntityKind::Repayment, 4, 50, 100),
-            "s:repayment:4:50-100"
+            key,
+            "s:repayment:1-5:5:4e15d2caf66cf04c7317d4c0084cb332d16d647d01d549de18eac2ce5e2e0be5"
         );
+        // The same records: the same key, whatever else the body says.
+        assert_eq!(key, idempotency_key("s", EntityKind::Repayment, &recs));
+        // Another set of records with the same count, first and last id.
+        let other: Vec<Record> = [1, 2, 4, 4, 5].into_iter().map(rec).collect();
+        assert_ne!(key, idempotency_key("s", EntityKind::Repayment, &other));
+        // A row deleted: the part at the same positions names other records.
+        let shifted: Vec<Record> = (2..=6).map(rec).collect();
+        assert_ne!(
+            idempotency_key("s", EntityKind::Repayment, &recs[..2]),
+            idempotency_key("s", EntityKind::Repayment, &shifted[..2])
+        );
+        assert_ne!(key, idempotency_key("s", EntityKind::Loan, &recs));
+        assert_ne!(key, idempotency_key("t", EntityKind::Repayment, &recs));
     }
 }

@@ -6,6 +6,11 @@ use std::time::Duration;
 
 /// The most of a response body loansync reads; a larger one is a failure.
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// The most of an API `message` (bytes) or `details` (bytes of its JSON text) kept: it
+/// is copied into every failed record of a part, into error rows and into logs.
+pub const MAX_API_TEXT: usize = 4 * 1024;
+/// The most of an API `error_code` kept (the width of `error_code` in error rows).
+pub const MAX_ERROR_CODE_CHARS: usize = 100;
 
 /// One record the API refused inside a `200`.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,7 +142,10 @@ async fn send_inner(
         json.as_ref()
             .and_then(|j| j.get(k))
             .and_then(|v| v.as_str())
-            .map(str::to_string)
+            .map(|v| match k {
+                "error_code" => error_code(v),
+                _ => bounded_text(v),
+            })
     };
     Ok(match status {
         200..=299 => match json.as_ref().and_then(parse_accepted) {
@@ -250,6 +258,43 @@ fn excerpt_value(raw: &[u8]) -> serde_json::Value {
     serde_json::json!({ "raw": text })
 }
 
+/// An API error code as kept: at most [`MAX_ERROR_CODE_CHARS`] characters.
+fn error_code(code: &str) -> String {
+    code.chars().take(MAX_ERROR_CODE_CHARS).collect()
+}
+
+/// An API text as kept: whole when it fits in [`MAX_API_TEXT`] bytes, else cut on a
+/// character boundary and marked, the mark included in the bound.
+pub fn bounded_text(text: &str) -> String {
+    if text.len() <= MAX_API_TEXT {
+        return text.to_string();
+    }
+    let mark = format!(" …[truncated: {} bytes in all]", text.len());
+    let mut cut = MAX_API_TEXT.saturating_sub(mark.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut out = String::with_capacity(cut + mark.len());
+    out.push_str(&text[..cut]);
+    out.push_str(&mark);
+    out
+}
+
+/// API `details` as kept: whole when its JSON text fits in [`MAX_API_TEXT`] bytes, else
+/// `{"truncated": true, "bytes": n, "excerpt": "<the start of its JSON text>"}`.
+pub fn bounded_details(details: &serde_json::Value) -> serde_json::Value {
+    let text = details.to_string();
+    if text.len() <= MAX_API_TEXT {
+        return details.clone();
+    }
+    // The excerpt's own escaping may lengthen it: leave room for that and the wrapper.
+    let mut cut = MAX_API_TEXT / 2;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    serde_json::json!({ "truncated": true, "bytes": text.len(), "excerpt": &text[..cut] })
+}
+
 /// `{"accepted": n, "rejected": [...]}` → the rejected records; `None` if the shape is off.
 fn parse_accepted(v: &serde_json::Value) -> Option<Vec<Rejected>> {
     let obj = v.as_object()?;
@@ -263,22 +308,19 @@ fn parse_accepted(v: &serde_json::Value) -> Option<Vec<Rejected>> {
         let id = item.get("id")?.as_i64()?;
         out.push(Rejected {
             id,
-            error_code: item
-                .get("error_code")
-                .and_then(|c| c.as_str())
-                .unwrap_or("REJECTED")
-                .chars()
-                .take(100)
-                .collect(),
-            message: item
-                .get("message")
-                .and_then(|m| m.as_str())
-                .unwrap_or("rejected by the analytics API")
-                .to_string(),
+            error_code: error_code(
+                item.get("error_code")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("REJECTED"),
+            ),
+            message: bounded_text(
+                item.get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("rejected by the analytics API"),
+            ),
             details: item
                 .get("details")
-                .cloned()
-                .unwrap_or(serde_json::json!({})),
+                .map_or_else(|| serde_json::json!({}), bounded_details),
         });
     }
     Some(out)
@@ -305,5 +347,33 @@ mod tests {
         assert!(parse_accepted(&json!([1, 2])).is_none());
         let defaulted = parse_accepted(&json!({"accepted": 0, "rejected": [{"id": 1}]})).unwrap();
         assert_eq!(defaulted[0].error_code, "REJECTED");
+    }
+
+    #[test]
+    fn hostile_rejections_are_bounded() {
+        let huge = "ü".repeat(300_000);
+        let r = parse_accepted(&json!({"accepted": 0, "rejected": [{
+            "id": 1, "error_code": "C".repeat(10_000), "message": huge,
+            "details": {"why": "\"".repeat(100_000), "n": 1},
+        }]}))
+        .unwrap();
+        assert_eq!(r[0].error_code.len(), MAX_ERROR_CODE_CHARS);
+        assert!(r[0].message.len() <= MAX_API_TEXT, "{}", r[0].message.len());
+        assert!(r[0].message.starts_with("üü"));
+        assert!(
+            r[0].message.ends_with("…[truncated: 600000 bytes in all]"),
+            "{}",
+            &r[0].message[r[0].message.len() - 60..]
+        );
+        assert_eq!(r[0].details["truncated"], true);
+        assert!(r[0].details.to_string().len() <= MAX_API_TEXT + 64);
+        // Small ones are kept whole.
+        assert_eq!(bounded_text("é ok"), "é ok");
+        assert_eq!(bounded_details(&json!({"a": 1})), json!({"a": 1}));
+        // Cut on a character boundary whatever the bound falls on.
+        for n in MAX_API_TEXT - 3..MAX_API_TEXT + 5 {
+            let t = bounded_text(&format!("{}{}", "a".repeat(n % 4), "€".repeat(n)));
+            assert!(t.len() <= MAX_API_TEXT);
+        }
     }
 }

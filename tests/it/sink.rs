@@ -1,11 +1,16 @@
 //! The analytics client against the stub API (and a hostile server) on loopback ports.
 
-use crate::pipeline::KEY;
 use crate::pipeline::stub;
+use crate::pipeline::{KEY, seeded_db, settings_for, small};
+use crate::support::wait_for;
 use loansync::config::{ApiSettings, RetrySettings};
-use loansync::domain::{EntityKind, Record, SyncType};
+use loansync::domain::{ChunkJob, EntityKind, PlanRequest, Record, SyncType};
+use loansync::queue::memory::MemoryQueue;
+use loansync::sink::service::MAX_API_TEXT;
 use loansync::sink::{AnalyticsClient, Batch, FatalError};
 use loansync::stub_api::Faults;
+use loansync::worker::{self, ChunkOutcome};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn records(ids: impl IntoIterator<Item = i64>) -> Vec<Record> {
@@ -92,7 +97,11 @@ async fn transient_failures_are_retried_with_the_same_idempotency_key() {
         1,
         "only the successful attempt reaches validation"
     );
-    assert_eq!(keys[0], "s-1:loan:0:0-10");
+    assert_eq!(
+        keys[0],
+        loansync::sink::encoder::idempotency_key("s-1", EntityKind::Loan, &recs)
+    );
+    assert!(keys[0].starts_with("s-1:loan:1-10:10:"), "{}", keys[0]);
 }
 
 #[tokio::test]
@@ -262,4 +271,353 @@ async fn gzipped_bodies_are_delivered_and_a_bad_stream_is_refused() {
     let body: serde_json::Value = bad.json().await.unwrap();
     assert_eq!(body["error_code"], "BAD_ENCODING");
     assert_eq!(s.received().ids(EntityKind::Loan).len(), 199);
+}
+
+/// A client whose largest retry interval is `max_interval` (the others use 1.5 s).
+fn client_capped(url: &str, max_elapsed: Duration, max_interval: Duration) -> AnalyticsClient {
+    AnalyticsClient::new(&ApiSettings {
+        base_url: url::Url::parse(url).unwrap(),
+        key: KEY.to_string().into(),
+        timeout: Duration::from_secs(5),
+        ca_pem: None,
+        gzip: false,
+        retry: RetrySettings {
+            initial: Duration::from_millis(10),
+            max_interval,
+            max_elapsed,
+        },
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_records() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let settings = settings_for(&db, &stub.url(), &[("ETL_BATCH_SIZE_LOANS", "8")]);
+    let queue = MemoryQueue::new();
+    loansync::planner::plan_sync(
+        &db.pool,
+        &settings,
+        &PlanRequest {
+            sync_type: SyncType::Full,
+            entities: Some(vec![EntityKind::Loan]),
+            request_id: None,
+            since: None,
+            until: None,
+        },
+        &queue,
+    )
+    .await
+    .unwrap();
+    let (sync_id, ids): (String, Vec<i64>) =
+        sqlx::query_as("SELECT sync_id, ids FROM loansync_chunk WHERE entity = 'loan' AND seq = 0")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ids.len(), 8);
+    // The API refuses the chunk's last record: the chunk is halved, and the parts
+    // without it are accepted (and their answers cached by key, as the stub does).
+    stub.set_faults(Faults {
+        refuse_ids: vec![ids[7]],
+        ..Default::default()
+    });
+    let job = ChunkJob {
+        sync_id: sync_id.clone(),
+        entity: EntityKind::Loan,
+        seq: 0,
+    };
+    let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
+
+    // First attempt: POSTed and answered, then the worker dies before its settle
+    // commits (the history row is held, so the settle waits; then its task and its
+    // database session are killed).
+    let mut hold = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM etl_folder_etlsynchistory FOR UPDATE")
+        .fetch_all(&mut *hold)
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let (ctx, job) = (ctx.clone(), job.clone());
+        async move { worker::process_chunk(&ctx, &job).await }
+    });
+    let waiting = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+    };
+    wait_for(
+        "the first attempt's settle to wait",
+        Duration::from_secs(30),
+        || async { waiting().await.is_some() },
+    )
+    .await;
+    let pid = waiting().await.unwrap();
+    first.abort();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    hold.rollback().await.unwrap();
+    let after_first = stub.received();
+    // 8 → 422; 0..4 → 200; 4..8 → 422; 4..6 → 200; 6..8 → 422; 6 → 200; 7 → 422.
+    assert_eq!(
+        (after_first.status_count(200), after_first.status_count(422)),
+        (3, 4)
+    );
+    let settled: bool =
+        sqlx::query_scalar("SELECT settled_at IS NOT NULL FROM loansync_chunk WHERE sync_id = $1 AND entity = 'loan' AND seq = 0")
+            .bind(&sync_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(!settled, "the first attempt must not have settled");
+
+    // The chunk's first row is deleted; the second attempt sends 7 records, so every
+    // position names other records than in the first attempt.
+    let mut tx = db.pool.begin().await.unwrap();
+    for sql in [
+        "DELETE FROM loans_ajoloanrepayment WHERE ajo_loan_id = $1::int4",
+        "DELETE FROM loans_ajoloanschedule WHERE loan_id = $1::int4",
+        "DELETE FROM loans_ajoloan WHERE id = $1::int4",
+    ] {
+        sqlx::query(sql)
+            .bind(ids[0])
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let outcome = worker::process_chunk(&ctx, &job).await.unwrap();
+    assert!(
+        matches!(
+            outcome,
+            ChunkOutcome::Settled {
+                succeeded: 6,
+                failed: 2,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    let got = stub.received();
+    assert_eq!(
+        got.keys_reused_for_other_records, 0,
+        "a key named two different sets of records, and the second got the first's answer"
+    );
+    // The second attempt's whole body carries a key of its own.
+    let second: Vec<&String> = got.idempotency_keys[after_first.idempotency_keys.len()..]
+        .iter()
+        .collect();
+    assert!(!after_first.idempotency_keys.contains(second[0]));
+    assert!(
+        second[0].starts_with(&format!("{sync_id}:loan:{}-{}:7:", ids[1], ids[7])),
+        "{}",
+        second[0]
+    );
+    // Only records the API accepted are counted as delivered; the refused one fails
+    // with the API's code, the deleted one as missing.
+    let accepted = got.ids(EntityKind::Loan);
+    assert_eq!(accepted, ids[..7].iter().copied().collect());
+    let errors: Vec<(String, String)> = sqlx::query_as(
+        "SELECT entity_id, error_code FROM etl_folder_etlsyncerror ORDER BY entity_id::int8",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        errors,
+        vec![
+            (ids[0].to_string(), "SOURCE_ROW_MISSING".to_string()),
+            (ids[7].to_string(), "RECORD_REFUSED".to_string()),
+        ]
+    );
+    // Parts resent with the same records as in the first attempt (ids 4..6, then 6)
+    // carried the same key and got their cached answer: those records were counted
+    // once. (Records 1..3 went again in a body of other records: at least once.)
+    let times = &got.accepted[&EntityKind::Loan];
+    assert_eq!(
+        [times[&ids[4]], times[&ids[5]], times[&ids[6]]],
+        [1, 1, 1],
+        "{times:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_chunk_ends_within_its_deadline_while_halving_under_retry_after() {
+    // Batches are refused (413) down to single records, and single records get 503 with
+    // Retry-After: 1. The chunk has 2 s in all, halving included: about two attempts of
+    // the first single record fit, and the records left are not sent. (With a budget
+    // per request body, each of the 8 records would have had 2 s of 503s.)
+    let s = stub(Faults {
+        max_records: 1,
+        error_5xx_rate: 1.0,
+        retry_after_secs: 1,
+        ..Default::default()
+    })
+    .await;
+    let recs = records(1..=8);
+    let r = client(&s.url(), KEY, Duration::from_secs(2))
+        .deliver(&batch(&recs))
+        .await
+        .unwrap();
+    let got = s.received();
+    // 8, then 4, then 2 records refused (the first half is sent first); after that
+    // the first record used up the deadline, and nothing more is sent.
+    assert_eq!(got.status_count(413), 3);
+    let singles = got.status_count(503);
+    assert!(
+        (1..=2).contains(&singles),
+        "{singles} single-record requests: a part had more than the chunk's deadline"
+    );
+    assert_eq!(u64::from(r.requests), got.requests());
+    assert!(r.succeeded.is_empty());
+    assert_eq!(r.failed.len(), 8);
+    let codes: Vec<&str> = r.failed.iter().map(|f| f.error_code.as_str()).collect();
+    assert_eq!(codes[0], "HTTP_503", "{codes:?}");
+    assert!(
+        codes[1..].iter().all(|c| *c == "CHUNK_DEADLINE"),
+        "{codes:?}"
+    );
+    assert_eq!(r.failed[1].details["http_status"], 413);
+    assert!(
+        r.failed[1].message.contains("ETL_RETRY_MAX_ELAPSED_SECS"),
+        "{}",
+        r.failed[1].message
+    );
+
+    // Retry-After as an HTTP-date counts the same: asked to wait 5 s with 2 s left, the
+    // first single record is not retried at all (it would be, every ~10 ms, if the
+    // date were not understood).
+    let s = stub(Faults {
+        max_records: 1,
+        error_5xx_rate: 1.0,
+        retry_after_secs: 5,
+        retry_after_date: true,
+        ..Default::default()
+    })
+    .await;
+    let r = client_capped(&s.url(), Duration::from_secs(2), Duration::from_secs(30))
+        .deliver(&batch(&recs))
+        .await
+        .unwrap();
+    let got = s.received();
+    assert_eq!((got.status_count(413), got.status_count(503)), (3, 1));
+    assert_eq!(r.requests, 4);
+    assert_eq!(r.failed[0].error_code, "HTTP_503");
+    assert!(
+        r.failed[1..]
+            .iter()
+            .all(|f| f.error_code == "CHUNK_DEADLINE")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_api_messages_are_bounded_in_error_rows() {
+    let db = seeded_db(small()).await;
+    // 1 MB error bodies (just under the 1 MiB read limit) on every request.
+    let stub = stub(Faults {
+        fail_next: 1_000_000,
+        fail_next_status: 500,
+        huge_text_bytes: 1_000_000,
+        ..Default::default()
+    })
+    .await;
+    let settings = settings_for(
+        &db,
+        &stub.url(),
+        &[
+            ("ETL_BATCH_SIZE_REPAYMENTS", "500"),
+            ("ETL_RETRY_MAX_ELAPSED_SECS", "1"),
+        ],
+    );
+    let repayments = PlanRequest {
+        sync_type: SyncType::Full,
+        entities: Some(vec![EntityKind::Repayment]),
+        request_id: None,
+        since: None,
+        until: None,
+    };
+    loansync::cli::sync_in_process(&db.pool, &settings, &repayments)
+        .await
+        .unwrap();
+    let sizes = || async {
+        sqlx::query_as::<_, (String, i64, i64, i64)>(
+            "SELECT error_code, count(*), max(octet_length(error_message))::int8, \
+                    max(octet_length(error_details::text))::int8 \
+             FROM etl_folder_etlsyncerror GROUP BY 1 ORDER BY 1",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let rows = sizes().await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (code, n, message, details) = rows[0].clone();
+    assert_eq!((code.as_str(), n), ("HTTP_500", 420), "{rows:?}");
+    assert!(message <= MAX_API_TEXT as i64 + 64, "{rows:?}");
+    assert!(details <= 4 * 1024, "{rows:?}");
+    let api_response: i64 = sqlx::query_scalar(
+        "SELECT max(octet_length(api_response::text))::int8 FROM etl_folder_etlsynchistory",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(api_response <= 64 * 1024 + 64, "{api_response}");
+
+    // Rejections in a 200 whose message and details are 80 KB each.
+    stub.set_faults(Faults {
+        reject_every_nth: 100,
+        huge_text_bytes: 80_000,
+        ..Default::default()
+    });
+    loansync::cli::sync_in_process(&db.pool, &settings, &repayments)
+        .await
+        .unwrap();
+    let rows = sizes().await;
+    let rejected = rows
+        .iter()
+        .find(|r| r.0 == "VALIDATION_FAILED")
+        .unwrap_or_else(|| panic!("no rejection recorded: {rows:?}"));
+    assert!(rejected.1 >= 4, "{rows:?}");
+    for (_, _, message, details) in &rows {
+        assert!(*message <= MAX_API_TEXT as i64 + 64, "{rows:?}");
+        assert!(*details <= 12 * 1024, "{rows:?}");
+    }
+}
+
+#[tokio::test]
+async fn rejections_of_ids_not_in_the_batch_are_ignored() {
+    // A broken API answering 200 with 20,000 rejections for ids it was never sent, and
+    // one for a record of the batch.
+    let app = axum::Router::new().route(
+        "/etl/sync",
+        axum::routing::post(|| async {
+            let mut rejected: Vec<serde_json::Value> = (0..20_000)
+                .map(|i| serde_json::json!({"id": 1_000_000 + i, "error_code": "X"}))
+                .collect();
+            rejected.push(serde_json::json!({"id": 2, "error_code": "BAD", "message": "no"}));
+            axum::Json(serde_json::json!({"accepted": 0, "rejected": rejected}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let recs = records(1..=3);
+    let r = client(&format!("http://{addr}"), KEY, Duration::from_secs(1))
+        .deliver(&batch(&recs))
+        .await
+        .unwrap();
+    assert_eq!(r.succeeded, vec![1, 3]);
+    assert_eq!(r.failed.len(), 1);
+    assert_eq!(
+        (r.failed[0].id, r.failed[0].error_code.as_str()),
+        (2, "BAD")
+    );
+    assert_eq!(r.requests, 1);
 }
