@@ -198,6 +198,20 @@ echo "validate: docker-compose.yml against the compose specification"
 echo "validate: alert rules and their unit tests"
 promtool check rules deploy/prometheus/alerts.yml
 promtool test rules deploy/prometheus/alerts.test.yml
+"$py" - <<'PY'
+import sys, yaml
+alerts = [r["alert"] for g in yaml.safe_load(open("deploy/prometheus/alerts.yml"))["groups"]
+          for r in g["rules"] if "alert" in r]
+fires, silent = set(), set()
+for t in yaml.safe_load(open("deploy/prometheus/alerts.test.yml"))["tests"]:
+    for a in t.get("alert_rule_test", []):
+        (fires if a.get("exp_alerts") else silent).add(a["alertname"])
+untested = [f"{a} ({'no firing case' if a not in fires else 'no silent case'})"
+            for a in alerts if a not in fires or a not in silent]
+if untested:
+    sys.exit("alerts without a unit test that fires and one that stays silent: " + ", ".join(untested))
+print(f"{len(alerts)} alerts, each with a firing and a silent case")
+PY
 
 echo "validate: a real scrape of a running worker"
 cargo build -q --bin loansync
