@@ -28,27 +28,18 @@ pub struct Readiness {
 async fn metrics(
     State(r): State<Readiness>,
 ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
-    METRICS.refresh_process();
-    // Watermark ages and stalled syncs are read from the database at scrape time; if
-    // it does not answer, the last values stay (and /readyz says why).
+    // State gauges are read from the database (and the dead-letter depth from the
+    // broker) at scrape time; if they do not answer, the last values stay (and /readyz
+    // says why).
     let read = async {
-        let ages: Vec<(String, f64)> = sqlx::query_as(
-            "SELECT entity_type::text, EXTRACT(EPOCH FROM now() - last_sync_timestamp)::float8 \
-             FROM etl_folder_etllastsync",
-        )
-        .fetch_all(&r.pool)
-        .await?;
-        let stalled = crate::ledger::stalled_count(&r.pool, r.stale_after_secs).await?;
-        Ok::<_, sqlx::Error>((ages, stalled))
-    };
-    if let Ok(Ok((ages, stalled))) = tokio::time::timeout(Duration::from_secs(2), read).await {
-        for (entity, age) in ages {
-            if entity.parse::<crate::domain::EntityKind>().is_ok() {
-                METRICS.watermark_age.with_label_values(&[&entity]).set(age);
-            }
+        METRICS.refresh_state(&r.pool, r.stale_after_secs).await;
+        if let Some(b) = &r.broker
+            && let Some(n) = b.dead_letter_depth().await
+        {
+            METRICS.dead_letters.set(i64::from(n));
         }
-        METRICS.stalled_syncs.set(stalled);
-    }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
     (
         StatusCode::OK,
         [("content-type", "text/plain; version=0.0.4")],

@@ -3,9 +3,10 @@
 
 use crate::config::LogFormat;
 use prometheus::{
-    Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use sqlx::PgPool;
 use std::sync::LazyLock;
 use tracing_subscriber::EnvFilter;
 
@@ -67,11 +68,50 @@ pub struct Metrics {
     pub watermark_age: GaugeVec,
     /// Running syncs whose chunks have not moved for `ETL_STALE_SYNC_SECS`.
     pub stalled_syncs: IntGauge,
-    /// Resident memory of this process, from /proc.
-    pub resident_memory: Gauge,
-    /// CPU time of this process, from /proc.
-    pub cpu_seconds: Counter,
+    /// State read from the ETL tables at scrape time (see [`Metrics::refresh_state`]):
+    /// the last finished sync of each type, one-hot by status.
+    pub last_sync_status: IntGaugeVec,
+    /// When the last finished sync of each type ended (0: none yet).
+    pub last_sync_completed: GaugeVec,
+    /// When the last sync of each type that delivered and moved the watermarks
+    /// (`completed` or `partial_success`) ended (0: none yet).
+    pub last_successful_sync: GaugeVec,
+    /// Records of the last finished sync of each type, by outcome.
+    pub last_sync_records: IntGaugeVec,
+    /// Planning requests waiting for the running sync to end, by type.
+    pub pending_requests: IntGaugeVec,
+    /// Messages waiting in the dead-letter queue `<prefix>.dead`.
+    pub dead_letters: IntGauge,
 }
+
+/// The sync types, as in `etl_folder_etlsynchistory.sync_type`.
+const SYNC_TYPES: [&str; 2] = ["full", "incremental"];
+/// The final statuses of a sync.
+const FINAL_STATUSES: [&str; 3] = ["completed", "partial_success", "failed"];
+
+/// The last finished regular sync (not an error retry) of each type: type, status,
+/// end time (epoch seconds), records succeeded, records failed. `started_at DESC` uses
+/// Django's index; one sync runs at a time, so the last started is the last finished.
+const LAST_SYNC_SQL: &str = "\
+    SELECT t.sync_type, l.status, EXTRACT(EPOCH FROM l.completed_at)::float8, \
+           l.succeeded::int8, l.failed::int8 \
+    FROM (VALUES ('full'), ('incremental')) AS t(sync_type) \
+    CROSS JOIN LATERAL ( \
+        SELECT h.status, h.completed_at, \
+               h.loans_success + h.repayments_success + h.customers_success + h.officers_success AS succeeded, \
+               h.loans_failed + h.repayments_failed + h.customers_failed + h.officers_failed AS failed \
+        FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
+        WHERE h.sync_type = t.sync_type AND h.completed_at IS NOT NULL \
+          AND h.status IN ('completed', 'partial_success', 'failed') \
+          AND s.purpose IS DISTINCT FROM 'retry' \
+        ORDER BY h.started_at DESC LIMIT 1) l";
+
+/// The end time of the last regular sync of each type that moved the watermarks.
+const LAST_SUCCESS_SQL: &str = "\
+    SELECT h.sync_type, EXTRACT(EPOCH FROM max(h.completed_at))::float8 \
+    FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
+    WHERE h.status IN ('completed', 'partial_success') AND s.purpose IS DISTINCT FROM 'retry' \
+    GROUP BY h.sync_type";
 
 impl Metrics {
     fn new() -> Metrics {
@@ -214,21 +254,74 @@ impl Metrics {
             "Running syncs with no chunk settled for ETL_STALE_SYNC_SECS.",
         )
         .expect("valid metric");
-        let resident_memory = Gauge::new(
-            "process_resident_memory_bytes",
-            "Resident memory size in bytes.",
+        let last_sync_status = IntGaugeVec::new(
+            Opts::new(
+                "etl_last_sync_status",
+                "The status of the last finished sync of each type (1 for its status, 0 for the others).",
+            ),
+            &["sync_type", "status"],
         )
         .expect("valid metric");
-        let cpu_seconds = Counter::new(
-            "process_cpu_seconds_total",
-            "Total user and system CPU time spent in seconds.",
+        let last_sync_completed = GaugeVec::new(
+            Opts::new(
+                "etl_last_sync_completed_timestamp_seconds",
+                "When the last finished sync of each type ended, in Unix seconds (0: none yet).",
+            ),
+            &["sync_type"],
         )
         .expect("valid metric");
+        let last_successful_sync = GaugeVec::new(
+            Opts::new(
+                "etl_last_successful_sync_timestamp_seconds",
+                "When the last completed or partial_success sync of each type ended, in Unix seconds (0: none yet).",
+            ),
+            &["sync_type"],
+        )
+        .expect("valid metric");
+        let last_sync_records = IntGaugeVec::new(
+            Opts::new(
+                "etl_last_sync_records",
+                "Records of the last finished sync of each type, by outcome.",
+            ),
+            &["sync_type", "outcome"],
+        )
+        .expect("valid metric");
+        let pending_requests = IntGaugeVec::new(
+            Opts::new(
+                "etl_pending_requests",
+                "Planning requests kept until the running sync ends, by type.",
+            ),
+            &["sync_type"],
+        )
+        .expect("valid metric");
+        let dead_letters = IntGauge::new(
+            "etl_dead_letter_messages",
+            "Messages waiting in the dead-letter queue <prefix>.dead.",
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "loansync_build_info",
+                "The running loansync's version; always 1.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         for m in [
             Box::new(watermark_age.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(stalled_syncs.clone()),
-            Box::new(resident_memory.clone()),
-            Box::new(cpu_seconds.clone()),
+            Box::new(last_sync_status.clone()),
+            Box::new(last_sync_completed.clone()),
+            Box::new(last_successful_sync.clone()),
+            Box::new(last_sync_records.clone()),
+            Box::new(pending_requests.clone()),
+            Box::new(dead_letters.clone()),
+            Box::new(build_info),
+            // process_resident_memory_bytes, process_cpu_seconds_total, open fds, start time.
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(m).expect("unique metric");
         }
@@ -262,11 +355,18 @@ impl Metrics {
         for r in ["status_429", "status_5xx", "status_408", "network"] {
             http_retries.with_label_values(&[r]);
         }
-        for t in ["full", "incremental"] {
+        for t in SYNC_TYPES {
             sync_seconds.with_label_values(&[t]);
-            for st in ["completed", "partial_success", "failed"] {
+            for st in FINAL_STATUSES {
                 syncs.with_label_values(&[t, st]);
+                last_sync_status.with_label_values(&[t, st]);
             }
+            last_sync_completed.with_label_values(&[t]);
+            last_successful_sync.with_label_values(&[t]);
+            for o in ["success", "failed"] {
+                last_sync_records.with_label_values(&[t, o]);
+            }
+            pending_requests.with_label_values(&[t]);
         }
         for r in ["busy", "duplicate", "invalid"] {
             plans_skipped.with_label_values(&[r]);
@@ -275,8 +375,12 @@ impl Metrics {
             registry,
             watermark_age,
             stalled_syncs,
-            resident_memory,
-            cpu_seconds,
+            last_sync_status,
+            last_sync_completed,
+            last_successful_sync,
+            last_sync_records,
+            pending_requests,
+            dead_letters,
             records,
             records_planned,
             chunks,
@@ -297,31 +401,82 @@ impl Metrics {
         }
     }
 
-    /// Refreshes what is read rather than counted: process memory and CPU from /proc.
-    pub fn refresh_process(&self) {
-        if let Ok(status) = std::fs::read_to_string("/proc/self/status")
-            && let Some(kb) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+    /// Refreshes the gauges that are state in PostgreSQL, read at scrape time so that
+    /// every process shows the same and a new pod shows it at once: watermark ages,
+    /// stalled syncs, the last sync of each type, pending planning requests. A query
+    /// that fails leaves its gauges as they were (and `/readyz` says why).
+    pub async fn refresh_state(&self, pool: &PgPool, stale_after_secs: f64) {
+        if let Ok(ages) = sqlx::query_as::<_, (String, f64)>(
+            "SELECT entity_type::text, EXTRACT(EPOCH FROM now() - last_sync_timestamp)::float8 \
+             FROM etl_folder_etllastsync",
+        )
+        .fetch_all(pool)
+        .await
         {
-            self.resident_memory.set(kb * 1024.0);
-        }
-        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-            // Fields after the command name (which may hold spaces) start at its ')'.
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map(|(_, rest)| rest.split_whitespace().collect())
-                .unwrap_or_default();
-            // utime and stime are fields 14 and 15 of the line, in clock ticks (100 Hz).
-            if let (Some(u), Some(s)) = (fields.get(11), fields.get(12))
-                && let (Ok(u), Ok(s)) = (u.parse::<f64>(), s.parse::<f64>())
-            {
-                let total = (u + s) / 100.0;
-                let delta = total - self.cpu_seconds.get();
-                if delta > 0.0 {
-                    self.cpu_seconds.inc_by(delta);
+            for (entity, age) in ages {
+                if entity.parse::<crate::domain::EntityKind>().is_ok() {
+                    self.watermark_age.with_label_values(&[&entity]).set(age);
                 }
+            }
+        }
+        if let Ok(stalled) = crate::ledger::stalled_count(pool, stale_after_secs).await {
+            self.stalled_syncs.set(stalled);
+        }
+        if let Ok(rows) =
+            sqlx::query_as::<_, (String, String, Option<f64>, i64, i64)>(LAST_SYNC_SQL)
+                .fetch_all(pool)
+                .await
+        {
+            // A type with no finished sync yet shows zeros.
+            for t in SYNC_TYPES {
+                let (status, at, ok, failed) = rows
+                    .iter()
+                    .find(|r| r.0 == t)
+                    .map_or(("", None, 0, 0), |r| (r.1.as_str(), r.2, r.3, r.4));
+                for st in FINAL_STATUSES {
+                    self.last_sync_status
+                        .with_label_values(&[t, st])
+                        .set(i64::from(st == status));
+                }
+                self.last_sync_completed
+                    .with_label_values(&[t])
+                    .set(at.unwrap_or(0.0));
+                self.last_sync_records
+                    .with_label_values(&[t, "success"])
+                    .set(ok);
+                self.last_sync_records
+                    .with_label_values(&[t, "failed"])
+                    .set(failed);
+            }
+        }
+        if let Ok(rows) = sqlx::query_as::<_, (String, Option<f64>)>(LAST_SUCCESS_SQL)
+            .fetch_all(pool)
+            .await
+        {
+            for t in SYNC_TYPES {
+                let at = rows.iter().find(|r| r.0 == t).and_then(|r| r.1);
+                self.last_successful_sync
+                    .with_label_values(&[t])
+                    .set(at.unwrap_or(0.0));
+            }
+        }
+        // The table comes with the pending-request migration; before it, nothing waits.
+        let pending = sqlx::query_as::<_, (String, i64)>(
+            "SELECT sync_type::text, count(*) FROM loansync_pending_request GROUP BY 1",
+        )
+        .fetch_all(pool)
+        .await;
+        let pending = match pending {
+            Ok(rows) => Some(rows),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
+                Some(Vec::new())
+            }
+            Err(_) => None,
+        };
+        if let Some(rows) = pending {
+            for t in SYNC_TYPES {
+                let n = rows.iter().find(|(rt, _)| rt == t).map_or(0, |(_, n)| *n);
+                self.pending_requests.with_label_values(&[t]).set(n);
             }
         }
     }

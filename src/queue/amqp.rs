@@ -59,6 +59,9 @@ pub struct BrokerHealth(Arc<HealthInner>);
 struct HealthInner {
     connected: AtomicBool,
     blocked: AtomicBool,
+    /// The current connection and its dead-letter queue, for the depth gauge read at
+    /// scrape time (replaced on every reconnection).
+    current: std::sync::Mutex<Option<(Arc<Connection>, String)>>,
 }
 
 impl BrokerHealth {
@@ -83,6 +86,19 @@ impl BrokerHealth {
         } else if !blocked && was {
             crate::telemetry::METRICS.broker_blocked.dec();
             tracing::info!("RabbitMQ unblocked the connection");
+        }
+    }
+
+    /// Messages waiting in the dead-letter queue of the current connection; `None`
+    /// without a connection or when the broker does not answer.
+    pub async fn dead_letter_depth(&self) -> Option<u32> {
+        let (conn, queue) = self.0.current.lock().ok()?.clone()?;
+        queue_depth_on(&conn, &queue).await.ok()
+    }
+
+    fn set_current(&self, conn: &Arc<Connection>, dead: &str) {
+        if let Ok(mut c) = self.0.current.lock() {
+            *c = Some((conn.clone(), dead.to_string()));
         }
     }
 
@@ -127,6 +143,23 @@ pub struct Broker {
     pub topology: Topology,
     confirm_timeout: Duration,
     health: BrokerHealth,
+}
+
+/// Messages waiting in `queue` (a passive declare on a channel of its own).
+async fn queue_depth_on(conn: &Connection, queue: &str) -> anyhow::Result<u32> {
+    let channel = conn.create_channel().await?;
+    let q = channel
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let _ = channel.close(200, ShortString::from("done")).await;
+    Ok(q?.message_count())
 }
 
 /// Headers the broker sets on delivery, dropped when a message is published again.
@@ -221,8 +254,10 @@ impl Broker {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         health.set_connected(true);
+        let conn = Arc::new(conn);
+        health.set_current(&conn, &topology.dead);
         Ok(Broker {
-            conn: Arc::new(conn),
+            conn,
             publish,
             topology,
             confirm_timeout: opts.confirm_timeout,
@@ -405,19 +440,7 @@ impl Broker {
 
     /// Messages waiting in `queue` (not counting unacknowledged ones).
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
-        let channel = self.conn.create_channel().await?;
-        let q = channel
-            .queue_declare(
-                ShortString::from(queue),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = channel.close(200, ShortString::from("done")).await;
-        Ok(q.message_count())
+        queue_depth_on(&self.conn, queue).await
     }
 
     /// Deletes this prefix's queues (tests and tenants that leave).

@@ -154,3 +154,176 @@ async fn metrics_agree_with_the_etl_tables() {
         "a sync id leaked into a label"
     );
 }
+
+/// The state gauges read at scrape time: the last sync of each type (status, end time,
+/// records), the last successful sync, pending planning requests, dead letters waiting,
+/// the build info; and the process collector's metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn state_gauges_follow_the_etl_tables() {
+    // Runs alone: the gauges are in the process-wide registry.
+    let _alone = crate::support::exclusive_services().await;
+    let db = seeded_db(small()).await;
+    let stub = crate::pipeline::stub(Faults {
+        reject_every_nth: 9,
+        ..Default::default()
+    })
+    .await;
+    let settings = settings_for(&db, &stub.url(), &[]);
+    let prefix = db.queue_prefix();
+    let _queues = crate::pipeline::Queues(prefix.clone());
+    let broker = loansync::queue::amqp::Broker::connect(&crate::support::amqp_url(), &prefix, 7)
+        .await
+        .unwrap();
+    let addr = http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        Readiness {
+            pool: db.pool.clone(),
+            broker: Some(broker.health().clone()),
+            consuming: Arc::new(AtomicBool::new(true)),
+            stale_after_secs: 900.0,
+        },
+    )
+    .await
+    .unwrap();
+    let scrape = || async move {
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let status = |text: &str, t: &str, st: &str| {
+        sample(
+            text,
+            &format!("etl_last_sync_status{{status=\"{st}\",sync_type=\"{t}\"}}"),
+        )
+    };
+
+    // Nothing synced yet: zeros everywhere.
+    let text = scrape().await;
+    for t in ["full", "incremental"] {
+        for st in ["completed", "partial_success", "failed"] {
+            assert_eq!(status(&text, t, st), Some(0.0), "{t} {st}\n{text}");
+        }
+        let ts = format!("etl_last_successful_sync_timestamp_seconds{{sync_type=\"{t}\"}}");
+        assert_eq!(sample(&text, &ts), Some(0.0), "{text}");
+        let pending = format!("etl_pending_requests{{sync_type=\"{t}\"}}");
+        assert_eq!(sample(&text, &pending), Some(0.0), "{text}");
+    }
+    assert_eq!(sample(&text, "etl_dead_letter_messages"), Some(0.0));
+    let build = format!(
+        "loansync_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&text, &build), Some(1.0), "{text}");
+    for name in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
+        "process_open_fds",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l == format!("# TYPE {name} gauge")
+                    || l == format!("# TYPE {name} counter")),
+            "{name} missing"
+        );
+    }
+    assert!(sample(&text, "process_resident_memory_bytes").unwrap() > 1e6);
+
+    // A full sync with refused records: partial_success, which moved the watermarks.
+    let req = PlanRequest {
+        sync_type: SyncType::Full,
+        entities: None,
+        request_id: None,
+        since: None,
+        until: None,
+    };
+    let summary = loansync::cli::sync_in_process(&db.pool, &settings, &req)
+        .await
+        .unwrap();
+    assert_eq!(summary.exit_code(), loansync::cli::EXIT_PARTIAL);
+    let h = &history(&db.pool).await[0];
+    assert_eq!(h.status, "partial_success");
+    let completed_at: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM completed_at)::float8 FROM etl_folder_etlsynchistory WHERE sync_id = $1",
+    )
+    .bind(&h.sync_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let (ok, failed) = EntityKind::ALL
+        .into_iter()
+        .map(|e| h.counts(e))
+        .fold((0, 0), |(a, b), (_, o, f)| (a + o, b + f));
+    assert!(failed > 0 && ok > 0);
+    let text = scrape().await;
+    assert_eq!(
+        status(&text, "full", "partial_success"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(status(&text, "full", "completed"), Some(0.0));
+    assert_eq!(status(&text, "full", "failed"), Some(0.0));
+    assert_eq!(status(&text, "incremental", "partial_success"), Some(0.0));
+    let full = |name: &str| sample(&text, &format!("{name}{{sync_type=\"full\"}}")).unwrap();
+    assert!((full("etl_last_sync_completed_timestamp_seconds") - completed_at).abs() < 1e-3);
+    assert!((full("etl_last_successful_sync_timestamp_seconds") - completed_at).abs() < 1e-3);
+    let records = |o: &str| {
+        sample(
+            &text,
+            &format!("etl_last_sync_records{{outcome=\"{o}\",sync_type=\"full\"}}"),
+        )
+    };
+    assert_eq!(records("success"), Some(f64::from(ok)));
+    assert_eq!(records("failed"), Some(f64::from(failed)));
+
+    // The same sync seen as failed: the status moves, the last success goes back to none.
+    sqlx::query("UPDATE etl_folder_etlsynchistory SET status = 'failed' WHERE sync_id = $1")
+        .bind(&h.sync_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let text = scrape().await;
+    assert_eq!(status(&text, "full", "failed"), Some(1.0), "{text}");
+    assert_eq!(status(&text, "full", "partial_success"), Some(0.0));
+    assert_eq!(
+        sample(
+            &text,
+            "etl_last_successful_sync_timestamp_seconds{sync_type=\"full\"}"
+        ),
+        Some(0.0)
+    );
+
+    // Pending requests (kept while a sync runs), counted by type.
+    sqlx::query(
+        "INSERT INTO loansync_request (request_id, sync_type, entities, state) VALUES \
+         ('a', 'incremental', '{loan}', 'pending'), ('b', 'incremental', '{loan}', 'pending'), \
+         ('c', 'full', '{loan}', 'pending')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // A dead letter waiting in <prefix>.dead.
+    broker
+        .dead_letter(b"not a chunk", &broker.topology.chunks, "test")
+        .await
+        .unwrap();
+    let text = scrape().await;
+    assert_eq!(
+        sample(&text, "etl_pending_requests{sync_type=\"incremental\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "etl_pending_requests{sync_type=\"full\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "etl_dead_letter_messages"),
+        Some(1.0),
+        "{text}"
+    );
+    broker.close().await;
+}
