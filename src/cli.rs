@@ -168,6 +168,30 @@ pub enum Command {
     /// See, resolve and retry per-record errors (`etl_folder_etlsyncerror`).
     #[command(subcommand)]
     Errors(ErrorsCommand),
+    /// Show or set the watermarks (`etl_folder_etllastsync`).
+    #[command(subcommand)]
+    Watermark(WatermarkCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WatermarkCommand {
+    /// Each entity's watermark: where its next incremental sync starts (less the overlap).
+    Show {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move an entity's watermark (e.g. back, to sync a period again through the regular
+    /// incremental syncs). Audited: a history row says who moved it, from where, and why.
+    /// Refused while a sync is planning or running.
+    Set {
+        entity: EntityKind,
+        /// The new watermark (RFC 3339).
+        to: chrono::DateTime<chrono::Utc>,
+        /// Why, for the audit row.
+        #[arg(long, default_value = "set by an operator")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -473,6 +497,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         }
         Command::Demo(args) => crate::demo::run(args, &settings).await,
         Command::Errors(cmd) => errors(cmd, &settings).await,
+        Command::Watermark(cmd) => watermark(cmd, &settings).await,
         Command::StubApi(args) => {
             let cfg = stub_api::StubConfig {
                 api_key: args
@@ -1013,6 +1038,63 @@ async fn status(
         }
     }
     Ok(())
+}
+
+async fn watermark(cmd: WatermarkCommand, settings: &Settings) -> anyhow::Result<u8> {
+    let pool = db::connect(settings).await?;
+    match cmd {
+        WatermarkCommand::Show { json } => {
+            let marks = ledger::watermarks(&pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&marks)?);
+            } else {
+                println!("{:<10}  {:<32}  {:<40}", "entity", "watermark", "set by");
+                for m in &marks {
+                    println!(
+                        "{:<10}  {:<32}  {:<40}",
+                        m.entity,
+                        m.last_sync_timestamp.to_rfc3339(),
+                        m.last_sync_id
+                    );
+                }
+                for e in EntityKind::ALL {
+                    if !marks.iter().any(|m| m.entity == e.as_str()) {
+                        println!(
+                            "{:<10}  {:<32}  (never synced: the next incremental sync starts ETL_DEFAULT_LOOKBACK_DAYS back)",
+                            e.as_str(),
+                            "-"
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
+        WatermarkCommand::Set { entity, to, reason } => {
+            let lock = ledger::PlanningLock::acquire(&pool).await?;
+            let set = ledger::set_watermark(&pool, &lock, entity, to, &reason).await;
+            lock.release().await;
+            match set? {
+                ledger::WatermarkSet::Moved {
+                    from,
+                    audit_sync_id,
+                } => {
+                    println!(
+                        "watermark of {entity} moved from {} to {} (audit: history row {audit_sync_id})",
+                        from.map_or_else(|| "none".to_string(), |t| t.to_rfc3339()),
+                        to.to_rfc3339()
+                    );
+                    Ok(0)
+                }
+                ledger::WatermarkSet::Busy { active_sync_id } => {
+                    eprintln!(
+                        "sync {active_sync_id} is in progress: its end would overwrite the watermark; \
+                         set it once `loansync status` shows no sync running"
+                    );
+                    Ok(EXIT_BUSY)
+                }
+            }
+        }
+    }
 }
 
 async fn errors(cmd: ErrorsCommand, settings: &Arc<Settings>) -> anyhow::Result<u8> {

@@ -103,14 +103,15 @@ const LAST_SYNC_SQL: &str = "\
         FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
         WHERE h.sync_type = t.sync_type AND h.completed_at IS NOT NULL \
           AND h.status IN ('completed', 'partial_success', 'failed') \
-          AND s.purpose IS DISTINCT FROM 'retry' \
+          AND s.purpose = 'sync' \
         ORDER BY h.started_at DESC LIMIT 1) l";
 
-/// The end time of the last regular sync of each type that moved the watermarks.
+/// The end time of the last regular sync of each type that moved the watermarks (not a
+/// retry, a backfill, or a watermark set by hand: loansync_sync.purpose = 'sync').
 const LAST_SUCCESS_SQL: &str = "\
     SELECT h.sync_type, EXTRACT(EPOCH FROM max(h.completed_at))::float8 \
     FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
-    WHERE h.status IN ('completed', 'partial_success') AND s.purpose IS DISTINCT FROM 'retry' \
+    WHERE h.status IN ('completed', 'partial_success') AND s.purpose = 'sync' \
     GROUP BY h.sync_type";
 
 impl Metrics {

@@ -27,6 +27,14 @@ fn request(sync_type: SyncType, id: &str) -> PlanRequest {
     }
 }
 
+/// A request without an id, as single-process mode makes.
+fn anonymous(sync_type: SyncType) -> PlanRequest {
+    PlanRequest {
+        request_id: None,
+        ..request(sync_type, "")
+    }
+}
+
 async fn request_state(pool: &sqlx::PgPool, id: &str) -> Option<(String, Option<String>)> {
     sqlx::query_as("SELECT state, sync_id::text FROM loansync_request WHERE request_id = $1")
         .bind(id)
@@ -273,4 +281,96 @@ async fn a_backfill_sends_its_window_and_moves_no_watermark() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`since` is not before `until`"));
     assert_books_balance(&db.pool).await;
     running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_set_by_hand_is_audited_and_drives_the_next_incremental_sync() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let settings = settings_for(&db, &stub.url(), &[]);
+    let sync = |t| {
+        let (pool, settings) = (db.pool.clone(), settings.clone());
+        async move {
+            loansync::cli::sync_in_process(&pool, &settings, &anonymous(t))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(sync(SyncType::Full).await.exit_code(), 0);
+    let show = loansync_process(&db, &settings, &stub.url())
+        .args(["watermark", "show", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(show.status.success(), "{show:?}");
+    let marks: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(marks.as_array().unwrap().len(), 4, "{marks}");
+
+    // Back ten years: the next incremental sync sends every loan changed since then.
+    let to: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT date_trunc('second', now() - interval '10 years')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let set = loansync_process(&db, &settings, &stub.url())
+        .args([
+            "watermark",
+            "set",
+            "loan",
+            &to.to_rfc3339(),
+            "--reason",
+            "re-send a decade",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(set.status.code(), Some(0), "{set:?}");
+    let (wm, by): (chrono::DateTime<chrono::Utc>, String) = sqlx::query_as(
+        "SELECT last_sync_timestamp, last_sync_id FROM etl_folder_etllastsync WHERE entity_type = 'loan'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(wm, to);
+    let audit: String = sqlx::query_scalar(
+        "SELECT error_message FROM etl_folder_etlsynchistory WHERE sync_id = $1",
+    )
+    .bind(&by)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        audit.contains("set by hand") && audit.contains("re-send a decade"),
+        "{audit}"
+    );
+    let before = stub.received();
+    let inc = sync(SyncType::Incremental).await;
+    assert_eq!(inc.exit_code(), 0, "{}", inc.render());
+    let all_loans: i64 = sqlx::query_scalar("SELECT count(*) FROM loans_ajoloan")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stub.received()
+            .ids_sent_since(&before, EntityKind::Loan)
+            .len() as i64,
+        all_loans,
+        "every loan changed in the last ten years"
+    );
+
+    // Refused while a sync is running: its end would overwrite the watermark.
+    let queue = loansync::queue::memory::MemoryQueue::new();
+    loansync::planner::plan_sync(&db.pool, &settings, &anonymous(SyncType::Full), &queue)
+        .await
+        .unwrap();
+    let busy = loansync_process(&db, &settings, &stub.url())
+        .args(["watermark", "set", "loan", &to.to_rfc3339()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        busy.status.code(),
+        Some(i32::from(loansync::cli::EXIT_BUSY)),
+        "{busy:?}"
+    );
 }
