@@ -447,6 +447,9 @@ impl Drop for Cleanup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_publish_whose_confirm_never_comes_fails_after_the_timeout() {
+    // Runs alone: it reads counters of the process-wide registry that other tests of
+    // this process (under `cargo test`) add to as well.
+    let _alone = crate::support::exclusive_services().await;
     let proxy = Proxy::start(proxy::upstream_of(&amqp_url()).await, Framing::Amqp).await;
     let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let _cleanup = Cleanup(prefix.clone(), 7);
@@ -585,6 +588,9 @@ async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
 /// unblocking makes it ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blocked_broker_connection_fails_readyz_and_is_counted() {
+    // Runs alone: it reads counters of the process-wide registry that other tests of
+    // this process (under `cargo test`) add to as well.
+    let _alone = crate::support::exclusive_services().await;
     let db = TestDb::migrated().await;
     let stub = stub(Faults::default()).await;
     let proxy = Proxy::start(proxy::upstream_of(&amqp_url()).await, Framing::Amqp).await;
@@ -661,6 +667,9 @@ async fn a_blocked_broker_connection_fails_readyz_and_is_counted() {
 /// attempt is counted, and once the database is back the sync completes exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_database_outage_spends_no_delivery() {
+    // Runs alone: it reads counters of the process-wide registry that other tests of
+    // this process (under `cargo test`) add to as well.
+    let _alone = crate::support::exclusive_services().await;
     let db = seeded_db(small()).await;
     let stub = stub(Faults::default()).await;
     let proxy = Proxy::start(proxy::upstream_of(&db.url).await, Framing::Raw).await;
