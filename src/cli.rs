@@ -110,6 +110,9 @@ pub enum Command {
     Sync {
         #[command(flatten)]
         selection: SyncSelection,
+        /// Print the outcome as JSON (no progress bars).
+        #[arg(long)]
+        json: bool,
     },
     /// Show recent syncs, or one sync's per-entity progress.
     Status {
@@ -127,6 +130,9 @@ pub enum Command {
         /// Work the chunks in this process instead (no broker; for single-process installs).
         #[arg(long)]
         in_process: bool,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// End a sync by hand: its unsettled records fail with SYNC_ABANDONED (error rows,
     /// retryable with `errors retry`), its history row says `failed`, no watermark moves.
@@ -408,11 +414,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
                 }
             }
         }
-        Command::Sync { selection } => {
+        Command::Sync { selection, json } => {
             let pool = db::connect(&settings).await?;
             let summary =
-                sync_in_process_with(&pool, &settings, &selection.request(None), true).await?;
-            print!("{}", summary.render());
+                sync_in_process_with(&pool, &settings, &selection.request(None), !json).await?;
+            summary.print(json)?;
             Ok(summary.exit_code())
         }
         Command::Status {
@@ -427,6 +433,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::Resume {
             sync_id,
             in_process: true,
+            json,
         } => {
             let pool = db::connect(&settings).await?;
             let queue = MemoryQueue::new();
@@ -435,15 +442,22 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             let ctx = Arc::new(worker_context(&settings, pool.clone())?);
             worker::run_memory(ctx, queue, settings.worker_concurrency).await;
             let summary = summarize(&pool, sync_id).await?;
-            print!("{}", summary.render());
+            summary.print(json)?;
             Ok(summary.exit_code())
         }
-        Command::Resume { sync_id, .. } => {
+        Command::Resume { sync_id, json, .. } => {
             let pool = db::connect(&settings).await?;
             let broker = connect_broker(&settings).await?;
             let n = planner::resume(&pool, &sync_id, &broker).await?;
             broker.close().await;
-            println!("re-published {n} unsettled chunks of sync {sync_id}");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "sync_id": sync_id, "republished": n })
+                );
+            } else {
+                println!("re-published {n} unsettled chunks of sync {sync_id}");
+            }
             Ok(0)
         }
         Command::Abandon { sync_id, reason } => {
@@ -725,6 +739,16 @@ pub struct SyncSummary {
 }
 
 impl SyncSummary {
+    /// Prints the summary as text, or as JSON with `json`.
+    pub fn print(&self, json: bool) -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(self)?);
+        } else {
+            print!("{}", self.render());
+        }
+        Ok(())
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self.status {
             Some(FinalStatus::Completed) => 0,
