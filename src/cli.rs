@@ -37,7 +37,8 @@ pub const EXIT_TIMEOUT: u8 = 13;
 #[command(
     name = "loansync",
     version,
-    about = "Keeps the analytics platform in sync with the lending database."
+    about = "Keeps the analytics platform in sync with the lending database.",
+    after_long_help = crate::config::env_help()
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -177,6 +178,9 @@ pub enum Command {
     /// Show or set the watermarks (`etl_folder_etllastsync`).
     #[command(subcommand)]
     Watermark(WatermarkCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout,
+    /// e.g. `loansync completions bash > /etc/bash_completion.d/loansync`.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand, Debug)]
@@ -271,6 +275,16 @@ pub struct StubArgs {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Needs no settings: it only describes the command line.
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut <Cli as clap::CommandFactory>::command(),
+            "loansync",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => {
@@ -512,6 +526,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::Demo(args) => crate::demo::run(args, &settings).await,
         Command::Errors(cmd) => errors(cmd, &settings).await,
         Command::Watermark(cmd) => watermark(cmd, &settings).await,
+        // Handled in `main`, before any setting is read.
+        Command::Completions { .. } => Ok(0),
         Command::StubApi(args) => {
             let cfg = stub_api::StubConfig {
                 api_key: args

@@ -226,32 +226,17 @@ impl Settings {
         }
 
         let retry = RetrySettings {
-            initial: Duration::from_millis(num(g, "ETL_RETRY_INITIAL_MS", 500u64, 1..=60_000)?),
-            max_interval: Duration::from_secs(num(
-                g,
-                "ETL_RETRY_MAX_INTERVAL_SECS",
-                30u64,
-                1..=3_600,
-            )?),
+            initial: Duration::from_millis(num_env(g, "ETL_RETRY_INITIAL_MS")?),
+            max_interval: Duration::from_secs(num_env(g, "ETL_RETRY_MAX_INTERVAL_SECS")?),
             // 0: no retries at all.
-            max_elapsed: Duration::from_secs(num(
-                g,
-                "ETL_RETRY_MAX_ELAPSED_SECS",
-                300u64,
-                0..=DAY,
-            )?),
+            max_elapsed: Duration::from_secs(num_env(g, "ETL_RETRY_MAX_ELAPSED_SECS")?),
         };
         // 0 would time every request out at once.
-        let timeout = Duration::from_secs(num(g, "ETL_HTTP_TIMEOUT_SECS", 30u64, 1..=600)?);
+        let timeout = Duration::from_secs(num_env(g, "ETL_HTTP_TIMEOUT_SECS")?);
         // 0: a message is handed back to the broker as soon as PostgreSQL fails to answer.
-        let db_outage_wait =
-            Duration::from_secs(num(g, "ETL_DB_OUTAGE_WAIT_SECS", 300u64, 0..=DAY)?);
-        let broker_consumer_timeout = Duration::from_secs(num(
-            g,
-            "ETL_BROKER_CONSUMER_TIMEOUT_SECS",
-            1800u64,
-            60..=7 * DAY,
-        )?);
+        let db_outage_wait = Duration::from_secs(num_env(g, "ETL_DB_OUTAGE_WAIT_SECS")?);
+        let broker_consumer_timeout =
+            Duration::from_secs(num_env(g, "ETL_BROKER_CONSUMER_TIMEOUT_SECS")?);
         // A chunk is acked only after its POST (with every retry) and its commit. If one
         // chunk could outlast the broker's consumer timeout, the broker would close the
         // channel under a working worker and redeliver the chunk: refuse that now. (The
@@ -280,14 +265,13 @@ impl Settings {
             ));
         }
 
-        let batch = |name: &'static str, default: u32| num(g, name, default, 1..=10_000);
         let chunk_sizes = ChunkSizes {
-            customers: batch("ETL_BATCH_SIZE_CUSTOMERS", 500u32)?,
-            officers: batch("ETL_BATCH_SIZE_OFFICERS", 500u32)?,
-            loans: batch("ETL_BATCH_SIZE_LOANS", 100u32)?,
-            repayments: batch("ETL_BATCH_SIZE_REPAYMENTS", 200u32)?,
+            customers: num_env(g, "ETL_BATCH_SIZE_CUSTOMERS")?,
+            officers: num_env(g, "ETL_BATCH_SIZE_OFFICERS")?,
+            loans: num_env(g, "ETL_BATCH_SIZE_LOANS")?,
+            repayments: num_env(g, "ETL_BATCH_SIZE_REPAYMENTS")?,
         };
-        let worker_concurrency: u16 = num(g, "ETL_WORKER_CONCURRENCY", 4u16, 1..=256)?;
+        let worker_concurrency: u16 = num_env(g, "ETL_WORKER_CONCURRENCY")?;
         let queue_prefix = get("ETL_QUEUE_PREFIX")?.unwrap_or_else(|| "etl".into());
         if !queue_prefix
             .chars()
@@ -332,56 +316,30 @@ impl Settings {
         let api_ca_pem = ca_pem("ANALYTICS_CA_FILE")?;
         let amqp_ca_pem = ca_pem("AMQP_CA_FILE")?;
         // The broker's own limit is this plus two (a quorum queue's delivery-limit).
-        let delivery_limit: u32 = num(g, "ETL_DELIVERY_LIMIT", 5u32, 1..=100)?;
+        let delivery_limit: u32 = num_env(g, "ETL_DELIVERY_LIMIT")?;
         // Each chunk in flight holds a connection, and the pool never goes below two.
         let db_pool_size: u32 = num(
             g,
             "ETL_DB_POOL_SIZE",
             u32::from(worker_concurrency) + 2,
-            2..=1_000,
+            range_of("ETL_DB_POOL_SIZE"),
         )?;
         let database_url = get("DATABASE_URL")?.unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
         check_database_url(database_url.trim()).map_err(|e| invalid("DATABASE_URL", e))?;
         let amqp_url = get("AMQP_URL")?.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
         check_amqp_url(amqp_url.trim()).map_err(|e| invalid("AMQP_URL", e))?;
 
-        let retention_days: u32 = num(g, "ETL_CHUNK_RETENTION_DAYS", 7u32, 1..=3650)?;
+        let retention_days: u32 = num_env(g, "ETL_CHUNK_RETENTION_DAYS")?;
         let chunk_retention = Duration::from_secs(u64::from(retention_days) * 86_400);
-
-        let d = DbTimeouts::default();
         // 0 turns a PostgreSQL timeout off; the pool's acquire timeout must be positive.
         let db_timeouts = DbTimeouts {
-            statement: Duration::from_secs(num(
-                g,
-                "ETL_DB_STATEMENT_TIMEOUT_SECS",
-                d.statement.as_secs(),
-                0..=86_400,
-            )?),
-            lock: Duration::from_secs(num(
-                g,
-                "ETL_DB_LOCK_TIMEOUT_SECS",
-                d.lock.as_secs(),
-                0..=86_400,
-            )?),
-            idle_in_transaction: Duration::from_secs(num(
-                g,
-                "ETL_DB_IDLE_IN_TX_TIMEOUT_SECS",
-                d.idle_in_transaction.as_secs(),
-                0..=86_400,
-            )?),
-            acquire: Duration::from_secs(num(
-                g,
-                "ETL_DB_ACQUIRE_TIMEOUT_SECS",
-                d.acquire.as_secs(),
-                1..=600,
-            )?),
+            statement: Duration::from_secs(num_env(g, "ETL_DB_STATEMENT_TIMEOUT_SECS")?),
+            lock: Duration::from_secs(num_env(g, "ETL_DB_LOCK_TIMEOUT_SECS")?),
+            idle_in_transaction: Duration::from_secs(num_env(g, "ETL_DB_IDLE_IN_TX_TIMEOUT_SECS")?),
+            acquire: Duration::from_secs(num_env(g, "ETL_DB_ACQUIRE_TIMEOUT_SECS")?),
         };
-        let publish_confirm_timeout = Duration::from_secs(num(
-            g,
-            "ETL_PUBLISH_CONFIRM_TIMEOUT_SECS",
-            30u64,
-            1..=3_600,
-        )?);
+        let publish_confirm_timeout =
+            Duration::from_secs(num_env(g, "ETL_PUBLISH_CONFIRM_TIMEOUT_SECS")?);
 
         Ok(Settings {
             database_url: database_url.trim().to_string().into(),
@@ -399,36 +357,19 @@ impl Settings {
             chunk_sizes,
             // 0 would make the first incremental sync of an entity send nothing; a full
             // sync is the way to send everything. 100 years keeps date arithmetic in range.
-            default_lookback: chrono::Duration::days(num(
-                g,
-                "ETL_DEFAULT_LOOKBACK_DAYS",
-                30i64,
-                1..=36_500,
-            )?),
+            default_lookback: chrono::Duration::days(num_env(g, "ETL_DEFAULT_LOOKBACK_DAYS")?),
             // 0: no overlap (the window's upper bound already waits for open transactions).
-            incremental_overlap: chrono::Duration::seconds(num(
+            incremental_overlap: chrono::Duration::seconds(num_env(
                 g,
                 "ETL_INCREMENTAL_OVERLAP_SECS",
-                120i64,
-                0..=7 * DAY,
             )?),
-            stale_sync_after: Duration::from_secs(num(
-                g,
-                "ETL_STALE_SYNC_SECS",
-                900u64,
-                1..=7 * DAY,
-            )?),
+            stale_sync_after: Duration::from_secs(num_env(g, "ETL_STALE_SYNC_SECS")?),
             worker_concurrency,
             delivery_limit,
             broker_consumer_timeout,
             db_pool_size,
             // 0: on SIGTERM, chunks in flight are handed back to the broker at once.
-            shutdown_grace: Duration::from_secs(num(
-                g,
-                "ETL_SHUTDOWN_GRACE_SECS",
-                30u64,
-                0..=3_600,
-            )?),
+            shutdown_grace: Duration::from_secs(num_env(g, "ETL_SHUTDOWN_GRACE_SECS")?),
             db_outage_wait,
             chunk_retention,
             db_timeouts,
@@ -450,6 +391,302 @@ impl Settings {
 }
 
 const DAY: i128 = 86_400;
+
+/// One environment variable: its name, default, range and meaning. [`ENV_VARS`] is the
+/// one source of truth for the numbers' defaults and ranges (the parser reads them from
+/// it), for `loansync --help`'s environment section, and for README's configuration
+/// table (a test compares them).
+#[derive(Debug, Clone, Copy)]
+pub struct EnvVar {
+    pub name: &'static str,
+    /// The default as shown ("–": none); for numbers, the value the parser uses.
+    pub default: &'static str,
+    /// Accepted whole numbers, inclusive; `None` for what is not a number.
+    pub range: Option<(i128, i128)>,
+    pub help: &'static str,
+}
+
+const fn var(name: &'static str, default: &'static str, help: &'static str) -> EnvVar {
+    EnvVar {
+        name,
+        default,
+        range: None,
+        help,
+    }
+}
+
+const fn int(
+    name: &'static str,
+    default: &'static str,
+    lo: i128,
+    hi: i128,
+    help: &'static str,
+) -> EnvVar {
+    EnvVar {
+        name,
+        default,
+        range: Some((lo, hi)),
+        help,
+    }
+}
+
+/// Every setting loansync reads.
+pub const ENV_VARS: &[EnvVar] = &[
+    var(
+        "DATABASE_URL",
+        DEFAULT_DATABASE_URL,
+        "the Django database (source and ETL tables), URL form",
+    ),
+    var("AMQP_URL", DEFAULT_AMQP_URL, "RabbitMQ (amqps:// for TLS)"),
+    var(
+        "AMQP_CA_FILE",
+        "–",
+        "extra CA certificates (PEM) for an amqps:// broker",
+    ),
+    var(
+        "ETL_QUEUE_PREFIX",
+        "etl",
+        "queue names are <prefix>.plan, <prefix>.chunks, <prefix>.dead",
+    ),
+    var(
+        "ANALYTICS_API_URL",
+        DEFAULT_API_URL,
+        "base URL of the analytics API",
+    ),
+    var(
+        "ANALYTICS_ALLOW_PLAINTEXT",
+        "false",
+        "allow plain http:// to a host that is not loopback",
+    ),
+    var(
+        "ANALYTICS_API_KEY",
+        "the local stub's development key",
+        "bearer key",
+    ),
+    var(
+        "ANALYTICS_API_KEY_FILE",
+        "–",
+        "file holding the key (when ANALYTICS_API_KEY is unset)",
+    ),
+    var(
+        "ANALYTICS_CA_FILE",
+        "–",
+        "extra CA certificates (PEM) for an https:// API",
+    ),
+    var("ANALYTICS_GZIP", "false", "gzip request bodies"),
+    int(
+        "ETL_BATCH_SIZE_CUSTOMERS",
+        "500",
+        1,
+        10_000,
+        "records per customer chunk",
+    ),
+    int(
+        "ETL_BATCH_SIZE_OFFICERS",
+        "500",
+        1,
+        10_000,
+        "records per officer chunk",
+    ),
+    int(
+        "ETL_BATCH_SIZE_LOANS",
+        "100",
+        1,
+        10_000,
+        "records per loan chunk",
+    ),
+    int(
+        "ETL_BATCH_SIZE_REPAYMENTS",
+        "200",
+        1,
+        10_000,
+        "records per repayment chunk",
+    ),
+    int(
+        "ETL_DEFAULT_LOOKBACK_DAYS",
+        "30",
+        1,
+        36_500,
+        "an entity never synced starts this far back",
+    ),
+    int(
+        "ETL_INCREMENTAL_OVERLAP_SECS",
+        "120",
+        0,
+        7 * DAY,
+        "subtracted from the watermark to catch rows committed late",
+    ),
+    int(
+        "ETL_STALE_SYNC_SECS",
+        "900",
+        1,
+        7 * DAY,
+        "a running sync with no chunk settled for this long is stalled",
+    ),
+    int(
+        "ETL_RETRY_INITIAL_MS",
+        "500",
+        1,
+        60_000,
+        "first retry delay",
+    ),
+    int(
+        "ETL_RETRY_MAX_INTERVAL_SECS",
+        "30",
+        1,
+        3_600,
+        "largest retry delay (also caps Retry-After)",
+    ),
+    int(
+        "ETL_RETRY_MAX_ELAPSED_SECS",
+        "300",
+        0,
+        DAY,
+        "deadline of one chunk in the API client (0: no retries)",
+    ),
+    int(
+        "ETL_BROKER_CONSUMER_TIMEOUT_SECS",
+        "1800",
+        60,
+        7 * DAY,
+        "the broker's consumer_timeout; a chunk's worst case must stay below it",
+    ),
+    int(
+        "ETL_HTTP_TIMEOUT_SECS",
+        "30",
+        1,
+        600,
+        "timeout of one HTTP request",
+    ),
+    int(
+        "ETL_WORKER_CONCURRENCY",
+        "4",
+        1,
+        256,
+        "chunks in flight per worker (its AMQP prefetch)",
+    ),
+    int(
+        "ETL_DELIVERY_LIMIT",
+        "5",
+        1,
+        100,
+        "starts of one chunk before it is settled as failed and dead-lettered",
+    ),
+    int(
+        "ETL_DB_POOL_SIZE",
+        "concurrency + 2",
+        2,
+        1_000,
+        "database connections per process",
+    ),
+    int(
+        "ETL_SHUTDOWN_GRACE_SECS",
+        "30",
+        0,
+        3_600,
+        "time given to chunks in flight on SIGTERM",
+    ),
+    int(
+        "ETL_DB_OUTAGE_WAIT_SECS",
+        "300",
+        0,
+        DAY,
+        "how long a message is held while PostgreSQL does not answer",
+    ),
+    int(
+        "ETL_DB_STATEMENT_TIMEOUT_SECS",
+        "60",
+        0,
+        DAY,
+        "statement_timeout of every pooled connection (0: off)",
+    ),
+    int(
+        "ETL_DB_LOCK_TIMEOUT_SECS",
+        "30",
+        0,
+        DAY,
+        "lock_timeout of every pooled connection (0: off)",
+    ),
+    int(
+        "ETL_DB_IDLE_IN_TX_TIMEOUT_SECS",
+        "60",
+        0,
+        DAY,
+        "idle_in_transaction_session_timeout (0: off)",
+    ),
+    int(
+        "ETL_DB_ACQUIRE_TIMEOUT_SECS",
+        "5",
+        1,
+        600,
+        "longest wait for a pooled database connection",
+    ),
+    int(
+        "ETL_PUBLISH_CONFIRM_TIMEOUT_SECS",
+        "30",
+        1,
+        3_600,
+        "longest wait for a publisher confirm",
+    ),
+    int(
+        "ETL_CHUNK_RETENTION_DAYS",
+        "7",
+        1,
+        3_650,
+        "finished syncs' chunk id lists are deleted after this long",
+    ),
+    var(
+        "METRICS_ADDR",
+        "off",
+        "host:port serving /metrics, /healthz, /readyz",
+    ),
+    var("RUST_LOG", "info", "log filter"),
+    var("LOG_FORMAT", "text", "json for one JSON object per line"),
+];
+
+/// The environment section of `loansync --help`, from [`ENV_VARS`].
+pub fn env_help() -> String {
+    let mut out =
+        String::from("Environment (every setting; README \"Configuration\" says more):\n");
+    for v in ENV_VARS {
+        let range = v
+            .range
+            .map(|(lo, hi)| format!(", {lo}..={hi}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  {:<34} {} [default: {}{range}]\n",
+            v.name, v.help, v.default
+        ));
+    }
+    out
+}
+
+/// The range of a numeric variable of [`ENV_VARS`].
+fn range_of(name: &'static str) -> std::ops::RangeInclusive<i128> {
+    match ENV_VARS
+        .iter()
+        .find(|v| v.name == name)
+        .and_then(|v| v.range)
+    {
+        Some((lo, hi)) => lo..=hi,
+        // Not reached: every numeric variable is in the table (a unit test checks it).
+        None => 0..=0,
+    }
+}
+
+/// A whole number with the default and range of [`ENV_VARS`].
+fn num_env<T>(get: &Lookup, name: &'static str) -> Result<T, ConfigError>
+where
+    T: TryFrom<i128>,
+{
+    let default = ENV_VARS
+        .iter()
+        .find(|v| v.name == name)
+        .and_then(|v| v.default.parse::<i128>().ok())
+        .and_then(|d| T::try_from(d).ok())
+        .ok_or_else(|| invalid(name, "has no numeric default in ENV_VARS (a bug)"))?;
+    num(get, name, default, range_of(name))
+}
 
 type Lookup<'a> = dyn Fn(&'static str) -> Result<Option<String>, ConfigError> + 'a;
 
@@ -737,6 +974,82 @@ impl std::fmt::Debug for ApiSettings {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn env_vars_are_the_one_table_of_defaults_ranges_and_docs() {
+        let defaults = settings(&[]).unwrap();
+        // Numeric defaults parse and sit inside their ranges.
+        for v in ENV_VARS {
+            if let (Some((lo, hi)), Ok(d)) = (v.range, v.default.parse::<i128>()) {
+                assert!((lo..=hi).contains(&d), "{}", v.name);
+            }
+        }
+        // The parser uses the table: the bounds are accepted, one past them refused.
+        for v in ENV_VARS.iter().filter(|v| v.range.is_some()) {
+            let (lo, hi) = v.range.unwrap();
+            for ok in [lo, hi] {
+                if v.name == "ETL_BROKER_CONSUMER_TIMEOUT_SECS" && ok == lo {
+                    continue; // below every chunk's worst case: refused by the cross-check
+                }
+                let text = ok.to_string();
+                let r = settings(&[(v.name, text.as_str())]);
+                let cross = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                // Another variable's cross-check may refuse an extreme value; the range
+                // check itself never does.
+                assert!(
+                    !cross.starts_with(&format!("{}: {ok} is out of range", v.name)),
+                    "{cross}"
+                );
+            }
+            for bad in [lo - 1, hi + 1] {
+                let text = bad.to_string();
+                let e = settings(&[(v.name, text.as_str())])
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.starts_with(v.name), "{e}");
+            }
+        }
+        assert_eq!(
+            defaults.db_timeouts.statement,
+            DbTimeouts::default().statement
+        );
+        assert_eq!(defaults.db_timeouts.lock, DbTimeouts::default().lock);
+        assert_eq!(
+            defaults.db_timeouts.idle_in_transaction,
+            DbTimeouts::default().idle_in_transaction
+        );
+        assert_eq!(defaults.db_timeouts.acquire, DbTimeouts::default().acquire);
+        let help = env_help();
+        for v in ENV_VARS {
+            assert!(help.contains(v.name), "{}", v.name);
+        }
+    }
+
+    #[test]
+    fn readme_documents_every_variable_with_the_same_default() {
+        let readme = include_str!("../README.md");
+        for v in ENV_VARS {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", v.name)))
+                .unwrap_or_else(|| {
+                    panic!("README's configuration table has no row for {}", v.name)
+                });
+            if let (Some((lo, hi)), true) = (v.range, v.default.parse::<i128>().is_ok()) {
+                assert!(
+                    row.contains(&format!("| `{}` |", v.default)),
+                    "README's default for {} differs from ENV_VARS ({}): {row}",
+                    v.name,
+                    v.default
+                );
+                assert!(
+                    row.contains(&format!("{lo}–{hi}")),
+                    "README's range for {} is not {lo}–{hi}: {row}",
+                    v.name
+                );
+            }
+        }
+    }
     use super::*;
     use std::collections::HashMap;
 
