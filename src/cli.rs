@@ -181,6 +181,29 @@ pub enum Command {
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout,
     /// e.g. `loansync completions bash > /etc/bash_completion.d/loansync`.
     Completions { shell: clap_complete::Shell },
+    /// Check that this installation can work: the settings, PostgreSQL and the grants of
+    /// deploy/sql/grants.sql, the migrations, invalid indexes, the broker's queues, the
+    /// analytics API's key. Exit 0 when nothing failed, 1 otherwise.
+    Check {
+        /// Print a JSON array of `{name, result, detail}` instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Skip these checks (comma-separated): database, migrations, indexes, broker, api.
+        #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+        skip: Vec<crate::check::CheckName>,
+        /// Longest wait of each check (e.g. 5s, 30s); a dependency that does not answer
+        /// fails its check.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// GET a URL: exit 0 on a 2xx answer, 1 otherwise (a healthcheck for images without
+    /// curl). Needs no settings.
+    Probe {
+        url: String,
+        /// Longest wait for the answer (e.g. 2s, 500ms).
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -285,29 +308,37 @@ pub fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // A healthcheck needs no settings: it works whatever the environment holds.
+    if let Command::Probe { url, timeout } = &cli.command {
+        let runtime = match runtime() {
+            Ok(rt) => rt,
+            Err(code) => return code,
+        };
+        return ExitCode::from(runtime.block_on(probe(url, *timeout)));
+    }
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => {
+            if let Command::Check { json, .. } = &cli.command {
+                // `check` reports a configuration that does not load as its first check.
+                print_check(&crate::check::config_failed(&e), *json);
+                return ExitCode::from(1);
+            }
             eprintln!("loansync: configuration error: {e}");
             return ExitCode::from(1);
         }
     };
-    // The demo prints its own progress: its logs only speak of trouble unless asked.
-    let default_filter = if matches!(cli.command, Command::Demo(_)) {
+    // The demo prints its own progress, and `check` its report: their logs only speak
+    // of trouble unless asked.
+    let default_filter = if matches!(cli.command, Command::Demo(_) | Command::Check { .. }) {
         "warn"
     } else {
         "info"
     };
     telemetry::init_logging(settings.log_format, default_filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("loansync: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run(cli.command, settings)) {
         Ok(code) => ExitCode::from(code),
@@ -317,6 +348,38 @@ pub fn main() -> ExitCode {
             tracing::error!(error = %e, "loansync failed");
             eprintln!("loansync: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("loansync: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
+fn print_check(report: &crate::check::Report, json: bool) {
+    if json {
+        println!("{}", report.render_json());
+    } else {
+        print!("{}", report.render_table());
+    }
+}
+
+/// `loansync probe`: the status on stdout and 0, or the status or error on stderr and 1.
+async fn probe(url: &str, timeout: std::time::Duration) -> u8 {
+    match crate::check::probe(url, timeout).await {
+        Ok(status) => {
+            println!("{status}");
+            0
+        }
+        Err(e) => {
+            eprintln!("loansync probe: {e}");
+            1
         }
     }
 }
@@ -528,6 +591,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::Watermark(cmd) => watermark(cmd, &settings).await,
         // Handled in `main`, before any setting is read.
         Command::Completions { .. } => Ok(0),
+        Command::Check {
+            json,
+            skip,
+            timeout,
+        } => {
+            let report = crate::check::run(&settings, &skip, timeout).await;
+            print_check(&report, json);
+            Ok(report.exit_code())
+        }
+        Command::Probe { url, timeout } => Ok(probe(&url, timeout).await),
         Command::StubApi(args) => {
             let cfg = stub_api::StubConfig {
                 api_key: args

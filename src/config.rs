@@ -187,14 +187,9 @@ impl Settings {
         };
         let g: &Lookup = &get;
 
-        let key = match (get("ANALYTICS_API_KEY")?, get("ANALYTICS_API_KEY_FILE")?) {
-            (Some(k), _) => k,
-            (None, Some(path)) => std::fs::read_to_string(&path)
-                .map_err(|e| invalid("ANALYTICS_API_KEY_FILE", format!("cannot read {path}: {e}")))?
-                .trim()
-                .to_string(),
-            (None, None) => DEFAULT_STUB_KEY.to_string(),
-        };
+        let key = value_or_file(g, "ANALYTICS_API_KEY", "ANALYTICS_API_KEY_FILE")?
+            .map(|(k, _)| k)
+            .unwrap_or_else(|| DEFAULT_STUB_KEY.to_string());
         if key.is_empty() {
             return Err(invalid("ANALYTICS_API_KEY", "the key is empty"));
         }
@@ -324,10 +319,12 @@ impl Settings {
             u32::from(worker_concurrency) + 2,
             range_of("ETL_DB_POOL_SIZE"),
         )?;
-        let database_url = get("DATABASE_URL")?.unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
-        check_database_url(database_url.trim()).map_err(|e| invalid("DATABASE_URL", e))?;
-        let amqp_url = get("AMQP_URL")?.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
-        check_amqp_url(amqp_url.trim()).map_err(|e| invalid("AMQP_URL", e))?;
+        let (database_url, from) = value_or_file(g, "DATABASE_URL", "DATABASE_URL_FILE")?
+            .unwrap_or_else(|| (DEFAULT_DATABASE_URL.into(), "DATABASE_URL"));
+        check_database_url(database_url.trim()).map_err(|e| invalid(from, e))?;
+        let (amqp_url, from) = value_or_file(g, "AMQP_URL", "AMQP_URL_FILE")?
+            .unwrap_or_else(|| (DEFAULT_AMQP_URL.into(), "AMQP_URL"));
+        check_amqp_url(amqp_url.trim()).map_err(|e| invalid(from, e))?;
 
         let retention_days: u32 = num_env(g, "ETL_CHUNK_RETENTION_DAYS")?;
         let chunk_retention = Duration::from_secs(u64::from(retention_days) * 86_400);
@@ -437,7 +434,17 @@ pub const ENV_VARS: &[EnvVar] = &[
         DEFAULT_DATABASE_URL,
         "the Django database (source and ETL tables), URL form",
     ),
+    var(
+        "DATABASE_URL_FILE",
+        "–",
+        "file holding the database URL (when DATABASE_URL is unset)",
+    ),
     var("AMQP_URL", DEFAULT_AMQP_URL, "RabbitMQ (amqps:// for TLS)"),
+    var(
+        "AMQP_URL_FILE",
+        "–",
+        "file holding the AMQP URL (when AMQP_URL is unset)",
+    ),
     var(
         "AMQP_CA_FILE",
         "–",
@@ -718,6 +725,34 @@ where
         ));
     }
     T::try_from(n).map_err(|_| invalid(name, format!("{n} is out of range")))
+}
+
+/// The value of `name`, or else the contents of the file named by `file_name` (a
+/// mounted secret), trimmed; `None` when neither is set. Also says which variable it
+/// came from, for error messages. An unreadable or empty file is an error naming
+/// `file_name`; the contents are never part of an error.
+fn value_or_file(
+    get: &Lookup,
+    name: &'static str,
+    file_name: &'static str,
+) -> Result<Option<(String, &'static str)>, ConfigError> {
+    if let Some(v) = get(name)? {
+        return Ok(Some((v, name)));
+    }
+    let Some(path) = get(file_name)? else {
+        return Ok(None);
+    };
+    let path = path.trim();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(file_name, format!("cannot read {path}: {e}")))?;
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(invalid(
+            file_name,
+            format!("{path} is empty; it must hold the value of {name}"),
+        ));
+    }
+    Ok(Some((value.to_string(), file_name)))
 }
 
 /// `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`, any case).
@@ -1129,6 +1164,86 @@ mod tests {
         let s = settings(&[("ANALYTICS_API_KEY_FILE", path.to_str().unwrap())]).unwrap();
         assert_eq!(s.api.key.expose_secret(), "s3cret");
         std::fs::remove_file(path).unwrap();
+    }
+
+    /// A temporary file holding `text`, removed when dropped.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(text: &str) -> TempFile {
+            let path =
+                std::env::temp_dir().join(format!("loansync-secret-{}", uuid::Uuid::new_v4()));
+            std::fs::write(&path, text).unwrap();
+            TempFile(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn url_files_are_read_and_trimmed_when_the_plain_variable_is_unset() {
+        let db = TempFile::new("  postgres://app:hunter2@db:5432/lending\n");
+        let mq = TempFile::new("amqp://loansync:hunter2@mq:5672/%2f\n\n");
+        let s = settings(&[
+            ("DATABASE_URL_FILE", db.path()),
+            ("AMQP_URL_FILE", mq.path()),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.database_url.expose_secret(),
+            "postgres://app:hunter2@db:5432/lending"
+        );
+        assert_eq!(
+            s.amqp_url.expose_secret(),
+            "amqp://loansync:hunter2@mq:5672/%2f"
+        );
+        assert!(!format!("{s:?}").contains("hunter2"));
+        // The plain variable wins over the file.
+        let s = settings(&[
+            ("DATABASE_URL", "postgres://u@plain/x"),
+            ("DATABASE_URL_FILE", db.path()),
+            ("AMQP_URL", "amqp://guest@plain:5672/%2f"),
+            ("AMQP_URL_FILE", mq.path()),
+        ])
+        .unwrap();
+        assert_eq!(s.database_url.expose_secret(), "postgres://u@plain/x");
+        assert_eq!(s.amqp_url.expose_secret(), "amqp://guest@plain:5672/%2f");
+    }
+
+    #[test]
+    fn unreadable_empty_or_invalid_url_files_name_the_variable_without_the_secret() {
+        let empty = TempFile::new(" \n\t\n");
+        let bad_db = TempFile::new("mysql://u:hunter2@db/x\n");
+        let bad_mq = TempFile::new("http://guest:hunter2@h:5672\n");
+        let dir = std::env::temp_dir();
+        for var in [
+            "DATABASE_URL_FILE",
+            "AMQP_URL_FILE",
+            "ANALYTICS_API_KEY_FILE",
+        ] {
+            for (path, what) in [
+                ("/nonexistent/loansync/secret", "cannot read /nonexistent"),
+                (empty.path(), "is empty"),
+                (dir.to_str().unwrap(), "cannot read"),
+            ] {
+                let err = settings(&[(var, path)]).unwrap_err().to_string();
+                assert!(err.starts_with(&format!("{var}: ")), "{var}={path}: {err}");
+                assert!(err.contains(what), "{var}={path}: {err}");
+            }
+        }
+        for (var, file) in [("DATABASE_URL_FILE", &bad_db), ("AMQP_URL_FILE", &bad_mq)] {
+            let err = settings(&[(var, file.path())]).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{var}: ")), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

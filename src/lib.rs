@@ -24,8 +24,10 @@
 //! * [`tls`]: extra CA files (`ANALYTICS_CA_FILE`, `AMQP_CA_FILE`) and refused certificates.
 //! * [`seed`]: deterministic synthetic source data, generated set-based in PostgreSQL.
 //! * [`demo`]: `loansync demo`, the whole system on local services in one command.
+//! * [`check`]: `loansync check` (can this installation work?) and `loansync probe`.
 //! * [`cli`]: the `loansync` command line; `main.rs` only calls [`cli::main`].
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -275,6 +275,29 @@ impl AnalyticsClient {
         Ok(report)
     }
 
+    /// `loansync check`: POSTs a batch of no records (`sync_id` `loansync-check`) to the
+    /// officers endpoint, once, with the key and an `Idempotency-Key`: the contract's own
+    /// request, which changes nothing on the API's side. No retries.
+    pub async fn check_key(&self) -> Result<Answer, Transient> {
+        const SYNC_ID: &str = "loansync-check";
+        let entity = EntityKind::Officer;
+        let json = encoder::body(SYNC_ID, SyncType::Incremental, entity, 0, &[]);
+        let body = Bytes::from(if self.inner.gzip {
+            encoder::gzip(&json)
+        } else {
+            json
+        });
+        service::send(
+            &self.inner.http,
+            &endpoint_url(&self.inner.base, entity.endpoint()),
+            self.inner.key.expose_secret(),
+            &encoder::idempotency_key(SYNC_ID, entity, &[]),
+            body,
+            entity.endpoint(),
+        )
+        .await
+    }
+
     /// Sends one part of a chunk, retrying transient failures until the chunk's
     /// `deadline` would pass before the next attempt. Returns the answer (or the last
     /// transient failure) and the attempts made.
