@@ -121,8 +121,11 @@ async fn a_full_sync_asked_for_during_a_sync_runs_after_it_and_trigger_wait_repo
     assert!(shown.contains("nightly"), "{shown}");
     assert_eq!(history(&db.pool).await.len(), 1, "nothing else planned yet");
 
-    // Workers come; nothing else is triggered. The first sync ends, then one full sync
-    // serves the three pending requests.
+    // The planner that kept them stops (a rollout); a new planner and workers come, and
+    // nothing else is triggered. The first sync ends, then one full sync serves the
+    // three pending requests, kept in PostgreSQL across the planner's restart.
+    stop.cancel();
+    planner.await.unwrap().unwrap();
     let running = InProcess::start(&db, &settings).await;
     let h = wait_syncs_finished(&db.pool, 2).await;
     assert_eq!(h.len(), 2, "{h:?}");
@@ -170,8 +173,6 @@ async fn a_full_sync_asked_for_during_a_sync_runs_after_it_and_trigger_wait_repo
     assert_eq!(again.status.code(), Some(0), "{again:?}");
     assert_eq!(history(&db.pool).await.len(), 2);
 
-    stop.cancel();
-    planner.await.unwrap().unwrap();
     running.shutdown().await;
     admin.close().await;
 }
