@@ -10,6 +10,7 @@ mod migrations;
 mod pipeline;
 mod poison;
 mod proxy;
+mod queues;
 mod reconnect;
 mod requests;
 mod restarts;
