@@ -62,6 +62,9 @@ pub struct Metrics {
     pub broker_blocked: IntGauge,
     /// Publishes, confirms or acks that got no answer within the confirm timeout.
     pub broker_timeouts: IntCounter,
+    /// Arguments of each queue whose value on the broker differs from what this process
+    /// declares (the queue is used as the broker has it), as of the last declaration.
+    pub queue_arguments_mismatch: IntGaugeVec,
     /// Panics caught while processing a chunk (the chunk was failed, the process lives).
     pub chunk_panics: IntCounter,
     /// Seconds since each entity's watermark (refreshed at every scrape).
@@ -242,6 +245,17 @@ impl Metrics {
         registry
             .register(Box::new(broker_blocked.clone()))
             .expect("unique metric");
+        let queue_arguments_mismatch = IntGaugeVec::new(
+            Opts::new(
+                "etl_queue_arguments_mismatch",
+                "Arguments of the queue whose value on RabbitMQ differs from what this process declares (0: all match); the queue is used as the broker has it.",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(queue_arguments_mismatch.clone()))
+            .expect("unique metric");
         let watermark_age = GaugeVec::new(
             Opts::new(
                 "etl_watermark_age_seconds",
@@ -398,6 +412,7 @@ impl Metrics {
             broker_blocked_total,
             broker_blocked,
             broker_timeouts,
+            queue_arguments_mismatch,
             chunk_panics,
         }
     }

@@ -3,6 +3,11 @@
 //! Separate channels publish and consume (as lapin's examples do). Queues are durable
 //! quorum queues with a delivery limit, dead-lettering to `<prefix>.dead`; on a broker
 //! without quorum queues they fall back to classic durable queues.
+//!
+//! A queue's arguments are fixed when it is created. A queue that already exists with
+//! other arguments (say, an earlier `ETL_DELIVERY_LIMIT`) is used as the broker has it:
+//! each differing argument is logged once with how to change it for real, and counted
+//! in `etl_queue_arguments_mismatch` ([`ArgumentMismatch`]).
 
 use super::{ChunkPublisher, Disposition, Topology};
 use crate::domain::ChunkJob;
@@ -28,6 +33,110 @@ use std::time::Duration;
 /// ([`Disposition::Republish`]).
 pub fn broker_delivery_limit(limit: u32) -> u32 {
     limit.saturating_add(2)
+}
+
+/// One argument of an existing queue whose value on the broker differs from the one
+/// loansync declares. The queue is used as it is; [`ArgumentMismatch::advice`] says what
+/// that means and how to change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArgumentMismatch {
+    pub queue: String,
+    /// `x-delivery-limit`, `x-dead-letter-exchange`, `durable`...; `?` when the broker's
+    /// refusal names none (then `broker` holds its whole text).
+    pub argument: String,
+    /// The broker's value, as RabbitMQ prints it (`none`: not set).
+    pub broker: String,
+    /// loansync's value (`none`: not set).
+    pub wanted: String,
+}
+
+impl ArgumentMismatch {
+    /// Reads RabbitMQ's refusal of a redeclaration, such as `PRECONDITION_FAILED -
+    /// inequivalent arg 'x-delivery-limit' for queue 'etl.chunks' in vhost '/': received
+    /// the value '9' of type 'long' but current is the value '5' of type 'long'`.
+    pub fn from_refusal(queue: &str, text: &str) -> Option<ArgumentMismatch> {
+        let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
+        let argument = &rest[..rest.find('\'')?];
+        let rest = &rest[rest.find(": received ")? + ": received ".len()..];
+        let (received, current) = rest.split_once(" but current is ")?;
+        Some(ArgumentMismatch {
+            queue: queue.to_string(),
+            argument: argument.to_string(),
+            broker: plain_value(current),
+            wanted: plain_value(received),
+        })
+    }
+
+    /// What the difference means for loansync and how to change the queue for real.
+    pub fn advice(&self) -> String {
+        let q = &self.queue;
+        let recreate = format!(
+            "to apply loansync's value, stop the planners, let the queue drain, delete it \
+             (`rabbitmqctl delete_queue {q} --if-empty`) and restart loansync, which declares it again"
+        );
+        let num = |v: &str| v.parse::<i64>().ok();
+        match (self.argument.as_str(), num(&self.broker), num(&self.wanted)) {
+            ("x-delivery-limit", Some(have), Some(want)) if have < want => format!(
+                "the broker dead-letters a message of {q} after {have} deliveries, loansync \
+                 wanted {want} (ETL_DELIVERY_LIMIT + 2). loansync still gives up on a chunk \
+                 after ETL_DELIVERY_LIMIT starts (its ledger's count, in force at once), but \
+                 only while ETL_DELIVERY_LIMIT + 2 <= {have}: above that the broker may drop \
+                 a chunk that keeps failing into the dead-letter queue before loansync \
+                 settles it, and its sync stalls until `loansync resume`. A policy cannot \
+                 raise the limit \
+                 (RabbitMQ applies the lower of policy and argument): {recreate}"
+            ),
+            ("x-delivery-limit", Some(have), Some(want)) => format!(
+                "the broker dead-letters a message of {q} after {have} deliveries, loansync \
+                 wanted {want} (ETL_DELIVERY_LIMIT + 2). loansync gives up on a chunk after \
+                 ETL_DELIVERY_LIMIT starts (its ledger's count, in force at once), so the \
+                 broker's backstop is only looser than needed. To lower it now: \
+                 `rabbitmqctl set_policy loansync-limits '^{}$' '{{\"delivery-limit\":{want}}}' \
+                 --apply-to queues` (RabbitMQ applies the lower of policy and \
+                 argument); or {recreate}",
+                q.replace('.', "\\.")
+            ),
+            ("x-dead-letter-exchange" | "x-dead-letter-routing-key", _, _) => format!(
+                "messages the broker dead-letters from {q} (past its delivery limit) go where \
+                 the queue's arguments say, not where loansync wanted; what loansync \
+                 dead-letters itself still goes to its dead-letter queue. A policy does not \
+                 override a queue's own dead-letter arguments: {recreate}"
+            ),
+            ("x-queue-type", _, _) => format!(
+                "{q} stays a {} queue (a queue's type never changes): {recreate}",
+                self.broker
+            ),
+            _ => format!("loansync uses {q} as the broker has it: {recreate}"),
+        }
+    }
+}
+
+impl std::fmt::Display for ArgumentMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "queue {} exists with {} = {} where loansync declares {}: {}",
+            self.queue,
+            self.argument,
+            self.broker,
+            self.wanted,
+            self.advice()
+        )
+    }
+}
+
+/// `the value '5' of type 'long'` → `5`, `'true'` → `true`, `none` → `none`.
+fn plain_value(v: &str) -> String {
+    let v = v.trim();
+    let v = v.strip_prefix("the value ").unwrap_or(v);
+    let v = match v.rfind("' of type '") {
+        Some(i) => &v[..=i],
+        None => v,
+    };
+    v.strip_prefix('\'')
+        .and_then(|v| v.strip_suffix('\''))
+        .unwrap_or(v)
+        .to_string()
 }
 
 /// How a [`Broker`] behaves beyond its URL.
@@ -143,6 +252,8 @@ pub struct Broker {
     pub topology: Topology,
     confirm_timeout: Duration,
     health: BrokerHealth,
+    /// Arguments of existing queues that differ from what was declared.
+    mismatches: Arc<Vec<ArgumentMismatch>>,
 }
 
 /// Messages waiting in `queue` (a passive declare on a channel of its own).
@@ -248,7 +359,7 @@ impl Broker {
             }
         });
         let topology = Topology::new(prefix);
-        declare_topology(&conn, &topology, delivery_limit).await?;
+        let mismatches = declare_topology(&conn, &topology, delivery_limit).await?;
         let publish = conn.create_channel().await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
@@ -262,7 +373,14 @@ impl Broker {
             topology,
             confirm_timeout: opts.confirm_timeout,
             health,
+            mismatches: Arc::new(mismatches),
         })
+    }
+
+    /// Arguments of the existing queues that differ from what this connection declared
+    /// (empty when all match). The queues are used as the broker has them.
+    pub fn argument_mismatches(&self) -> &[ArgumentMismatch] {
+        &self.mismatches
     }
 
     /// True while the connection is usable and not blocked (for `/readyz`).
@@ -514,41 +632,182 @@ fn queue_args(kind: &str, dead: Option<(&str, u32)>) -> FieldTable {
     args
 }
 
+/// Declares the three queues, quorum if the broker takes them, classic otherwise. A
+/// queue that exists with other arguments is used as it is: the differences are
+/// returned, logged once each and counted in `etl_queue_arguments_mismatch`.
 async fn declare_topology(
     conn: &Connection,
     t: &Topology,
     delivery_limit: u32,
-) -> anyhow::Result<()> {
-    for kind in ["quorum", "classic"] {
-        let channel = conn.create_channel().await?;
-        let mut ok = true;
+) -> anyhow::Result<Vec<ArgumentMismatch>> {
+    'kinds: for kind in ["quorum", "classic"] {
+        let mut found = Vec::new();
+        let mut per_queue = Vec::new();
         for (name, dead) in [
             (&t.dead, None),
             (&t.plan, Some((t.dead.as_str(), delivery_limit))),
             (&t.chunks, Some((t.dead.as_str(), delivery_limit))),
         ] {
-            let res = channel
-                .queue_declare(
-                    ShortString::from(name.as_str()),
-                    QueueDeclareOptions::durable(),
-                    queue_args(kind, dead),
-                )
-                .await;
-            if let Err(e) = res {
-                if kind == "classic" {
-                    return Err(e).with_context(|| format!("cannot declare queue {name}"));
+            match declare_accepting(conn, name, queue_args(kind, dead)).await {
+                Ok(differs) => {
+                    per_queue.push((name, differs.clone()));
+                    found.extend(differs);
                 }
-                tracing::warn!(queue = %name, error = %e, "quorum queue refused; falling back to classic queues");
-                ok = false;
-                break;
+                Err(e) if kind == "quorum" => {
+                    tracing::warn!(queue = %name, error = %format!("{e:#}"), "quorum queue refused; falling back to classic queues");
+                    continue 'kinds;
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot declare queue {name}")),
             }
         }
-        if ok {
-            let _ = channel.close(200, ShortString::from("declared")).await;
-            return Ok(());
+        for (name, differs) in per_queue {
+            report_mismatches(name, &differs);
         }
+        return Ok(found);
     }
-    Ok(())
+    unreachable!("the classic declaration returns")
+}
+
+/// The code and text of the broker's refusal when it closed the channel with it.
+fn refusal(e: &lapin::Error) -> Option<(u16, String)> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            Some((amqp.get_id(), amqp.get_message().as_str().to_string()))
+        }
+        _ => None,
+    }
+}
+
+/// `args` with `m.argument` set to the broker's value (removed for `none`), typed as
+/// loansync's own value; false when that cannot be done (not a queue argument, an
+/// unknown value), or `m.argument` was adopted already.
+fn adopt(args: &mut FieldTable, m: &ArgumentMismatch, adopted: &[ArgumentMismatch]) -> bool {
+    if !m.argument.starts_with("x-") || adopted.iter().any(|a| a.argument == m.argument) {
+        return false;
+    }
+    let mut map = args.inner().clone();
+    let key = ShortString::from(m.argument.as_str());
+    if m.broker == "none" {
+        map.remove(&key);
+    } else {
+        let value = match map.get(&key) {
+            Some(AMQPValue::LongString(_)) | None => {
+                AMQPValue::LongString(LongString::from(m.broker.as_str()))
+            }
+            Some(AMQPValue::LongLongInt(_)) => match m.broker.parse::<i64>() {
+                Ok(n) => AMQPValue::LongLongInt(n),
+                Err(_) => return false,
+            },
+            Some(AMQPValue::Boolean(_)) => match m.broker.parse::<bool>() {
+                Ok(b) => AMQPValue::Boolean(b),
+                Err(_) => return false,
+            },
+            Some(_) => return false,
+        };
+        map.insert(key, value);
+    }
+    *args = FieldTable::from(map);
+    true
+}
+
+/// Declares `name` durable with `wanted`. When the queue exists with other arguments
+/// (the broker refuses with 406 PRECONDITION_FAILED and closes the channel), declares it
+/// again on a new channel with the broker's value of each argument it names, until the
+/// declaration is accepted, and returns what differed; a difference that cannot be
+/// adopted so (not a queue argument, a refusal naming none) is checked with a passive
+/// declaration instead. Anything else, or no queue, is an error.
+async fn declare_accepting(
+    conn: &Connection,
+    name: &str,
+    wanted: FieldTable,
+) -> anyhow::Result<Vec<ArgumentMismatch>> {
+    let mut args = wanted;
+    let mut found: Vec<ArgumentMismatch> = Vec::new();
+    loop {
+        let channel = conn.create_channel().await?;
+        let res = channel
+            .queue_declare(
+                ShortString::from(name),
+                QueueDeclareOptions::durable(),
+                args.clone(),
+            )
+            .await;
+        let e = match res {
+            Ok(_) => {
+                let _ = channel.close(200, ShortString::from("declared")).await;
+                return Ok(found);
+            }
+            Err(e) => e,
+        };
+        let Some((406, text)) = refusal(&e) else {
+            return Err(e.into());
+        };
+        let m = ArgumentMismatch::from_refusal(name, &text);
+        if let Some(m) = m.as_ref().filter(|m| adopt(&mut args, m, &found)) {
+            found.push(m.clone());
+            continue;
+        }
+        // The queue's other differences cannot be adopted: use it as it is if it exists.
+        let channel = conn.create_channel().await?;
+        let passive = channel
+            .queue_declare(
+                ShortString::from(name),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if passive.is_err() {
+            return Err(anyhow::Error::new(e).context(format!("queue {name} refused")));
+        }
+        let _ = channel.close(200, ShortString::from("declared")).await;
+        found.push(m.unwrap_or_else(|| ArgumentMismatch {
+            queue: name.to_string(),
+            argument: "?".into(),
+            broker: text,
+            wanted: "?".into(),
+        }));
+        return Ok(found);
+    }
+}
+
+/// Queues whose differences were logged, with what was logged: each is logged once per
+/// process (every reconnection declares again), and again only if it changes.
+static REPORTED: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Vec<ArgumentMismatch>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn report_mismatches(queue: &str, differs: &[ArgumentMismatch]) {
+    crate::telemetry::METRICS
+        .queue_arguments_mismatch
+        .with_label_values(&[queue])
+        .set(differs.len() as i64);
+    let Ok(mut reported) = REPORTED.lock() else {
+        return;
+    };
+    let before = reported.get(queue).map(Vec::as_slice).unwrap_or_default();
+    if before == differs {
+        return;
+    }
+    if differs.is_empty() {
+        tracing::info!(queue, "the queue's arguments now match loansync's");
+    }
+    for m in differs {
+        tracing::warn!(
+            queue,
+            argument = %m.argument,
+            broker = %m.broker,
+            wanted = %m.wanted,
+            "queue {queue} exists with {} = {}, loansync declares {}; using it as it is: {}",
+            m.argument,
+            m.broker,
+            m.wanted,
+            m.advice()
+        );
+    }
+    reported.insert(queue.to_string(), differs.to_vec());
 }
 
 /// A consumer of one queue; yields [`AmqpDelivery`]s.
@@ -669,5 +928,121 @@ impl AmqpDelivery {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: &str = "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'etl.chunks' in vhost '/': received '9' but current is '5'";
+
+    #[test]
+    fn a_refused_redeclaration_names_the_argument_and_both_values() {
+        let m = ArgumentMismatch::from_refusal("etl.chunks", LIMIT).unwrap();
+        assert_eq!(
+            m,
+            ArgumentMismatch {
+                queue: "etl.chunks".into(),
+                argument: "x-delivery-limit".into(),
+                broker: "5".into(),
+                wanted: "9".into(),
+            }
+        );
+        // Set on one side only: RabbitMQ prints the type, or `none`.
+        let m = ArgumentMismatch::from_refusal(
+            "etl.plan",
+            "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue 'etl.plan' in vhost '/': received the value 'etl.dead' of type 'longstr' but current is none",
+        )
+        .unwrap();
+        assert_eq!(
+            (m.argument.as_str(), m.broker.as_str(), m.wanted.as_str()),
+            ("x-dead-letter-routing-key", "none", "etl.dead")
+        );
+        let m = ArgumentMismatch::from_refusal(
+            "etl.plan",
+            "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'etl.plan' in vhost '/': received 'true' but current is 'false'",
+        )
+        .unwrap();
+        assert_eq!((m.broker.as_str(), m.wanted.as_str()), ("false", "true"));
+        // Any other refusal is not a difference of arguments.
+        assert_eq!(
+            ArgumentMismatch::from_refusal(
+                "etl.plan",
+                "PRECONDITION_FAILED - invalid arg 'x-queue-type' for queue 'etl.plan'"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn the_description_says_what_a_different_delivery_limit_means_and_how_to_change_it() {
+        // The broker's limit is now lower than loansync's: a policy cannot raise it.
+        let lower = ArgumentMismatch::from_refusal("etl.chunks", LIMIT).unwrap();
+        let text = lower.to_string();
+        assert!(
+            text.starts_with(
+                "queue etl.chunks exists with x-delivery-limit = 5 where loansync declares 9"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("ETL_DELIVERY_LIMIT + 2 <= 5"), "{text}");
+        assert!(text.contains("cannot raise"), "{text}");
+        assert!(
+            text.contains("rabbitmqctl delete_queue etl.chunks --if-empty"),
+            "{text}"
+        );
+        // Higher than loansync's: loansync gives up first; a policy lowers it.
+        let higher = ArgumentMismatch {
+            broker: "9".into(),
+            wanted: "4".into(),
+            ..lower
+        };
+        let text = higher.advice();
+        assert!(text.contains("gives up on a chunk after ETL_DELIVERY_LIMIT starts"));
+        assert!(
+            text.contains(
+                r#"rabbitmqctl set_policy loansync-limits '^etl\.chunks$' '{"delivery-limit":4}' --apply-to queues"#
+            ),
+            "{text}"
+        );
+        let dlx = ArgumentMismatch {
+            queue: "etl.plan".into(),
+            argument: "x-dead-letter-routing-key".into(),
+            broker: "none".into(),
+            wanted: "etl.dead".into(),
+        };
+        assert!(
+            dlx.advice().contains("does not override"),
+            "{}",
+            dlx.advice()
+        );
+    }
+
+    #[test]
+    fn adopting_the_brokers_value_keeps_loansyncs_type_and_removes_what_it_lacks() {
+        let mut args = queue_args("quorum", Some(("etl.dead", 9)));
+        let limit = ArgumentMismatch::from_refusal("etl.chunks", LIMIT).unwrap();
+        assert!(adopt(&mut args, &limit, &[]));
+        assert_eq!(
+            args.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongLongInt(5))
+        );
+        // The same argument twice means adopting did not help.
+        assert!(!adopt(&mut args, &limit, std::slice::from_ref(&limit)));
+        let gone = ArgumentMismatch {
+            argument: "x-dead-letter-exchange".into(),
+            broker: "none".into(),
+            wanted: "".into(),
+            ..limit.clone()
+        };
+        assert!(adopt(&mut args, &gone, std::slice::from_ref(&limit)));
+        assert!(!args.contains_key("x-dead-letter-exchange"));
+        // Options such as `durable` are not arguments.
+        let durable = ArgumentMismatch {
+            argument: "durable".into(),
+            ..limit
+        };
+        assert!(!adopt(&mut args, &durable, &[]));
     }
 }

@@ -12,6 +12,7 @@ mod migrations;
 mod pipeline;
 mod poison;
 mod proxy;
+mod queues;
 mod reconnect;
 mod requests;
 mod restarts;

@@ -1,0 +1,244 @@
+//! Queue settings that change: queues that exist with other arguments (an earlier
+//! `ETL_DELIVERY_LIMIT`, a queue made by hand) are used as the broker has them, the
+//! difference is reported, and loansync's own delivery limit applies at once.
+
+use crate::pipeline::{
+    InProcess, Queues, assert_books_balance, expected_full, seeded_db, settings_for, small, stub,
+    wait_syncs_finished,
+};
+use crate::support::{amqp_url, wait_for};
+use loansync::cli::connect_broker_with;
+use loansync::domain::{EntityKind, PlanRequest, SyncType};
+use loansync::planner::{self, PlanOutcome};
+use loansync::queue::amqp::{ArgumentMismatch, BrokerHealth};
+use loansync::stub_api::Faults;
+use loansync::telemetry::METRICS;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn full() -> PlanRequest {
+    PlanRequest {
+        sync_type: SyncType::Full,
+        entities: None,
+        request_id: None,
+        since: None,
+        until: None,
+    }
+}
+
+fn limit_differs(queue: &str, broker: &str, wanted: &str) -> ArgumentMismatch {
+    ArgumentMismatch {
+        queue: queue.into(),
+        argument: "x-delivery-limit".into(),
+        broker: broker.into(),
+        wanted: wanted.into(),
+    }
+}
+
+fn mismatch_gauge(queue: &str) -> i64 {
+    METRICS
+        .queue_arguments_mismatch
+        .with_label_values(&[queue])
+        .get()
+}
+
+/// Deployed with `ETL_DELIVERY_LIMIT=3`, restarted with 7: the queues keep the broker's
+/// limit of 5, the process starts, says so, and a sync runs end to end on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarting_with_a_higher_delivery_limit_uses_the_queues_as_they_are() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let _queues = Queues(db.queue_prefix());
+
+    let before = settings_for(&db, &stub.url(), &[("ETL_DELIVERY_LIMIT", "3")]);
+    let first = connect_broker_with(&before, BrokerHealth::default())
+        .await
+        .unwrap();
+    assert_eq!(first.argument_mismatches(), &[]);
+    let t = first.topology.clone();
+    assert_eq!(mismatch_gauge(&t.chunks), 0);
+    first.close().await;
+
+    let settings = Arc::new(settings_for(
+        &db,
+        &stub.url(),
+        &[("ETL_DELIVERY_LIMIT", "7")],
+    ));
+    let broker = connect_broker_with(&settings, BrokerHealth::default())
+        .await
+        .expect("a changed ETL_DELIVERY_LIMIT must not stop loansync");
+    assert_eq!(
+        broker.argument_mismatches(),
+        &[
+            limit_differs(&t.plan, "5", "9"),
+            limit_differs(&t.chunks, "5", "9"),
+        ]
+    );
+    assert_eq!(mismatch_gauge(&t.plan), 1);
+    assert_eq!(mismatch_gauge(&t.chunks), 1);
+    assert_eq!(mismatch_gauge(&t.dead), 0);
+
+    // A planner and two workers with the new settings, on the queues as they are.
+    let running = InProcess::start(&db, &settings).await;
+    broker.publish_json(&t.plan, &[full()]).await.unwrap();
+    let h = wait_syncs_finished(&db.pool, 1).await;
+    assert_eq!(h[0].status, "completed", "{:?}", h[0].error_message);
+    let expected = expected_full(&db.pool).await;
+    for e in EntityKind::ALL {
+        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
+    }
+    assert_books_balance(&db.pool).await;
+    broker.close().await;
+    running.shutdown().await;
+}
+
+/// Deployed with `ETL_DELIVERY_LIMIT=7` (the broker's limit 9), restarted with 2: a
+/// chunk started twice already gives up at its next start, as the new limit says,
+/// though the broker would deliver it seven more times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarting_with_a_lower_delivery_limit_gives_up_at_the_new_limit() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let _queues = Queues(db.queue_prefix());
+
+    let before = settings_for(&db, &stub.url(), &[("ETL_DELIVERY_LIMIT", "7")]);
+    connect_broker_with(&before, BrokerHealth::default())
+        .await
+        .unwrap()
+        .close()
+        .await;
+
+    let settings = Arc::new(settings_for(
+        &db,
+        &stub.url(),
+        &[("ETL_DELIVERY_LIMIT", "2")],
+    ));
+    let broker = connect_broker_with(&settings, BrokerHealth::default())
+        .await
+        .unwrap();
+    let t = broker.topology.clone();
+    assert_eq!(
+        broker.argument_mismatches(),
+        &[
+            limit_differs(&t.plan, "9", "4"),
+            limit_differs(&t.chunks, "9", "4"),
+        ]
+    );
+    let PlanOutcome::Planned { .. } = planner::plan_sync(&db.pool, &settings, &full(), &broker)
+        .await
+        .unwrap()
+    else {
+        panic!("not planned")
+    };
+    // One loan chunk was started twice before the restart.
+    let hit =
+        sqlx::query("UPDATE loansync_chunk SET attempts = 2 WHERE entity = 'loan' AND seq = 0")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(hit.rows_affected(), 1);
+
+    let running = InProcess::start(&db, &settings).await;
+    let h = wait_syncs_finished(&db.pool, 1).await;
+    assert_eq!(h[0].status, "partial_success", "{:?}", h[0].error_message);
+    assert_eq!(h[0].counts(EntityKind::Loan).2, 20, "the chunk's 20 loans");
+    let failures: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT error_code::text, error_message FROM etl_folder_etlsyncerror",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].0, "CHUNK_GAVE_UP");
+    assert!(
+        failures[0].1.contains("ETL_DELIVERY_LIMIT 2"),
+        "{failures:?}"
+    );
+    wait_for(
+        "the chunk in the dead-letter queue",
+        Duration::from_secs(20),
+        || async { broker.queue_depth(&t.dead).await.unwrap() == 1 },
+    )
+    .await;
+    assert_books_balance(&db.pool).await;
+    broker.close().await;
+    running.shutdown().await;
+}
+
+/// A queue made by hand as a classic queue without dead-lettering: every argument that
+/// differs is reported (the dead-letter ones too), and messages still go through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queue_made_with_other_arguments_is_used_and_every_difference_reported() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+    let db = crate::support::TestDb::with_source_schema().await;
+    let prefix = db.queue_prefix();
+    let _queues = Queues(prefix.clone());
+    let chunks = format!("{prefix}.chunks");
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("classic")),
+    );
+    channel
+        .queue_declare(
+            ShortString::from(chunks.as_str()),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, ShortString::from("bye")).await;
+
+    let broker = loansync::queue::amqp::Broker::connect(&amqp_url(), &prefix, 9)
+        .await
+        .expect("an existing queue with other arguments must not stop loansync");
+    let found: Vec<(&str, &str, &str, &str)> = broker
+        .argument_mismatches()
+        .iter()
+        .map(|m| {
+            (
+                m.queue.as_str(),
+                m.argument.as_str(),
+                m.broker.as_str(),
+                m.wanted.as_str(),
+            )
+        })
+        .collect();
+    for expected in [
+        (chunks.as_str(), "x-queue-type", "classic", "quorum"),
+        (chunks.as_str(), "x-dead-letter-exchange", "none", ""),
+        (
+            chunks.as_str(),
+            "x-dead-letter-routing-key",
+            "none",
+            &*format!("{prefix}.dead"),
+        ),
+    ] {
+        assert!(found.contains(&expected), "{expected:?} not in {found:?}");
+    }
+    assert!(
+        found.iter().all(|m| m.0 == chunks),
+        "only {chunks} differs: {found:?}"
+    );
+    assert_eq!(mismatch_gauge(&chunks), found.len() as i64);
+
+    broker.publish_bytes(&chunks, b"still works").await.unwrap();
+    let mut consumer = broker.consume(&chunks, 1, "test").await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("a delivery")
+        .expect("consumer open")
+        .unwrap();
+    assert_eq!(d.body(), b"still works");
+    d.settle(&broker, &chunks, loansync::queue::Disposition::Ack)
+        .await
+        .unwrap();
+    consumer.close().await;
+    broker.close().await;
+}
