@@ -531,9 +531,46 @@ async fn broker(settings: &Settings) -> Result<String, String> {
         .await
         .map_err(|e| format!("{e:#}"))?;
     let t = broker.topology.clone();
+    let mut mismatches = broker.argument_mismatches().to_vec();
+    // One line per queue and argument: the first difference the broker named.
+    let mut seen = std::collections::HashSet::new();
+    mismatches.retain(|m| seen.insert((m.queue.clone(), m.argument.clone())));
     broker.close().await;
+    // A different broker delivery limit is a supported change (loansync's own limit, in
+    // the chunk ledger, applies at once): noted, not failed. Any other difference (queue
+    // type, dead-lettering, a length limit…) is not what loansync runs on: failed.
+    let (limits, others): (Vec<_>, Vec<_>) = mismatches
+        .iter()
+        .partition(|m| m.argument == "x-delivery-limit");
+    let describe = |ms: &[&crate::queue::amqp::ArgumentMismatch]| {
+        ms.iter()
+            .map(|m| {
+                format!(
+                    "{} {}={} (wanted {})",
+                    m.queue, m.argument, m.broker, m.wanted
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if !others.is_empty() {
+        return Err(format!(
+            "{}: queues declared with other arguments: {}; re-create them (drained) or see \
+             deploy/README.md, \"Changing queue settings\"",
+            settings.amqp_url_redacted(),
+            describe(&others)
+        ));
+    }
+    let note = if limits.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (the broker's delivery-limit backstop differs: {})",
+            describe(&limits)
+        )
+    };
     Ok(format!(
-        "{}: queues {}, {} and {} declared as expected",
+        "{}: queues {}, {} and {} declared as expected{note}",
         settings.amqp_url_redacted(),
         t.plan,
         t.chunks,

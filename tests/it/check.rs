@@ -426,7 +426,7 @@ async fn queues_declared_with_other_arguments_fail_broker_naming_the_queue() {
     assert_eq!(out.result("broker"), "failed");
     let detail = out.detail("broker");
     assert!(detail.contains(&dead), "{detail}");
-    assert!(detail.contains("PRECONDITION_FAILED"), "{detail}");
+    assert!(detail.contains("other arguments"), "{detail}");
     assert!(detail.contains("x-max-length"), "{detail}");
 }
 
