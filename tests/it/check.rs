@@ -561,3 +561,32 @@ async fn probe_exits_0_on_a_healthy_endpoint_and_1_on_a_closed_port() {
     assert_eq!(closed.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&closed.stderr).is_empty());
 }
+
+#[tokio::test]
+async fn a_changed_delivery_limit_is_noted_and_does_not_fail_the_broker_check() {
+    let db = TestDb::migrated().await;
+    let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
+    // The queues were made under ETL_DELIVERY_LIMIT=3 (broker backstop 5); the check runs
+    // with the default 5 (backstop 7).
+    let earlier = loansync::queue::amqp::Broker::connect(&amqp_url(), &settings.queue_prefix, 5)
+        .await
+        .unwrap();
+    earlier.close().await;
+    let out = check(
+        &db,
+        &settings,
+        "http://127.0.0.1:9",
+        &["--skip", "api,database,migrations,indexes"],
+        &[],
+    )
+    .await;
+    delete_queues(&settings).await;
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    assert_eq!(out.result("broker"), "ok");
+    assert!(
+        out.detail("broker")
+            .contains("x-delivery-limit=5 (wanted 7)"),
+        "{}",
+        out.stdout
+    );
+}
