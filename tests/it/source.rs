@@ -1,8 +1,9 @@
 //! Reading the Django tables: the filters and windows of SPEC.md section 2, keyset
 //! paging, and one chunk's related rows, aggregates and never-send columns.
 //!
-//! The first tests build exactly the rows they need with [`crate::fixtures`]; the last
-//! three run over the seeded synthetic dataset.
+//! Most tests build exactly the rows they need with [`crate::fixtures`]; those that call
+//! `seeded_db` run over the seeded synthetic dataset. The last one runs real syncs
+//! through a recording server in front of the stub API, to read the records sent.
 
 use crate::fixtures::{
     Installment, SECRET, fixture_time, insert_customer, insert_loan, insert_officer,
