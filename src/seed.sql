@@ -164,7 +164,10 @@ SELECT l.repayment_amount / n.k,
        CASE WHEN p.paid THEN l.start_date + i ELSE NULL END,
        NOT p.paid AND l.start_date + i < current_date,
        CASE WHEN NOT p.paid AND l.start_date + i < current_date THEN current_date - (l.start_date + i) ELSE 0 END,
-       l.date_disbursed, l.date_disbursed, l.id
+       -- Written at disbursement and last touched no later than the loan itself (never
+       -- in the future: date_disbursed can be, and incremental syncs select loans by
+       -- their schedule rows' date_modified).
+       LEAST(l.date_disbursed, l.date_modified), LEAST(l.date_disbursed, l.date_modified), l.id
 FROM loans_ajoloan l
 CROSS JOIN LATERAL (SELECT 4 + (l.id * 13 % 27) AS k) n
 CROSS JOIN LATERAL generate_series(1, n.k) AS i

@@ -47,8 +47,18 @@ fn ids_sql(entity: EntityKind, sync_type: SyncType) -> (&'static str, bool) {
 ///
 /// The selections of SPEC.md section 2: a full sync has no time bound at all (neither
 /// `lo` nor `hi`); an incremental one takes rows with `window.lo <= t < window.hi`
-/// (`t` = `date_modified`, or `date_created` for repayments; a `None` lo is no lower
-/// bound). At most `limit` ids; an empty page means the selection is exhausted.
+/// (a `None` lo is no lower bound): customers by `date_modified`; loans by their own
+/// `date_modified`, a schedule row's `date_modified`, or a repayment's `date_created` or
+/// `date_modified` (their aggregates changed); repayments by `date_created` or
+/// `date_modified`. At most `limit` ids; an empty page means the selection is exhausted.
+///
+/// A windowed statement is run unprepared (`persistent(false)`: PostgreSQL's unnamed
+/// statement, planned with the window's values every time). Whether a page is best read
+/// from the time indexes (a narrow window) or by walking the id index with the window as
+/// a filter (a wide one: the first sync's lookback, a long backfill) depends on those
+/// values; a cached generic plan cannot see them and, on dataset M, read the whole
+/// 30-day window for every page (0.55 s a page instead of 1.4 ms). Planning costs
+/// about 1 ms a page.
 pub async fn next_ids(
     conn: &mut PgConnection,
     entity: EntityKind,
@@ -63,7 +73,7 @@ pub async fn next_ids(
     let (sql, windowed) = ids_sql(entity, sync_type);
     let mut q = sqlx::query_scalar::<_, i64>(sql).bind(after).bind(limit);
     if windowed {
-        q = q.bind(window.lo).bind(window.hi);
+        q = q.bind(window.lo).bind(window.hi).persistent(false);
     }
     q.fetch_all(conn).await
 }

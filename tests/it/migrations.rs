@@ -132,6 +132,8 @@ async fn incremental_selection_indexes_exist_and_are_valid() {
         "loansync_customer_date_modified",
         "loansync_loan_date_modified",
         "loansync_repayment_date_created",
+        "loansync_schedule_date_modified",
+        "loansync_repayment_date_modified",
     ] {
         assert!(
             valid.iter().any(|v| v == name),
@@ -156,4 +158,29 @@ async fn incremental_selection_indexes_exist_and_are_valid() {
             .any(|l| l.contains("loansync_loan_date_modified")),
         "{plan:#?}"
     );
+    // So can the statements that select loans by their schedule rows and repayments,
+    // and repayments by date_modified: each by its own index.
+    for (sql, index) in [
+        (
+            "EXPLAIN SELECT DISTINCT loan_id FROM loans_ajoloanschedule \
+             WHERE date_modified >= now() - interval '1 day' AND date_modified < now() \
+             AND loan_id > 0 ORDER BY loan_id LIMIT 100",
+            "loansync_schedule_date_modified",
+        ),
+        (
+            "EXPLAIN SELECT DISTINCT ajo_loan_id FROM loans_ajoloanrepayment \
+             WHERE date_modified >= now() - interval '1 day' AND date_modified < now() \
+             AND ajo_loan_id > 0 ORDER BY ajo_loan_id LIMIT 100",
+            "loansync_repayment_date_modified",
+        ),
+        (
+            "EXPLAIN SELECT id::int8 FROM loans_ajoloanrepayment \
+             WHERE date_modified >= now() - interval '1 day' AND date_modified < now() \
+             AND id > 0 ORDER BY id LIMIT 100",
+            "loansync_repayment_date_modified",
+        ),
+    ] {
+        let plan: Vec<String> = sqlx::query_scalar(sql).fetch_all(&mut *conn).await.unwrap();
+        assert!(plan.iter().any(|l| l.contains(index)), "{index}: {plan:#?}");
+    }
 }

@@ -110,6 +110,7 @@ pub async fn seeded_db(spec: SeedSpec) -> TestDb {
     sqlx::raw_sql(
         "UPDATE ajo_ajouser SET date_modified = date_modified - interval '1 day', date_created = date_created - interval '1 day';
          UPDATE loans_ajoloan SET date_modified = date_modified - interval '1 day', date_created = date_created - interval '1 day';
+         UPDATE loans_ajoloanschedule SET date_created = date_created - interval '1 day', date_modified = date_modified - interval '1 day';
          UPDATE loans_ajoloanrepayment SET date_created = date_created - interval '1 day', date_modified = date_modified - interval '1 day';",
     )
     .execute(&db.pool)
@@ -418,12 +419,14 @@ async fn full_then_incremental_over_rabbitmq() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let new_repayment: i64 = sqlx::query_scalar(
+    // A new repayment: sent, and so is its loan (its `repayments` aggregate changed).
+    let (new_repayment, its_loan): (i64, i64) = sqlx::query_as(
         "INSERT INTO loans_ajoloanrepayment (repayment_type, loan_amount, repayment_amount, health_insurance, paid_date, \
          repayment_ref, settlement_status, repayment_meta_response, ledger_amount, comment, borrower_notified, sms_body, \
          sms_result, marked_as, expected_recovery_amt, applied_to_loan, date_created, date_modified, agent_id, ajo_loan_id, borrower_id) \
          SELECT 'CASH', 1, 2, 0, now(), gen_random_uuid(), false, NULL, 0, NULL, false, NULL, NULL, NULL, 0, NULL, now(), now(), \
-                agent_id, id, borrower_id FROM loans_ajoloan WHERE is_disbursed ORDER BY id LIMIT 1 RETURNING id::int8",
+                agent_id, id, borrower_id FROM loans_ajoloan WHERE is_disbursed ORDER BY id LIMIT 1 \
+         RETURNING id::int8, ajo_loan_id::int8",
     )
     .fetch_one(&db.pool)
     .await
@@ -437,7 +440,7 @@ async fn full_then_incremental_over_rabbitmq() {
     let sent_now = |e: EntityKind| -> BTreeSet<i64> { after.ids_sent_since(&before, e) };
     assert_eq!(
         sent_now(EntityKind::Loan),
-        changed_loans.into_iter().collect()
+        changed_loans.into_iter().chain([its_loan]).collect()
     );
     assert_eq!(
         sent_now(EntityKind::Customer),

@@ -1,8 +1,9 @@
 //! Reading the Django tables: the filters and windows of SPEC.md section 2, keyset
 //! paging, and one chunk's related rows, aggregates and never-send columns.
 //!
-//! The first tests build exactly the rows they need with [`crate::fixtures`]; the last
-//! three run over the seeded synthetic dataset.
+//! Most tests build exactly the rows they need with [`crate::fixtures`]; those that call
+//! `seeded_db` run over the seeded synthetic dataset. The last one runs real syncs
+//! through a recording server in front of the stub API, to read the records sent.
 
 use crate::fixtures::{
     Installment, SECRET, fixture_time, insert_customer, insert_loan, insert_officer,
@@ -216,7 +217,7 @@ async fn loans_full_takes_the_disbursed_incremental_takes_the_modified_in_window
 }
 
 #[tokio::test]
-async fn repayments_full_takes_all_incremental_takes_the_created_in_window() {
+async fn repayments_full_takes_all_incremental_takes_the_created_or_modified_in_window() {
     let db = TestDb::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let borrower = insert_customer(&db.pool, Some(agent), true).await;
@@ -227,6 +228,9 @@ async fn repayments_full_takes_all_incremental_takes_the_created_in_window() {
     let at_hi = insert_repayment(&db.pool, pending).await;
     let only_modified_in = insert_repayment(&db.pool, pending).await;
     let in_window = insert_repayment(&db.pool, pending).await;
+    let only_created_in = insert_repayment(&db.pool, pending).await;
+    let modified_at_hi = insert_repayment(&db.pool, pending).await;
+    let untouched = insert_repayment(&db.pool, pending).await;
     set_modified(&db.pool, EntityKind::Repayment, at_lo, lo).await;
     set_modified(&db.pool, EntityKind::Repayment, at_hi, hi).await;
     set_modified(
@@ -236,21 +240,210 @@ async fn repayments_full_takes_all_incremental_takes_the_created_in_window() {
         hi - Duration::seconds(1),
     )
     .await;
-    // Modified in the window but created before it: not selected (date_created counts).
-    sqlx::query("UPDATE loans_ajoloanrepayment SET date_modified = $2 WHERE id = $1::int4")
-        .bind(only_modified_in)
-        .bind(lo + Duration::minutes(1))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let set = |id: i64, created: DateTime<Utc>, modified: DateTime<Utc>| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(
+                "UPDATE loans_ajoloanrepayment SET date_created = $2, date_modified = $3 \
+                 WHERE id = $1::int4",
+            )
+            .bind(id)
+            .bind(created)
+            .bind(modified)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    // Created before the window, modified in it (a status change): selected.
+    set(only_modified_in, fixture_time(), lo + Duration::minutes(1)).await;
+    // Created in the window, modified again after it: selected (created counts).
+    set(
+        only_created_in,
+        lo + Duration::minutes(2),
+        hi + Duration::hours(1),
+    )
+    .await;
+    // Created before the window, modified exactly at hi: not selected.
+    set(modified_at_hi, fixture_time(), hi).await;
 
     assert_eq!(
         all_ids(&db.pool, EntityKind::Repayment, FULL, &full_window(), 3).await,
-        vec![at_lo, at_hi, only_modified_in, in_window]
+        vec![
+            at_lo,
+            at_hi,
+            only_modified_in,
+            in_window,
+            only_created_in,
+            modified_at_hi,
+            untouched
+        ]
     );
+    for page in [1, 2, 100] {
+        assert_eq!(
+            all_ids(&db.pool, EntityKind::Repayment, INCREMENTAL, &w, page).await,
+            vec![at_lo, only_modified_in, in_window, only_created_in],
+            "page size {page}"
+        );
+    }
+    // No lower bound: everything created or modified before hi.
+    let open = SyncWindow { lo: None, hi };
     assert_eq!(
-        all_ids(&db.pool, EntityKind::Repayment, INCREMENTAL, &w, 1).await,
-        vec![at_lo, in_window]
+        all_ids(&db.pool, EntityKind::Repayment, INCREMENTAL, &open, 2).await,
+        vec![
+            at_lo,
+            only_modified_in,
+            in_window,
+            only_created_in,
+            modified_at_hi,
+            untouched
+        ]
+    );
+}
+
+/// A loan whose own `date_modified` is old (fixture time) with one schedule row and one
+/// repayment, both also at fixture time.
+async fn old_loan(pool: &sqlx::PgPool, agent: i64, borrower: i64) -> (i64, i64, i64) {
+    let loan = insert_loan(pool, agent, borrower, true).await;
+    let schedule = insert_schedule(pool, loan, &Installment::new(day("2026-01-10"), 1000.0)).await;
+    let repayment = insert_repayment(pool, loan).await;
+    (loan, schedule, repayment)
+}
+
+async fn set_schedule_modified(pool: &sqlx::PgPool, schedule: i64, ts: DateTime<Utc>) {
+    let done =
+        sqlx::query("UPDATE loans_ajoloanschedule SET date_modified = $2 WHERE id = $1::int4")
+            .bind(schedule)
+            .bind(ts)
+            .execute(pool)
+            .await
+            .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+}
+
+async fn set_repayment_times(
+    pool: &sqlx::PgPool,
+    repayment: i64,
+    created: DateTime<Utc>,
+    modified: DateTime<Utc>,
+) {
+    let done = sqlx::query(
+        "UPDATE loans_ajoloanrepayment SET date_created = $2, date_modified = $3 \
+         WHERE id = $1::int4",
+    )
+    .bind(repayment)
+    .bind(created)
+    .bind(modified)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+}
+
+#[tokio::test]
+async fn loans_incremental_also_takes_those_whose_schedule_or_repayments_changed_in_window() {
+    let db = TestDb::migrated().await;
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let borrower = insert_customer(&db.pool, Some(agent), true).await;
+    let w = window();
+    let (lo, hi) = (w.lo.unwrap(), w.hi);
+    let (untouched, _, _) = old_loan(&db.pool, agent, borrower).await;
+    let (schedule_in, schedule_row, _) = old_loan(&db.pool, agent, borrower).await;
+    let (repayment_added, _, _) = old_loan(&db.pool, agent, borrower).await;
+    let (repayment_modified, _, old_repayment) = old_loan(&db.pool, agent, borrower).await;
+    let (schedule_at_hi, schedule_at_hi_row, _) = old_loan(&db.pool, agent, borrower).await;
+    let (repayment_after, _, late_repayment) = old_loan(&db.pool, agent, borrower).await;
+    let (everything, everything_row, everything_rep) = old_loan(&db.pool, agent, borrower).await;
+    let (pending_own, _, _) = old_loan(&db.pool, agent, borrower).await;
+
+    // (a) A schedule row modified in the window (an installment paid).
+    set_schedule_modified(&db.pool, schedule_row, lo + Duration::minutes(5)).await;
+    // (b) A repayment added in the window, modified again after it: its date_created counts.
+    let added = insert_repayment(&db.pool, repayment_added).await;
+    set_repayment_times(
+        &db.pool,
+        added,
+        lo + Duration::minutes(6),
+        hi + Duration::hours(2),
+    )
+    .await;
+    // (c) An old repayment modified in the window (its status changed).
+    set_repayment_times(&db.pool, old_repayment, fixture_time(), lo).await;
+    // Outside the window: a schedule row modified exactly at hi, a repayment after it.
+    set_schedule_modified(&db.pool, schedule_at_hi_row, hi).await;
+    set_repayment_times(&db.pool, late_repayment, hi, hi + Duration::minutes(1)).await;
+    // Every condition at once, several schedule rows too: the loan comes once.
+    set_modified(
+        &db.pool,
+        EntityKind::Loan,
+        everything,
+        lo + Duration::minutes(7),
+    )
+    .await;
+    set_schedule_modified(&db.pool, everything_row, lo + Duration::minutes(8)).await;
+    for _ in 0..3 {
+        let extra = insert_schedule(
+            &db.pool,
+            everything,
+            &Installment::new(day("2026-02-01"), 5.0),
+        )
+        .await;
+        set_schedule_modified(&db.pool, extra, lo + Duration::minutes(9)).await;
+    }
+    set_repayment_times(&db.pool, everything_rep, lo, lo + Duration::minutes(10)).await;
+    // Its own date_modified in the window, not disbursed: still selected, as before.
+    sqlx::query("UPDATE loans_ajoloan SET is_disbursed = false WHERE id = $1::int4")
+        .bind(pending_own)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    set_modified(
+        &db.pool,
+        EntityKind::Loan,
+        pending_own,
+        hi - Duration::microseconds(1),
+    )
+    .await;
+
+    let want = vec![
+        schedule_in,
+        repayment_added,
+        repayment_modified,
+        everything,
+        pending_own,
+    ];
+    for page in [1, 2, 3, 100] {
+        assert_eq!(
+            all_ids(&db.pool, EntityKind::Loan, INCREMENTAL, &w, page).await,
+            want,
+            "page size {page}"
+        );
+    }
+    let _ = (untouched, schedule_at_hi, repayment_after);
+    // A page that starts after a selected id the other conditions also select.
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert_eq!(
+        next_ids(
+            &mut conn,
+            EntityKind::Loan,
+            INCREMENTAL,
+            &w,
+            repayment_modified,
+            2
+        )
+        .await
+        .unwrap(),
+        vec![everything, pending_own]
+    );
+    // No lower bound: every loan with anything before hi (all have fixture-time rows).
+    let open = SyncWindow { lo: None, hi };
+    let all: Vec<i64> = sqlx::query_scalar("SELECT id::int8 FROM loans_ajoloan ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        all_ids(&db.pool, EntityKind::Loan, INCREMENTAL, &open, 3).await,
+        all
     );
 }
 
@@ -909,4 +1102,215 @@ async fn a_row_committed_late_by_an_open_transaction_arrives_in_the_next_sync() 
         after.ids_sent_since(&before, EntityKind::Loan).contains(&2),
         "the late-committed row was lost"
     );
+}
+
+/// An HTTP server on a loopback port in front of the stub API: forwards every request
+/// as it came and keeps each JSON body the stub accepted (`2xx`), so a test can read the
+/// records that were actually sent.
+struct RecordingApi {
+    url: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RecordingApi {
+    async fn start(upstream: String) -> RecordingApi {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, StatusCode, Uri};
+        type Kept = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+        async fn forward(
+            axum::extract::State((client, upstream, kept)): axum::extract::State<(
+                reqwest::Client,
+                String,
+                Kept,
+            )>,
+            uri: Uri,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> (StatusCode, Bytes) {
+            let mut out = reqwest::header::HeaderMap::new();
+            for name in [
+                "authorization",
+                "idempotency-key",
+                "content-type",
+                "content-encoding",
+            ] {
+                if let Some(v) = headers.get(name) {
+                    out.insert(name, v.clone());
+                }
+            }
+            let resp = client
+                .post(format!("{upstream}{}", uri.path()))
+                .headers(out)
+                .body(body.clone())
+                .send()
+                .await
+                .expect("the stub answers");
+            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+            let answer = resp.bytes().await.expect("the stub's body");
+            if status.is_success() {
+                let v: Value = serde_json::from_slice(&body).expect("a JSON body (gzip is off)");
+                kept.lock().unwrap().push(v);
+            }
+            (status, answer)
+        }
+        let bodies: Kept = Default::default();
+        let app = axum::Router::new()
+            .route("/{*path}", axum::routing::post(forward))
+            .with_state((reqwest::Client::new(), upstream, bodies.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        RecordingApi {
+            url,
+            bodies,
+            stop: Some(stop),
+        }
+    }
+
+    /// The records of `entity` sent by syncs of this type, in the order sent.
+    fn records(&self, sync_type: &str, entity: EntityKind) -> Vec<Value> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| b["sync_type"] == sync_type && b["entity_type"] == entity.to_string())
+            .flat_map(|b| b["records"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for RecordingApi {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn sent(records: &[Value], id: i64) -> &Value {
+    records
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("loan {id} was not sent: {records:#?}"))
+}
+
+#[tokio::test]
+async fn an_incremental_sync_resends_loans_whose_schedule_or_repayments_changed() {
+    let db = TestDb::migrated().await;
+    let stub = crate::pipeline::stub(Faults::default()).await;
+    let api = RecordingApi::start(stub.url()).await;
+    let settings = settings_for(&db, &api.url, &[("ANALYTICS_GZIP", "false")]);
+    let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
+    let borrower = insert_customer(&db.pool, Some(agent), true).await;
+    // Four disbursed loans, all last modified (themselves, their schedule row, their
+    // repayment) at fixture time, long before any window of this test.
+    let (schedule_paid, schedule_row, _) = old_loan(&db.pool, agent, borrower).await;
+    let (repayment_added, _, _) = old_loan(&db.pool, agent, borrower).await;
+    let (repayment_corrected, _, corrected) = old_loan(&db.pool, agent, borrower).await;
+    let (untouched, _, _) = old_loan(&db.pool, agent, borrower).await;
+    let request = |t| PlanRequest {
+        sync_type: t,
+        entities: Some(vec![EntityKind::Loan, EntityKind::Repayment]),
+        request_id: None,
+        since: None,
+        until: None,
+    };
+    let full = loansync::cli::sync_in_process(&db.pool, &settings, &request(SyncType::Full))
+        .await
+        .unwrap();
+    assert_eq!(full.exit_code(), 0, "{}", full.render());
+    let before = api.records("full", EntityKind::Loan);
+    assert_eq!(before.len(), 4);
+
+    // Django changes the aggregates, never the loans' own date_modified:
+    // (a) the installment is paid,
+    sqlx::query(
+        "UPDATE loans_ajoloanschedule SET fully_paid = true, paid_amount = due_amount, \
+         amount_left = 0, paid_date = due_date, fully_paid_date = due_date, \
+         date_modified = now() WHERE id = $1::int4",
+    )
+    .bind(schedule_row)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // (b) a repayment is recorded (created now),
+    let added = insert_repayment_with(
+        &db.pool,
+        repayment_added,
+        2500.0,
+        "2026-01-05T00:00:00Z".parse().unwrap(),
+    )
+    .await;
+    sqlx::query(
+        "UPDATE loans_ajoloanrepayment SET date_created = now(), date_modified = now() \
+         WHERE id = $1::int4",
+    )
+    .bind(added)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // (c) an old repayment is corrected (its amount and status; modified now).
+    sqlx::query(
+        "UPDATE loans_ajoloanrepayment SET repayment_amount = repayment_amount + 1000, \
+         settlement_status = false, date_modified = now() WHERE id = $1::int4",
+    )
+    .bind(corrected)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let incr = loansync::cli::sync_in_process(&db.pool, &settings, &request(SyncType::Incremental))
+        .await
+        .unwrap();
+    assert_eq!(incr.exit_code(), 0, "{}", incr.render());
+    let loans = api.records("incremental", EntityKind::Loan);
+    let mut ids: Vec<i64> = loans.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![schedule_paid, repayment_added, repayment_corrected]
+    );
+    assert!(!ids.contains(&untouched));
+    // Each was sent with its fresh aggregates.
+    let (old, new) = (sent(&before, schedule_paid), sent(&loans, schedule_paid));
+    assert_eq!(old["schedule"]["installments_paid"], 0);
+    assert_eq!(new["schedule"]["installments_paid"], 1);
+    assert_eq!(new["schedule"]["amount_left"], 0.0);
+    let (old, new) = (
+        sent(&before, repayment_added),
+        sent(&loans, repayment_added),
+    );
+    assert_eq!(old["repayments"]["count"], 1);
+    assert_eq!(new["repayments"]["count"], 2);
+    assert_eq!(
+        new["repayments"]["total_amount"].as_f64().unwrap(),
+        old["repayments"]["total_amount"].as_f64().unwrap() + 2500.0
+    );
+    let (old, new) = (
+        sent(&before, repayment_corrected),
+        sent(&loans, repayment_corrected),
+    );
+    assert_eq!(
+        new["repayments"]["total_amount"].as_f64().unwrap(),
+        old["repayments"]["total_amount"].as_f64().unwrap() + 1000.0
+    );
+    // The repayments themselves: the new one and the corrected one, nothing else.
+    let mut reps: Vec<i64> = api
+        .records("incremental", EntityKind::Repayment)
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    reps.sort();
+    assert_eq!(reps, vec![corrected, added]);
+    // The stub accepted what the recorder saw.
+    let received = stub.received();
+    assert_eq!(received.ids(EntityKind::Loan).len(), 4);
 }
