@@ -292,6 +292,7 @@ impl Pipeline {
             request_id: Some(request_id.into()),
             since: None,
             until: None,
+            sweep: false,
         };
         self.admin
             .publish_json(&self.admin.topology.plan, &[req])
@@ -637,6 +638,7 @@ mod units {
             request_id: None,
             since: None,
             until: None,
+            sweep: false,
         };
         let PlanOutcome::Planned { totals, .. } =
             planner::plan_sync(&db.pool, &settings, &req, &queue)
@@ -686,6 +688,7 @@ mod units {
             request_id: Some(id.into()),
             since: None,
             until: None,
+            sweep: false,
         };
         let (r1, r2) = (req("a"), req("b"));
         let (a, b) = tokio::join!(
@@ -733,6 +736,7 @@ mod units {
             request_id: None,
             since: None,
             until: None,
+            sweep: false,
         };
         let summary = loansync::cli::sync_in_process(&db.pool, &settings, &req)
             .await
@@ -749,6 +753,7 @@ mod units {
             request_id: None,
             since: None,
             until: None,
+            sweep: false,
         };
         let s2 = loansync::cli::sync_in_process(&db.pool, &settings, &only_loans)
             .await

@@ -1,4 +1,5 @@
--- One chunk of loans with their agent, borrower, schedule and repayment aggregates (one query).
+-- The columns loan records are built from: the loan, its agent, borrower, schedule and
+-- repayment aggregates (load_chunk adds the chunk's WHERE, the sweep its page's).
 SELECT l.id::int8 AS id, l.agent_id::int8 AS agent_id, l.borrower_id::int8 AS borrower_id,
        l.eligibility_id::int8 AS eligibility_id, l.guarantor_id::int8 AS guarantor_id,
        l.borrower_full_name, l.borrower_phone_number, l.guarantor_full_name, l.guarantor_phone_number,
@@ -35,5 +36,3 @@ CROSS JOIN LATERAL (
            max(paid_date) AS last_paid_date
     FROM loans_ajoloanrepayment WHERE ajo_loan_id = l.id
 ) r
-WHERE l.id = ANY($1::int8[])
-ORDER BY l.id
