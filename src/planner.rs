@@ -353,6 +353,10 @@ async fn plan_sweep(
     size: i64,
 ) -> anyhow::Result<(i64, i32)> {
     let size = usize::try_from(size.max(1))?;
+    // Each page's statement costs enough for PostgreSQL to JIT-compile it, page after
+    // page: the compilation costs more than it saves (about 8 % of a loan page, 20 % of
+    // a repayment page on dataset M). For this transaction only.
+    sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
     let (mut after, mut seq, mut planned, mut gone) = (0i64, 0i32, 0i64, 0u64);
     let mut pending: Vec<i64> = Vec::with_capacity(size);
     loop {

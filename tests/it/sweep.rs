@@ -341,3 +341,34 @@ fn a_sweep_message_is_validated_like_the_others() {
     assert!(typo.contains("invalid planning message"), "{typo}");
     assert!(!parse_plan(br#"{"sync_type":"incremental"}"#).unwrap().sweep);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_records_are_a_gauge_read_at_scrape_time() {
+    // Reads the process-wide registry: alone.
+    let _alone = crate::support::exclusive_services().await;
+    let db = crate::support::TestDb::migrated().await;
+    let metrics = &loansync::telemetry::METRICS;
+    metrics.refresh_state(&db.pool, 3600.0).await;
+    assert!(
+        metrics
+            .render()
+            .contains("etl_deleted_records{entity=\"loan\"} 0")
+    );
+    sqlx::query(
+        "INSERT INTO loansync_deleted (entity, id, sync_id) \
+         VALUES ('loan', 1, 's1'), ('loan', 2, 's1'), ('customer', 3, 's1')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    metrics.refresh_state(&db.pool, 3600.0).await;
+    let text = metrics.render();
+    for line in [
+        "etl_deleted_records{entity=\"loan\"} 2",
+        "etl_deleted_records{entity=\"customer\"} 1",
+        "etl_deleted_records{entity=\"officer\"} 0",
+        "etl_deleted_records{entity=\"repayment\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+}
