@@ -407,3 +407,87 @@ async fn a_row_rewritten_with_the_same_values_changes_no_record() {
     assert!(planned.values().all(|n| *n == 0), "{planned:?}");
     assert_eq!(sent_since(&api.received(), &before), BTreeMap::new());
 }
+
+/// A sweep asked for while a sync runs is kept, and planned on its own when the slot
+/// frees: never merged with the incremental request that waits beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pending_sweep_runs_alone_after_the_running_sync() {
+    use loansync::planner::{self, PlanOutcome};
+    use loansync::queue::memory::MemoryQueue;
+    use std::sync::Arc;
+    let db = seeded_db(small()).await;
+    let pool = &db.pool;
+    let api = stub(Faults::default()).await;
+    let settings = settings_for(&db, &api.url(), &[]);
+    let work = |queue: MemoryQueue| async {
+        let ctx = Arc::new(loansync::cli::worker_context(&settings, pool.clone()).unwrap());
+        loansync::worker::run_memory(ctx, queue, 2).await;
+    };
+    // A full sync planned, its chunks not worked yet: it holds the slot.
+    let running = MemoryQueue::new();
+    let planned = planner::plan_sync(pool, &settings, &request(SyncType::Full, false), &running)
+        .await
+        .unwrap();
+    assert!(
+        matches!(planned, PlanOutcome::Planned { .. }),
+        "{planned:?}"
+    );
+    let with_id = |sweep: bool, id: &str| PlanRequest {
+        request_id: Some(id.to_string()),
+        ..request(SyncType::Incremental, sweep)
+    };
+    let unused = MemoryQueue::new();
+    for (sweep, id) in [(true, "sweep-1"), (false, "incr-1")] {
+        let outcome = planner::plan_message(pool, &settings, &with_id(sweep, id), &unused)
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, PlanOutcome::Pending { again: false, .. }),
+            "{id}: {outcome:?}"
+        );
+    }
+    work(running).await;
+
+    let purpose_of = |id: &'static str| async move {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT s.purpose FROM loansync_request r LEFT JOIN loansync_sync s USING (sync_id) \
+             WHERE r.request_id = $1",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let queue = MemoryQueue::new();
+    let Some(PlanOutcome::Planned { sync_id, .. }) = planner::plan_pending(pool, &settings, &queue)
+        .await
+        .unwrap()
+    else {
+        panic!("the pending sweep was not planned")
+    };
+    assert_eq!(purpose_of("sweep-1").await.as_deref(), Some("sweep"));
+    assert_eq!(
+        purpose_of("incr-1").await,
+        None,
+        "still pending, not merged"
+    );
+    work(queue).await;
+    assert!(ledger_finished(pool, &sync_id).await);
+
+    let queue = MemoryQueue::new();
+    let next = planner::plan_pending(pool, &settings, &queue)
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Some(PlanOutcome::Planned { .. })),
+        "{next:?}"
+    );
+    assert_eq!(purpose_of("incr-1").await.as_deref(), Some("sync"));
+    work(queue).await;
+}
+
+async fn ledger_finished(pool: &sqlx::PgPool, sync_id: &str) -> bool {
+    loansync::ledger::sync_finished(pool, sync_id)
+        .await
+        .unwrap()
+}
