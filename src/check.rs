@@ -304,6 +304,8 @@ const GRANTS: &[Grant] = &[
             "loansync_chunk",
             "loansync_xid_clock",
             "loansync_request",
+            "loansync_delivered",
+            "loansync_deleted",
         ],
     },
     Grant {

@@ -53,6 +53,11 @@ pub struct SyncSelection {
     /// Only these entities (repeatable); all four when absent.
     #[arg(long = "entity", value_name = "E")]
     pub entities: Vec<EntityKind>,
+    /// A sweep: send what timestamps miss (records whose fingerprint differs from what
+    /// was delivered, or never delivered) and record deleted ids (`deletes list`).
+    /// Moves no watermark.
+    #[arg(long, conflicts_with = "full")]
+    pub sweep: bool,
 }
 
 impl SyncSelection {
@@ -67,6 +72,7 @@ impl SyncSelection {
             request_id,
             since: None,
             until: None,
+            sweep: self.sweep,
         }
     }
 }
@@ -90,7 +96,7 @@ pub enum Command {
         request_id: Option<String>,
         /// A backfill: rows changed at or after this time (RFC 3339), whatever the
         /// watermarks say. Incremental selection; moves no watermark.
-        #[arg(long, value_name = "TS", conflicts_with = "full")]
+        #[arg(long, value_name = "TS", conflicts_with_all = ["full", "sweep"])]
         since: Option<chrono::DateTime<chrono::Utc>>,
         /// A backfill's end (exclusive, RFC 3339; default: now).
         #[arg(long, value_name = "TS", requires = "since")]
@@ -178,6 +184,10 @@ pub enum Command {
     /// Show or set the watermarks (`etl_folder_etllastsync`).
     #[command(subcommand)]
     Watermark(WatermarkCommand),
+    /// Records deleted from the source (or no longer selected) that sweeps found
+    /// (`loansync_deleted`); not sent: the analytics API has no delete.
+    #[command(subcommand)]
+    Deletes(DeletesCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout,
     /// e.g. `loansync completions bash > /etc/bash_completion.d/loansync`.
     Completions { shell: clap_complete::Shell },
@@ -224,6 +234,20 @@ pub enum WatermarkCommand {
         /// Why, for the audit row.
         #[arg(long, default_value = "set by an operator")]
         reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeletesCommand {
+    /// List the deleted records, by entity and id.
+    List {
+        #[arg(long)]
+        entity: Option<EntityKind>,
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+        /// Print a JSON array of `{entity, id, detected_at, sync_id}`.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -473,6 +497,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
                 "published a {} planning message (request_id {request_id}) to {}",
                 if req.since.is_some() {
                     "backfill"
+                } else if req.sweep {
+                    "sweep"
                 } else {
                     req.sync_type.as_str()
                 },
@@ -589,6 +615,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::Demo(args) => crate::demo::run(args, &settings).await,
         Command::Errors(cmd) => errors(cmd, &settings).await,
         Command::Watermark(cmd) => watermark(cmd, &settings).await,
+        Command::Deletes(cmd) => deletes(cmd, &settings).await,
         // Handled in `main`, before any setting is read.
         Command::Completions { .. } => Ok(0),
         Command::Check {
@@ -1131,6 +1158,14 @@ async fn status(
                     .unwrap_or_else(|| "-".into())
             );
         }
+        let deleted = ledger::deleted_counts(pool).await?;
+        if !deleted.is_empty() {
+            let per: Vec<String> = deleted.iter().map(|(e, n)| format!("{e}: {n}")).collect();
+            println!(
+                "\ndeleted records found by sweeps (not sent, the API has no delete): {} (`loansync deletes list`)",
+                per.join(", ")
+            );
+        }
         let pending = ledger::pending_requests(pool).await?;
         if !pending.is_empty() {
             println!(
@@ -1151,6 +1186,38 @@ async fn status(
         }
     }
     Ok(())
+}
+
+async fn deletes(cmd: DeletesCommand, settings: &Settings) -> anyhow::Result<u8> {
+    let pool = db::connect(settings).await?;
+    match cmd {
+        DeletesCommand::List {
+            entity,
+            limit,
+            json,
+        } => {
+            let rows = ledger::list_deleted(&pool, entity, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<10} {:>12}  {:<25}  sync", "entity", "id", "detected");
+                for r in &rows {
+                    println!(
+                        "{:<10} {:>12}  {:<25}  {}",
+                        r.entity,
+                        r.id,
+                        r.detected_at.format("%Y-%m-%d %H:%M:%S"),
+                        r.sync_id
+                    );
+                }
+                eprintln!(
+                    "{} deleted record(s) listed; not sent: the analytics API has no delete",
+                    rows.len()
+                );
+            }
+            Ok(0)
+        }
+    }
 }
 
 async fn watermark(cmd: WatermarkCommand, settings: &Settings) -> anyhow::Result<u8> {

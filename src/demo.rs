@@ -175,6 +175,7 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
                     request_id: Some(uuid::Uuid::new_v4().to_string()),
                     since: None,
                     until: None,
+                    sweep: false,
                 };
                 admin
                     .publish_json(&admin.topology.plan, std::slice::from_ref(&req))
@@ -200,6 +201,7 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
                     request_id: None,
                     since: None,
                     until: None,
+                    sweep: false,
                 };
                 let s = crate::cli::sync_in_process(&pool, &settings, &req).await?;
                 eprint!("{}", s.render());

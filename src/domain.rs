@@ -160,6 +160,11 @@ pub struct PlanRequest {
     /// A backfill's end (exclusive); the window never ends later than a regular one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// A sweep (`loansync trigger --sweep`): sends what timestamps miss (records whose
+    /// fingerprint differs from what was delivered), records deleted ids, moves no
+    /// watermark. Incremental; never with `since`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sweep: bool,
 }
 
 impl PlanRequest {

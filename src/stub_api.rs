@@ -79,6 +79,10 @@ pub struct Received {
     pub keys_reused_for_other_records: u64,
     /// Requests whose body came gzipped (`Content-Encoding: gzip`).
     pub gzip_requests: u64,
+    /// Per entity: id → the last record accepted for it, as JSON text: what the platform
+    /// holds. Kept only after [`StubHandle::keep_records`] (it costs memory and CPU).
+    #[serde(skip)]
+    pub records: BTreeMap<EntityKind, BTreeMap<i64, String>>,
 }
 
 impl Received {
@@ -110,6 +114,19 @@ impl Received {
         self.statuses.get(&status).copied().unwrap_or(0)
     }
 
+    /// The last record accepted for each id of `entity`, parsed (see
+    /// [`StubHandle::keep_records`]).
+    pub fn latest(&self, entity: EntityKind) -> BTreeMap<i64, Value> {
+        self.records
+            .get(&entity)
+            .map(|m| {
+                m.iter()
+                    .map(|(id, raw)| (*id, serde_json::from_str(raw).unwrap_or(Value::Null)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// All requests answered (dropped connections not counted).
     pub fn requests(&self) -> u64 {
         self.statuses.values().sum()
@@ -121,6 +138,8 @@ struct Shared {
     faults: Faults,
     rng: fastrand::Rng,
     received: Received,
+    /// Whether to keep the last record accepted per id ([`Received::records`]).
+    keep_records: bool,
     /// Answers already given per idempotency key, with the ids of the body answered (a
     /// retry of an accepted body gets the same answer and is not counted twice; so does
     /// any body reusing the key, as a caching API would do).
@@ -145,6 +164,12 @@ impl StubHandle {
         let mut s = lock(&self.state);
         s.rng = fastrand::Rng::with_seed(faults.seed);
         s.faults = faults;
+    }
+
+    /// From now on, keep the last record accepted for each id ([`Received::records`]),
+    /// so that a test can compare what the platform holds with what the source says.
+    pub fn keep_records(&self) {
+        lock(&self.state).keep_records = true;
     }
 
     pub fn received(&self) -> Received {
@@ -205,6 +230,7 @@ where
         rng: fastrand::Rng::with_seed(cfg.faults.seed),
         faults: cfg.faults,
         received: Received::default(),
+        keep_records: false,
         answered: HashMap::new(),
     }));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -583,9 +609,38 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
             *accepted_map.entry(*id).or_default() += 1;
         }
     }
+    if s.keep_records {
+        keep_accepted(&mut s.received, entity, body, &rejected);
+    }
     let value = json!({ "accepted": ids.len() - rejected.len(), "rejected": rejected });
     s.answered.insert(key, (ids, 200, value.clone()));
     (200, value)
+}
+
+/// Keeps the records of an accepted body that were not rejected, by id (the last one
+/// wins).
+fn keep_accepted(received: &mut Received, entity: EntityKind, body: &[u8], rejected: &[Value]) {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        records: Vec<&'a serde_json::value::RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: i64,
+    }
+    let Ok(b) = serde_json::from_slice::<Body>(body) else {
+        return;
+    };
+    let refused: BTreeSet<i64> = rejected.iter().filter_map(|r| r["id"].as_i64()).collect();
+    let kept = received.records.entry(entity).or_default();
+    for raw in b.records {
+        if let Ok(Id { id }) = serde_json::from_str::<Id>(raw.get())
+            && !refused.contains(&id)
+        {
+            kept.insert(id, raw.get().to_string());
+        }
+    }
 }
 
 async fn stats(State(state): State<AppState>) -> axum::Json<Value> {

@@ -85,6 +85,10 @@ pub struct Metrics {
     pub pending_requests: IntGaugeVec,
     /// Messages waiting in the dead-letter queue `<prefix>.dead`.
     pub dead_letters: IntGauge,
+    /// Delivered records that sweeps found deleted from the source (or no longer
+    /// selected), by entity: `loansync_deleted`, read at scrape time. Not sent: the
+    /// analytics API has no delete.
+    pub deleted_records: IntGaugeVec,
 }
 
 /// The sync types, as in `etl_folder_etlsynchistory.sync_type`.
@@ -314,6 +318,14 @@ impl Metrics {
             "Messages waiting in the dead-letter queue <prefix>.dead.",
         )
         .expect("valid metric");
+        let deleted_records = IntGaugeVec::new(
+            Opts::new(
+                "etl_deleted_records",
+                "Delivered records a sweep found deleted from the source or no longer selected (not sent: the API has no delete), by entity.",
+            ),
+            &["entity"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "loansync_build_info",
@@ -334,6 +346,7 @@ impl Metrics {
             Box::new(last_sync_records.clone()),
             Box::new(pending_requests.clone()),
             Box::new(dead_letters.clone()),
+            Box::new(deleted_records.clone()),
             Box::new(build_info),
             // process_resident_memory_bytes, process_cpu_seconds_total, open fds, start time.
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
@@ -358,6 +371,7 @@ impl Metrics {
                 chunks.with_label_values(&[e, o]);
             }
             records_planned.with_label_values(&[e]);
+            deleted_records.with_label_values(&[e]);
             transform_warnings.with_label_values(&[e]);
             chunk_seconds.with_label_values(&[e]);
         }
@@ -396,6 +410,7 @@ impl Metrics {
             last_sync_records,
             pending_requests,
             dead_letters,
+            deleted_records,
             records,
             records_planned,
             chunks,
@@ -493,6 +508,23 @@ impl Metrics {
             for t in SYNC_TYPES {
                 let n = rows.iter().find(|(rt, _)| rt == t).map_or(0, |(_, n)| *n);
                 self.pending_requests.with_label_values(&[t]).set(n);
+            }
+        }
+        // The table comes with the sweep migration; before it, nothing was found deleted.
+        let deleted = match crate::ledger::deleted_counts(pool).await {
+            Ok(rows) => Some(rows),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
+                Some(Vec::new())
+            }
+            Err(_) => None,
+        };
+        if let Some(rows) = deleted {
+            for e in crate::domain::EntityKind::ALL {
+                let n = rows
+                    .iter()
+                    .find(|(re, _)| re == e.as_str())
+                    .map_or(0, |(_, n)| *n);
+                self.deleted_records.with_label_values(&[e.as_str()]).set(n);
             }
         }
     }

@@ -158,11 +158,7 @@ async fn load_isolating(
     let mut unreadable = Vec::new();
     for &id in ids {
         match load_guarded(ctx, job.entity, &[id]).await {
-            Ok(one) => {
-                all.records.extend(one.records);
-                all.missing.extend(one.missing);
-                all.warnings += one.warnings;
-            }
+            Ok(one) => all.extend(one),
             Err(LoadFailure::Other(e)) => return Err(e),
             Err(LoadFailure::Unreadable(reason)) => {
                 tracing::error!(id, %reason, "source row cannot be read: its record fails");
@@ -213,7 +209,7 @@ pub async fn process_chunk(
                 details: serde_json::json!({ "attempts": state.attempts - 1 }),
             })
             .collect();
-        settle(ctx, job, &state, &[], &failures, None).await?;
+        settle(ctx, job, &state, &[], &[], &failures, None).await?;
         return Ok(ChunkOutcome::GaveUp { reason });
     }
 
@@ -274,11 +270,19 @@ pub async fn process_chunk(
             }
         }
     };
+    // What the platform now holds of each accepted record: the fingerprint loaded with
+    // it, written in the settle transaction (a rejected record keeps its old one, so the
+    // next sweep sends it again).
+    let delivered: Vec<(i64, uuid::Uuid)> = succeeded
+        .iter()
+        .filter_map(|&id| loaded.fingerprint_of(id).map(|fp| (id, fp)))
+        .collect();
     settle(
         ctx,
         job,
         &state,
         &succeeded,
+        &delivered,
         &failures,
         api_response.as_ref(),
     )
@@ -290,6 +294,7 @@ async fn settle(
     job: &ChunkJob,
     state: &ledger::ChunkState,
     succeeded: &[i64],
+    delivered: &[(i64, uuid::Uuid)],
     failures: &[FailedRecord],
     api_response: Option<&serde_json::Value>,
 ) -> Result<ChunkOutcome, ChunkError> {
@@ -300,6 +305,7 @@ async fn settle(
         history_id: state.history_id,
         purpose: state.purpose,
         succeeded,
+        delivered,
         failed: failures,
         api_response,
     };
@@ -477,7 +483,7 @@ pub async fn fail_chunk(
             details: serde_json::json!({}),
         })
         .collect();
-    settle(ctx, job, &state, &[], &failures, None).await?;
+    settle(ctx, job, &state, &[], &[], &failures, None).await?;
     Ok(())
 }
 

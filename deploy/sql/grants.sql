@@ -28,6 +28,8 @@ GRANT USAGE ON SEQUENCE etl_folder_etlsynchistory_id_seq, etl_folder_etlsyncerro
 GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_sync, loansync_sync_entity, loansync_chunk,
     loansync_xid_clock, loansync_request TO loansync;
 GRANT SELECT ON loansync_pending_request TO loansync;
+-- The sweep's records: what was delivered (fingerprints) and what was found deleted.
+GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_delivered, loansync_deleted TO loansync;
 
 -- `loansync status` and the migrate Job's check read the migration history.
 GRANT SELECT ON _sqlx_migrations TO loansync;

@@ -37,6 +37,9 @@ pub enum Purpose {
     Retry,
     /// A bounded window asked for by hand (`trigger --since`); moves no watermark.
     Backfill,
+    /// What timestamps miss (`trigger --sweep`): the records whose fingerprint differs
+    /// from the delivered one; moves no watermark, records deleted ids.
+    Sweep,
 }
 
 impl Purpose {
@@ -45,6 +48,7 @@ impl Purpose {
             Purpose::Sync => "sync",
             Purpose::Retry => "retry",
             Purpose::Backfill => "backfill",
+            Purpose::Sweep => "sweep",
         }
     }
 }
@@ -269,7 +273,7 @@ pub async fn begin_pending(
         return Ok(None);
     }
     let pending: Vec<PendingRequest> = sqlx::query_as(
-        "SELECT request_id, sync_type::text, entities, since, until FROM loansync_request \
+        "SELECT request_id, sync_type::text, entities, since, until, sweep FROM loansync_request \
          WHERE state = 'pending' ORDER BY received_at, request_id FOR UPDATE",
     )
     .fetch_all(&mut *tx)
@@ -315,8 +319,8 @@ pub async fn pending_requests(
     pool: &PgPool,
 ) -> sqlx::Result<Vec<(String, String, DateTime<Utc>, Option<DateTime<Utc>>)>> {
     sqlx::query_as(
-        "SELECT request_id, sync_type::text, received_at, since FROM loansync_request \
-         WHERE state = 'pending' ORDER BY received_at, request_id",
+        "SELECT request_id, CASE WHEN sweep THEN 'sweep' ELSE sync_type::text END, received_at, since \
+         FROM loansync_request WHERE state = 'pending' ORDER BY received_at, request_id",
     )
     .fetch_all(pool)
     .await
@@ -339,6 +343,7 @@ struct PendingRequest {
     entities: Vec<String>,
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
+    sweep: bool,
 }
 
 /// Which pending requests the next sync serves, and what that sync is (see
@@ -353,7 +358,7 @@ fn coalesce(pending: &[PendingRequest]) -> Option<(SyncSpec, Vec<String>)> {
     let regular = |t: &str| {
         pending
             .iter()
-            .filter(move |r| r.sync_type == t && r.since.is_none())
+            .filter(move |r| r.sync_type == t && r.since.is_none() && !r.sweep)
             .collect::<Vec<_>>()
     };
     let union = |rows: &[&PendingRequest]| {
@@ -386,6 +391,17 @@ fn coalesce(pending: &[PendingRequest]) -> Option<(SyncSpec, Vec<String>)> {
         return Some((spec, served));
     }
     let oldest = pending.first()?;
+    if oldest.sweep {
+        // A sweep is a kind of its own, like a backfill: never merged with others.
+        let spec = SyncSpec {
+            sync_type: SyncType::Incremental,
+            entities: entities_of(&oldest.entities),
+            purpose: Purpose::Sweep,
+            since: None,
+            until: None,
+        };
+        return Some((spec, vec![oldest.request_id.clone()]));
+    }
     if oldest.since.is_some() {
         let spec = SyncSpec {
             sync_type: SyncType::Incremental,
@@ -454,8 +470,8 @@ async fn insert_request(
 ) -> sqlx::Result<()> {
     let names: Vec<&str> = spec.entities.iter().map(|e| e.as_str()).collect();
     sqlx::query(
-        "INSERT INTO loansync_request (request_id, sync_type, entities, since, until, state, sync_id, planned_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $7::text IS NULL THEN NULL ELSE now() END)",
+        "INSERT INTO loansync_request (request_id, sync_type, entities, since, until, state, sync_id, planned_at, sweep) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $7::text IS NULL THEN NULL ELSE now() END, $8)",
     )
     .bind(request_id)
     .bind(spec.sync_type.as_str())
@@ -464,6 +480,7 @@ async fn insert_request(
     .bind(spec.until)
     .bind(state)
     .bind(sync_id)
+    .bind(spec.purpose == Purpose::Sweep)
     .execute(tx)
     .await?;
     Ok(())
@@ -565,6 +582,70 @@ pub async fn next_unresolved_ids(
     .bind(after)
     .bind(limit)
     .fetch_all(conn)
+    .await
+}
+
+/// Records ids a sweep found gone from the source (or no longer selected): a row each
+/// in `loansync_deleted` (detected again: its time and sync move), and the delivered
+/// fingerprint removed, so that a row that comes back is sent again. In the planning
+/// transaction. Returns how many ids.
+pub async fn record_deleted(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    entity: EntityKind,
+    ids: &[i64],
+) -> sqlx::Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    sqlx::query(
+        "INSERT INTO loansync_deleted (entity, id, sync_id) SELECT $1, unnest($2::int8[]), $3 \
+         ON CONFLICT (entity, id) DO UPDATE SET detected_at = now(), sync_id = EXCLUDED.sync_id",
+    )
+    .bind(entity.as_str())
+    .bind(ids)
+    .bind(sync_id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM loansync_delivered WHERE entity = $1 AND id = ANY($2::int8[])")
+        .bind(entity.as_str())
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(ids.len() as u64)
+}
+
+/// One deleted record, as `loansync deletes list` shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeletedRow {
+    pub entity: String,
+    pub id: i64,
+    pub detected_at: DateTime<Utc>,
+    pub sync_id: String,
+}
+
+/// Deleted records found by sweeps, by entity and id, optionally of one entity.
+pub async fn list_deleted(
+    pool: &PgPool,
+    entity: Option<EntityKind>,
+    limit: i64,
+) -> sqlx::Result<Vec<DeletedRow>> {
+    sqlx::query_as(
+        "SELECT entity::text AS entity, id, detected_at, sync_id::text AS sync_id FROM loansync_deleted \
+         WHERE $1::text IS NULL OR entity = $1 ORDER BY entity, id LIMIT $2",
+    )
+    .bind(entity.map(|e| e.as_str()))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// How many deleted records sweeps found, per entity (entities with none are absent).
+pub async fn deleted_counts(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT entity::text, count(*) FROM loansync_deleted GROUP BY entity ORDER BY entity",
+    )
+    .fetch_all(pool)
     .await
 }
 
@@ -775,6 +856,7 @@ pub async fn start_chunk(
             purpose: match purpose.as_str() {
                 "retry" => Purpose::Retry,
                 "backfill" => Purpose::Backfill,
+                "sweep" => Purpose::Sweep,
                 _ => Purpose::Sync,
             },
             history_id: r.get(4),
@@ -928,6 +1010,9 @@ pub struct ChunkResult<'a> {
     pub history_id: i32,
     pub purpose: Purpose,
     pub succeeded: &'a [i64],
+    /// The fingerprint of each accepted record (see `source::LoadedChunk`), written to
+    /// `loansync_delivered`: what the platform now holds.
+    pub delivered: &'a [(i64, uuid::Uuid)],
     pub failed: &'a [FailedRecord],
     /// The last response body of the API for this chunk (already truncated).
     pub api_response: Option<&'a serde_json::Value>,
@@ -981,6 +1066,9 @@ pub async fn settle_chunk(pool: &PgPool, r: &ChunkResult<'_>) -> sqlx::Result<Se
             .execute(&mut *tx)
             .await?;
     }
+    if !r.delivered.is_empty() {
+        record_delivered(&mut tx, r).await?;
+    }
     let remaining: i32 = sqlx::query_scalar(
         "UPDATE loansync_sync SET chunks_remaining = chunks_remaining - 1, last_progress_at = now() \
          WHERE sync_id = $1 RETURNING chunks_remaining",
@@ -995,6 +1083,31 @@ pub async fn settle_chunk(pool: &PgPool, r: &ChunkResult<'_>) -> sqlx::Result<Se
     };
     tx.commit().await?;
     Ok(Settled::Now(finished))
+}
+
+/// Writes what the platform now holds of the accepted records: their fingerprints (in
+/// the settle transaction, so a settled chunk and its fingerprints commit together). A
+/// record delivered again after a sweep found it gone is no longer gone.
+async fn record_delivered(conn: &mut PgConnection, r: &ChunkResult<'_>) -> sqlx::Result<()> {
+    let (ids, fps): (Vec<i64>, Vec<uuid::Uuid>) = r.delivered.iter().copied().unzip();
+    sqlx::query(
+        "INSERT INTO loansync_delivered (entity, id, fingerprint, sync_id) \
+         SELECT $1, d.id, d.fp, $4 FROM unnest($2::int8[], $3::uuid[]) AS d (id, fp) \
+         ON CONFLICT (entity, id) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
+             sync_id = EXCLUDED.sync_id, delivered_at = now()",
+    )
+    .bind(r.entity.as_str())
+    .bind(&ids)
+    .bind(&fps)
+    .bind(r.sync_id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM loansync_deleted WHERE entity = $1 AND id = ANY($2::int8[])")
+        .bind(r.entity.as_str())
+        .bind(&ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 async fn add_counters(
@@ -1026,7 +1139,7 @@ async fn record_failures(conn: &mut PgConnection, r: &ChunkResult<'_>) -> sqlx::
     let messages: Vec<&str> = r.failed.iter().map(|f| f.message.as_str()).collect();
     let details: Vec<&serde_json::Value> = r.failed.iter().map(|f| &f.details).collect();
     let sql = match r.purpose {
-        Purpose::Sync | Purpose::Backfill => INSERT_ERRORS,
+        Purpose::Sync | Purpose::Backfill | Purpose::Sweep => INSERT_ERRORS,
         Purpose::Retry => RETRY_ERRORS,
     };
     sqlx::query(sql)
@@ -1419,7 +1532,40 @@ mod tests {
             entities: entities.iter().map(|e| e.to_string()).collect(),
             since: since.then(Utc::now),
             until: None,
+            sweep: false,
         }
+    }
+
+    #[test]
+    fn a_pending_sweep_is_never_merged_with_other_requests() {
+        let sweep = |id: &str, entities: &[&str]| PendingRequest {
+            sweep: true,
+            ..req(id, "incremental", entities, false)
+        };
+        // Oldest first: the sweep runs alone, for its own entities.
+        let pending = [
+            sweep("s1", &["loan"]),
+            req("i1", "incremental", &["loan", "customer"], false),
+            sweep("s2", &["customer"]),
+        ];
+        let (spec, served) = coalesce(&pending).unwrap();
+        assert_eq!(spec.purpose, Purpose::Sweep);
+        assert_eq!(spec.sync_type, SyncType::Incremental);
+        assert_eq!(spec.entities, vec![EntityKind::Loan]);
+        assert_eq!(served, vec!["s1"]);
+        // Behind an incremental, the incrementals merge without the sweeps...
+        let (spec, served) = coalesce(&pending[1..]).unwrap();
+        assert_eq!(
+            (spec.purpose, served),
+            (Purpose::Sync, vec!["i1".to_string()])
+        );
+        // ...and a full supersedes incrementals, never a sweep.
+        let with_full = [sweep("s1", &["loan"]), req("f1", "full", &["loan"], false)];
+        let (spec, served) = coalesce(&with_full).unwrap();
+        assert_eq!(
+            (spec.sync_type, served),
+            (SyncType::Full, vec!["f1".to_string()])
+        );
     }
 
     #[test]

@@ -23,10 +23,65 @@ const IDS_LOAN_FULL: &str = include_str!("sql/ids_loan_full.sql");
 const IDS_LOAN_INCREMENTAL: &str = include_str!("sql/ids_loan_incremental.sql");
 const IDS_REPAYMENT_FULL: &str = include_str!("sql/ids_repayment_full.sql");
 const IDS_REPAYMENT_INCREMENTAL: &str = include_str!("sql/ids_repayment_incremental.sql");
-const LOAD_OFFICER: &str = include_str!("sql/load_officer.sql");
-const LOAD_CUSTOMER: &str = include_str!("sql/load_customer.sql");
-const LOAD_LOAN: &str = include_str!("sql/load_loan.sql");
-const LOAD_REPAYMENT: &str = include_str!("sql/load_repayment.sql");
+
+/// The fingerprint of a record: the md5 of the text of the row of every column it is
+/// built from (`rows_*.sql`), as a uuid (16 bytes). The same expression, over the same
+/// statement, in [`load_chunk`] (per chunk) and in [`sweep_page`] (set-based, per page
+/// of the source), so that a record's fingerprint at delivery and now compare equal
+/// exactly when nothing it is built from changed. Never-send columns are not selected,
+/// so they are not in it either.
+macro_rules! fingerprint {
+    () => {
+        "md5(x::text)::uuid"
+    };
+}
+
+/// One chunk's rows with their fingerprints: `rows_<entity>.sql` with the chunk's ids.
+macro_rules! load_sql {
+    ($rows:literal, $alias:literal) => {
+        concat!(
+            "SELECT x.*, ",
+            fingerprint!(),
+            " AS fingerprint FROM (\n",
+            include_str!($rows),
+            "WHERE ",
+            $alias,
+            ".id = ANY($1::int8[])\n) x\nORDER BY x.id"
+        )
+    };
+}
+
+/// One page of a sweep: the fingerprints now of the page's ids (`$4`, the full sync's
+/// selection in `($1, $2]`), against what was delivered in `($1, $2]` (`$3` the entity).
+/// Returns the ids that differ or were never delivered (`gone` false) and the delivered
+/// ids no longer selected (`gone` true), ascending.
+macro_rules! sweep_sql {
+    ($rows:literal, $alias:literal) => {
+        concat!(
+            "WITH src AS (SELECT x.id, ",
+            fingerprint!(),
+            " AS fingerprint FROM (\n",
+            include_str!($rows),
+            "WHERE ",
+            $alias,
+            ".id = ANY($4::int8[])\n) x), \
+             dl AS (SELECT d.id, d.fingerprint FROM loansync_delivered d \
+                    WHERE d.entity = $3 AND d.id > $1 AND d.id <= $2) \
+             SELECT COALESCE(s.id, dl.id) AS id, s.id IS NULL AS gone \
+             FROM src s FULL JOIN dl ON dl.id = s.id \
+             WHERE s.fingerprint IS DISTINCT FROM dl.fingerprint ORDER BY 1"
+        )
+    };
+}
+
+const LOAD_OFFICER: &str = load_sql!("sql/rows_officer.sql", "u");
+const LOAD_CUSTOMER: &str = load_sql!("sql/rows_customer.sql", "c");
+const LOAD_LOAN: &str = load_sql!("sql/rows_loan.sql", "l");
+const LOAD_REPAYMENT: &str = load_sql!("sql/rows_repayment.sql", "p");
+const SWEEP_OFFICER: &str = sweep_sql!("sql/rows_officer.sql", "u");
+const SWEEP_CUSTOMER: &str = sweep_sql!("sql/rows_customer.sql", "c");
+const SWEEP_LOAN: &str = sweep_sql!("sql/rows_loan.sql", "l");
+const SWEEP_REPAYMENT: &str = sweep_sql!("sql/rows_repayment.sql", "p");
 
 /// The id-enumeration statement of an entity and sync type, and whether it takes the
 /// window (`$3` = lo, NULL for no lower bound; `$4` = hi) after `$1` = after, `$2` = limit.
@@ -87,6 +142,29 @@ pub struct LoadedChunk {
     pub missing: Vec<i64>,
     /// Values sent as `null` for being NaN or infinite.
     pub warnings: u32,
+    /// The fingerprint of each record, by id, ascending (see [`fingerprint!`]): written
+    /// to `loansync_delivered` when the API accepts the record.
+    pub fingerprints: Vec<(i64, uuid::Uuid)>,
+}
+
+impl LoadedChunk {
+    /// The fingerprint loaded with the record `id`.
+    pub fn fingerprint_of(&self, id: i64) -> Option<uuid::Uuid> {
+        self.fingerprints
+            .binary_search_by_key(&id, |(i, _)| *i)
+            .ok()
+            .and_then(|i| self.fingerprints.get(i))
+            .map(|(_, fp)| *fp)
+    }
+
+    /// Adds another load's records (the one-by-one loading of a chunk).
+    pub fn extend(&mut self, other: LoadedChunk) {
+        self.records.extend(other.records);
+        self.missing.extend(other.missing);
+        self.warnings += other.warnings;
+        self.fingerprints.extend(other.fingerprints);
+        self.fingerprints.sort_unstable_by_key(|(id, _)| *id);
+    }
 }
 
 /// Loads the rows with these ids (whatever their filter state now), with their related
@@ -103,34 +181,16 @@ pub async fn load_chunk(
     if ids.is_empty() {
         return Ok(LoadedChunk::default());
     }
-    let out = match entity {
+    let (out, fingerprints) = match entity {
         EntityKind::Officer => {
-            let rows = sqlx::query_as::<_, transform::officer::OfficerRow>(LOAD_OFFICER)
-                .bind(ids)
-                .fetch_all(pool)
-                .await?;
-            collect(rows, transform::officer::transform)
+            load_rows(pool, LOAD_OFFICER, ids, transform::officer::transform).await?
         }
         EntityKind::Customer => {
-            let rows = sqlx::query_as::<_, transform::customer::CustomerRow>(LOAD_CUSTOMER)
-                .bind(ids)
-                .fetch_all(pool)
-                .await?;
-            collect(rows, transform::customer::transform)
+            load_rows(pool, LOAD_CUSTOMER, ids, transform::customer::transform).await?
         }
-        EntityKind::Loan => {
-            let rows = sqlx::query_as::<_, transform::loan::LoanRow>(LOAD_LOAN)
-                .bind(ids)
-                .fetch_all(pool)
-                .await?;
-            collect(rows, transform::loan::transform)
-        }
+        EntityKind::Loan => load_rows(pool, LOAD_LOAN, ids, transform::loan::transform).await?,
         EntityKind::Repayment => {
-            let rows = sqlx::query_as::<_, transform::repayment::RepaymentRow>(LOAD_REPAYMENT)
-                .bind(ids)
-                .fetch_all(pool)
-                .await?;
-            collect(rows, transform::repayment::transform)
+            load_rows(pool, LOAD_REPAYMENT, ids, transform::repayment::transform).await?
         }
     };
     let missing = missing_ids(ids, &out.records);
@@ -138,7 +198,92 @@ pub async fn load_chunk(
         records: out.records,
         missing,
         warnings: out.warnings,
+        fingerprints,
     })
+}
+
+/// Runs one chunk's statement: the rows (decoded as `R`), transformed, and their
+/// fingerprints sorted by id.
+async fn load_rows<R>(
+    pool: &PgPool,
+    sql: &'static str,
+    ids: &[i64],
+    f: impl Fn(R) -> (Record, u32),
+) -> Result<(Transformed, Vec<(i64, uuid::Uuid)>), sqlx::Error>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    use sqlx::Row;
+    let rows = sqlx::query(sql).bind(ids).fetch_all(pool).await?;
+    let mut decoded = Vec::with_capacity(rows.len());
+    let mut fingerprints = Vec::with_capacity(rows.len());
+    for row in &rows {
+        fingerprints.push((
+            row.try_get::<i64, _>("id")?,
+            row.try_get::<uuid::Uuid, _>("fingerprint")?,
+        ));
+        decoded.push(R::from_row(row)?);
+    }
+    fingerprints.sort_unstable_by_key(|(id, _)| *id);
+    Ok((collect(decoded, f), fingerprints))
+}
+
+/// What one page of a sweep found (see [`sweep_page`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepPage {
+    /// Selected ids whose fingerprint differs from the delivered one, or that were never
+    /// delivered: to be sent. Ascending.
+    pub changed: Vec<i64>,
+    /// Delivered ids that are gone from the source or no longer selected. Ascending.
+    pub gone: Vec<i64>,
+    /// Where the page ended (inclusive): the next page starts after it. `None` when this
+    /// was the last page (it covered every id above `after`).
+    pub last: Option<i64>,
+}
+
+/// One keyset page of a sweep: the next `limit` ids of the full sync's selection after
+/// `after`, their fingerprints computed now (set-based, one statement) and compared with
+/// `loansync_delivered` over the same id range. The last page's range is open above, so
+/// that delivered ids above the source's largest one are found gone too.
+pub async fn sweep_page(
+    conn: &mut PgConnection,
+    entity: EntityKind,
+    window: &SyncWindow,
+    after: i64,
+    limit: i64,
+) -> Result<SweepPage, sqlx::Error> {
+    use sqlx::Row;
+    let ids = next_ids(&mut *conn, entity, SyncType::Full, window, after, limit).await?;
+    let last = match ids.last() {
+        Some(&last) if ids.len() as i64 >= limit => Some(last),
+        _ => None,
+    };
+    let sql = match entity {
+        EntityKind::Officer => SWEEP_OFFICER,
+        EntityKind::Customer => SWEEP_CUSTOMER,
+        EntityKind::Loan => SWEEP_LOAN,
+        EntityKind::Repayment => SWEEP_REPAYMENT,
+    };
+    let rows = sqlx::query(sql)
+        .bind(after)
+        .bind(last.unwrap_or(i64::MAX))
+        .bind(entity.as_str())
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut page = SweepPage {
+        last,
+        ..SweepPage::default()
+    };
+    for row in rows {
+        let id: i64 = row.try_get(0)?;
+        if row.try_get::<bool, _>(1)? {
+            page.gone.push(id);
+        } else {
+            page.changed.push(id);
+        }
+    }
+    Ok(page)
 }
 
 fn collect<R>(rows: Vec<R>, f: impl Fn(R) -> (Record, u32)) -> Transformed {
@@ -219,7 +364,14 @@ mod tests {
             let sql = code(sql);
             assert_eq!(sql.matches(';').count(), 0);
             assert!(sql.contains("= ANY($1::int8[])"));
+            assert!(sql.contains("md5(x::text)::uuid AS fingerprint"));
             assert!(!sql.contains("ORDER BY id"));
+        }
+        for sql in [SWEEP_OFFICER, SWEEP_CUSTOMER, SWEEP_LOAN, SWEEP_REPAYMENT] {
+            let sql = code(sql);
+            assert_eq!(sql.matches(';').count(), 0);
+            assert!(sql.contains("= ANY($4::int8[])"));
+            assert!(sql.contains("md5(x::text)::uuid AS fingerprint"));
         }
     }
 }

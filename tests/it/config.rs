@@ -106,6 +106,7 @@ async fn transport_errors_carry_no_credential_from_the_api_url() {
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     };
     let summary = loansync::cli::sync_in_process(&db.pool, &settings, &full)
         .await

@@ -23,6 +23,7 @@ async fn retry_bumps_what_fails_again_and_resolves_what_arrives() {
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     };
     let s = loansync::cli::sync_in_process(&db.pool, &settings, &full)
         .await

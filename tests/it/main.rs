@@ -24,4 +24,5 @@ mod shutdown;
 mod sink;
 mod source;
 mod support;
+mod sweep;
 mod tls;

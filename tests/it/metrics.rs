@@ -73,6 +73,7 @@ async fn metrics_agree_with_the_etl_tables() {
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     };
     let pool = db.pool.clone();
     let sync = tokio::spawn(async move {
@@ -239,6 +240,7 @@ async fn state_gauges_follow_the_etl_tables() {
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     };
     let summary = loansync::cli::sync_in_process(&db.pool, &settings, &req)
         .await

@@ -293,6 +293,7 @@ impl Pipeline {
             request_id: Some(request_id.into()),
             since: None,
             until: None,
+            sweep: false,
         };
         self.admin
             .publish_json(&self.admin.topology.plan, &[req])
@@ -640,6 +641,7 @@ mod units {
             request_id: None,
             since: None,
             until: None,
+            sweep: false,
         };
         let PlanOutcome::Planned { totals, .. } =
             planner::plan_sync(&db.pool, &settings, &req, &queue)
@@ -689,6 +691,7 @@ mod units {
             request_id: Some(id.into()),
             since: None,
             until: None,
+            sweep: false,
         };
         let (r1, r2) = (req("a"), req("b"));
         let (a, b) = tokio::join!(
@@ -736,6 +739,7 @@ mod units {
             request_id: None,
             since: None,
             until: None,
+            sweep: false,
         };
         let summary = loansync::cli::sync_in_process(&db.pool, &settings, &req)
             .await
@@ -752,6 +756,7 @@ mod units {
             request_id: None,
             since: None,
             until: None,
+            sweep: false,
         };
         let s2 = loansync::cli::sync_in_process(&db.pool, &settings, &only_loans)
             .await

@@ -53,6 +53,7 @@ async fn planner_and_workers_reconnect_after_the_broker_drops_them() {
         request_id: Some("reconnect-1".into()),
         since: None,
         until: None,
+        sweep: false,
     };
     admin
         .publish_json(&admin.topology.plan, &[req])

@@ -24,6 +24,7 @@ fn request(sync_type: SyncType, id: &str) -> PlanRequest {
         request_id: Some(id.into()),
         since: None,
         until: None,
+        sweep: false,
     }
 }
 

@@ -122,6 +122,7 @@ async fn start_full_sync(db: &TestDb, prefix: &str, request_id: &str) {
         request_id: Some(request_id.into()),
         since: None,
         until: None,
+        sweep: false,
     };
     admin
         .publish_json(&admin.topology.plan, &[req])

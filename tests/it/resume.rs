@@ -53,6 +53,7 @@ async fn plan_lost_sync(db: &TestDb, settings: &Settings, sync_type: SyncType) -
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     };
     let err = loansync::planner::plan_sync(&db.pool, settings, &req, &LostBroker)
         .await

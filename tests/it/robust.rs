@@ -32,6 +32,7 @@ fn request(sync_type: SyncType, entities: Option<Vec<EntityKind>>) -> PlanReques
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     }
 }
 
@@ -160,6 +161,7 @@ async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
             succeeded: &[],
             failed: &[],
             api_response: None,
+            delivered: &[],
         },
     )
     .await
@@ -542,6 +544,7 @@ async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
                 request_id: Some("confirms-held".into()),
                 since: None,
                 until: None,
+                sweep: false,
             }],
         )
         .await
@@ -723,6 +726,7 @@ async fn a_long_database_outage_spends_no_delivery() {
                 request_id: Some("outage".into()),
                 since: None,
                 until: None,
+                sweep: false,
             }],
         )
         .await

@@ -94,6 +94,7 @@ fn loans_only(sync_type: SyncType) -> PlanRequest {
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     }
 }
 
@@ -306,6 +307,7 @@ async fn a_planner_killed_while_planning_over_rabbitmq(request_id: Option<&str>)
         request_id: request_id.map(str::to_string),
         since: None,
         until: None,
+        sweep: false,
     };
     admin
         .publish_json(&admin.topology.plan, std::slice::from_ref(&req))
@@ -381,6 +383,7 @@ async fn two_planners_given_one_request_id_at_once_plan_one_sync() {
         request_id: Some("nightly-once".into()),
         since: None,
         until: None,
+        sweep: false,
     };
 
     // One planner is held inside its plan; the other has the copy and waits for it.
@@ -480,6 +483,7 @@ async fn a_settle_and_an_abort_at_once_take_their_locks_in_one_order() {
                     succeeded: &ids,
                     failed: &[],
                     api_response: None,
+                    delivered: &[],
                 },
             )
             .await

@@ -29,6 +29,7 @@ async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     };
     loansync::planner::plan_sync(&db.pool, &settings, &req, &broker)
         .await

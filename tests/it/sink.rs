@@ -305,6 +305,7 @@ async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_recor
             request_id: None,
             since: None,
             until: None,
+            sweep: false,
         },
         &queue,
     )
@@ -542,6 +543,7 @@ async fn huge_api_messages_are_bounded_in_error_rows() {
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     };
     loansync::cli::sync_in_process(&db.pool, &settings, &repayments)
         .await

@@ -1059,6 +1059,7 @@ async fn a_row_committed_late_by_an_open_transaction_arrives_in_the_next_sync() 
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     };
     let first = loansync::cli::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Full))
         .await

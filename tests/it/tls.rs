@@ -296,6 +296,7 @@ fn full_sync() -> PlanRequest {
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     }
 }
 

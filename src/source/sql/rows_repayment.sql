@@ -1,4 +1,5 @@
--- One chunk of repayments with their loan's reference (one query). Never selects
+-- The columns repayment records are built from, with their loan's reference (load_chunk adds
+-- the chunk's WHERE, the sweep its page's). Never selects
 -- repayment_meta_response, sms_body or sms_result.
 SELECT p.id::int8 AS id, p.agent_id::int8 AS agent_id, p.borrower_id::int8 AS borrower_id,
        p.ajo_loan_id::int8 AS ajo_loan_id, p.repayment_type, p.loan_amount, p.repayment_amount,
@@ -7,5 +8,3 @@ SELECT p.id::int8 AS id, p.agent_id::int8 AS agent_id, p.borrower_id::int8 AS bo
        p.date_created, p.date_modified, l.loan_ref
 FROM loans_ajoloanrepayment p
 LEFT JOIN loans_ajoloan l ON l.id = p.ajo_loan_id
-WHERE p.id = ANY($1::int8[])
-ORDER BY p.id

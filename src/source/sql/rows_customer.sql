@@ -1,4 +1,5 @@
--- One chunk of customers (one query). pin, lite_transaction_pin, bvn, nin and image never
+-- The columns customer records are built from (load_chunk adds the chunk's WHERE, the sweep
+-- its page's). pin, lite_transaction_pin, bvn, nin and image never
 -- leave the database: only whether a BVN / NIN is present.
 SELECT id::int8 AS id, phone_number, first_name, last_name, alias, alt_phone, gender, marital_status,
        dob, state, lga, address, bus_stop, landmark, trade, trade_location, longitude, latitude,
@@ -9,5 +10,3 @@ SELECT id::int8 AS id, phone_number, first_name, last_name, alias, alt_phone, ge
        (bvn IS NOT NULL AND bvn <> '') AS has_bvn,
        (nin IS NOT NULL AND nin <> '') AS has_nin
 FROM ajo_ajouser c
-WHERE c.id = ANY($1::int8[])
-ORDER BY c.id

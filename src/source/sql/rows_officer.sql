@@ -1,4 +1,5 @@
--- One chunk of officers with their customer counts (one query). Never selects
+-- The columns officer records are built from, with their customer counts (load_chunk adds
+-- the chunk's WHERE, the sweep its page's). Never selects
 -- password, user_password or bvn_number.
 SELECT u.id::int8 AS id, u.email, u.username, u.customer_user_id, u.user_type, u.account_type,
        u.user_phone, u.user_branch, u.kyc_level::int4 AS kyc_level, u.performance_status,
@@ -6,5 +7,3 @@ SELECT u.id::int8 AS id, u.email, u.username, u.customer_user_id, u.user_type, u
        u.is_ajo_admin, u.bucket, u.bucket_designation, u.pnd, u.address, u.date_joined, u.last_login,
        (SELECT count(*) FROM ajo_ajouser c WHERE c.user_id = u.id) AS customers_count
 FROM accounts_customuser u
-WHERE u.id = ANY($1::int8[])
-ORDER BY u.id

@@ -1,0 +1,493 @@
+//! The sweep (SPEC.md section 2): what timestamps miss (updates that bypass `auto_now`,
+//! changed schedule rows and repayments, deletes) is found by comparing fingerprints of
+//! what was delivered with the source. Single-process mode against real PostgreSQL and
+//! the stub API, which keeps the last record it accepted per id.
+
+use crate::fixtures::insert_repayment;
+use crate::pipeline::{loansync_process, seeded_db, settings_for, small, stub};
+use loansync::config::Settings;
+use loansync::domain::{EntityKind, PlanRequest, SyncType};
+use loansync::stub_api::{Faults, Received};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+
+fn request(sync_type: SyncType, sweep: bool) -> PlanRequest {
+    PlanRequest {
+        sync_type,
+        entities: None,
+        request_id: None,
+        since: None,
+        until: None,
+        sweep,
+    }
+}
+
+/// Runs one sync in this process; returns its id and records planned per entity.
+async fn run(
+    pool: &sqlx::PgPool,
+    settings: &Settings,
+    req: &PlanRequest,
+) -> (String, BTreeMap<EntityKind, i32>) {
+    let s = loansync::cli::sync_in_process(pool, settings, req)
+        .await
+        .expect("sync");
+    assert!(s.status.is_some(), "{}", s.render());
+    let planned = s.progress.iter().map(|p| (p.entity, p.total)).collect();
+    (s.sync_id.clone().expect("a sync id"), planned)
+}
+
+fn sent_since(now: &Received, before: &Received) -> BTreeMap<EntityKind, BTreeSet<i64>> {
+    EntityKind::ALL
+        .into_iter()
+        .map(|e| (e, now.ids_sent_since(before, e)))
+        .filter(|(_, ids)| !ids.is_empty())
+        .collect()
+}
+
+async fn one_id(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+async fn exec(pool: &sqlx::PgPool, sql: &'static str, id: i64) {
+    let done = sqlx::query(sql).bind(id).execute(pool).await.unwrap();
+    assert_eq!(done.rows_affected(), 1, "{sql} ({id})");
+}
+
+/// `loansync deletes list --json`, as an operator would run it.
+async fn deletes_list(db: &crate::support::TestDb, settings: &Settings, api: &str) -> Vec<Value> {
+    let out = loansync_process(db, settings, api)
+        .args(["deletes", "list", "--json"])
+        .output()
+        .await
+        .expect("run loansync deletes list");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("deletes list --json is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sweep_converges_the_platform_to_the_source_and_lists_deletions() {
+    let db = seeded_db(small()).await;
+    let pool = &db.pool;
+    let api = stub(Faults::default()).await;
+    api.keep_records();
+    let settings = settings_for(&db, &api.url(), &[]);
+    run(pool, &settings, &request(SyncType::Full, false)).await;
+    let fingerprints: i64 = sqlx::query_scalar("SELECT count(*) FROM loansync_delivered")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let accepted: usize = EntityKind::ALL
+        .into_iter()
+        .map(|e| api.received().ids(e).len())
+        .sum();
+    assert_eq!(
+        fingerprints as usize, accepted,
+        "one fingerprint per record"
+    );
+
+    // Distinct disbursed loans with schedule rows and repayments, for each change.
+    let loans: Vec<i64> = sqlx::query_scalar(
+        "SELECT l.id::int8 FROM loans_ajoloan l WHERE l.is_disbursed \
+           AND EXISTS (SELECT 1 FROM loans_ajoloanschedule s WHERE s.loan_id = l.id AND NOT s.fully_paid) \
+           AND (SELECT count(*) FROM loans_ajoloanrepayment p WHERE p.ajo_loan_id = l.id) >= 2 \
+         ORDER BY l.id LIMIT 4",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        loans.len(),
+        4,
+        "the seed has loans with schedules and repayments"
+    );
+    let (bypassed, paid, lost_repayment, old) = (loans[0], loans[1], loans[2], loans[3]);
+
+    // 1. A save that bumps the timestamp (incremental syncs see it).
+    let saved = one_id(
+        pool,
+        "SELECT id::int8 FROM ajo_ajouser WHERE onboarding_complete ORDER BY id LIMIT 1",
+    )
+    .await;
+    exec(
+        pool,
+        "UPDATE ajo_ajouser SET first_name = 'Saved', date_modified = now() WHERE id = $1::int4",
+        saved,
+    )
+    .await;
+    // 2. An UPDATE that does not touch date_modified.
+    exec(
+        pool,
+        "UPDATE loans_ajoloan SET status = 'RESTRUCTURED' WHERE id = $1::int4",
+        bypassed,
+    )
+    .await;
+    // 3. An instalment paid (a schedule row changed; the loan's row did not).
+    exec(
+        pool,
+        "UPDATE loans_ajoloanschedule SET fully_paid = true, paid_amount = due_amount, amount_left = 0 \
+         WHERE id = (SELECT min(id) FROM loans_ajoloanschedule WHERE loan_id = $1::int4 AND NOT fully_paid)",
+        paid,
+    )
+    .await;
+    // 4. A repayment's status changed, without its timestamps.
+    let changed_repayment = one_id(
+        pool,
+        "SELECT id::int8 FROM loans_ajoloanrepayment ORDER BY id DESC LIMIT 1",
+    )
+    .await;
+    exec(
+        pool,
+        "UPDATE loans_ajoloanrepayment SET settlement_status = NOT settlement_status WHERE id = $1::int4",
+        changed_repayment,
+    )
+    .await;
+    // 5. A repayment added to an old loan (created long ago, by the fixture's clock).
+    let added = insert_repayment(pool, old).await;
+    // 6. A row deleted.
+    let deleted = sqlx::query_scalar::<_, i64>(
+        "DELETE FROM loans_ajoloanrepayment WHERE id = (SELECT min(id) FROM loans_ajoloanrepayment \
+         WHERE ajo_loan_id = $1::int4) RETURNING id::int8",
+    )
+    .bind(lost_repayment)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    // 7. A customer un-onboarded (no longer selected), without its timestamp.
+    let unonboarded = one_id(
+        pool,
+        "SELECT id::int8 FROM ajo_ajouser WHERE onboarding_complete ORDER BY id DESC LIMIT 1",
+    )
+    .await;
+    exec(
+        pool,
+        "UPDATE ajo_ajouser SET onboarding_complete = false WHERE id = $1::int4",
+        unonboarded,
+    )
+    .await;
+
+    run(pool, &settings, &request(SyncType::Incremental, false)).await;
+    let marks = || async {
+        sqlx::query_as::<_, (String, chrono::DateTime<chrono::Utc>)>(
+            "SELECT entity_type::text, last_sync_timestamp FROM etl_folder_etllastsync ORDER BY 1",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    };
+    let marks_before = marks().await;
+    let before = api.received();
+    let (sweep_id, _) = run(pool, &settings, &request(SyncType::Incremental, true)).await;
+    let swept = sent_since(&api.received(), &before);
+
+    // What no timestamp shows was sent; nothing the incremental sync had sent already.
+    let must: BTreeMap<EntityKind, BTreeSet<i64>> = BTreeMap::from([
+        (
+            EntityKind::Loan,
+            BTreeSet::from([bypassed, paid, lost_repayment]),
+        ),
+        (EntityKind::Repayment, BTreeSet::from([changed_repayment])),
+    ]);
+    // The added repayment (and its loan's aggregates) carry old times: a sweep finds
+    // them unless a wider incremental selection already sent them.
+    let may: BTreeMap<EntityKind, BTreeSet<i64>> = BTreeMap::from([
+        (EntityKind::Loan, BTreeSet::from([old])),
+        (EntityKind::Repayment, BTreeSet::from([added])),
+    ]);
+    for e in EntityKind::ALL {
+        let got = swept.get(&e).cloned().unwrap_or_default();
+        let must = must.get(&e).cloned().unwrap_or_default();
+        let allowed: BTreeSet<i64> = must
+            .iter()
+            .chain(may.get(&e).into_iter().flatten())
+            .copied()
+            .collect();
+        assert!(got.is_superset(&must), "{e}: swept {got:?}, must {must:?}");
+        assert!(
+            got.is_subset(&allowed),
+            "{e}: swept {got:?}, allowed {allowed:?}"
+        );
+    }
+    // A sweep moves no watermark; its history row says incremental.
+    assert_eq!(marks().await, marks_before);
+    let (sync_type, purpose): (String, String) = sqlx::query_as(
+        "SELECT h.sync_type::text, s.purpose FROM etl_folder_etlsynchistory h \
+         JOIN loansync_sync s USING (sync_id) WHERE sync_id = $1",
+    )
+    .bind(&sweep_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (sync_type.as_str(), purpose.as_str()),
+        ("incremental", "sweep")
+    );
+
+    // The deletions are listed, not sent.
+    let listed: BTreeSet<(String, i64)> = deletes_list(&db, &settings, &api.url())
+        .await
+        .iter()
+        .map(|d| {
+            assert_eq!(d["sync_id"], Value::String(sweep_id.clone()));
+            (
+                d["entity"].as_str().unwrap().to_string(),
+                d["id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        BTreeSet::from([
+            ("customer".to_string(), unonboarded),
+            ("repayment".to_string(), deleted)
+        ])
+    );
+
+    // Nothing changed since: a sweep plans nothing and sends nothing.
+    let before = api.received();
+    let (_, planned) = run(pool, &settings, &request(SyncType::Incremental, true)).await;
+    assert!(planned.values().all(|n| *n == 0), "{planned:?}");
+    assert_eq!(api.received().requests(), before.requests());
+
+    // What the platform holds for every id equals what a full sync sends now; the ids
+    // it holds beyond that are exactly the deletions listed.
+    let fresh = stub(Faults::default()).await;
+    fresh.keep_records();
+    let fresh_settings = settings_for(&db, &fresh.url(), &[]);
+    run(pool, &fresh_settings, &request(SyncType::Full, false)).await;
+    let (held, now) = (api.received(), fresh.received());
+    for e in EntityKind::ALL {
+        let mut held = held.latest(e);
+        let now = now.latest(e);
+        assert!(!now.is_empty(), "{e}: the full sync sent records");
+        let gone: BTreeSet<i64> = held
+            .keys()
+            .filter(|id| !now.contains_key(id))
+            .copied()
+            .collect();
+        let listed_gone: BTreeSet<i64> = listed
+            .iter()
+            .filter(|(le, _)| le == e.as_str())
+            .map(|(_, id)| *id)
+            .collect();
+        assert_eq!(gone, listed_gone, "{e}: held but no longer in the source");
+        held.retain(|id, _| now.contains_key(id));
+        for (id, record) in &now {
+            assert_eq!(
+                held.get(id),
+                Some(record),
+                "{e} {id}: the platform is behind"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rejected_record_has_no_fingerprint_and_is_swept_again() {
+    let db = seeded_db(small()).await;
+    let pool = &db.pool;
+    let api = stub(Faults {
+        reject_every_nth: 7,
+        ..Default::default()
+    })
+    .await;
+    let settings = settings_for(&db, &api.url(), &[]);
+    run(pool, &settings, &request(SyncType::Full, false)).await;
+    let rejected: BTreeMap<EntityKind, BTreeSet<i64>> = crate::pipeline::expected_full(pool)
+        .await
+        .into_iter()
+        .map(|(e, ids)| (e, ids.into_iter().filter(|id| id % 7 == 0).collect()))
+        .filter(|(_, ids): &(EntityKind, BTreeSet<i64>)| !ids.is_empty())
+        .collect();
+    assert!(!rejected.is_empty(), "the seed has ids the stub rejects");
+    for (e, ids) in &rejected {
+        let ids: Vec<i64> = ids.iter().copied().collect();
+        let with_fp: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM loansync_delivered WHERE entity = $1 AND id = ANY($2)",
+        )
+        .bind(e.as_str())
+        .bind(&ids)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(with_fp, 0, "{e}: rejected records have no fingerprint");
+    }
+
+    api.set_faults(Faults::default());
+    let before = api.received();
+    run(pool, &settings, &request(SyncType::Incremental, true)).await;
+    assert_eq!(sent_since(&api.received(), &before), rejected);
+}
+
+#[test]
+fn a_sweep_message_is_validated_like_the_others() {
+    use loansync::planner::parse_plan;
+    let ok = parse_plan(br#"{"sync_type":"incremental","sweep":true,"entities":["loan"]}"#)
+        .expect("a sweep");
+    assert!(ok.sweep);
+    let full = parse_plan(br#"{"sync_type":"full","sweep":true}"#).unwrap_err();
+    assert!(full.contains("a sweep is incremental"), "{full}");
+    let since =
+        parse_plan(br#"{"sync_type":"incremental","sweep":true,"since":"2026-01-01T00:00:00Z"}"#)
+            .unwrap_err();
+    assert!(since.contains("takes no `since`"), "{since}");
+    let typo = parse_plan(br#"{"sync_type":"incremental","sweep":"yes"}"#).unwrap_err();
+    assert!(typo.contains("invalid planning message"), "{typo}");
+    assert!(!parse_plan(br#"{"sync_type":"incremental"}"#).unwrap().sweep);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_records_are_a_gauge_read_at_scrape_time() {
+    // Reads the process-wide registry: alone.
+    let _alone = crate::support::exclusive_services().await;
+    let db = crate::support::TestDb::migrated().await;
+    let metrics = &loansync::telemetry::METRICS;
+    metrics.refresh_state(&db.pool, 3600.0).await;
+    assert!(
+        metrics
+            .render()
+            .contains("etl_deleted_records{entity=\"loan\"} 0")
+    );
+    sqlx::query(
+        "INSERT INTO loansync_deleted (entity, id, sync_id) \
+         VALUES ('loan', 1, 's1'), ('loan', 2, 's1'), ('customer', 3, 's1')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    metrics.refresh_state(&db.pool, 3600.0).await;
+    let text = metrics.render();
+    for line in [
+        "etl_deleted_records{entity=\"loan\"} 2",
+        "etl_deleted_records{entity=\"customer\"} 1",
+        "etl_deleted_records{entity=\"officer\"} 0",
+        "etl_deleted_records{entity=\"repayment\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+}
+
+/// A loan's sums must not depend on the physical order of its repayment rows: a
+/// repayment row rewritten with the same values (deleted and inserted again with its id,
+/// as a restore does; a non-HOT UPDATE moves it alike) changes nothing any record is
+/// built from, so the sweep sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_rewritten_with_the_same_values_changes_no_record() {
+    use crate::fixtures::{insert_customer, insert_loan, insert_officer, insert_repayment_with};
+    let db = crate::support::TestDb::migrated().await;
+    let pool = &db.pool;
+    let agent = insert_officer(pool, "AGENT", "REGULAR").await;
+    let borrower = insert_customer(pool, Some(agent), true).await;
+    let loan = insert_loan(pool, agent, borrower, true).await;
+    let paid = crate::fixtures::fixture_time();
+    // (0.1 + 0.2) + 0.3 and (0.2 + 0.3) + 0.1 differ in float8.
+    let first = insert_repayment_with(pool, loan, 0.1, paid).await;
+    insert_repayment_with(pool, loan, 0.2, paid).await;
+    insert_repayment_with(pool, loan, 0.3, paid).await;
+    let api = stub(Faults::default()).await;
+    let settings = settings_for(&db, &api.url(), &[]);
+    run(pool, &settings, &request(SyncType::Full, false)).await;
+    assert!(api.received().ids(EntityKind::Loan).contains(&loan));
+
+    exec(
+        pool,
+        "WITH d AS (DELETE FROM loans_ajoloanrepayment WHERE id = $1::int4 RETURNING *) \
+         INSERT INTO loans_ajoloanrepayment SELECT * FROM d",
+        first,
+    )
+    .await;
+    let before = api.received();
+    let (_, planned) = run(pool, &settings, &request(SyncType::Incremental, true)).await;
+    assert!(planned.values().all(|n| *n == 0), "{planned:?}");
+    assert_eq!(sent_since(&api.received(), &before), BTreeMap::new());
+}
+
+/// A sweep asked for while a sync runs is kept, and planned on its own when the slot
+/// frees: never merged with the incremental request that waits beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pending_sweep_runs_alone_after_the_running_sync() {
+    use loansync::planner::{self, PlanOutcome};
+    use loansync::queue::memory::MemoryQueue;
+    use std::sync::Arc;
+    let db = seeded_db(small()).await;
+    let pool = &db.pool;
+    let api = stub(Faults::default()).await;
+    let settings = settings_for(&db, &api.url(), &[]);
+    let work = |queue: MemoryQueue| async {
+        let ctx = Arc::new(loansync::cli::worker_context(&settings, pool.clone()).unwrap());
+        loansync::worker::run_memory(ctx, queue, 2).await;
+    };
+    // A full sync planned, its chunks not worked yet: it holds the slot.
+    let running = MemoryQueue::new();
+    let planned = planner::plan_sync(pool, &settings, &request(SyncType::Full, false), &running)
+        .await
+        .unwrap();
+    assert!(
+        matches!(planned, PlanOutcome::Planned { .. }),
+        "{planned:?}"
+    );
+    let with_id = |sweep: bool, id: &str| PlanRequest {
+        request_id: Some(id.to_string()),
+        ..request(SyncType::Incremental, sweep)
+    };
+    let unused = MemoryQueue::new();
+    for (sweep, id) in [(true, "sweep-1"), (false, "incr-1")] {
+        let outcome = planner::plan_message(pool, &settings, &with_id(sweep, id), &unused)
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, PlanOutcome::Pending { again: false, .. }),
+            "{id}: {outcome:?}"
+        );
+    }
+    work(running).await;
+
+    let purpose_of = |id: &'static str| async move {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT s.purpose FROM loansync_request r LEFT JOIN loansync_sync s USING (sync_id) \
+             WHERE r.request_id = $1",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let queue = MemoryQueue::new();
+    let Some(PlanOutcome::Planned { sync_id, .. }) = planner::plan_pending(pool, &settings, &queue)
+        .await
+        .unwrap()
+    else {
+        panic!("the pending sweep was not planned")
+    };
+    assert_eq!(purpose_of("sweep-1").await.as_deref(), Some("sweep"));
+    assert_eq!(
+        purpose_of("incr-1").await,
+        None,
+        "still pending, not merged"
+    );
+    work(queue).await;
+    assert!(ledger_finished(pool, &sync_id).await);
+
+    let queue = MemoryQueue::new();
+    let next = planner::plan_pending(pool, &settings, &queue)
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Some(PlanOutcome::Planned { .. })),
+        "{next:?}"
+    );
+    assert_eq!(purpose_of("incr-1").await.as_deref(), Some("sync"));
+    work(queue).await;
+}
+
+async fn ledger_finished(pool: &sqlx::PgPool, sync_id: &str) -> bool {
+    loansync::ledger::sync_finished(pool, sync_id)
+        .await
+        .unwrap()
+}
