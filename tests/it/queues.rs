@@ -23,6 +23,7 @@ fn full() -> PlanRequest {
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     }
 }
 

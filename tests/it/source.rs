@@ -1223,6 +1223,7 @@ async fn an_incremental_sync_resends_loans_whose_schedule_or_repayments_changed(
         request_id: None,
         since: None,
         until: None,
+        sweep: false,
     };
     let full = loansync::cli::sync_in_process(&db.pool, &settings, &request(SyncType::Full))
         .await
