@@ -27,10 +27,12 @@
 //! * [`check`]: `loansync check` (can this installation work?) and `loansync probe`.
 //! * [`cli`]: the `loansync` command line; `main.rs` only calls [`cli::main`].
 
+pub mod app;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod db;
+#[cfg(feature = "dev-tools")]
 pub mod demo;
 pub mod domain;
 pub mod http;
@@ -38,9 +40,11 @@ pub mod ledger;
 pub mod planner;
 pub mod progress;
 pub mod queue;
+#[cfg(feature = "dev-tools")]
 pub mod seed;
 pub mod sink;
 pub mod source;
+#[cfg(feature = "dev-tools")]
 pub mod stub_api;
 pub mod telemetry;
 pub mod tls;
