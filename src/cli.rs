@@ -1,8 +1,10 @@
-//! The `loansync` command line: parse, set up telemetry, dispatch, map to an exit code.
+//! The `loansync` command line: parse, set up telemetry, call the application layer
+//! ([`crate::app`]), print, map to an exit code.
 //!
 //! Exit codes: 0 success (for `sync`: the sync `completed`); 1 an error (configuration,
-//! connection, ...); 2 `sync` ended `partial_success`; 3 `sync` ended `failed`;
-//! 4 `sync` did not run because another sync is in progress.
+//! connection, ...); 2 a usage error; the outcomes of a sync are
+//! [`app::EXIT_PARTIAL`], [`app::EXIT_FAILED`], [`app::EXIT_BUSY`] and
+//! [`app::EXIT_TIMEOUT`] (README "Exit codes").
 
 use crate::app::sync::{Started, Work};
 use crate::app::{self, EXIT_BUSY};
