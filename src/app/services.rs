@@ -12,21 +12,26 @@ use tokio_util::sync::CancellationToken;
 /// `loansync planner`: connects to PostgreSQL, serves `/metrics` and the health checks,
 /// and plans until SIGTERM or Ctrl-C.
 pub async fn run_planner_process(settings: Arc<Settings>) -> anyhow::Result<()> {
-    let pool = db::connect(&settings).await?;
-    let consuming = Arc::new(AtomicBool::new(false));
-    let health = BrokerHealth::default();
-    start_http(&settings, &pool, &consuming, &health).await?;
-    run_planner_with(pool, settings, consuming, health, on_shutdown_signal()).await
+    run_process(settings, run_planner_with).await
 }
 
 /// `loansync worker`: connects to PostgreSQL, serves `/metrics` and the health checks,
 /// and delivers chunks until SIGTERM or Ctrl-C.
 pub async fn run_worker_process(settings: Arc<Settings>) -> anyhow::Result<()> {
+    run_process(settings, run_worker_with).await
+}
+
+/// A long-running process: the pool, the HTTP server, then `run` until a signal.
+async fn run_process<F, Fut>(settings: Arc<Settings>, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(sqlx::PgPool, Arc<Settings>, Arc<AtomicBool>, BrokerHealth, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let pool = db::connect(&settings).await?;
     let consuming = Arc::new(AtomicBool::new(false));
     let health = BrokerHealth::default();
     start_http(&settings, &pool, &consuming, &health).await?;
-    run_worker_with(pool, settings, consuming, health, on_shutdown_signal()).await
+    run(pool, settings, consuming, health, on_shutdown_signal()).await
 }
 
 /// The planner: consumes planning messages until `shutdown`, reconnecting.

@@ -63,41 +63,47 @@ pub async fn start(pool: &PgPool, settings: &Settings, work: Work) -> anyhow::Re
     let started = Instant::now();
     let ctx = Arc::new(worker_context(settings, pool.clone())?);
     let queue = MemoryQueue::new();
-    let (sync_id, prune) = match work {
-        Work::Plan(req) => match planner::plan_sync(pool, settings, &req, &queue).await? {
-            PlanOutcome::Planned { sync_id, .. } | PlanOutcome::Duplicate { sync_id, .. } => {
-                (sync_id, true)
+    // What planning did: the sync to work, or the report of a busy slot.
+    let planned = |outcome: PlanOutcome, what: &str| match outcome {
+        PlanOutcome::Planned { sync_id, .. } | PlanOutcome::Duplicate { sync_id, .. } => {
+            Ok(Ok(sync_id))
+        }
+        PlanOutcome::Busy { active_sync_id } => Ok(Err(SyncReport::busy(
+            active_sync_id,
+            started.elapsed().as_secs_f64(),
+        ))),
+        PlanOutcome::Pending { request_id, .. } => Err(anyhow::anyhow!(
+            "{what} {request_id} was queued instead of planned{}",
+            if what == "request" {
+                " in this process"
+            } else {
+                ""
             }
-            PlanOutcome::Busy { active_sync_id } => {
-                return Ok(Started::Busy(SyncReport::busy(
-                    active_sync_id,
-                    started.elapsed().as_secs_f64(),
-                )));
-            }
-            PlanOutcome::Pending { request_id, .. } => {
-                anyhow::bail!("request {request_id} was queued instead of planned in this process")
-            }
-        },
+        )),
+    };
+    let (planned, prune) = match work {
+        Work::Plan(req) => (
+            planned(
+                planner::plan_sync(pool, settings, &req, &queue).await?,
+                "request",
+            )?,
+            true,
+        ),
         Work::Resume(sync_id) => {
             planner::resume(pool, &sync_id, &queue).await?;
-            (sync_id, false)
+            (Ok(sync_id), false)
         }
-        Work::Retry(entities) => {
-            match planner::plan_retry(pool, settings, &entities, &queue).await? {
-                PlanOutcome::Planned { sync_id, .. } | PlanOutcome::Duplicate { sync_id, .. } => {
-                    (sync_id, false)
-                }
-                PlanOutcome::Busy { active_sync_id } => {
-                    return Ok(Started::Busy(SyncReport::busy(
-                        active_sync_id,
-                        started.elapsed().as_secs_f64(),
-                    )));
-                }
-                PlanOutcome::Pending { request_id, .. } => {
-                    anyhow::bail!("retry {request_id} was queued instead of planned")
-                }
-            }
-        }
+        Work::Retry(entities) => (
+            planned(
+                planner::plan_retry(pool, settings, &entities, &queue).await?,
+                "retry",
+            )?,
+            false,
+        ),
+    };
+    let sync_id = match planned {
+        Ok(sync_id) => sync_id,
+        Err(busy) => return Ok(Started::Busy(busy)),
     };
     Ok(Started::Running(Box::new(InProcess {
         pool: pool.clone(),
