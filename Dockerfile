@@ -7,7 +7,12 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY migrations ./migrations
 COPY schema ./schema
-RUN cargo build --release --locked --bin loansync
+# The production image is built without the `dev-tools` feature: no stub API, no `seed`
+# (which can empty tables), no `demo`. docker-compose.yml, a local cluster, builds with
+# `--build-arg CARGO_FEATURES=dev-tools` to get them.
+ARG CARGO_FEATURES=""
+RUN cargo build --release --locked --bin loansync --no-default-features \
+    ${CARGO_FEATURES:+--features "$CARGO_FEATURES"}
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \

@@ -529,7 +529,7 @@ async fn indexes(pool: &sqlx::PgPool) -> Result<String, String> {
 
 /// Connects and declares the topology exactly as a planner does.
 async fn broker(settings: &Settings) -> Result<String, String> {
-    let broker = crate::cli::connect_broker_with(settings, BrokerHealth::default())
+    let broker = crate::app::connect_broker_with(settings, BrokerHealth::default())
         .await
         .map_err(|e| format!("{e:#}"))?;
     let t = broker.topology.clone();

@@ -1,37 +1,21 @@
-//! The `loansync` command line: parse, set up telemetry, dispatch, map to an exit code.
+//! The `loansync` command line: parse, set up telemetry, call the application layer
+//! ([`crate::app`]), print, map to an exit code.
 //!
 //! Exit codes: 0 success (for `sync`: the sync `completed`); 1 an error (configuration,
-//! connection, ...); 2 `sync` ended `partial_success`; 3 `sync` ended `failed`;
-//! 4 `sync` did not run because another sync is in progress.
+//! connection, ...); 2 a usage error; the outcomes of a sync are
+//! [`app::EXIT_PARTIAL`], [`app::EXIT_FAILED`], [`app::EXIT_BUSY`] and
+//! [`app::EXIT_TIMEOUT`] (README "Exit codes").
 
+use crate::app::sync::{Started, Work};
+use crate::app::{self, EXIT_BUSY};
 use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType};
-use crate::ledger::{self, FinalStatus};
+use crate::ledger;
 use crate::planner::{self, PlanOutcome};
-use crate::queue::amqp::{Broker, BrokerHealth, BrokerOptions};
-use crate::queue::memory::MemoryQueue;
-use crate::sink::AnalyticsClient;
-use crate::worker::{self, WorkerContext};
-use crate::{db, http, stub_api, telemetry};
+use crate::{db, telemetry};
 use clap::{Args, Parser, Subcommand};
-use secrecy::ExposeSecret;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use tokio_util::sync::CancellationToken;
-
-// Exit codes (README "Exit codes"): 0 success, 1 an error, 2 a usage error (clap's);
-// the outcomes of a sync are above 9 so that no script mistakes one for the other.
-/// The sync ended `partial_success` (`sync`, `resume --in-process`, `errors retry
-/// --in-process`, `trigger --wait`).
-pub const EXIT_PARTIAL: u8 = 10;
-/// The sync ended `failed`.
-pub const EXIT_FAILED: u8 = 11;
-/// The sync did not run: another sync was in progress (single-process mode only; a
-/// planner keeps such a request and runs it later).
-pub const EXIT_BUSY: u8 = 12;
-/// `trigger --wait`: the sync had not finished when `--timeout` ran out (it goes on).
-pub const EXIT_TIMEOUT: u8 = 13;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -150,8 +134,10 @@ pub enum Command {
         reason: String,
     },
     /// Run the local analytics API (stub) with optional fault injection.
+    #[cfg(feature = "dev-tools")]
     StubApi(StubArgs),
     /// Fill a database holding the Django source schema with synthetic data.
+    #[cfg(feature = "dev-tools")]
     Seed {
         /// 1 is 20 users, 1,000 customers, 2,000 loans, 10,000 repayments; 100 is dataset M.
         #[arg(long, default_value_t = 1.0)]
@@ -177,6 +163,7 @@ pub enum Command {
         confirm_database: Option<String>,
     },
     /// The whole system end to end on this machine's services (see README).
+    #[cfg(feature = "dev-tools")]
     Demo(crate::demo::DemoArgs),
     /// See, resolve and retry per-record errors (`etl_folder_etlsyncerror`).
     #[command(subcommand)]
@@ -283,6 +270,7 @@ pub enum ErrorsCommand {
     },
 }
 
+#[cfg(feature = "dev-tools")]
 #[derive(Args, Debug)]
 pub struct StubArgs {
     /// Address to listen on.
@@ -354,7 +342,7 @@ pub fn main() -> ExitCode {
     };
     // The demo prints its own progress, and `check` its report: their logs only speak
     // of trouble unless asked.
-    let default_filter = if matches!(cli.command, Command::Demo(_) | Command::Check { .. }) {
+    let default_filter = if quiet_logs(&cli.command) {
         "warn"
     } else {
         "info"
@@ -374,6 +362,15 @@ pub fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// True for the commands that print their own progress or report.
+fn quiet_logs(command: &Command) -> bool {
+    #[cfg(feature = "dev-tools")]
+    if matches!(command, Command::Demo(_)) {
+        return true;
+    }
+    matches!(command, Command::Check { .. })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -408,26 +405,6 @@ async fn probe(url: &str, timeout: std::time::Duration) -> u8 {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutdown requested");
-}
-
 async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
     let settings = Arc::new(settings);
     match command {
@@ -438,33 +415,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Planner => {
-            let pool = db::connect(&settings).await?;
-            let consuming = Arc::new(AtomicBool::new(false));
-            let health = BrokerHealth::default();
-            start_http(&settings, &pool, &consuming, &health).await?;
-            run_planner_with(
-                pool,
-                settings.clone(),
-                consuming,
-                health,
-                on_shutdown_signal(),
-            )
-            .await?;
+            app::run_planner_process(settings).await?;
             Ok(0)
         }
         Command::Worker => {
-            let pool = db::connect(&settings).await?;
-            let consuming = Arc::new(AtomicBool::new(false));
-            let health = BrokerHealth::default();
-            start_http(&settings, &pool, &consuming, &health).await?;
-            run_worker_with(
-                pool,
-                settings.clone(),
-                consuming,
-                health,
-                on_shutdown_signal(),
-            )
-            .await?;
+            app::run_worker_process(settings).await?;
             Ok(0)
         }
         Command::Trigger {
@@ -488,7 +443,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             } else {
                 None
             };
-            let broker = connect_broker(&settings).await?;
+            let broker = app::connect_broker(&settings).await?;
             broker
                 .publish_json(&broker.topology.plan, std::slice::from_ref(&req))
                 .await?;
@@ -507,20 +462,28 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             match pool {
                 None => Ok(0),
                 Some(pool) => {
-                    let waited = wait_for_request(&pool, &request_id, timeout).await?;
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&waited)?);
-                    } else {
-                        print!("{}", waited.render());
-                    }
+                    let waited = app::wait_for_request(
+                        &pool,
+                        &request_id,
+                        timeout,
+                        app::wait::WAIT_POLL,
+                        None,
+                    )
+                    .await?;
+                    waited.print(json)?;
                     Ok(waited.exit_code())
                 }
             }
         }
         Command::Sync { selection, json } => {
             let pool = db::connect(&settings).await?;
-            let summary =
-                sync_in_process_with(&pool, &settings, &selection.request(None), !json).await?;
+            let summary = app::sync::run_in_process(
+                &pool,
+                &settings,
+                Work::Plan(selection.request(None)),
+                !json,
+            )
+            .await?;
             summary.print(json)?;
             Ok(summary.exit_code())
         }
@@ -539,18 +502,23 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             json,
         } => {
             let pool = db::connect(&settings).await?;
-            let queue = MemoryQueue::new();
-            let n = planner::resume(&pool, &sync_id, &queue).await?;
-            eprintln!("working {n} unsettled chunks of sync {sync_id} in this process");
-            let ctx = Arc::new(worker_context(&settings, pool.clone())?);
-            worker::run_memory(ctx, queue, settings.worker_concurrency).await;
-            let summary = summarize(&pool, sync_id).await?;
+            let summary = match app::sync::start(&pool, &settings, Work::Resume(sync_id)).await? {
+                Started::Running(sync) => {
+                    eprintln!(
+                        "working {} unsettled chunks of sync {} in this process",
+                        sync.chunks(),
+                        sync.sync_id()
+                    );
+                    sync.run(false).await?
+                }
+                Started::Busy(report) => report,
+            };
             summary.print(json)?;
             Ok(summary.exit_code())
         }
         Command::Resume { sync_id, json, .. } => {
             let pool = db::connect(&settings).await?;
-            let broker = connect_broker(&settings).await?;
+            let broker = app::connect_broker(&settings).await?;
             let n = planner::resume(&pool, &sync_id, &broker).await?;
             broker.close().await;
             if json {
@@ -583,12 +551,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
                         }
                     };
                     println!("abandoned sync {sync_id}: {what}");
-                    let summary = summarize(&pool, sync_id).await?;
+                    let summary = app::summarize(&pool, sync_id).await?;
                     print!("{}", summary.render());
                     Ok(0)
                 }
             }
         }
+        #[cfg(feature = "dev-tools")]
         Command::Seed {
             scale,
             users,
@@ -612,6 +581,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(0)
         }
+        #[cfg(feature = "dev-tools")]
         Command::Demo(args) => crate::demo::run(args, &settings).await,
         Command::Errors(cmd) => errors(cmd, &settings).await,
         Command::Watermark(cmd) => watermark(cmd, &settings).await,
@@ -628,7 +598,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             Ok(report.exit_code())
         }
         Command::Probe { url, timeout } => Ok(probe(&url, timeout).await),
+        #[cfg(feature = "dev-tools")]
         Command::StubApi(args) => {
+            use crate::stub_api;
+            use secrecy::ExposeSecret;
             let cfg = stub_api::StubConfig {
                 api_key: args
                     .key
@@ -647,418 +620,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
                 },
             };
             println!("stub analytics API listening on http://{}", args.addr);
-            stub_api::run_standalone(cfg, args.addr, shutdown_signal()).await?;
+            stub_api::run_standalone(cfg, args.addr, app::shutdown_signal()).await?;
             Ok(0)
         }
     }
-}
-
-async fn connect_broker(settings: &Settings) -> anyhow::Result<Broker> {
-    connect_broker_with(settings, BrokerHealth::default()).await
-}
-
-/// Connects to the broker of `settings`, reporting the connection's state to `health`.
-pub async fn connect_broker_with(
-    settings: &Settings,
-    health: BrokerHealth,
-) -> anyhow::Result<Broker> {
-    Broker::connect_with(
-        settings.amqp_url.expose_secret(),
-        &settings.queue_prefix,
-        // The broker's own limit sits above loansync's, so that loansync settles a
-        // chunk that keeps failing (and says why) before the broker drops it.
-        crate::queue::amqp::broker_delivery_limit(settings.delivery_limit),
-        settings.amqp_ca_pem.as_deref(),
-        BrokerOptions {
-            confirm_timeout: settings.publish_confirm_timeout,
-            health,
-        },
-    )
-    .await
-}
-
-/// A token cancelled on SIGTERM or Ctrl-C.
-fn on_shutdown_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        t.cancel();
-    });
-    token
-}
-
-/// Runs `consume` on a fresh broker connection, and again on a new one whenever the
-/// connection is lost (broker restart, network), with exponential backoff, until
-/// `shutdown` is cancelled. While disconnected the consumer flag is down, so `/readyz`
-/// reports the outage. Chunks in flight on a lost connection are redelivered by the
-/// broker; the ledger counts each once.
-async fn with_reconnect<F, Fut>(
-    settings: &Settings,
-    what: &str,
-    consuming: &Arc<AtomicBool>,
-    health: &BrokerHealth,
-    shutdown: CancellationToken,
-    mut consume: F,
-) -> anyhow::Result<()>
-where
-    F: FnMut(Broker, CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    let first = std::time::Duration::from_millis(500);
-    let mut delay = first;
-    loop {
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        match connect_broker_with(settings, health.clone()).await {
-            Ok(broker) => {
-                let ended = consume(broker, shutdown.clone()).await;
-                health.set_connected(false);
-                match ended {
-                    Ok(()) => return Ok(()),
-                    Err(e) => {
-                        delay = first;
-                        tracing::warn!(error = %format!("{e:#}"), "{what} lost its broker connection: reconnecting");
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} cannot reach the broker")
-            }
-        }
-        consuming.store(false, std::sync::atomic::Ordering::SeqCst);
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(std::time::Duration::from_secs(30));
-    }
-}
-
-/// The planner process: consumes planning messages until `shutdown`, reconnecting.
-pub async fn run_planner(
-    pool: sqlx::PgPool,
-    settings: Arc<Settings>,
-    consuming: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    run_planner_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
-}
-
-/// [`run_planner`], reporting the broker connection's state to `health` (`/readyz`).
-pub async fn run_planner_with(
-    pool: sqlx::PgPool,
-    settings: Arc<Settings>,
-    consuming: Arc<AtomicBool>,
-    health: BrokerHealth,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    with_reconnect(
-        &settings,
-        "planner",
-        &consuming,
-        &health,
-        shutdown,
-        |broker, stop| {
-            planner::run_amqp(
-                pool.clone(),
-                settings.clone(),
-                broker,
-                consuming.clone(),
-                stop.cancelled_owned(),
-            )
-        },
-    )
-    .await
-}
-
-/// The worker process: consumes chunk jobs until `shutdown`, reconnecting.
-pub async fn run_worker(
-    pool: sqlx::PgPool,
-    settings: Arc<Settings>,
-    consuming: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    run_worker_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
-}
-
-/// [`run_worker`], reporting the broker connection's state to `health` (`/readyz`).
-pub async fn run_worker_with(
-    pool: sqlx::PgPool,
-    settings: Arc<Settings>,
-    consuming: Arc<AtomicBool>,
-    health: BrokerHealth,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let ctx = Arc::new(worker_context(&settings, pool)?);
-    with_reconnect(
-        &settings,
-        "worker",
-        &consuming,
-        &health,
-        shutdown,
-        |broker, stop| {
-            worker::run_amqp(
-                ctx.clone(),
-                broker,
-                settings.worker_concurrency,
-                settings.shutdown_grace,
-                consuming.clone(),
-                stop.cancelled_owned(),
-            )
-        },
-    )
-    .await
-}
-
-async fn start_http(
-    settings: &Settings,
-    pool: &sqlx::PgPool,
-    consuming: &Arc<AtomicBool>,
-    health: &BrokerHealth,
-) -> anyhow::Result<()> {
-    if let Some(addr) = settings.metrics_addr {
-        http::serve(
-            addr,
-            http::Readiness {
-                pool: pool.clone(),
-                broker: Some(health.clone()),
-                consuming: consuming.clone(),
-                stale_after_secs: settings.stale_sync_after.as_secs_f64(),
-            },
-        )
-        .await?;
-    }
-    Ok(())
-}
-
-/// Builds a worker's context from the settings.
-pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> anyhow::Result<WorkerContext> {
-    Ok(WorkerContext {
-        pool,
-        client: AnalyticsClient::new(&settings.api)
-            .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?,
-        delivery_limit: settings.delivery_limit,
-        db_outage_wait: settings.db_outage_wait,
-    })
-}
-
-/// What `loansync sync` reports.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SyncSummary {
-    pub sync_id: Option<String>,
-    pub status: Option<FinalStatus>,
-    pub busy_with: Option<String>,
-    pub progress: Vec<ledger::EntityProgress>,
-    pub seconds: f64,
-}
-
-impl SyncSummary {
-    /// Prints the summary as text, or as JSON with `json`.
-    pub fn print(&self, json: bool) -> anyhow::Result<()> {
-        if json {
-            println!("{}", serde_json::to_string_pretty(self)?);
-        } else {
-            print!("{}", self.render());
-        }
-        Ok(())
-    }
-
-    pub fn exit_code(&self) -> u8 {
-        match self.status {
-            Some(FinalStatus::Completed) => 0,
-            Some(FinalStatus::PartialSuccess) => EXIT_PARTIAL,
-            Some(FinalStatus::Failed) => EXIT_FAILED,
-            None if self.busy_with.is_some() => EXIT_BUSY,
-            None => 1,
-        }
-    }
-
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Some(active) = &self.busy_with {
-            out.push_str(&format!(
-                "another sync is in progress ({active}); nothing was run.\n\
-                 If `loansync status` shows it stalled, finish it with \
-                 `loansync resume {active}` (add --in-process when there is no broker).\n"
-            ));
-            return out;
-        }
-        let sent: i64 = self
-            .progress
-            .iter()
-            .map(|p| i64::from(p.success + p.failed))
-            .sum();
-        out.push_str(&format!(
-            "sync {} {} in {:.2}s ({:.0} records/s)\n",
-            self.sync_id.as_deref().unwrap_or("-"),
-            self.status.map(|s| s.as_str()).unwrap_or("unfinished"),
-            self.seconds,
-            sent as f64 / self.seconds.max(1e-9)
-        ));
-        out.push_str(&format!(
-            "{:<10} {:>10} {:>10} {:>10}\n",
-            "entity", "planned", "sent", "failed"
-        ));
-        for p in &self.progress {
-            out.push_str(&format!(
-                "{:<10} {:>10} {:>10} {:>10}\n",
-                p.entity.as_str(),
-                p.total,
-                p.success,
-                p.failed
-            ));
-        }
-        out
-    }
-}
-
-/// What `trigger --wait` saw of its request.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Waited {
-    pub request_id: String,
-    /// `pending` (waiting for the slot), `planned`, or `unseen` (no planner took it yet).
-    pub request_state: String,
-    pub timed_out: bool,
-    pub sync: Option<SyncSummary>,
-}
-
-impl Waited {
-    pub fn exit_code(&self) -> u8 {
-        match &self.sync {
-            Some(s) if s.status.is_some() => s.exit_code(),
-            _ if self.timed_out => EXIT_TIMEOUT,
-            _ => 1,
-        }
-    }
-
-    pub fn render(&self) -> String {
-        match &self.sync {
-            Some(s) if s.status.is_some() => s.render(),
-            Some(s) => format!(
-                "timed out waiting: request {} is served by sync {} which is still running \
-                 (`loansync status {}`)\n",
-                self.request_id,
-                s.sync_id.as_deref().unwrap_or("-"),
-                s.sync_id.as_deref().unwrap_or("")
-            ),
-            None => format!(
-                "timed out waiting: request {} is {} (no sync serves it yet; \
-                 `loansync status` shows what runs)\n",
-                self.request_id, self.request_state
-            ),
-        }
-    }
-}
-
-/// Polls PostgreSQL until the sync serving `request_id` has finished, or `timeout`.
-async fn wait_for_request(
-    pool: &sqlx::PgPool,
-    request_id: &str,
-    timeout: Option<std::time::Duration>,
-) -> anyhow::Result<Waited> {
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
-    loop {
-        every.tick().await;
-        let seen = ledger::request_state(pool, request_id).await?;
-        let (state, sync_id, finished) = match seen {
-            None => ("unseen".to_string(), None, false),
-            Some(r) => (r.state, r.sync_id, r.finished),
-        };
-        let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-        if finished || timed_out {
-            let sync = match sync_id {
-                Some(id) => Some(summarize(pool, id).await?),
-                None => None,
-            };
-            return Ok(Waited {
-                request_id: request_id.to_string(),
-                request_state: state,
-                timed_out: !finished,
-                sync,
-            });
-        }
-    }
-}
-
-/// Single-process mode: plans `req` and works its chunks off an in-memory queue.
-pub async fn sync_in_process(
-    pool: &sqlx::PgPool,
-    settings: &Settings,
-    req: &PlanRequest,
-) -> anyhow::Result<SyncSummary> {
-    sync_in_process_with(pool, settings, req, false).await
-}
-
-/// [`sync_in_process`], showing progress on stderr when `progress` is set.
-pub async fn sync_in_process_with(
-    pool: &sqlx::PgPool,
-    settings: &Settings,
-    req: &PlanRequest,
-    progress: bool,
-) -> anyhow::Result<SyncSummary> {
-    let started = std::time::Instant::now();
-    // Built before planning, so that a client that cannot be built plans no sync.
-    let ctx = Arc::new(worker_context(settings, pool.clone())?);
-    let queue = MemoryQueue::new();
-    let sync_id = match planner::plan_sync(pool, settings, req, &queue).await? {
-        PlanOutcome::Planned { sync_id, .. } => sync_id,
-        PlanOutcome::Duplicate { sync_id, .. } => sync_id,
-        PlanOutcome::Busy { active_sync_id } => {
-            return Ok(SyncSummary {
-                sync_id: None,
-                status: None,
-                busy_with: Some(active_sync_id),
-                progress: Vec::new(),
-                seconds: started.elapsed().as_secs_f64(),
-            });
-        }
-        PlanOutcome::Pending { request_id, .. } => {
-            anyhow::bail!("request {request_id} was queued instead of planned in this process")
-        }
-    };
-    let (done, watching) = tokio::sync::watch::channel(false);
-    let watcher = progress.then(|| {
-        tokio::spawn(crate::progress::watch(
-            pool.clone(),
-            sync_id.clone(),
-            watching,
-        ))
-    });
-    worker::run_memory(ctx, queue, settings.worker_concurrency).await;
-    let _ = done.send(true);
-    if let Some(w) = watcher {
-        let _ = w.await;
-    }
-    // Single-process installs have no long-running planner to prune the chunk ledger.
-    planner::prune(pool, settings).await;
-    summarize(pool, sync_id).await
-}
-
-/// Reads a sync's outcome back from the history table.
-/// A sync's outcome, read back from the history table (its duration is the history's).
-pub async fn summarize(pool: &sqlx::PgPool, sync_id: String) -> anyhow::Result<SyncSummary> {
-    let (status, seconds): (String, Option<f64>) = sqlx::query_as(
-        "SELECT status::text, duration_seconds FROM etl_folder_etlsynchistory WHERE sync_id = $1",
-    )
-    .bind(&sync_id)
-    .fetch_one(pool)
-    .await?;
-    let status = match status.as_str() {
-        "completed" => Some(FinalStatus::Completed),
-        "partial_success" => Some(FinalStatus::PartialSuccess),
-        "failed" => Some(FinalStatus::Failed),
-        _ => None,
-    };
-    Ok(SyncSummary {
-        progress: ledger::entity_progress(pool, &sync_id).await?,
-        sync_id: Some(sync_id),
-        status,
-        busy_with: None,
-        seconds: seconds.unwrap_or(0.0),
-    })
 }
 
 /// What `status` says after a stalled sync, and what to do about it.
@@ -1324,25 +889,22 @@ async fn errors(cmd: ErrorsCommand, settings: &Arc<Settings>) -> anyhow::Result<
             in_process,
         } => {
             if in_process {
-                let queue = MemoryQueue::new();
-                let sync_id = match planner::plan_retry(&pool, settings, &entities, &queue).await? {
-                    PlanOutcome::Planned { sync_id, .. }
-                    | PlanOutcome::Duplicate { sync_id, .. } => sync_id,
-                    PlanOutcome::Busy { active_sync_id } => {
-                        println!("another sync is in progress ({active_sync_id}); retry later");
-                        return Ok(EXIT_BUSY);
+                match app::sync::start(&pool, settings, Work::Retry(entities)).await? {
+                    Started::Busy(report) => {
+                        println!(
+                            "another sync is in progress ({}); retry later",
+                            report.busy_with.as_deref().unwrap_or("-")
+                        );
+                        Ok(EXIT_BUSY)
                     }
-                    PlanOutcome::Pending { request_id, .. } => {
-                        anyhow::bail!("retry {request_id} was queued instead of planned")
+                    Started::Running(sync) => {
+                        let summary = sync.run(false).await?;
+                        print!("{}", summary.render());
+                        Ok(summary.exit_code())
                     }
-                };
-                let ctx = Arc::new(worker_context(settings, pool.clone())?);
-                worker::run_memory(ctx, queue, settings.worker_concurrency).await;
-                let summary = summarize(&pool, sync_id).await?;
-                print!("{}", summary.render());
-                Ok(summary.exit_code())
+                }
             } else {
-                let broker = connect_broker(settings).await?;
+                let broker = app::connect_broker(settings).await?;
                 let outcome = planner::plan_retry(&pool, settings, &entities, &broker).await?;
                 broker.close().await;
                 match outcome {

@@ -7,11 +7,9 @@
 
 use crate::config::{Settings, redact_url};
 use crate::domain::{EntityKind, PlanRequest, SyncType};
-use crate::ledger;
-use crate::queue::amqp::Broker;
 use crate::seed::{self, SeedSpec};
 use crate::stub_api::{self, Faults, StubConfig};
-use crate::{db, planner, worker};
+use crate::{app, db};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -110,18 +108,10 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
     settings.queue_prefix = format!("loansync-demo-{}", std::process::id());
     let settings = Arc::new(settings);
 
-    let connect = || {
-        Broker::connect_with_ca(
-            settings.amqp_url.expose_secret(),
-            &settings.queue_prefix,
-            settings.delivery_limit + 2,
-            settings.amqp_ca_pem.as_deref(),
-        )
-    };
     let broker = if args.single_process {
         None
     } else {
-        match connect().await {
+        match app::connect_broker(&settings).await {
             Ok(b) => Some(b),
             Err(e) => {
                 eprintln!(
@@ -138,24 +128,18 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
         Some(admin) => {
             let cancel = CancellationToken::new();
             let mut tasks = Vec::new();
-            let b = connect().await?;
-            tasks.push(tokio::spawn(planner::run_amqp(
+            tasks.push(tokio::spawn(app::run_planner(
                 pool.clone(),
                 settings.clone(),
-                b,
                 Arc::new(AtomicBool::new(false)),
-                cancel.clone().cancelled_owned(),
+                cancel.clone(),
             )));
             for _ in 0..2 {
-                let b = connect().await?;
-                let ctx = Arc::new(crate::cli::worker_context(&settings, pool.clone())?);
-                tasks.push(tokio::spawn(worker::run_amqp(
-                    ctx,
-                    b,
-                    settings.worker_concurrency,
-                    settings.shutdown_grace,
+                tasks.push(tokio::spawn(app::run_worker(
+                    pool.clone(),
+                    settings.clone(),
                     Arc::new(AtomicBool::new(false)),
-                    cancel.clone().cancelled_owned(),
+                    cancel.clone(),
                 )));
             }
             eprintln!(
@@ -169,10 +153,11 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
                 if sync_type == SyncType::Incremental {
                     change_rows(&pool).await?;
                 }
+                let request_id = uuid::Uuid::new_v4().to_string();
                 let req = PlanRequest {
                     sync_type,
                     entities: None,
-                    request_id: Some(uuid::Uuid::new_v4().to_string()),
+                    request_id: Some(request_id.clone()),
                     since: None,
                     until: None,
                     sweep: false,
@@ -181,7 +166,7 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
                     .publish_json(&admin.topology.plan, std::slice::from_ref(&req))
                     .await?;
                 eprintln!("demo: triggered the {label} sync");
-                syncs.push(watch(&pool, syncs.len() + 1, label).await?);
+                syncs.push(watch(&pool, &request_id, label).await?);
             }
             cancel.cancel();
             for t in tasks {
@@ -203,7 +188,7 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
                     until: None,
                     sweep: false,
                 };
-                let s = crate::cli::sync_in_process(&pool, &settings, &req).await?;
+                let s = app::sync_in_process(&pool, &settings, &req).await?;
                 eprint!("{}", s.render());
                 syncs.push(s.sync_id.unwrap_or_default());
             }
@@ -214,7 +199,7 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
     println!("loansync demo: {:.1}s in all", t0.elapsed().as_secs_f64());
     let mut worst = 0u8;
     for (id, label) in syncs.iter().zip(["full", "incremental"]) {
-        let summary = crate::cli::summarize(&pool, id.clone()).await?;
+        let summary = app::summarize(&pool, id.clone()).await?;
         println!("\n{label}:");
         print!("{}", summary.render());
         worst = worst.max(summary.exit_code());
@@ -258,36 +243,37 @@ async fn change_rows(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for the `n`th sync to finish, printing its progress once a second.
-async fn watch(pool: &PgPool, n: usize, label: &str) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(3600);
+/// Waits for the sync serving `request_id` to finish, printing its progress once a
+/// second; returns its id.
+async fn watch(pool: &PgPool, request_id: &str, label: &str) -> anyhow::Result<String> {
     let mut last_print = Instant::now() - Duration::from_secs(5);
-    loop {
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT sync_id::text, status::text FROM etl_folder_etlsynchistory ORDER BY id OFFSET $1 LIMIT 1",
-        )
-        .bind(n as i64 - 1)
-        .fetch_optional(pool)
-        .await?;
-        if let Some((sync_id, status)) = row {
-            let done = matches!(status.as_str(), "completed" | "partial_success" | "failed");
-            if done || last_print.elapsed() >= Duration::from_secs(1) {
-                let p = ledger::entity_progress(pool, &sync_id).await?;
-                let line: Vec<String> = p
-                    .iter()
-                    .map(|p| format!("{} {}/{}", p.entity.plural(), p.success + p.failed, p.total))
-                    .collect();
-                eprintln!("demo: {label} sync {status}: {}", line.join(", "));
-                last_print = Instant::now();
-            }
-            if done {
-                return Ok(sync_id);
-            }
+    let mut print = |r: &app::RequestReport| {
+        let Some(s) = &r.sync else { return };
+        if s.status.is_some() || last_print.elapsed() >= Duration::from_secs(1) {
+            let line: Vec<String> = s
+                .progress
+                .iter()
+                .map(|p| format!("{} {}/{}", p.entity.plural(), p.success + p.failed, p.total))
+                .collect();
+            eprintln!(
+                "demo: {label} sync {}: {}",
+                s.history_status,
+                line.join(", ")
+            );
+            last_print = Instant::now();
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the {label} sync did not finish within an hour"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    let report = app::wait_for_request(
+        pool,
+        request_id,
+        Some(Duration::from_secs(3600)),
+        Duration::from_millis(200),
+        Some(&mut print),
+    )
+    .await?;
+    anyhow::ensure!(
+        !report.timed_out,
+        "the {label} sync did not finish within an hour"
+    );
+    Ok(report.sync.and_then(|s| s.sync_id).unwrap_or_default())
 }

@@ -14,23 +14,36 @@
 //! * [`transform`]: source rows → records, pure functions (SPEC.md section 5).
 //! * [`sink`]: the analytics API client: encoding, one request, the retry policy, the
 //!   halving of refused batches.
-//! * [`stub_api`]: a faithful local analytics API with fault injection, for tests and demos.
-//! * [`queue`]: AMQP topology, confirmed publishing, consuming with ack after commit,
-//!   and the in-memory queue of single-process mode behind the same seam.
+//! * [`queue`]: the queue seam: [`queue::ChunkPublisher`] to publish, [`queue::Consumer`]
+//!   and [`queue::Delivery`] to consume and settle with a [`queue::Disposition`];
+//!   RabbitMQ ([`queue::amqp`]: topology, confirms, reconnecting with backoff) and the
+//!   in-memory queue of single-process mode ([`queue::memory`]) implement both.
 //! * [`ledger`]: sync history, chunk ledger, counters, error rows, watermarks.
-//! * [`planner`]: plan one sync; [`worker`]: process one chunk into an outcome.
+//! * [`planner`]: plan one sync, and the planner loop over a consumer; [`worker`]:
+//!   process one chunk into an outcome, and the worker loop over a consumer.
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).
 //! * [`telemetry`]: logging and metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! * [`tls`]: extra CA files (`ANALYTICS_CA_FILE`, `AMQP_CA_FILE`) and refused certificates.
-//! * [`seed`]: deterministic synthetic source data, generated set-based in PostgreSQL.
-//! * [`demo`]: `loansync demo`, the whole system on local services in one command.
+//! * [`app`]: the application layer: run a planner or a worker process (reconnect,
+//!   metrics server, signals), run a sync in this process, wait for a request's sync,
+//!   and the [`app::SyncReport`] that renders itself and knows its exit code.
 //! * [`check`]: `loansync check` (can this installation work?) and `loansync probe`.
-//! * [`cli`]: the `loansync` command line; `main.rs` only calls [`cli::main`].
+//! * [`cli`]: the `loansync` command line: parses, calls [`app`], prints; `main.rs`
+//!   only calls [`cli::main`].
+//! * Behind the `dev-tools` feature (default; not in the production image):
+//!   `stub_api` (a faithful local analytics API with fault injection, for tests and
+//!   demos), `seed` (deterministic synthetic source data, generated set-based in
+//!   PostgreSQL) and `demo` (`loansync demo`, the whole system on local services).
+//!
+//! Dependencies point one way: `cli` → `demo` → `app` → `planner`/`worker` → `queue`,
+//! `ledger`, `source`, `sink` → `domain`, `config`. `app` uses neither `cli` nor `demo`.
 
+pub mod app;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod db;
+#[cfg(feature = "dev-tools")]
 pub mod demo;
 pub mod domain;
 pub mod http;
@@ -38,9 +51,11 @@ pub mod ledger;
 pub mod planner;
 pub mod progress;
 pub mod queue;
+#[cfg(feature = "dev-tools")]
 pub mod seed;
 pub mod sink;
 pub mod source;
+#[cfg(feature = "dev-tools")]
 pub mod stub_api;
 pub mod telemetry;
 pub mod tls;

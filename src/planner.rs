@@ -6,7 +6,7 @@ use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType, SyncWindow};
 use crate::ledger::{self, Begin, FinalStatus, PlanTotals, Purpose};
 use crate::queue::amqp::Broker;
-use crate::queue::{ChunkPublisher, Disposition};
+use crate::queue::{ChunkPublisher, Consumer, Disposition};
 use crate::source;
 use crate::telemetry::METRICS;
 use chrono::{DateTime, Utc};
@@ -489,22 +489,21 @@ pub async fn resume(
     Ok(jobs.len())
 }
 
-/// Consumes `<prefix>.plan` one message at a time until `shutdown` resolves. Each message
-/// is acked only after its sync is planned and its chunks are published (confirmed);
-/// one that cannot be parsed is dead-lettered with the reason; a transient failure
-/// (database down) sends it back to the queue.
-pub async fn run_amqp(
-    pool: PgPool,
-    settings: Arc<Settings>,
-    broker: Broker,
-    consuming: Arc<AtomicBool>,
+/// The planner loop: takes planning messages from `consumer` one at a time until
+/// `shutdown` resolves, the consumer is lost (an error: the caller reconnects) or its
+/// queue says the work is over. Each message is acked only after its sync is planned and
+/// its chunks are published to `publisher` (confirmed); one that cannot be parsed is
+/// dead-lettered with the reason; a transient failure (database down) sends it back to
+/// the queue. Between messages it keeps house and plans pending requests.
+pub async fn run(
+    pool: &PgPool,
+    settings: &Settings,
+    consumer: &mut dyn Consumer,
+    publisher: &dyn ChunkPublisher,
+    consuming: &AtomicBool,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let queue = broker.topology.plan.clone();
-    let tag = format!("loansync-planner-{}", uuid::Uuid::new_v4().simple());
-    let mut consumer = broker.consume(&queue, 1, &tag).await?;
     consuming.store(true, Ordering::SeqCst);
-    tracing::info!(%queue, "planner consuming");
     tokio::pin!(shutdown);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -515,18 +514,18 @@ pub async fn run_amqp(
         let delivery = tokio::select! {
             _ = &mut shutdown => break Ok(()),
             _ = housekeeping.tick() => {
-                housekeep(&pool, &settings, ticks).await;
+                housekeep(pool, settings, ticks).await;
                 ticks += 1;
                 continue;
             }
             _ = pending.tick() => {
-                run_pending(&pool, &settings, &broker).await;
+                run_pending(pool, settings, publisher).await;
                 continue;
             }
             next = consumer.next() => match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => break Err(e.context("planning consumer failed")),
-                None => break Err(anyhow::anyhow!("the broker cancelled the planning consumer")),
+                None => break Ok(()),
             },
         };
         let disposition = match parse_plan(delivery.body()) {
@@ -536,19 +535,18 @@ pub async fn run_amqp(
                 Disposition::DeadLetter(reason)
             }
             Ok(req) => match crate::db::through_outage(
-                &pool,
+                pool,
                 settings.db_outage_wait,
                 "the planning message",
-                || plan_message(&pool, &settings, &req, &broker),
+                || plan_message(pool, settings, &req, publisher),
             )
             .await
             {
                 Ok(_) => Disposition::Ack,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "planning failed: the message goes back to the queue");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     // Unreachable PostgreSQL: put back without spending a delivery.
-                    if crate::db::is_reachable(&pool).await {
+                    if crate::db::is_reachable(pool).await {
                         Disposition::Requeue
                     } else {
                         Disposition::Republish
@@ -556,13 +554,41 @@ pub async fn run_amqp(
                 }
             },
         };
-        if let Err(e) = delivery.settle(&broker, &queue, disposition).await {
+        if let Err(e) = delivery.settle(disposition).await {
             tracing::warn!(error = %format!("{e:#}"), "could not settle a planning message");
         }
-        run_pending(&pool, &settings, &broker).await;
+        run_pending(pool, settings, publisher).await;
     };
     consuming.store(false, Ordering::SeqCst);
     consumer.close().await;
+    result
+}
+
+/// How long a planning message that failed transiently waits before it goes back.
+pub const PLAN_REQUEUE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// [`run`] over `<prefix>.plan` on `broker`, publishing chunks on the same connection;
+/// closes the connection when it ends.
+pub async fn run_amqp(
+    pool: PgPool,
+    settings: Arc<Settings>,
+    broker: Broker,
+    consuming: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let queue = broker.topology.plan.clone();
+    let tag = format!("loansync-planner-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = broker.consumer(&queue, 1, &tag, PLAN_REQUEUE_PAUSE).await?;
+    tracing::info!(%queue, "planner consuming");
+    let result = run(
+        &pool,
+        &settings,
+        &mut consumer,
+        &broker,
+        &consuming,
+        shutdown,
+    )
+    .await;
     broker.close().await;
     result
 }

@@ -1,5 +1,6 @@
-//! Process one chunk into an outcome ([`process_chunk`]), and the loops that feed it
-//! from RabbitMQ ([`run_amqp`]) or from the in-memory queue ([`run_memory`]).
+//! Process one chunk into an outcome ([`process_chunk`]), and the one loop that feeds it
+//! from a [`Consumer`] ([`run`]): RabbitMQ's ([`run_amqp`]) or the in-memory queue's
+//! ([`run_memory`]).
 //!
 //! Per chunk: read the ledger (a settled chunk is a duplicate and is only acked), load
 //! and transform the rows, POST one batch, then settle in one transaction (counters,
@@ -8,9 +9,9 @@
 
 use crate::domain::ChunkJob;
 use crate::ledger::{self, ChunkResult, FailedRecord, FinalStatus, Settled};
-use crate::queue::Disposition;
-use crate::queue::amqp::{AmqpDelivery, Broker};
+use crate::queue::amqp::Broker;
 use crate::queue::memory::MemoryQueue;
+use crate::queue::{Consumer, Disposition, REQUEUE_PAUSE};
 use crate::sink::{AnalyticsClient, Batch, FatalError};
 use crate::source;
 use crate::telemetry::METRICS;
@@ -487,50 +488,60 @@ pub async fn fail_chunk(
     Ok(())
 }
 
-/// Consumes `<prefix>.chunks` until `shutdown` resolves, with at most `concurrency`
-/// chunks in flight (`basic_qos`). On shutdown it stops taking chunks and gives the
-/// ones in flight `grace` to finish; unfinished ones are redelivered by the broker
-/// once the connection closes.
-pub async fn run_amqp(
+/// The worker loop: takes chunk jobs from `consumer` and works at most `concurrency` of
+/// them at once, settling each delivery with its [`Disposition`], until `shutdown`
+/// resolves, the consumer is lost (an error: the caller reconnects) or its queue says
+/// the work is over (the in-memory queue, once empty with nothing in flight). On
+/// shutdown it stops taking chunks and gives the ones in flight `grace` to finish;
+/// unfinished ones go back to the queue.
+pub async fn run(
     ctx: Arc<WorkerContext>,
-    broker: Broker,
+    consumer: &mut dyn Consumer,
     concurrency: u16,
     grace: Duration,
-    consuming: Arc<AtomicBool>,
+    consuming: &AtomicBool,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let queue = broker.topology.chunks.clone();
-    let tag = format!("loansync-worker-{}", uuid::Uuid::new_v4().simple());
-    let mut consumer = broker.consume(&queue, concurrency, &tag).await?;
+    let concurrency = usize::from(concurrency.max(1));
     consuming.store(true, Ordering::SeqCst);
     let mut in_flight = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
-    tracing::info!(%queue, concurrency, "worker consuming");
-    loop {
+    let result = loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => break Ok(()),
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(e) = done { tracing::error!(error = %e, "chunk task panicked"); }
             }
-            next = consumer.next() => {
+            next = consumer.next(), if in_flight.len() < concurrency => {
                 match next {
                     Some(Ok(delivery)) => {
                         let ctx = ctx.clone();
-                        let broker = broker.clone();
-                        let queue = queue.clone();
-                        in_flight.spawn(async move { settle_delivery(&ctx, &broker, &queue, delivery).await });
+                        in_flight.spawn(async move {
+                            let disposition = handle_message(&ctx, delivery.body()).await;
+                            if let Err(e) = delivery.settle(disposition).await {
+                                tracing::warn!(error = %format!("{e:#}"), "could not settle a delivery: the broker will redeliver it");
+                            }
+                        });
                     }
-                    Some(Err(e)) => { consuming.store(false, Ordering::SeqCst); return Err(e.context("chunk consumer failed")) }
-                    None => { consuming.store(false, Ordering::SeqCst); anyhow::bail!("the broker cancelled the chunk consumer") }
+                    Some(Err(e)) => break Err(e.context("chunk consumer failed")),
+                    // The queue's work is over; nothing is in flight any more.
+                    None => break Ok(()),
                 }
             }
         }
-    }
+    };
     consuming.store(false, Ordering::SeqCst);
-    tracing::info!(
-        in_flight = in_flight.len(),
-        "shutting down: finishing chunks in flight"
-    );
+    if result.is_err() {
+        // The connection is gone: what is in flight cannot be settled on it.
+        in_flight.abort_all();
+        return result;
+    }
+    if !in_flight.is_empty() {
+        tracing::info!(
+            in_flight = in_flight.len(),
+            "shutting down: finishing chunks in flight"
+        );
+    }
     let drained = tokio::time::timeout(grace, async {
         while in_flight.join_next().await.is_some() {}
     })
@@ -543,69 +554,50 @@ pub async fn run_amqp(
         in_flight.abort_all();
     }
     consumer.close().await;
+    result
+}
+
+/// [`run`] over `<prefix>.chunks` on `broker`, with at most `concurrency` chunks in
+/// flight (`basic_qos`); closes the connection when it ends.
+pub async fn run_amqp(
+    ctx: Arc<WorkerContext>,
+    broker: Broker,
+    concurrency: u16,
+    grace: Duration,
+    consuming: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let queue = broker.topology.chunks.clone();
+    let tag = format!("loansync-worker-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = broker
+        .consumer(&queue, concurrency, &tag, REQUEUE_PAUSE)
+        .await?;
+    tracing::info!(%queue, concurrency, "worker consuming");
+    run(ctx, &mut consumer, concurrency, grace, &consuming, shutdown).await?;
     broker.close().await;
     Ok(())
 }
 
-async fn settle_delivery(
-    ctx: &WorkerContext,
-    broker: &Broker,
-    queue: &str,
-    delivery: AmqpDelivery,
-) {
-    let disposition = handle_message(ctx, delivery.body()).await;
-    if matches!(disposition, Disposition::Requeue | Disposition::Republish) {
-        // Let a failing dependency breathe before the chunk comes back.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    if let Err(e) = delivery.settle(broker, queue, disposition).await {
-        tracing::warn!(error = %format!("{e:#}"), "could not settle a delivery: the broker will redeliver it");
-    }
-}
-
-/// Processes jobs from the in-memory queue with `concurrency` tasks until the queue is
-/// empty and nothing is in flight. A job that fails transiently goes back to the end
-/// of the queue after a pause.
+/// [`run`] over the in-memory queue with `concurrency` chunks at once, until the queue
+/// is empty and nothing is in flight. A job that fails transiently goes back to the end
+/// of the queue after the queue's pause.
 pub async fn run_memory(ctx: Arc<WorkerContext>, queue: MemoryQueue, concurrency: u16) {
-    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let wake = Arc::new(tokio::sync::Notify::new());
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        let (ctx, queue, in_flight, wake) =
-            (ctx.clone(), queue.clone(), in_flight.clone(), wake.clone());
-        tasks.spawn(async move {
-            use std::sync::atomic::Ordering::SeqCst;
-            loop {
-                let Some(job) = queue.try_pop().await else {
-                    // Empty and nobody working: nothing can come back any more. (A task
-                    // that pops a job keeps running until the job is settled or requeued
-                    // and popped again, so an early exit here never strands a job.)
-                    if in_flight.load(SeqCst) == 0 {
-                        wake.notify_waiters();
-                        return;
-                    }
-                    let notified = wake.notified();
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                    continue;
-                };
-                in_flight.fetch_add(1, SeqCst);
-                let span = tracing::info_span!("chunk", sync_id = %job.sync_id, entity = %job.entity, chunk = job.seq);
-                if matches!(
-                    handle_job(&ctx, &job).instrument(span).await,
-                    Disposition::Requeue | Disposition::Republish
-                ) {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    queue.push(job);
-                }
-                in_flight.fetch_sub(1, SeqCst);
-                wake.notify_waiters();
-            }
-        });
+    let mut consumer = queue.consumer();
+    let consuming = AtomicBool::new(false);
+    // The in-memory consumer is never lost and there is no shutdown: this ends when the
+    // queue's work is over.
+    let ended = run(
+        ctx,
+        &mut consumer,
+        concurrency,
+        Duration::MAX,
+        &consuming,
+        std::future::pending::<()>(),
+    )
+    .await;
+    if let Err(e) = ended {
+        tracing::error!(error = %format!("{e:#}"), "the in-memory worker loop failed");
     }
-    while tasks.join_next().await.is_some() {}
 }
 
 #[cfg(test)]

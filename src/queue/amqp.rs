@@ -23,6 +23,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// The `x-delivery-limit` declared on the queues for loansync's `ETL_DELIVERY_LIMIT`.
 ///
@@ -556,6 +557,24 @@ impl Broker {
         })
     }
 
+    /// A [`super::Consumer`] of `queue` (at most `prefetch` unsettled messages) whose
+    /// deliveries settle on this connection; requeued and republished messages go back
+    /// after `requeue_pause`.
+    pub async fn consumer(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+        requeue_pause: Duration,
+    ) -> anyhow::Result<QueueConsumer> {
+        Ok(QueueConsumer {
+            consumer: self.consume(queue, prefetch, tag).await?,
+            broker: self.clone(),
+            queue: queue.to_string(),
+            requeue_pause,
+        })
+    }
+
     /// Messages waiting in `queue` (not counting unacknowledged ones).
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
         queue_depth_on(&self.conn, queue).await
@@ -928,6 +947,136 @@ impl AmqpDelivery {
             }
         }
         Ok(())
+    }
+}
+
+/// The queue layer's consumer of one RabbitMQ queue ([`Broker::consumer`]).
+pub struct QueueConsumer {
+    consumer: Consumer,
+    broker: Broker,
+    queue: String,
+    requeue_pause: Duration,
+}
+
+impl std::fmt::Debug for QueueConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueConsumer")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueConsumer {
+    /// The connection this consumer settles on (and publishes on).
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Consumer for QueueConsumer {
+    async fn next(&mut self) -> Option<anyhow::Result<Box<dyn super::Delivery>>> {
+        Some(match self.consumer.next().await {
+            Some(Ok(delivery)) => Ok(Box::new(QueueDelivery {
+                delivery,
+                broker: self.broker.clone(),
+                queue: self.queue.clone(),
+                requeue_pause: self.requeue_pause,
+            })),
+            Some(Err(e)) => Err(e),
+            // RabbitMQ's work never ends: a consumer that stops was cancelled or lost.
+            None => Err(anyhow::anyhow!(
+                "the broker cancelled the consumer of {}",
+                self.queue
+            )),
+        })
+    }
+
+    async fn close(&mut self) {
+        self.consumer.close().await;
+    }
+}
+
+/// A message of a [`QueueConsumer`], settled on its connection.
+struct QueueDelivery {
+    delivery: AmqpDelivery,
+    broker: Broker,
+    queue: String,
+    requeue_pause: Duration,
+}
+
+#[async_trait::async_trait]
+impl super::Delivery for QueueDelivery {
+    fn body(&self) -> &[u8] {
+        self.delivery.body()
+    }
+
+    async fn settle(self: Box<Self>, disposition: Disposition) -> anyhow::Result<()> {
+        if matches!(disposition, Disposition::Requeue | Disposition::Republish) {
+            tokio::time::sleep(self.requeue_pause).await;
+        }
+        self.delivery
+            .settle(&self.broker, &self.queue, disposition)
+            .await
+    }
+}
+
+/// The first pause before reconnecting, doubled after each failed attempt up to
+/// [`RECONNECT_MAX_DELAY`].
+pub const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(500);
+/// The longest pause between two connection attempts.
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// Runs `consume` on a connection from `connect`, and again on a new one whenever the
+/// connection is lost (broker restart, network), with exponential backoff (backon),
+/// until `shutdown` is cancelled or `consume` ends without an error. While disconnected
+/// the `consuming` flag is down and `health` says so, so that `/readyz` reports the
+/// outage. Messages in flight on a lost connection are redelivered by the broker.
+pub async fn with_reconnect<C, CF, F, Fut>(
+    what: &str,
+    consuming: &AtomicBool,
+    health: &BrokerHealth,
+    shutdown: CancellationToken,
+    mut connect: C,
+    mut consume: F,
+) -> anyhow::Result<()>
+where
+    C: FnMut() -> CF,
+    CF: std::future::Future<Output = anyhow::Result<Broker>>,
+    F: FnMut(Broker, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use backon::Retryable;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(RECONNECT_FIRST_DELAY)
+            .with_max_delay(RECONNECT_MAX_DELAY)
+            .with_factor(2.0)
+            .without_max_times();
+        let connecting = (|| connect()).retry(backoff).notify(|e, delay| {
+            consuming.store(false, Ordering::SeqCst);
+            tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} cannot reach the broker");
+        });
+        let broker = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            broker = connecting => broker?,
+        };
+        let ended = consume(broker, shutdown.clone()).await;
+        health.set_connected(false);
+        consuming.store(false, Ordering::SeqCst);
+        match ended {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "{what} lost its broker connection: reconnecting")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(RECONNECT_FIRST_DELAY) => {}
+        }
     }
 }
 

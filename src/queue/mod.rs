@@ -1,13 +1,22 @@
 //! Queues: the RabbitMQ topology, confirmed publishing and consuming with ack after
 //! commit ([`amqp`]), and the in-memory queue of single-process mode ([`memory`]).
 //!
-//! The planner publishes through [`ChunkPublisher`]; workers receive [`Delivery`]s and
-//! settle each with a [`Disposition`], whichever queue is behind them.
+//! The planner publishes through [`ChunkPublisher`]; the planner's and the workers' loops
+//! take messages from a [`Consumer`] and settle each [`Delivery`] with a [`Disposition`],
+//! whichever queue is behind them. The queue layer owns what a disposition means: the
+//! pause before a message comes back ([`REQUEUE_PAUSE`]), republishing, dead-lettering,
+//! and (on RabbitMQ) reconnecting with backoff ([`amqp::with_reconnect`]).
 
 pub mod amqp;
 pub mod memory;
 
 use crate::domain::ChunkJob;
+use std::time::Duration;
+
+/// How long a message that failed transiently waits before it goes back to its queue
+/// ([`Disposition::Requeue`], [`Disposition::Republish`]): a failing dependency gets room
+/// to breathe before the message comes back.
+pub const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
 
 /// The queue names derived from `ETL_QUEUE_PREFIX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,4 +62,30 @@ pub enum Disposition {
     Republish,
     /// It can never succeed: move it to the dead-letter queue with this reason.
     DeadLetter(String),
+}
+
+/// One message taken from a queue: its body, and how to settle it once its work is done.
+/// A delivery dropped without being settled comes back (RabbitMQ redelivers it when the
+/// channel closes; the in-memory queue puts it back at once).
+#[async_trait::async_trait]
+pub trait Delivery: Send {
+    /// The message as published (a JSON document).
+    fn body(&self) -> &[u8];
+
+    /// Acks, requeues (after [`REQUEUE_PAUSE`] or the consumer's own pause), republishes
+    /// or dead-letters the message.
+    async fn settle(self: Box<Self>, disposition: Disposition) -> anyhow::Result<()>;
+}
+
+/// Where a consuming loop takes its messages from.
+#[async_trait::async_trait]
+pub trait Consumer: Send {
+    /// The next message, waiting for one. `Some(Err(_))`: the consumer is lost (connection
+    /// closed, consumer cancelled by the broker): the loop ends with that error and the
+    /// caller reconnects. `None`: there is no more work and there will be none (the
+    /// in-memory queue is empty and no delivery is in flight); RabbitMQ never says so.
+    async fn next(&mut self) -> Option<anyhow::Result<Box<dyn Delivery>>>;
+
+    /// Stops consuming; unsettled messages go back to the queue.
+    async fn close(&mut self);
 }

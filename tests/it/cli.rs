@@ -49,7 +49,7 @@ async fn sync_json_reports_the_outcome_for_scripts() {
         .unwrap();
     assert_eq!(
         out.status.code(),
-        Some(i32::from(loansync::cli::EXIT_PARTIAL)),
+        Some(i32::from(loansync::app::EXIT_PARTIAL)),
         "{out:?}"
     );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

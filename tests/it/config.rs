@@ -108,12 +108,12 @@ async fn transport_errors_carry_no_credential_from_the_api_url() {
         until: None,
         sweep: false,
     };
-    let summary = loansync::cli::sync_in_process(&db.pool, &settings, &full)
+    let summary = loansync::app::sync_in_process(&db.pool, &settings, &full)
         .await
         .unwrap();
     assert_eq!(
         summary.exit_code(),
-        loansync::cli::EXIT_FAILED,
+        loansync::app::EXIT_FAILED,
         "{}",
         summary.render()
     );

@@ -25,10 +25,10 @@ async fn retry_bumps_what_fails_again_and_resolves_what_arrives() {
         until: None,
         sweep: false,
     };
-    let s = loansync::cli::sync_in_process(&db.pool, &settings, &full)
+    let s = loansync::app::sync_in_process(&db.pool, &settings, &full)
         .await
         .unwrap();
-    assert_eq!(s.exit_code(), loansync::cli::EXIT_PARTIAL, "{}", s.render());
+    assert_eq!(s.exit_code(), loansync::app::EXIT_PARTIAL, "{}", s.render());
     let open: i64 =
         sqlx::query_scalar("SELECT count(*) FROM etl_folder_etlsyncerror WHERE NOT resolved")
             .fetch_one(&db.pool)
@@ -54,7 +54,7 @@ async fn retry_bumps_what_fails_again_and_resolves_what_arrives() {
         else {
             panic!("retry not planned")
         };
-        let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
+        let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
         loansync::worker::run_memory(ctx, queue, 2).await;
         totals
     };

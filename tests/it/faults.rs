@@ -39,7 +39,7 @@ async fn a_new_worker_finishes_exactly(
     abandoned: i64,
 ) {
     let stop = tokio_util::sync::CancellationToken::new();
-    let ctx = Arc::new(loansync::cli::worker_context(settings, db.pool.clone()).unwrap());
+    let ctx = Arc::new(loansync::app::worker_context(settings, db.pool.clone()).unwrap());
     let b = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
         .await
         .unwrap();
@@ -210,9 +210,9 @@ async fn a_chunk_that_keeps_failing_is_settled_as_failed_and_dead_lettered() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let ctx = loansync::cli::worker_context(&settings, db.pool.clone()).unwrap();
+    let ctx = loansync::app::worker_context(&settings, db.pool.clone()).unwrap();
     let mut gave_up = 0;
-    while let Some(job) = queue.try_pop().await {
+    while let Some(job) = queue.try_pop() {
         let d = worker::handle_message(&ctx, &serde_json::to_vec(&job).unwrap()).await;
         if job.entity == EntityKind::Loan && job.seq == 0 {
             let loansync::queue::Disposition::DeadLetter(reason) = d else {
@@ -257,10 +257,10 @@ async fn an_api_outage_longer_than_the_budget_fails_records_that_a_retry_deliver
     })
     .await;
     let settings = settings_for(&db, &stub.url(), &[("ETL_RETRY_MAX_ELAPSED_SECS", "1")]);
-    let s = loansync::cli::sync_in_process(&db.pool, &settings, &full())
+    let s = loansync::app::sync_in_process(&db.pool, &settings, &full())
         .await
         .unwrap();
-    assert_eq!(s.exit_code(), loansync::cli::EXIT_FAILED, "{}", s.render());
+    assert_eq!(s.exit_code(), loansync::app::EXIT_FAILED, "{}", s.render());
     let codes: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT error_code::text FROM etl_folder_etlsyncerror")
             .fetch_all(&db.pool)
@@ -280,7 +280,7 @@ async fn an_api_outage_longer_than_the_budget_fails_records_that_a_retry_deliver
         .await
         .unwrap();
     worker::run_memory(
-        Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap()),
+        Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap()),
         queue,
         2,
     )

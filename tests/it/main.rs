@@ -4,6 +4,7 @@
 mod check;
 mod cli;
 mod config;
+mod consumer;
 mod errors;
 mod faults;
 mod fixtures;

@@ -77,7 +77,7 @@ async fn metrics_agree_with_the_etl_tables() {
     };
     let pool = db.pool.clone();
     let sync = tokio::spawn(async move {
-        loansync::cli::sync_in_process(&pool, &settings, &req)
+        loansync::app::sync_in_process(&pool, &settings, &req)
             .await
             .unwrap()
     });
@@ -107,7 +107,7 @@ async fn metrics_agree_with_the_etl_tables() {
     }
     assert!(during >= 1);
     let summary = sync.await.unwrap();
-    assert_eq!(summary.exit_code(), loansync::cli::EXIT_PARTIAL);
+    assert_eq!(summary.exit_code(), loansync::app::EXIT_PARTIAL);
     let (status, text) = get("/metrics").await;
     assert_eq!(status, 200);
     let h = &history(&db.pool).await[0];
@@ -242,10 +242,10 @@ async fn state_gauges_follow_the_etl_tables() {
         until: None,
         sweep: false,
     };
-    let summary = loansync::cli::sync_in_process(&db.pool, &settings, &req)
+    let summary = loansync::app::sync_in_process(&db.pool, &settings, &req)
         .await
         .unwrap();
-    assert_eq!(summary.exit_code(), loansync::cli::EXIT_PARTIAL);
+    assert_eq!(summary.exit_code(), loansync::app::EXIT_PARTIAL);
     let h = &history(&db.pool).await[0];
     assert_eq!(h.status, "partial_success");
     let completed_at: f64 = sqlx::query_scalar(

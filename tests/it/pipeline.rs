@@ -650,10 +650,10 @@ mod units {
         else {
             panic!("not planned")
         };
-        let ctx = loansync::cli::worker_context(&settings, db.pool.clone()).unwrap();
+        let ctx = loansync::app::worker_context(&settings, db.pool.clone()).unwrap();
         let mut settled = 0;
         let mut duplicates = 0;
-        while let Some(job) = queue.try_pop().await {
+        while let Some(job) = queue.try_pop() {
             // Two deliveries of the same job racing each other, then a third one late.
             let (a, b) = tokio::join!(
                 worker::process_chunk(&ctx, &job),
@@ -741,7 +741,7 @@ mod units {
             until: None,
             sweep: false,
         };
-        let summary = loansync::cli::sync_in_process(&db.pool, &settings, &req)
+        let summary = loansync::app::sync_in_process(&db.pool, &settings, &req)
             .await
             .unwrap();
         assert_eq!(summary.exit_code(), 0, "{}", summary.render());
@@ -758,7 +758,7 @@ mod units {
             until: None,
             sweep: false,
         };
-        let s2 = loansync::cli::sync_in_process(&db.pool, &settings, &only_loans)
+        let s2 = loansync::app::sync_in_process(&db.pool, &settings, &only_loans)
             .await
             .unwrap();
         assert_eq!(s2.exit_code(), 0);
@@ -793,7 +793,7 @@ impl InProcess {
         let stop = CancellationToken::new();
         let consuming: Vec<Arc<AtomicBool>> =
             (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
-        let mut tasks = vec![tokio::spawn(loansync::cli::run_planner(
+        let mut tasks = vec![tokio::spawn(loansync::app::run_planner(
             db.pool.clone(),
             settings.clone(),
             consuming[0].clone(),
@@ -802,7 +802,7 @@ impl InProcess {
         for flag in &consuming[1..] {
             // Each worker has a pool of its own, as a worker process would.
             let pool = loansync::db::connect_url(&db.url, 4).await.unwrap();
-            tasks.push(tokio::spawn(loansync::cli::run_worker(
+            tasks.push(tokio::spawn(loansync::app::run_worker(
                 pool,
                 settings.clone(),
                 flag.clone(),

@@ -7,7 +7,7 @@ use crate::pipeline::{
     wait_syncs_finished,
 };
 use crate::support::{amqp_url, wait_for};
-use loansync::cli::connect_broker_with;
+use loansync::app::connect_broker_with;
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::amqp::{ArgumentMismatch, BrokerHealth};

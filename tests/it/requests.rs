@@ -58,7 +58,7 @@ async fn a_full_sync_asked_for_during_a_sync_runs_after_it_and_trigger_wait_repo
     // A planner alone: the first sync is planned and stays running (no worker yet).
     let stop = CancellationToken::new();
     let planner_up = Arc::new(AtomicBool::new(false));
-    let planner = tokio::spawn(loansync::cli::run_planner(
+    let planner = tokio::spawn(loansync::app::run_planner(
         db.pool.clone(),
         settings.clone(),
         planner_up.clone(),
@@ -200,7 +200,7 @@ async fn trigger_wait_times_out_with_its_own_exit_code_and_the_request_stays_kep
         .unwrap();
     assert_eq!(
         out.status.code(),
-        Some(i32::from(loansync::cli::EXIT_TIMEOUT)),
+        Some(i32::from(loansync::app::EXIT_TIMEOUT)),
         "{out:?}"
     );
     let waited: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -293,7 +293,7 @@ async fn a_watermark_set_by_hand_is_audited_and_drives_the_next_incremental_sync
     let sync = |t| {
         let (pool, settings) = (db.pool.clone(), settings.clone());
         async move {
-            loansync::cli::sync_in_process(&pool, &settings, &anonymous(t))
+            loansync::app::sync_in_process(&pool, &settings, &anonymous(t))
                 .await
                 .unwrap()
         }
@@ -372,7 +372,7 @@ async fn a_watermark_set_by_hand_is_audited_and_drives_the_next_incremental_sync
         .unwrap();
     assert_eq!(
         busy.status.code(),
-        Some(i32::from(loansync::cli::EXIT_BUSY)),
+        Some(i32::from(loansync::app::EXIT_BUSY)),
         "{busy:?}"
     );
 }

@@ -176,7 +176,7 @@ async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
         .chunks
         .with_label_values(&["officer", "requeued"])
         .get();
-    let ctx = Arc::new(loansync::cli::worker_context(&settings, pool.clone()).unwrap());
+    let ctx = Arc::new(loansync::app::worker_context(&settings, pool.clone()).unwrap());
     let work = tokio::spawn(worker::run_memory(ctx, queue, 3));
     wait_for(
         "a chunk whose settle timed out to be tried again",
@@ -312,7 +312,7 @@ async fn unreadable_rows_fail_alone_in_single_process_mode() {
     let settings = settings_for(&db, &stub.url(), &[]);
     let panics_before = METRICS.chunk_panics.get();
     let summary =
-        loansync::cli::sync_in_process(&db.pool, &settings, &request(SyncType::Full, None))
+        loansync::app::sync_in_process(&db.pool, &settings, &request(SyncType::Full, None))
             .await
             .unwrap();
     assert_eq!(
@@ -328,7 +328,7 @@ async fn unreadable_rows_fail_alone_in_single_process_mode() {
         .await;
     // The same process goes on: an incremental sync after it runs to its end.
     let again =
-        loansync::cli::sync_in_process(&db.pool, &settings, &request(SyncType::Incremental, None))
+        loansync::app::sync_in_process(&db.pool, &settings, &request(SyncType::Incremental, None))
             .await
             .unwrap();
     assert!(again.status.is_some(), "{again:?}");
@@ -387,8 +387,8 @@ async fn a_chunk_that_panicked_is_settled_as_worker_panic() {
     else {
         panic!("not planned")
     };
-    let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
-    let first = queue.try_pop().await.unwrap();
+    let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
+    let first = queue.try_pop().unwrap();
     worker::fail_chunk(
         &ctx,
         &first,
@@ -509,13 +509,13 @@ async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
     let _cleanup = Cleanup(direct.queue_prefix.clone(), 7);
     let stop = CancellationToken::new();
     let flags: Vec<Arc<AtomicBool>> = (0..2).map(|_| Arc::new(AtomicBool::new(false))).collect();
-    let planner = tokio::spawn(loansync::cli::run_planner(
+    let planner = tokio::spawn(loansync::app::run_planner(
         db.pool.clone(),
         planner_settings,
         flags[0].clone(),
         stop.clone(),
     ));
-    let worker = tokio::spawn(loansync::cli::run_worker(
+    let worker = tokio::spawn(loansync::app::run_worker(
         loansync::db::connect_url(&db.url, 4).await.unwrap(),
         direct.clone(),
         flags[1].clone(),
@@ -606,7 +606,7 @@ async fn a_blocked_broker_connection_fails_readyz_and_is_counted() {
     let stop = CancellationToken::new();
     let consuming = Arc::new(AtomicBool::new(false));
     let health = BrokerHealth::default();
-    let worker = tokio::spawn(loansync::cli::run_worker_with(
+    let worker = tokio::spawn(loansync::app::run_worker_with(
         db.pool.clone(),
         settings.clone(),
         consuming.clone(),
@@ -695,14 +695,14 @@ async fn a_long_database_outage_spends_no_delivery() {
     let _cleanup = Cleanup(planner_settings.queue_prefix.clone(), broker_limit);
     let stop = CancellationToken::new();
     let flags: Vec<Arc<AtomicBool>> = (0..2).map(|_| Arc::new(AtomicBool::new(false))).collect();
-    let planner = tokio::spawn(loansync::cli::run_planner(
+    let planner = tokio::spawn(loansync::app::run_planner(
         db.pool.clone(),
         planner_settings.clone(),
         flags[0].clone(),
         stop.clone(),
     ));
     let worker_pool = loansync::db::connect(&worker_settings).await.unwrap();
-    let worker = tokio::spawn(loansync::cli::run_worker(
+    let worker = tokio::spawn(loansync::app::run_worker(
         worker_pool,
         worker_settings.clone(),
         flags[1].clone(),

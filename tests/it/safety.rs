@@ -112,7 +112,7 @@ async fn a_row_committed_late_is_caught_when_loansync_runs_as_a_least_privilege_
     let django = loansync::db::connect_url(&Roles::url(&db, &roles.django), 2)
         .await
         .unwrap();
-    let first = loansync::cli::sync_in_process(&app, &settings, &loans_only(SyncType::Full))
+    let first = loansync::app::sync_in_process(&app, &settings, &loans_only(SyncType::Full))
         .await
         .unwrap();
     assert_eq!(first.exit_code(), 0, "{}", first.render());
@@ -150,7 +150,7 @@ async fn a_row_committed_late_is_caught_when_loansync_runs_as_a_least_privilege_
     .await;
 
     let second =
-        loansync::cli::sync_in_process(&app, &settings, &loans_only(SyncType::Incremental))
+        loansync::app::sync_in_process(&app, &settings, &loans_only(SyncType::Incremental))
             .await
             .unwrap();
     assert_eq!(second.exit_code(), 0, "{}", second.render());
@@ -168,7 +168,7 @@ async fn a_row_committed_late_is_caught_when_loansync_runs_as_a_least_privilege_
     let before = stub.received();
     writer.commit().await.unwrap();
 
-    let third = loansync::cli::sync_in_process(&app, &settings, &loans_only(SyncType::Incremental))
+    let third = loansync::app::sync_in_process(&app, &settings, &loans_only(SyncType::Incremental))
         .await
         .unwrap();
     assert_eq!(third.exit_code(), 0, "{}", third.render());
@@ -364,7 +364,7 @@ async fn two_planners_given_one_request_id_at_once_plan_one_sync() {
     let running = InProcess::start(&db, &settings).await;
     let stop = CancellationToken::new();
     let second_up = Arc::new(AtomicBool::new(false));
-    let second = tokio::spawn(loansync::cli::run_planner(
+    let second = tokio::spawn(loansync::app::run_planner(
         loansync::db::connect_url(&db.url, 4).await.unwrap(),
         settings.clone(),
         second_up.clone(),
@@ -443,7 +443,7 @@ async fn planned_loans(
         panic!("{outcome:?}")
     };
     let mut jobs = Vec::new();
-    while let Some(j) = queue.try_pop().await {
+    while let Some(j) = queue.try_pop() {
         jobs.push(j);
     }
     assert!(jobs.len() >= 3, "a few chunks");
@@ -544,7 +544,7 @@ async fn an_operator_abandons_a_running_sync_and_retries_its_records() {
     let settings = settings_for(&db, &stub.url(), &[]);
     let (sync_id, jobs) = planned_loans(&db, &settings).await;
     // One chunk is worked; the others are lost (nobody consumes them).
-    let ctx = loansync::cli::worker_context(&settings, db.pool.clone()).unwrap();
+    let ctx = loansync::app::worker_context(&settings, db.pool.clone()).unwrap();
     loansync::worker::process_chunk(&ctx, &jobs[0])
         .await
         .unwrap();
@@ -613,11 +613,11 @@ async fn finished_syncs_lose_their_chunk_lists_after_the_retention_and_nothing_e
     })
     .await;
     let settings = settings_for(&db, &stub.url(), &[]);
-    let old = loansync::cli::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Full))
+    let old = loansync::app::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Full))
         .await
         .unwrap();
     let old_id = old.sync_id.clone().unwrap();
-    let new = loansync::cli::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Full))
+    let new = loansync::app::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Full))
         .await
         .unwrap();
     let new_id = new.sync_id.clone().unwrap();
@@ -658,11 +658,11 @@ async fn finished_syncs_lose_their_chunk_lists_after_the_retention_and_nothing_e
     assert_eq!(ledger::prune_chunks(&db.pool, week).await.unwrap(), 0);
     // The pruned sync still reads the same, and a late copy of one of its chunk jobs
     // counts as the duplicate it is, not as an unknown chunk.
-    let again = loansync::cli::summarize(&db.pool, old_id.clone())
+    let again = loansync::app::summarize(&db.pool, old_id.clone())
         .await
         .unwrap();
     assert_eq!(again.progress, old.progress);
-    let ctx = loansync::cli::worker_context(&settings, db.pool.clone()).unwrap();
+    let ctx = loansync::app::worker_context(&settings, db.pool.clone()).unwrap();
     let late = ChunkJob {
         sync_id: old_id,
         entity: EntityKind::Loan,

@@ -93,7 +93,7 @@ async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
     // Another worker picks up the rest; each chunk is processed once.
     stub.set_faults(Faults::default());
     let cancel = tokio_util::sync::CancellationToken::new();
-    let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
+    let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
     let b = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
         .await
         .unwrap();

@@ -328,7 +328,7 @@ async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_recor
         entity: EntityKind::Loan,
         seq: 0,
     };
-    let ctx = Arc::new(loansync::cli::worker_context(&settings, db.pool.clone()).unwrap());
+    let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
 
     // First attempt: POSTed and answered, then the worker dies before its settle
     // commits (the history row is held, so the settle waits; then its task and its
@@ -545,7 +545,7 @@ async fn huge_api_messages_are_bounded_in_error_rows() {
         until: None,
         sweep: false,
     };
-    loansync::cli::sync_in_process(&db.pool, &settings, &repayments)
+    loansync::app::sync_in_process(&db.pool, &settings, &repayments)
         .await
         .unwrap();
     let sizes = || async {
@@ -578,7 +578,7 @@ async fn huge_api_messages_are_bounded_in_error_rows() {
         huge_text_bytes: 80_000,
         ..Default::default()
     });
-    loansync::cli::sync_in_process(&db.pool, &settings, &repayments)
+    loansync::app::sync_in_process(&db.pool, &settings, &repayments)
         .await
         .unwrap();
     let rows = sizes().await;

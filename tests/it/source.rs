@@ -1061,7 +1061,7 @@ async fn a_row_committed_late_by_an_open_transaction_arrives_in_the_next_sync() 
         until: None,
         sweep: false,
     };
-    let first = loansync::cli::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Full))
+    let first = loansync::app::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Full))
         .await
         .unwrap();
     assert_eq!(first.exit_code(), 0);
@@ -1076,7 +1076,7 @@ async fn a_row_committed_late_by_an_open_transaction_arrives_in_the_next_sync() 
     .await
     .unwrap();
     let second =
-        loansync::cli::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Incremental))
+        loansync::app::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Incremental))
             .await
             .unwrap();
     let hi: DateTime<Utc> = sqlx::query_scalar(
@@ -1094,7 +1094,7 @@ async fn a_row_committed_late_by_an_open_transaction_arrives_in_the_next_sync() 
     writer.commit().await.unwrap();
 
     let third =
-        loansync::cli::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Incremental))
+        loansync::app::sync_in_process(&db.pool, &settings, &loans_only(SyncType::Incremental))
             .await
             .unwrap();
     assert_eq!(third.exit_code(), 0);
@@ -1225,7 +1225,7 @@ async fn an_incremental_sync_resends_loans_whose_schedule_or_repayments_changed(
         until: None,
         sweep: false,
     };
-    let full = loansync::cli::sync_in_process(&db.pool, &settings, &request(SyncType::Full))
+    let full = loansync::app::sync_in_process(&db.pool, &settings, &request(SyncType::Full))
         .await
         .unwrap();
     assert_eq!(full.exit_code(), 0, "{}", full.render());
@@ -1269,7 +1269,7 @@ async fn an_incremental_sync_resends_loans_whose_schedule_or_repayments_changed(
     .await
     .unwrap();
 
-    let incr = loansync::cli::sync_in_process(&db.pool, &settings, &request(SyncType::Incremental))
+    let incr = loansync::app::sync_in_process(&db.pool, &settings, &request(SyncType::Incremental))
         .await
         .unwrap();
     assert_eq!(incr.exit_code(), 0, "{}", incr.render());

@@ -28,7 +28,7 @@ async fn run(
     settings: &Settings,
     req: &PlanRequest,
 ) -> (String, BTreeMap<EntityKind, i32>) {
-    let s = loansync::cli::sync_in_process(pool, settings, req)
+    let s = loansync::app::sync_in_process(pool, settings, req)
         .await
         .expect("sync");
     assert!(s.status.is_some(), "{}", s.render());
@@ -420,7 +420,7 @@ async fn a_pending_sweep_runs_alone_after_the_running_sync() {
     let api = stub(Faults::default()).await;
     let settings = settings_for(&db, &api.url(), &[]);
     let work = |queue: MemoryQueue| async {
-        let ctx = Arc::new(loansync::cli::worker_context(&settings, pool.clone()).unwrap());
+        let ctx = Arc::new(loansync::app::worker_context(&settings, pool.clone()).unwrap());
         loansync::worker::run_memory(ctx, queue, 2).await;
     };
     // A full sync planned, its chunks not worked yet: it holds the slot.

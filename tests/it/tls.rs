@@ -307,7 +307,7 @@ async fn the_https_api_trusted_through_analytics_ca_file_receives_every_record()
     let db = seeded_db(small()).await;
     let settings = settings_for(&db, &api.url(), &[("ANALYTICS_CA_FILE", ca.ca_path())]);
 
-    let summary = loansync::cli::sync_in_process(&db.pool, &settings, &full_sync())
+    let summary = loansync::app::sync_in_process(&db.pool, &settings, &full_sync())
         .await
         .unwrap();
     assert_eq!(summary.exit_code(), 0, "{}", summary.render());
@@ -339,14 +339,14 @@ async fn without_the_ca_the_api_certificate_is_refused_at_once_and_the_records_c
     // Well inside one retry budget: were the refusal retried, this would time out.
     let summary = tokio::time::timeout(
         Duration::from_secs(60),
-        loansync::cli::sync_in_process(&db.pool, &untrusting, &full_sync()),
+        loansync::app::sync_in_process(&db.pool, &untrusting, &full_sync()),
     )
     .await
     .expect("the refused certificate was retried instead of failing at once")
     .unwrap();
     assert_eq!(
         summary.exit_code(),
-        loansync::cli::EXIT_FAILED,
+        loansync::app::EXIT_FAILED,
         "{}",
         summary.render()
     );
@@ -415,7 +415,7 @@ async fn without_the_ca_the_api_certificate_is_refused_at_once_and_the_records_c
     loansync::planner::plan_retry(&db.pool, &trusting, &[], &queue)
         .await
         .unwrap();
-    let ctx = Arc::new(loansync::cli::worker_context(&trusting, db.pool.clone()).unwrap());
+    let ctx = Arc::new(loansync::app::worker_context(&trusting, db.pool.clone()).unwrap());
     loansync::worker::run_memory(ctx, queue, 2).await;
     let received = api.stub.received();
     for e in EntityKind::ALL {
@@ -610,7 +610,7 @@ async fn amqps_without_amqp_ca_file_is_refused_with_a_clear_error() {
     // A worker keeps trying (each attempt refused) and never reports itself ready.
     let stop = CancellationToken::new();
     let consuming = Arc::new(AtomicBool::new(false));
-    let worker = tokio::spawn(loansync::cli::run_worker(
+    let worker = tokio::spawn(loansync::app::run_worker(
         db.pool.clone(),
         settings.clone(),
         consuming.clone(),

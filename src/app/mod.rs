@@ -1,0 +1,101 @@
+//! The application layer: what the commands, the demo and the tests run.
+//!
+//! * [`services`]: "run a planner", "run a worker": connect, reconnect with backoff,
+//!   the metrics/health server, shutdown signals.
+//! * [`sync`]: "run a sync in this process" (`sync`, `resume --in-process`,
+//!   `errors retry --in-process`, the demo, the tests), returning a [`SyncReport`].
+//! * [`wait`]: "wait for a request's sync to finish" (`trigger --wait`, the demo).
+//! * [`report`]: [`SyncReport`] and [`RequestReport`], which render themselves (text and
+//!   JSON) and know their exit codes.
+//!
+//! It uses the domain modules (planner, worker, queue, ledger, ...) and is used by the
+//! command line and the demo; it uses neither.
+
+pub mod report;
+pub mod services;
+pub mod sync;
+pub mod wait;
+
+pub use report::{
+    EXIT_BUSY, EXIT_FAILED, EXIT_PARTIAL, EXIT_TIMEOUT, RequestReport, SyncReport, summarize,
+};
+pub use services::{
+    run_planner, run_planner_process, run_planner_with, run_worker, run_worker_process,
+    run_worker_with,
+};
+pub use sync::{InProcess, Started, Work, sync_in_process};
+pub use wait::wait_for_request;
+
+use crate::config::Settings;
+use crate::queue::amqp::{Broker, BrokerHealth, BrokerOptions};
+use crate::sink::AnalyticsClient;
+use crate::worker::WorkerContext;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+/// Connects to the broker of `settings`.
+pub async fn connect_broker(settings: &Settings) -> anyhow::Result<Broker> {
+    connect_broker_with(settings, BrokerHealth::default()).await
+}
+
+/// Connects to the broker of `settings`, reporting the connection's state to `health`.
+pub async fn connect_broker_with(
+    settings: &Settings,
+    health: BrokerHealth,
+) -> anyhow::Result<Broker> {
+    Broker::connect_with(
+        settings.amqp_url.expose_secret(),
+        &settings.queue_prefix,
+        // The broker's own limit sits above loansync's, so that loansync settles a
+        // chunk that keeps failing (and says why) before the broker drops it.
+        crate::queue::amqp::broker_delivery_limit(settings.delivery_limit),
+        settings.amqp_ca_pem.as_deref(),
+        BrokerOptions {
+            confirm_timeout: settings.publish_confirm_timeout,
+            health,
+        },
+    )
+    .await
+}
+
+/// Builds a worker's context from the settings.
+pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> anyhow::Result<WorkerContext> {
+    Ok(WorkerContext {
+        pool,
+        client: AnalyticsClient::new(&settings.api)
+            .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?,
+        delivery_limit: settings.delivery_limit,
+        db_outage_wait: settings.db_outage_wait,
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown requested");
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+pub fn on_shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        t.cancel();
+    });
+    token
+}

@@ -1,0 +1,133 @@
+//! The long-running processes: a planner and a worker, each consuming its queue over a
+//! connection that is re-made with backoff when lost, with the metrics/health server.
+
+use super::{connect_broker_with, on_shutdown_signal, worker_context};
+use crate::config::Settings;
+use crate::queue::amqp::{self, BrokerHealth};
+use crate::{db, http, planner, worker};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use tokio_util::sync::CancellationToken;
+
+/// `loansync planner`: connects to PostgreSQL, serves `/metrics` and the health checks,
+/// and plans until SIGTERM or Ctrl-C.
+pub async fn run_planner_process(settings: Arc<Settings>) -> anyhow::Result<()> {
+    run_process(settings, run_planner_with).await
+}
+
+/// `loansync worker`: connects to PostgreSQL, serves `/metrics` and the health checks,
+/// and delivers chunks until SIGTERM or Ctrl-C.
+pub async fn run_worker_process(settings: Arc<Settings>) -> anyhow::Result<()> {
+    run_process(settings, run_worker_with).await
+}
+
+/// A long-running process: the pool, the HTTP server, then `run` until a signal.
+async fn run_process<F, Fut>(settings: Arc<Settings>, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(sqlx::PgPool, Arc<Settings>, Arc<AtomicBool>, BrokerHealth, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let pool = db::connect(&settings).await?;
+    let consuming = Arc::new(AtomicBool::new(false));
+    let health = BrokerHealth::default();
+    start_http(&settings, &pool, &consuming, &health).await?;
+    run(pool, settings, consuming, health, on_shutdown_signal()).await
+}
+
+/// The planner: consumes planning messages until `shutdown`, reconnecting.
+pub async fn run_planner(
+    pool: sqlx::PgPool,
+    settings: Arc<Settings>,
+    consuming: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_planner_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
+}
+
+/// [`run_planner`], reporting the broker connection's state to `health` (`/readyz`).
+pub async fn run_planner_with(
+    pool: sqlx::PgPool,
+    settings: Arc<Settings>,
+    consuming: Arc<AtomicBool>,
+    health: BrokerHealth,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    amqp::with_reconnect(
+        "planner",
+        &consuming,
+        &health,
+        shutdown,
+        || connect_broker_with(&settings, health.clone()),
+        |broker, stop| {
+            planner::run_amqp(
+                pool.clone(),
+                settings.clone(),
+                broker,
+                consuming.clone(),
+                stop.cancelled_owned(),
+            )
+        },
+    )
+    .await
+}
+
+/// The worker: consumes chunk jobs until `shutdown`, reconnecting.
+pub async fn run_worker(
+    pool: sqlx::PgPool,
+    settings: Arc<Settings>,
+    consuming: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_worker_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
+}
+
+/// [`run_worker`], reporting the broker connection's state to `health` (`/readyz`).
+pub async fn run_worker_with(
+    pool: sqlx::PgPool,
+    settings: Arc<Settings>,
+    consuming: Arc<AtomicBool>,
+    health: BrokerHealth,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let ctx = Arc::new(worker_context(&settings, pool)?);
+    amqp::with_reconnect(
+        "worker",
+        &consuming,
+        &health,
+        shutdown,
+        || connect_broker_with(&settings, health.clone()),
+        |broker, stop| {
+            worker::run_amqp(
+                ctx.clone(),
+                broker,
+                settings.worker_concurrency,
+                settings.shutdown_grace,
+                consuming.clone(),
+                stop.cancelled_owned(),
+            )
+        },
+    )
+    .await
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `METRICS_ADDR`, when set.
+async fn start_http(
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+    consuming: &Arc<AtomicBool>,
+    health: &BrokerHealth,
+) -> anyhow::Result<()> {
+    if let Some(addr) = settings.metrics_addr {
+        http::serve(
+            addr,
+            http::Readiness {
+                pool: pool.clone(),
+                broker: Some(health.clone()),
+                consuming: consuming.clone(),
+                stale_after_secs: settings.stale_sync_after.as_secs_f64(),
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
