@@ -220,9 +220,12 @@ where
     let mut decoded = Vec::with_capacity(rows.len());
     let mut fingerprints = Vec::with_capacity(rows.len());
     for row in &rows {
+        // By position: `id` first (the row type's first column), the fingerprint last.
+        let last = row.len() - 1;
+        debug_assert_eq!(sqlx::Column::name(&row.columns()[last]), "fingerprint");
         fingerprints.push((
-            row.try_get::<i64, _>("id")?,
-            row.try_get::<uuid::Uuid, _>("fingerprint")?,
+            row.try_get::<i64, _>(0)?,
+            row.try_get::<uuid::Uuid, _>(last)?,
         ));
         decoded.push(R::from_row(row)?);
     }
