@@ -690,13 +690,19 @@ pub const UNRESOLVED_PAGE_SQL: &str = "SELECT DISTINCT id FROM ( \
      FROM etl_folder_etlsyncerror WHERE entity_type = $6 AND NOT resolved) e \
      WHERE id > $1 ORDER BY id LIMIT $2";
 
-/// Writes every chunk of one entity in ONE statement, inside PostgreSQL: the keyset pages
-/// of `page_sql` (one statement selecting one id column, ascending, ids > `$1`, at most
-/// `$2`; `$3` / `$4` the window's lo / hi when it takes them, `$6` the entity), page
-/// after page in a recursive query, each page a chunk (seq 0, 1, ...), exactly as paging
-/// from the planner would: a page shorter than `size` (or empty) is the last. Nothing of
-/// the selection comes to the planner: its memory does not grow with the table. Returns
-/// the chunks and the ids written.
+/// How many keyset pages (chunks) [`insert_chunks`] writes per statement: each statement
+/// stays well inside `ETL_DB_STATEMENT_TIMEOUT_SECS` whatever the table's size. Debug
+/// builds (every test) take 3, so that the tests' small syncs go through several
+/// statements too.
+const CHUNKS_PER_STATEMENT: i32 = if cfg!(debug_assertions) { 3 } else { 500 };
+
+/// Writes every chunk of one entity inside PostgreSQL, [`CHUNKS_PER_STATEMENT`] chunks a
+/// statement: the keyset pages of `page_sql` (one statement selecting one id column,
+/// ascending, ids > `$1`, at most `$2`; `$3` / `$4` the window's lo / hi when it takes
+/// them, `$6` the entity), page after page in a recursive query, each page a chunk (seq
+/// 0, 1, ...), exactly as paging from the planner would: a page shorter than `size` (or
+/// empty) is the last. The ids never come to the planner: its memory does not grow with
+/// the table. Returns the chunks and the ids written.
 ///
 /// `custom_plan`: run as PostgreSQL's unnamed statement, planned with the window's
 /// values (see `source::next_ids`).
@@ -709,30 +715,51 @@ pub async fn insert_chunks(
     window: &SyncWindow,
     custom_plan: bool,
 ) -> sqlx::Result<(i32, i64)> {
+    let size = size.max(1);
     let next = page_sql.replace("$1", "g.ids[cardinality(g.ids)]");
+    // $7: the first page's seq; $8: how many pages at most.
     let sql = format!(
         "WITH RECURSIVE page (seq, ids) AS (\n\
-             SELECT 0, ARRAY(\n{page_sql}\n)\n\
+             SELECT $7::int4, ARRAY(\n{page_sql}\n)\n\
              UNION ALL\n\
-             SELECT g.seq + 1, ARRAY(\n{next}\n) FROM page g WHERE cardinality(g.ids) = $2\n\
+             SELECT g.seq + 1, ARRAY(\n{next}\n) FROM page g \
+             WHERE cardinality(g.ids) = $2 AND g.seq + 1 < $7 + $8\n\
          ), ins AS (\n\
              INSERT INTO loansync_chunk (sync_id, entity, seq, ids) \
              SELECT $5, $6, seq, ids FROM page WHERE cardinality(ids) > 0 \
-             RETURNING cardinality(ids) AS n\n\
+             RETURNING seq, cardinality(ids) AS n, ids[cardinality(ids)] AS last\n\
          )\n\
-         SELECT count(*)::int4, COALESCE(sum(n), 0)::int8 FROM ins"
+         SELECT count(*)::int4, COALESCE(sum(n), 0)::int8, \
+                (array_agg(last ORDER BY seq DESC))[1], (array_agg(n ORDER BY seq DESC))[1] \
+         FROM ins"
     );
-    let (chunks, ids): (i32, i64) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(0i64)
-        .bind(size.max(1))
-        .bind(window.lo)
-        .bind(window.hi)
-        .bind(sync_id)
-        .bind(entity.as_str())
-        .persistent(!custom_plan)
-        .fetch_one(conn)
-        .await?;
-    Ok((chunks, ids))
+    let (mut after, mut chunks, mut ids) = (0i64, 0i32, 0i64);
+    loop {
+        let (written, n, last, last_len): (i32, i64, Option<i64>, Option<i32>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(after)
+                .bind(size)
+                .bind(window.lo)
+                .bind(window.hi)
+                .bind(sync_id)
+                .bind(entity.as_str())
+                .bind(chunks)
+                .bind(CHUNKS_PER_STATEMENT)
+                .persistent(!custom_plan)
+                .fetch_one(&mut *conn)
+                .await?;
+        chunks += written;
+        ids += n;
+        match last {
+            // Stopped at the cap on a full page: the selection may go on.
+            Some(last)
+                if written == CHUNKS_PER_STATEMENT && i64::from(last_len.unwrap_or(0)) == size =>
+            {
+                after = last
+            }
+            _ => return Ok((chunks, ids)),
+        }
+    }
 }
 
 /// Records one chunk in the ledger (the sweep's, see `planner::plan_sweep`).
