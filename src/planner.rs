@@ -197,9 +197,7 @@ async fn plan_claimed(
             // A planner that died after committing the plan but before every chunk was
             // published: publish the unsettled ones again (workers count a chunk once).
             let republished = if running {
-                let jobs = ledger::unsettled_chunks(pool, &sync_id).await?;
-                publisher.publish_chunks(&jobs).await?;
-                jobs.len()
+                publish_unsettled(pool, &sync_id, publisher).await?
             } else {
                 0
             };
@@ -236,9 +234,8 @@ async fn plan_claimed(
             .with_label_values(&[sync_type.as_str(), status.as_str()])
             .inc();
     }
-    let jobs = ledger::unsettled_chunks(pool, &sync_id).await?;
-    publisher.publish_chunks(&jobs).await?;
-    tracing::info!(%sync_id, %sync_type, purpose = purpose.as_str(), chunks = jobs.len(), records = ?totals.records, "sync planned");
+    let chunks = publish_unsettled(pool, &sync_id, publisher).await?;
+    tracing::info!(%sync_id, %sync_type, purpose = purpose.as_str(), chunks, records = ?totals.records, "sync planned");
     Ok(PlanOutcome::Planned {
         sync_id,
         totals,
@@ -309,25 +306,18 @@ async fn write_ledger(
             totals.chunks += i64::from(seq);
             continue;
         }
-        let (mut after, mut seq, mut planned) = (0i64, 0i32, 0i64);
-        loop {
-            // Keyset pagination: one page is one chunk; memory never grows with the table.
-            let ids = match purpose {
-                // (A sweep was planned above, by `plan_sweep`.)
-                Purpose::Sync | Purpose::Backfill | Purpose::Sweep => {
-                    source::next_ids(&mut tx, entity, sync_type, &window, after, size).await?
-                }
-                Purpose::Retry => ledger::next_unresolved_ids(&mut tx, entity, after, size).await?,
-            };
-            let Some(&last) = ids.last() else { break };
-            ledger::insert_chunk(&mut tx, sync_id, entity, seq, &ids).await?;
-            planned += ids.len() as i64;
-            seq += 1;
-            after = last;
-            if (ids.len() as i64) < size {
-                break;
+        // Every chunk in one statement, in PostgreSQL: the keyset pages of the selection,
+        // one page a chunk. Neither the ids nor the chunks come to the planner.
+        let (page_sql, windowed) = match purpose {
+            // (A sweep was planned above, by `plan_sweep`.)
+            Purpose::Sync | Purpose::Backfill | Purpose::Sweep => {
+                source::ids_sql(entity, sync_type)
             }
-        }
+            Purpose::Retry => (ledger::UNRESOLVED_PAGE_SQL, false),
+        };
+        let (seq, planned) =
+            ledger::insert_chunks(&mut tx, sync_id, entity, page_sql, size, &window, windowed)
+                .await?;
         ledger::insert_sync_entity(&mut tx, sync_id, entity, &window, planned).await?;
         totals.records.push((entity, planned));
         totals.chunks += i64::from(seq);
@@ -484,9 +474,31 @@ pub async fn resume(
         Some(_) => anyhow::bail!("sync {sync_id} is finished: nothing to resume"),
         None => anyhow::bail!("no sync {sync_id}"),
     }
-    let jobs = ledger::unsettled_chunks(pool, sync_id).await?;
-    publisher.publish_chunks(&jobs).await?;
-    Ok(jobs.len())
+    publish_unsettled(pool, sync_id, publisher).await
+}
+
+/// How many chunk jobs the planner reads from the ledger and publishes at a time.
+const PUBLISH_PAGE: i64 = 1_000;
+
+/// Publishes the unsettled chunks of a sync, in publishing order, a page of
+/// [`PUBLISH_PAGE`] at a time (each page confirmed before the next is read): the planner
+/// never holds every job of a sync. Returns how many were published.
+async fn publish_unsettled(
+    pool: &PgPool,
+    sync_id: &str,
+    publisher: &dyn ChunkPublisher,
+) -> anyhow::Result<usize> {
+    let (mut after, mut published) = (None, 0);
+    loop {
+        let (jobs, next) =
+            ledger::unsettled_chunks_page(pool, sync_id, after.as_ref(), PUBLISH_PAGE).await?;
+        publisher.publish_chunks(&jobs).await?;
+        published += jobs.len();
+        match next {
+            Some(key) => after = Some(key),
+            None => return Ok(published),
+        }
+    }
 }
 
 /// The planner loop: takes planning messages from `consumer` one at a time until

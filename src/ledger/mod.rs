@@ -565,26 +565,6 @@ pub struct PlanTotals {
     pub chunks: i64,
 }
 
-/// A keyset page of the ids with unresolved error rows (for `loansync errors retry`).
-pub async fn next_unresolved_ids(
-    conn: &mut PgConnection,
-    entity: EntityKind,
-    after: i64,
-    limit: i64,
-) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar(
-        "SELECT DISTINCT id FROM ( \
-             SELECT CASE WHEN entity_id ~ '^[0-9]{1,18}$' THEN entity_id::int8 END AS id \
-             FROM etl_folder_etlsyncerror WHERE entity_type = $1 AND NOT resolved) e \
-         WHERE id > $2 ORDER BY id LIMIT $3",
-    )
-    .bind(entity.as_str())
-    .bind(after)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-}
-
 /// Records ids a sweep found gone from the source (or no longer selected): a row each
 /// in `loansync_deleted` (detected again: its time and sync move), and the delivered
 /// fingerprint removed, so that a row that comes back is sent again. In the planning
@@ -703,7 +683,86 @@ pub async fn resolve_errors(pool: &PgPool, ids: &[i32]) -> sqlx::Result<u64> {
     .rows_affected())
 }
 
-/// Records one entity's window and its chunks in the ledger.
+/// One keyset page of the ids with unresolved error rows (for `loansync errors retry`),
+/// in the numbering of [`insert_chunks`] (`$1` after, `$2` limit, `$6` the entity).
+pub const UNRESOLVED_PAGE_SQL: &str = "SELECT DISTINCT id FROM ( \
+     SELECT CASE WHEN entity_id ~ '^[0-9]{1,18}$' THEN entity_id::int8 END AS id \
+     FROM etl_folder_etlsyncerror WHERE entity_type = $6 AND NOT resolved) e \
+     WHERE id > $1 ORDER BY id LIMIT $2";
+
+/// How many keyset pages (chunks) [`insert_chunks`] writes per statement: each statement
+/// stays well inside `ETL_DB_STATEMENT_TIMEOUT_SECS` whatever the table's size. Debug
+/// builds (every test) take 3, so that the tests' small syncs go through several
+/// statements too.
+const CHUNKS_PER_STATEMENT: i32 = if cfg!(debug_assertions) { 3 } else { 500 };
+
+/// Writes every chunk of one entity inside PostgreSQL, [`CHUNKS_PER_STATEMENT`] chunks a
+/// statement: the keyset pages of `page_sql` (one statement selecting one id column,
+/// ascending, ids > `$1`, at most `$2`; `$3` / `$4` the window's lo / hi when it takes
+/// them, `$6` the entity), page after page in a recursive query, each page a chunk (seq
+/// 0, 1, ...), exactly as paging from the planner would: a page shorter than `size` (or
+/// empty) is the last. The ids never come to the planner: its memory does not grow with
+/// the table. Returns the chunks and the ids written.
+///
+/// `custom_plan`: run as PostgreSQL's unnamed statement, planned with the window's
+/// values (see `source::next_ids`).
+pub async fn insert_chunks(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    entity: EntityKind,
+    page_sql: &str,
+    size: i64,
+    window: &SyncWindow,
+    custom_plan: bool,
+) -> sqlx::Result<(i32, i64)> {
+    let size = size.max(1);
+    let next = page_sql.replace("$1", "g.ids[cardinality(g.ids)]");
+    // $7: the first page's seq; $8: how many pages at most.
+    let sql = format!(
+        "WITH RECURSIVE page (seq, ids) AS (\n\
+             SELECT $7::int4, ARRAY(\n{page_sql}\n)\n\
+             UNION ALL\n\
+             SELECT g.seq + 1, ARRAY(\n{next}\n) FROM page g \
+             WHERE cardinality(g.ids) = $2 AND g.seq + 1 < $7 + $8\n\
+         ), ins AS (\n\
+             INSERT INTO loansync_chunk (sync_id, entity, seq, ids) \
+             SELECT $5, $6, seq, ids FROM page WHERE cardinality(ids) > 0 \
+             RETURNING seq, cardinality(ids) AS n, ids[cardinality(ids)] AS last\n\
+         )\n\
+         SELECT count(*)::int4, COALESCE(sum(n), 0)::int8, \
+                (array_agg(last ORDER BY seq DESC))[1], (array_agg(n ORDER BY seq DESC))[1] \
+         FROM ins"
+    );
+    let (mut after, mut chunks, mut ids) = (0i64, 0i32, 0i64);
+    loop {
+        let (written, n, last, last_len): (i32, i64, Option<i64>, Option<i32>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(after)
+                .bind(size)
+                .bind(window.lo)
+                .bind(window.hi)
+                .bind(sync_id)
+                .bind(entity.as_str())
+                .bind(chunks)
+                .bind(CHUNKS_PER_STATEMENT)
+                .persistent(!custom_plan)
+                .fetch_one(&mut *conn)
+                .await?;
+        chunks += written;
+        ids += n;
+        match last {
+            // Stopped at the cap on a full page: the selection may go on.
+            Some(last)
+                if written == CHUNKS_PER_STATEMENT && i64::from(last_len.unwrap_or(0)) == size =>
+            {
+                after = last
+            }
+            _ => return Ok((chunks, ids)),
+        }
+    }
+}
+
+/// Records one chunk in the ledger (the sweep's, see `planner::plan_sweep`).
 pub async fn insert_chunk(
     conn: &mut PgConnection,
     sync_id: &str,
@@ -1417,6 +1476,45 @@ pub async fn prune_chunks(pool: &PgPool, retention: std::time::Duration) -> sqlx
     .rows_affected();
     tx.commit().await?;
     Ok(deleted)
+}
+
+/// A page of the chunks of a sync that are not settled yet, in publishing order (entity,
+/// then seq), after the key `after` (a keyset on the primary key; `None`: from the
+/// first): at most `limit`, and the key to read the next page after (`None` when this
+/// page was the last).
+pub async fn unsettled_chunks_page(
+    pool: &PgPool,
+    sync_id: &str,
+    after: Option<&(String, i32)>,
+    limit: i64,
+) -> sqlx::Result<(Vec<crate::domain::ChunkJob>, Option<(String, i32)>)> {
+    let (after_entity, after_seq) = after.map_or(("", -1), |(e, s)| (e.as_str(), *s));
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT entity::text, seq FROM loansync_chunk \
+         WHERE sync_id = $1 AND (entity, seq) > ($2::varchar, $3) AND settled_at IS NULL \
+         ORDER BY entity, seq LIMIT $4",
+    )
+    .bind(sync_id)
+    .bind(after_entity)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let next = match rows.last() {
+        Some(last) if rows.len() as i64 >= limit => Some(last.clone()),
+        _ => None,
+    };
+    let jobs = rows
+        .into_iter()
+        .filter_map(|(e, seq)| {
+            e.parse().ok().map(|entity| crate::domain::ChunkJob {
+                sync_id: sync_id.to_string(),
+                entity,
+                seq,
+            })
+        })
+        .collect();
+    Ok((jobs, next))
 }
 
 /// The chunks of a sync that are not settled yet, in publishing order.

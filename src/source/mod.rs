@@ -85,7 +85,9 @@ const SWEEP_REPAYMENT: &str = sweep_sql!("sql/rows_repayment.sql", "p");
 
 /// The id-enumeration statement of an entity and sync type, and whether it takes the
 /// window (`$3` = lo, NULL for no lower bound; `$4` = hi) after `$1` = after, `$2` = limit.
-fn ids_sql(entity: EntityKind, sync_type: SyncType) -> (&'static str, bool) {
+/// One keyset page; the planner writes the chunks of a sync from it, page after page in
+/// one statement (`ledger::insert_chunks`).
+pub fn ids_sql(entity: EntityKind, sync_type: SyncType) -> (&'static str, bool) {
     match (entity, sync_type) {
         // Officers have no modification time: incremental selects the same set as full.
         (EntityKind::Officer, _) => (IDS_OFFICER, false),
@@ -218,9 +220,12 @@ where
     let mut decoded = Vec::with_capacity(rows.len());
     let mut fingerprints = Vec::with_capacity(rows.len());
     for row in &rows {
+        // By position: `id` first (the row type's first column), the fingerprint last.
+        let last = row.len() - 1;
+        debug_assert_eq!(sqlx::Column::name(&row.columns()[last]), "fingerprint");
         fingerprints.push((
-            row.try_get::<i64, _>("id")?,
-            row.try_get::<uuid::Uuid, _>("fingerprint")?,
+            row.try_get::<i64, _>(0)?,
+            row.try_get::<uuid::Uuid, _>(last)?,
         ));
         decoded.push(R::from_row(row)?);
     }

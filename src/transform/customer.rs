@@ -6,7 +6,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
 /// A customer as loaded, already without pin, lite_transaction_pin, bvn, nin and image.
-#[derive(Debug, Clone, Default, sqlx::FromRow, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct CustomerRow {
     pub id: i64,
     pub phone_number: String,
@@ -53,9 +53,51 @@ pub struct CustomerRow {
     pub has_bvn: bool,
     pub has_nin: bool,
     /// Derived by [`full_name`].
-    #[sqlx(skip)]
     pub full_name: String,
 }
+
+// By position: the columns of `source/sql/rows_customer.sql`, in order.
+positional_row!(CustomerRow {
+    id,
+    phone_number,
+    first_name,
+    last_name,
+    alias,
+    alt_phone,
+    gender,
+    marital_status,
+    dob,
+    state,
+    lga,
+    address,
+    bus_stop,
+    landmark,
+    trade,
+    trade_location,
+    longitude,
+    latitude,
+    location_state,
+    location_city,
+    location_country,
+    location_address,
+    onboarding_verified,
+    bvn_verified,
+    onboarding_complete,
+    onboarding_stage,
+    total_money_saved,
+    total_money_withdrawn,
+    total_withdrawals,
+    loandisk_borrower_id,
+    branch_name,
+    age,
+    provider,
+    date_created,
+    date_modified,
+    lite_user_id,
+    agent_id,
+    has_bvn,
+    has_nin,
+} skip { full_name });
 
 /// `first last` when both are set, else the one that is set, else the phone number.
 pub fn full_name(first: Option<&str>, last: Option<&str>, phone: &str) -> String {

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 /// A loan as loaded: its own columns, the related fields, and the flat aggregates that
 /// [`transform`] folds into the `schedule` and `repayments` objects.
-#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct LoanRow {
     pub id: i64,
     pub agent_id: i64,
@@ -102,11 +102,76 @@ pub struct LoanRow {
     #[serde(skip)]
     pub last_paid_date: Option<DateTime<Utc>>,
     /// Filled by [`transform`].
-    #[sqlx(skip)]
     pub schedule: Schedule,
-    #[sqlx(skip)]
     pub repayments: Repayments,
 }
+
+// By position: the columns of `source/sql/rows_loan.sql`, in order.
+positional_row!(LoanRow {
+    id,
+    agent_id,
+    borrower_id,
+    eligibility_id,
+    guarantor_id,
+    borrower_full_name,
+    borrower_phone_number,
+    guarantor_full_name,
+    guarantor_phone_number,
+    amount,
+    amount_disbursed,
+    amount_saved,
+    bnpl_amount,
+    loan_type,
+    application_type,
+    status,
+    performance_status,
+    loan_behavior,
+    total_paid_amount,
+    total_outstanding_balance,
+    last_paid_amount,
+    interest_rate,
+    interest_amount,
+    processing_fee,
+    nem_fee,
+    repayment_amount,
+    principal_repayment,
+    expected_repayment_count,
+    count_of_recorded_repayments,
+    daily_repayment_amount,
+    principal_daily_repayment,
+    is_disbursed,
+    date_disbursed,
+    start_date,
+    end_date,
+    expected_end_date,
+    actual_end_date,
+    date_completed,
+    tenor,
+    tenor_in_days,
+    repayment_type,
+    loandisk_loan_id,
+    unique_loan_ref,
+    loan_ref,
+    escrow_amount,
+    escrow_settled,
+    date_created,
+    date_modified,
+    agent_email,
+    agent_branch,
+    borrower_agent_id,
+    borrower_branch,
+    installments,
+    installments_paid,
+    installments_late,
+    max_late_days,
+    amount_due,
+    amount_paid,
+    amount_left,
+    next_due_date,
+    repayment_count,
+    repayment_total,
+    last_paid_date,
+} skip { schedule, repayments });
 
 /// Aggregates of `loans_ajoloanschedule` (zeros and a null date when there are no rows;
 /// a NaN or infinite sum is sent as `null` and counted as a warning).

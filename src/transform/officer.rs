@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 /// An officer as loaded, already without password, user_password and bvn_number.
-#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct OfficerRow {
     pub id: i64,
     pub email: String,
@@ -33,6 +33,33 @@ pub struct OfficerRow {
     /// Customers whose `user_id` is this officer.
     pub customers_count: i64,
 }
+
+// By position: the columns of `source/sql/rows_officer.sql`, in order.
+positional_row!(OfficerRow {
+    id,
+    email,
+    username,
+    customer_user_id,
+    user_type,
+    account_type,
+    user_phone,
+    user_branch,
+    kyc_level,
+    performance_status,
+    referral_code,
+    referrals_count,
+    call_agent_id,
+    is_call_agent,
+    is_call_agent_admin,
+    is_ajo_admin,
+    bucket,
+    bucket_designation,
+    pnd,
+    address,
+    date_joined,
+    last_login,
+    customers_count,
+});
 
 pub fn transform(mut row: OfficerRow) -> (Record, u32) {
     // `bucket` is free-form JSON: never let a never-send key through inside it.

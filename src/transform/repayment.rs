@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 /// A repayment as loaded, already without repayment_meta_response, sms_body, sms_result.
-#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RepaymentRow {
     pub id: i64,
     pub agent_id: i64,
@@ -36,6 +36,30 @@ pub struct RepaymentRow {
     /// The loan's reference.
     pub loan_ref: Option<String>,
 }
+
+// By position: the columns of `source/sql/rows_repayment.sql`, in order.
+positional_row!(RepaymentRow {
+    id,
+    agent_id,
+    borrower_id,
+    ajo_loan_id,
+    repayment_type,
+    loan_amount,
+    repayment_amount,
+    health_insurance,
+    paid_date,
+    repayment_ref,
+    settlement_status,
+    ledger_amount,
+    comment,
+    borrower_notified,
+    marked_as,
+    expected_recovery_amt,
+    applied_to_loan,
+    date_created,
+    date_modified,
+    loan_ref,
+});
 
 pub fn transform(row: RepaymentRow) -> (Record, u32) {
     let warnings = non_finite(&[

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# The scale-out benchmark: one full sync per worker count, against an API that answers
+# every request after a fixed latency, all on this machine (release build). Seeds once,
+# keeps one planner, and for each count N starts N worker processes
+# (`ETL_WORKER_CONCURRENCY` 4), triggers a full sync, waits for it, and stops them.
+# Prints one table and writes bench/report-scale-<tag>.json:
+#   workers, records/s, efficiency rate_N / (N · rate_1), mean backends waiting on a lock
+#   (pg_stat_activity sampled every ~100 ms through one psql session), CPU µs per record of
+#   loansync (planner + workers), of PostgreSQL (every postgres process, exited backends
+#   included: an upper bound, the machine's PostgreSQL is shared) and of the stub, all from
+#   /proc, the workers' peak RSS (VmHWM) and the planner's time for the plan.
+#   usage: bash bench/scale.sh [--size S|M] [--workers 1,2,4,8] [--latency-ms 50] [--tag T]
+# Environment: BENCH_BIN (a loansync binary to measure instead of building this tree's:
+# e.g. an older commit's build, for before/after figures).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=M workers=1,2,4,8 latency=50 tag=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --size) size=$2; shift 2 ;;
+    --workers) workers=$2; shift 2 ;;
+    --latency-ms) latency=$2; shift 2 ;;
+    --tag) tag=$2; shift 2 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+tag=${tag:-$size-${latency}ms}
+case $size in
+  S) seed_args=(--users 160 --customers 8000 --loans 16000 --repayments 80000) ;;
+  M) seed_args=(--users 2000 --customers 100000 --loans 200000 --repayments 1000000) ;;
+  *) echo "unknown size $size (S or M)" >&2; exit 2 ;;
+esac
+if [ -n "${BENCH_BIN:-}" ]; then B=$BENCH_BIN; else cargo build --release -q --bin loansync; B=$PWD/target/release/loansync; fi
+PG="-h 127.0.0.1 -U postgres"
+export PGSSLMODE=disable
+db=loansync_scale_$(echo "$size" | tr 'A-Z' 'a-z')
+prefix=bench-scale-$$
+export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db?sslmode=disable" ETL_QUEUE_PREFIX=$prefix
+export RUST_LOG=warn,loansync::planner=info LOG_FORMAT=json ETL_WORKER_CONCURRENCY=4
+out=$(mktemp -d /tmp/bench-scale.XXXXXX)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+psql $PG -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
+psql $PG -q -d "$db" -f schema/django_source_schema.sql >/dev/null
+RUST_LOG=error $B seed "${seed_args[@]}" --seed 7 >/dev/null
+$B migrate >/dev/null
+# As bench/run.sh: what autovacuum would have given the freshly seeded tables.
+psql $PG -q -d "$db" -c "VACUUM (ANALYZE)"
+
+port=$(free_port)
+export ANALYTICS_API_URL=http://127.0.0.1:$port
+slow=(); [ "$latency" -gt 0 ] && slow=(--slow-rate 1 --slow-ms "$latency")
+$B stub-api --addr 127.0.0.1:$port "${slow[@]}" >/dev/null 2>&1 & stub=$!
+$B planner 2>"$out/planner.log" & planner=$!
+wpids=()
+cleanup() {
+  kill -TERM $planner $stub "${wpids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  for q in plan chunks dead; do rabbitmqctl -q delete_queue "$prefix.$q" >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+wait_http() { # url: waits (deadline 30 s) for a 200
+  for _ in $(seq 1 300); do curl -sf "$1" >/dev/null && return; sleep 0.1; done
+  echo "no answer from $1" >&2; exit 1
+}
+wait_http "$ANALYTICS_API_URL/healthz"
+
+# CPU ticks (utime + stime) of the given pids, summed.
+cpu_of() {
+  local t=0 p f
+  for p in "$@"; do
+    f=$(sed 's/.*) //' "/proc/$p/stat") || continue
+    set -- $f; t=$((t + ${12} + ${13}))
+  done
+  echo $t
+}
+# CPU ticks of every postgres process now, with those of the backends that already exited
+# (the postmaster's reaped children: cutime + cstime). One pass over /proc.
+pg_cpu() {
+  python3 - <<'PY'
+import os
+total = 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if open(f"/proc/{pid}/comm").read().strip().startswith("postgres"):
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    except OSError:
+        pass
+print(total)
+PY
+}
+
+# One psql session for the whole run: every ~100 ms it returns the number of backends
+# waiting on a lock and the newest full sync's status.
+coproc POLL { exec psql $PG -d "$db" -AtqX; }
+poll() { echo "$1;" >&"${POLL[1]}"; IFS= read -r st <&"${POLL[0]}"; }
+
+IFS=, read -r -a counts <<<"$workers"
+: >"$out/runs"
+for n in "${counts[@]}"; do
+  wpids=() wports=()
+  for i in $(seq 1 "$n"); do
+    p=$(free_port); wports+=("$p")
+    METRICS_ADDR=127.0.0.1:$p $B worker 2>>"$out/worker.log" & wpids+=($!)
+  done
+  for p in "${wports[@]}"; do wait_http "http://127.0.0.1:$p/readyz"; done
+  request=bench-scale-$n-$$
+  pg0=$(pg_cpu) lc0=$(cpu_of $planner "${wpids[@]}") st0=$(cpu_of $stub)
+  $B trigger --full --request-id "$request" >/dev/null
+  samples=0 waiting=0
+  while :; do
+    poll "SELECT (SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock') || '|' || \
+      coalesce((SELECT h.status FROM etl_folder_etlsynchistory h JOIN loansync_request r ON r.sync_id::text = h.sync_id \
+                WHERE r.request_id = '$request'), '')"
+    samples=$((samples + 1)) waiting=$((waiting + ${st%%|*}))
+    case "${st#*|}" in completed|partial_success|failed) break ;; esac
+    sleep 0.1
+  done
+  pg1=$(pg_cpu) lc1=$(cpu_of $planner "${wpids[@]}") st1=$(cpu_of $stub)
+  rss=$(for w in "${wpids[@]}"; do awk '/VmHWM/ {print $2}' "/proc/$w/status"; done | paste -sd,)
+  kill -TERM "${wpids[@]}"; wait "${wpids[@]}" 2>/dev/null || true; wpids=()
+  echo "$n $request $samples $waiting $((pg1 - pg0)) $((lc1 - lc0)) $((st1 - st0)) $rss" >>"$out/runs"
+done
+exec {POLL[1]}>&-; wait "$POLL_PID" || true
+
+python3 - "$db" "$out" "$size" "$latency" "$tag" "$(getconf CLK_TCK)" <<'PY'
+import json, subprocess, sys
+db, out, size, latency, tag, hz = sys.argv[1:]
+hz = int(hz)
+def q(sql):
+    return subprocess.check_output(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-AtXc", sql], text=True).strip()
+planned = {}
+for line in open(f"{out}/planner.log"):
+    if '"sync planned"' in line:
+        d = json.loads(line)
+        planned[d.get("fields", d).get("sync_id") or d.get("sync_id")] = d["timestamp"]
+runs = []
+for line in open(f"{out}/runs"):
+    n, request, samples, waiting, pg, lc, st, rss = line.split()
+    h = q("SELECT h.sync_id, h.status, h.duration_seconds, h.total_officers + h.total_customers + h.total_loans + h.total_repayments, "
+          "h.officers_failed + h.customers_failed + h.loans_failed + h.repayments_failed, h.started_at "
+          f"FROM etl_folder_etlsynchistory h JOIN loansync_request r ON r.sync_id::text = h.sync_id WHERE r.request_id = '{request}'").split("|")
+    sync_id, status, duration, records, failed = h[0], h[1], float(h[2]), int(h[3]), int(h[4])
+    plan_s = None
+    if sync_id in planned:
+        plan_s = float(q(f"SELECT EXTRACT(EPOCH FROM '{planned[sync_id]}'::timestamptz - '{h[5]}'::timestamptz)"))
+    us = lambda ticks: round(int(ticks) / hz * 1e6 / records, 2)
+    rss_mb = [round(int(r) / 1024, 1) for r in rss.split(",")]
+    runs.append({"workers": int(n), "status": status, "records": records, "failed": failed,
+                 "sync_seconds": round(duration, 3), "records_per_second": round(records / duration),
+                 "lock_waiting_mean": round(int(waiting) / int(samples), 2), "lock_samples": int(samples),
+                 "cpu_us_per_record": {"loansync": us(lc), "postgres": us(pg), "stub": us(st)},
+                 "worker_peak_rss_mb_max": max(rss_mb), "worker_peak_rss_mb": rss_mb,
+                 "planner_seconds": round(plan_s, 3) if plan_s is not None else None})
+base = runs[0]["records_per_second"] / runs[0]["workers"]
+for r in runs:
+    r["efficiency"] = round(r["records_per_second"] / (r["workers"] * base), 3)
+report = {"size": size, "api_latency_ms": int(latency), "worker_concurrency": 4, "runs": runs}
+print(f"dataset {size}, API latency {latency} ms, ETL_WORKER_CONCURRENCY 4")
+print("| workers | records/s | efficiency | lock waits (mean) | loansync µs/rec | PostgreSQL µs/rec | stub µs/rec | worker peak RSS (max) | planner s | status |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for r in runs:
+    c = r["cpu_us_per_record"]
+    print(f"| {r['workers']} | {r['records_per_second']:,} | {r['efficiency']:.2f} | {r['lock_waiting_mean']:.2f} | {c['loansync']} | {c['postgres']} | {c['stub']} | "
+          f"{r['worker_peak_rss_mb_max']} MB | {r['planner_seconds']} | {r['status']} |")
+json.dump(report, open(f"bench/report-scale-{tag}.json", "w"), indent=2)
+print(f"written: bench/report-scale-{tag}.json")
+PY
+rm -rf "$out"
+psql $PG -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
