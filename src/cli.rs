@@ -1040,32 +1040,22 @@ pub async fn sync_in_process_with(
 /// Reads a sync's outcome back from the history table.
 /// A sync's outcome, read back from the history table (its duration is the history's).
 pub async fn summarize(pool: &sqlx::PgPool, sync_id: String) -> anyhow::Result<SyncSummary> {
-    let (status, seconds): (String, Option<f64>) = sqlx::query_as(
-        "SELECT status::text, duration_seconds FROM etl_folder_etlsynchistory WHERE sync_id = $1",
-    )
-    .bind(&sync_id)
-    .fetch_one(pool)
-    .await?;
-    let status = match status.as_str() {
-        "completed" => Some(FinalStatus::Completed),
-        "partial_success" => Some(FinalStatus::PartialSuccess),
-        "failed" => Some(FinalStatus::Failed),
-        _ => None,
-    };
+    let outcome = ledger::history_outcome(pool, &sync_id).await?;
     Ok(SyncSummary {
         progress: ledger::entity_progress(pool, &sync_id).await?,
         sync_id: Some(sync_id),
-        status,
+        status: outcome.status.and_then(ledger::HistoryStatus::final_status),
         busy_with: None,
-        seconds: seconds.unwrap_or(0.0),
+        seconds: outcome.duration_seconds.unwrap_or(0.0),
     })
 }
 
 /// What `status` says after a stalled sync, and what to do about it.
 fn stalled_hint(s: &ledger::SyncSummary) -> &'static str {
-    match (s.stalled, s.state.as_deref()) {
+    let state = s.state.as_deref().and_then(|st| st.parse().ok());
+    match (s.stalled, state) {
         (false, _) => "",
-        (true, Some("planning")) => {
+        (true, Some(ledger::SyncState::Planning)) => {
             "  (STALLED: its planner is gone; the next sync abandons it, or run `loansync abandon`)"
         }
         (true, _) => "  (STALLED: run `loansync resume`, or `loansync abandon` to end it)",
@@ -1160,7 +1150,10 @@ async fn status(
         }
         let deleted = ledger::deleted_counts(pool).await?;
         if !deleted.is_empty() {
-            let per: Vec<String> = deleted.iter().map(|(e, n)| format!("{e}: {n}")).collect();
+            let per: Vec<String> = deleted
+                .iter()
+                .map(|d| format!("{}: {}", d.entity, d.count))
+                .collect();
             println!(
                 "\ndeleted records found by sweeps (not sent, the API has no delete): {} (`loansync deletes list`)",
                 per.join(", ")
@@ -1172,15 +1165,16 @@ async fn status(
                 "\n{} planning request(s) pending, run when the current sync ends (coalesced):",
                 pending.len()
             );
-            for (id, sync_type, at, since) in pending {
-                let kind = if since.is_some() {
+            for p in pending {
+                let kind = if p.since.is_some() {
                     "backfill"
                 } else {
-                    sync_type.as_str()
+                    p.kind.as_str()
                 };
                 println!(
-                    "  {id:<36}  {kind:<11}  received {}",
-                    at.format("%Y-%m-%d %H:%M:%S")
+                    "  {:<36}  {kind:<11}  received {}",
+                    p.request_id,
+                    p.received_at.format("%Y-%m-%d %H:%M:%S")
                 );
             }
         }

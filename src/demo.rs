@@ -263,14 +263,12 @@ async fn watch(pool: &PgPool, n: usize, label: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut last_print = Instant::now() - Duration::from_secs(5);
     loop {
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT sync_id::text, status::text FROM etl_folder_etlsynchistory ORDER BY id OFFSET $1 LIMIT 1",
-        )
-        .bind(n as i64 - 1)
-        .fetch_optional(pool)
-        .await?;
-        if let Some((sync_id, status)) = row {
-            let done = matches!(status.as_str(), "completed" | "partial_success" | "failed");
+        if let Some(ledger::HistoryEntry { sync_id, status }) = ledger::nth_history(pool, n).await?
+        {
+            let done = status
+                .and_then(ledger::HistoryStatus::final_status)
+                .is_some();
+            let status = status.map_or("?", ledger::HistoryStatus::as_str);
             if done || last_print.elapsed() >= Duration::from_secs(1) {
                 let p = ledger::entity_progress(pool, &sync_id).await?;
                 let line: Vec<String> = p

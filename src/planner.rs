@@ -470,18 +470,15 @@ pub async fn resume(
     sync_id: &str,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<usize> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
-            .bind(sync_id)
-            .fetch_optional(pool)
-            .await?;
-    match state.as_deref() {
-        Some("running") => {}
-        Some("planning") => anyhow::bail!(
+    match ledger::sync_state(pool, sync_id).await? {
+        Some(ledger::SyncState::Running) => {}
+        Some(ledger::SyncState::Planning) => anyhow::bail!(
             "sync {sync_id} never finished planning, so it has no chunks to resume. If its planner \
              is gone, the next sync abandons it by itself; `loansync abandon {sync_id}` ends it now"
         ),
-        Some(_) => anyhow::bail!("sync {sync_id} is finished: nothing to resume"),
+        Some(ledger::SyncState::Done) => {
+            anyhow::bail!("sync {sync_id} is finished: nothing to resume")
+        }
         None => anyhow::bail!("no sync {sync_id}"),
     }
     let jobs = ledger::unsettled_chunks(pool, sync_id).await?;

@@ -326,12 +326,10 @@ async fn settle(
                     .syncs
                     .with_label_values(&[state.sync_type.as_str(), status.as_str()])
                     .inc();
-                if let Ok(Some(secs)) = sqlx::query_scalar::<_, Option<f64>>(
-                    "SELECT duration_seconds FROM etl_folder_etlsynchistory WHERE sync_id = $1",
-                )
-                .bind(&job.sync_id)
-                .fetch_one(&ctx.pool)
-                .await
+                if let Ok(ledger::HistoryOutcome {
+                    duration_seconds: Some(secs),
+                    ..
+                }) = ledger::history_outcome(&ctx.pool, &job.sync_id).await
                 {
                     METRICS
                         .sync_seconds
