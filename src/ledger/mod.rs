@@ -81,13 +81,7 @@ pub async fn stalled_count(pool: &PgPool, stale_after_secs: f64) -> sqlx::Result
 }
 
 /// One record that failed, as it will be written to `etl_folder_etlsyncerror`.
-#[derive(Debug, Clone)]
-pub struct FailedRecord {
-    pub id: i64,
-    pub error_code: String,
-    pub message: String,
-    pub details: serde_json::Value,
-}
+pub use crate::domain::FailedRecord;
 
 /// What a worker learned about one chunk, to be settled in one transaction.
 #[derive(Debug, Clone)]
