@@ -717,6 +717,10 @@ where
                 health.set_connected(false);
                 match ended {
                     Ok(()) => return Ok(()),
+                    // A wrong installation: reconnecting cannot help, stop.
+                    Err(e) if crate::failure::Failure::of(&e) == crate::failure::Failure::Fatal => {
+                        return Err(e);
+                    }
                     Err(e) => {
                         delay = first;
                         tracing::warn!(error = %format!("{e:#}"), "{what} lost its broker connection: reconnecting");

@@ -7,6 +7,8 @@
 //!
 //! * [`domain`]: the shared vocabulary: [`domain::EntityKind`], [`domain::SyncType`],
 //!   [`domain::ChunkJob`], [`domain::PlanRequest`], [`domain::Record`].
+//! * [`failure`]: what an error means for the work that met it: permanent, transient or
+//!   fatal ([`failure::Failure`]), decided by type at the database, planner and worker.
 //! * [`config`]: every setting, typed and validated at start-up; secrets redacted.
 //! * [`db`]: the connection pool and the embedded migrations.
 //! * [`source`]: reading the Django tables: id enumeration for a window, loading one
@@ -33,6 +35,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod domain;
+pub mod failure;
 pub mod http;
 pub mod ledger;
 pub mod planner;

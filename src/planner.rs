@@ -4,6 +4,7 @@
 
 use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType, SyncWindow};
+use crate::failure::{Classified, Failure};
 use crate::ledger::{self, Begin, FinalStatus, PlanTotals, Purpose};
 use crate::queue::amqp::Broker;
 use crate::queue::{ChunkPublisher, Disposition};
@@ -158,10 +159,9 @@ async fn plan(
     queue_if_busy: bool,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<PlanOutcome> {
-    anyhow::ensure!(
-        !spec.entities.is_empty(),
-        "the planning message names no entity"
-    );
+    if spec.entities.is_empty() {
+        return Err(Classified::permanent("the planning message names no entity").into());
+    }
     // Held until the plan is committed and published: a planner that dies meanwhile
     // releases it with its session, and the next one takes its claim over.
     let lock = ledger::PlanningLock::acquire(pool).await?;
@@ -541,6 +541,24 @@ pub async fn run_amqp(
             .await
             {
                 Ok(_) => Disposition::Ack,
+                // Decided by the error's type: a request that can never be planned is
+                // dead-lettered, a wrong installation stops the planner, anything else
+                // is tried again.
+                Err(e) if Failure::of(&e) == Failure::Permanent => {
+                    let reason = format!("planning cannot succeed: {e:#}");
+                    tracing::error!(%reason, "dead-lettering a planning message");
+                    Disposition::DeadLetter(reason)
+                }
+                Err(e) if Failure::of(&e) == Failure::Fatal => {
+                    tracing::error!(error = %format!("{e:#}"), "fatal: the installation must be fixed (credentials, privileges, migrations); the planner stops and the message goes back to the queue");
+                    if let Err(e) = delivery
+                        .settle(&broker, &queue, Disposition::Republish)
+                        .await
+                    {
+                        tracing::warn!(error = %format!("{e:#}"), "could not settle a planning message");
+                    }
+                    break Err(e.context("fatal planning failure"));
+                }
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "planning failed: the message goes back to the queue");
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;

@@ -7,6 +7,7 @@ mod config;
 mod errors;
 mod faults;
 mod fixtures;
+mod ledger;
 mod metrics;
 mod migrations;
 mod pipeline;
