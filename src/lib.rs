@@ -19,7 +19,9 @@
 //! * [`stub_api`]: a faithful local analytics API with fault injection, for tests and demos.
 //! * [`queue`]: AMQP topology, confirmed publishing, consuming with ack after commit,
 //!   and the in-memory queue of single-process mode behind the same seam.
-//! * [`ledger`]: sync history, chunk ledger, counters, error rows, watermarks.
+//! * [`ledger`]: every query on the ETL (`etl_folder_*`) and `loansync_*` tables, split by
+//!   concern: sync lifecycle, the plan, settling, error rows, watermarks, read models;
+//!   states and outcomes as enums, the entity→history-column mapping, SQL in `ledger/sql/`.
 //! * [`planner`]: plan one sync; [`worker`]: process one chunk into an outcome.
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).
 //! * [`telemetry`]: logging and metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.

@@ -100,14 +100,10 @@ pub async fn begin_sync(
 ) -> sqlx::Result<Begin> {
     let mut tx = pool.begin().await?;
     if let Some(rid) = request_id {
-        let known: Option<KnownRequest> = sqlx::query_as(
-            "SELECT r.state AS req_state, r.sync_id::text AS sync_id, s.state AS sync_state, s.window_hi \
-                 FROM loansync_request r \
-                 LEFT JOIN loansync_sync s USING (sync_id) WHERE r.request_id = $1 FOR UPDATE OF r",
-        )
-        .bind(rid)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let known: Option<KnownRequest> = sqlx::query_as(KNOWN_REQUEST_FOR_UPDATE)
+            .bind(rid)
+            .fetch_optional(&mut *tx)
+            .await?;
         if let Some(KnownRequest {
             req_state,
             sync_id,
@@ -115,10 +111,7 @@ pub async fn begin_sync(
             window_hi,
         }) = known
         {
-            let req_state: RequestStatus = req_state.parse().map_err(decode_error)?;
-            let sync_state: Option<SyncState> = sync_state
-                .map(|s| s.parse().map_err(decode_error))
-                .transpose()?;
+            let (req_state, sync_state) = states(&req_state, sync_state.as_deref())?;
             return Ok(match (req_state, sync_id, sync_state) {
                 (RequestStatus::Pending, _, _) => Begin::Pending {
                     request_id: rid.to_string(),
@@ -184,12 +177,9 @@ pub async fn begin_pending(
         tx.commit().await?;
         return Ok(None);
     }
-    let pending: Vec<PendingRequest> = sqlx::query_as(
-        "SELECT request_id, sync_type::text, entities, since, until, sweep FROM loansync_request \
-         WHERE state = 'pending' ORDER BY received_at, request_id FOR UPDATE",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+    let pending: Vec<PendingRequest> = sqlx::query_as(PENDING_FOR_UPDATE)
+        .fetch_all(&mut *tx)
+        .await?;
     let Some((spec, served)) = coalesce(&pending) else {
         tx.commit().await?;
         return Ok(None);
@@ -202,14 +192,11 @@ pub async fn begin_pending(
                 return Ok(Some((spec, served, Begin::Unbounded(unbounded))));
             }
         };
-    sqlx::query(
-        "UPDATE loansync_request SET state = 'planned', sync_id = $2, planned_at = now() \
-         WHERE request_id = ANY($1)",
-    )
-    .bind(&served)
-    .bind(&sync_id)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(MARK_PLANNED)
+        .bind(&served)
+        .bind(&sync_id)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Some((spec, served, Begin::Started { sync_id, window_hi })))
 }
@@ -217,12 +204,7 @@ pub async fn begin_pending(
 /// Whether a request is pending and the slot looks free (read without locks; the
 /// claim re-checks under the planning lock).
 pub async fn pending_ready(pool: &PgPool) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM loansync_request WHERE state = 'pending') \
-            AND NOT EXISTS (SELECT 1 FROM loansync_sync WHERE state <> 'done')",
-    )
-    .fetch_one(pool)
-    .await
+    sqlx::query_scalar(PENDING_READY).fetch_one(pool).await
 }
 
 /// A pending planning request, as `loansync status` lists it.
@@ -238,21 +220,34 @@ pub struct PendingEntry {
 
 /// The pending requests, oldest first.
 pub async fn pending_requests(pool: &PgPool) -> sqlx::Result<Vec<PendingEntry>> {
-    sqlx::query_as(
-        "SELECT request_id, CASE WHEN sweep THEN 'sweep' ELSE sync_type::text END AS kind, received_at, since \
-         FROM loansync_request WHERE state = 'pending' ORDER BY received_at, request_id",
-    )
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(PENDING_REQUESTS).fetch_all(pool).await
 }
 
-/// A request known to the ledger, as [`begin_sync`] finds it.
+/// A request known to the ledger, as [`begin_sync`] and [`request_state`] find it.
 #[derive(Debug, sqlx::FromRow)]
 struct KnownRequest {
     req_state: String,
     sync_id: Option<String>,
     sync_state: Option<String>,
     window_hi: Option<DateTime<Utc>>,
+}
+
+impl KnownRequest {
+    fn states(&self) -> sqlx::Result<(RequestStatus, Option<SyncState>)> {
+        states(&self.req_state, self.sync_state.as_deref())
+    }
+}
+
+/// A request's state and its sync's, read as enums.
+fn states(
+    req_state: &str,
+    sync_state: Option<&str>,
+) -> sqlx::Result<(RequestStatus, Option<SyncState>)> {
+    let req_state = req_state.parse().map_err(decode_error)?;
+    let sync_state = sync_state
+        .map(|s| s.parse().map_err(decode_error))
+        .transpose()?;
+    Ok((req_state, sync_state))
 }
 
 /// A pending request, as [`begin_pending`] coalesces it.
@@ -365,19 +360,16 @@ async fn claim(
         .await?;
     clock::sample(&mut *tx).await?;
     let names: Vec<&str> = spec.entities.iter().map(|e| e.as_str()).collect();
-    sqlx::query(
-        "INSERT INTO loansync_sync (sync_id, request_id, sync_type, purpose, entities, state, window_hi, since) \
-         VALUES ($1, $2, $3, $4, $5, 'planning', $6, $7)",
-    )
-    .bind(&sync_id)
-    .bind(request_id)
-    .bind(spec.sync_type.as_str())
-    .bind(spec.purpose.as_str())
-    .bind(&names)
-    .bind(window_hi)
-    .bind(spec.since)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(INSERT_SYNC)
+        .bind(&sync_id)
+        .bind(request_id)
+        .bind(spec.sync_type.as_str())
+        .bind(spec.purpose.as_str())
+        .bind(&names)
+        .bind(window_hi)
+        .bind(spec.since)
+        .execute(&mut *tx)
+        .await?;
     Ok(Ok((sync_id, window_hi)))
 }
 
@@ -389,20 +381,17 @@ async fn insert_request(
     sync_id: Option<&str>,
 ) -> sqlx::Result<()> {
     let names: Vec<&str> = spec.entities.iter().map(|e| e.as_str()).collect();
-    sqlx::query(
-        "INSERT INTO loansync_request (request_id, sync_type, entities, since, until, state, sync_id, planned_at, sweep) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $7::text IS NULL THEN NULL ELSE now() END, $8)",
-    )
-    .bind(request_id)
-    .bind(spec.sync_type.as_str())
-    .bind(&names)
-    .bind(spec.since)
-    .bind(spec.until)
-    .bind(state.as_str())
-    .bind(sync_id)
-    .bind(spec.purpose == Purpose::Sweep)
-    .execute(tx)
-    .await?;
+    sqlx::query(INSERT_REQUEST)
+        .bind(request_id)
+        .bind(spec.sync_type.as_str())
+        .bind(&names)
+        .bind(spec.since)
+        .bind(spec.until)
+        .bind(state.as_str())
+        .bind(sync_id)
+        .bind(spec.purpose == Purpose::Sweep)
+        .execute(tx)
+        .await?;
     Ok(())
 }
 
@@ -439,29 +428,21 @@ pub(super) async fn abandon_orphan(
         sqlx::query(
             // A request without an id of its own is not: its planning message, unacked,
             // comes back from the broker as a new request.
-            "UPDATE loansync_request SET state = 'pending', sync_id = NULL, planned_at = NULL \
-             WHERE sync_id = $1 AND request_id NOT LIKE 'anonymous-%'",
+            REQUEUE_ORPHAN_REQUESTS,
         )
         .bind(sync_id)
         .execute(&mut *conn)
         .await?;
     }
-    sqlx::query(
-        "UPDATE etl_folder_etlsynchistory SET status = 'failed', completed_at = now(), \
-         duration_seconds = EXTRACT(EPOCH FROM (now() - started_at))::float8, error_message = $2 \
-         WHERE sync_id = $1",
-    )
-    .bind(sync_id)
-    .bind(reason)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE loansync_sync SET state = 'done', request_id = NULL, finished_at = now(), \
-         chunks_remaining = 0 WHERE sync_id = $1",
-    )
-    .bind(sync_id)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(FAIL_ORPHAN_HISTORY)
+        .bind(sync_id)
+        .bind(reason)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(END_ORPHAN_SYNC)
+        .bind(sync_id)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -469,35 +450,31 @@ pub(super) async fn abandon_orphan(
 /// whether that sync has finished.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestState {
-    pub state: String,
+    pub state: RequestStatus,
     pub sync_id: Option<String>,
     pub finished: bool,
 }
 
 /// [`RequestState`] of a request id; `None` until a planner has taken the request.
 pub async fn request_state(pool: &PgPool, request_id: &str) -> sqlx::Result<Option<RequestState>> {
-    let row: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT r.state, r.sync_id::text, s.state FROM loansync_request r \
-         LEFT JOIN loansync_sync s USING (sync_id) WHERE r.request_id = $1",
-    )
-    .bind(request_id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|(state, sync_id, sync_state)| RequestState {
-        state,
-        finished: sync_state.as_deref() == Some(SyncState::Done.as_str()),
-        sync_id,
-    }))
+    let row: Option<KnownRequest> = sqlx::query_as(KNOWN_REQUEST)
+        .bind(request_id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| {
+        let (state, sync_state) = r.states()?;
+        Ok(RequestState {
+            state,
+            finished: sync_state == Some(SyncState::Done),
+            sync_id: r.sync_id,
+        })
+    })
+    .transpose()
 }
 
 /// Whether the sync exists and is finished.
 pub async fn sync_finished(pool: &PgPool, sync_id: &str) -> sqlx::Result<bool> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
-            .bind(sync_id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(state.as_deref() == Some(SyncState::Done.as_str()))
+    Ok(super::sync_state(pool, sync_id).await? == Some(SyncState::Done))
 }
 
 #[cfg(test)]

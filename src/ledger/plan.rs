@@ -1,6 +1,7 @@
 //! Writing a sync's plan: the chunk ledger, the per-entity windows, the totals, and a
 //! chunk's start by a worker.
 
+use super::sql::*;
 use super::{FinalStatus, HistoryStatus, Purpose, SyncState, finalize};
 use crate::domain::{EntityKind, SyncType, SyncWindow};
 use chrono::{DateTime, Utc};
@@ -28,15 +29,12 @@ pub async fn record_deleted(
     if ids.is_empty() {
         return Ok(0);
     }
-    sqlx::query(
-        "INSERT INTO loansync_deleted (entity, id, sync_id) SELECT $1, unnest($2::int8[]), $3 \
-         ON CONFLICT (entity, id) DO UPDATE SET detected_at = now(), sync_id = EXCLUDED.sync_id",
-    )
-    .bind(entity.as_str())
-    .bind(ids)
-    .bind(sync_id)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(RECORD_DELETED)
+        .bind(entity.as_str())
+        .bind(ids)
+        .bind(sync_id)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("DELETE FROM loansync_delivered WHERE entity = $1 AND id = ANY($2::int8[])")
         .bind(entity.as_str())
         .bind(ids)
@@ -70,17 +68,14 @@ pub async fn insert_sync_entity(
     window: &SyncWindow,
     planned: i64,
 ) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO loansync_sync_entity (sync_id, entity, window_lo, window_hi, planned) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(sync_id)
-    .bind(entity.as_str())
-    .bind(window.lo)
-    .bind(window.hi)
-    .bind(planned as i32)
-    .execute(conn)
-    .await?;
+    sqlx::query(INSERT_SYNC_ENTITY)
+        .bind(sync_id)
+        .bind(entity.as_str())
+        .bind(window.lo)
+        .bind(window.hi)
+        .bind(planned as i32)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -144,15 +139,12 @@ pub async fn write_plan(
         q = q.bind(total);
     }
     q.execute(&mut *conn).await?;
-    sqlx::query(
-        "UPDATE loansync_sync SET state = $3, chunks_total = $2, chunks_remaining = $2, \
-         last_progress_at = now() WHERE sync_id = $1",
-    )
-    .bind(sync_id)
-    .bind(totals.chunks as i32)
-    .bind(SyncState::Running.as_str())
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(START_RUNNING)
+        .bind(sync_id)
+        .bind(totals.chunks as i32)
+        .bind(SyncState::Running.as_str())
+        .execute(&mut *conn)
+        .await?;
     if totals.chunks == 0 {
         return finalize(conn, sync_id).await.map(Some);
     }
@@ -178,19 +170,12 @@ pub async fn start_chunk(
     entity: EntityKind,
     seq: i32,
 ) -> sqlx::Result<Option<ChunkState>> {
-    let row: Option<StartedChunk> = sqlx::query_as(
-        "UPDATE loansync_chunk c SET attempts = c.attempts + 1 \
-         FROM loansync_sync s, etl_folder_etlsynchistory h \
-         WHERE c.sync_id = $1 AND c.entity = $2 AND c.seq = $3 \
-           AND s.sync_id = c.sync_id AND h.sync_id = c.sync_id \
-         RETURNING c.ids, c.settled_at IS NOT NULL AS settled, s.sync_type::text AS sync_type, \
-                   s.purpose::text AS purpose, h.id AS history_id, c.attempts",
-    )
-    .bind(sync_id)
-    .bind(entity.as_str())
-    .bind(seq)
-    .fetch_optional(pool)
-    .await?;
+    let row: Option<StartedChunk> = sqlx::query_as(START_CHUNK)
+        .bind(sync_id)
+        .bind(entity.as_str())
+        .bind(seq)
+        .fetch_optional(pool)
+        .await?;
     row.map(|r| {
         Ok(ChunkState {
             ids: r.ids,

@@ -22,14 +22,11 @@ pub async fn list_deleted(
     entity: Option<EntityKind>,
     limit: i64,
 ) -> sqlx::Result<Vec<DeletedRow>> {
-    sqlx::query_as(
-        "SELECT entity::text AS entity, id, detected_at, sync_id::text AS sync_id FROM loansync_deleted \
-         WHERE $1::text IS NULL OR entity = $1 ORDER BY entity, id LIMIT $2",
-    )
-    .bind(entity.map(|e| e.as_str()))
-    .bind(limit)
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(LIST_DELETED)
+        .bind(entity.map(|e| e.as_str()))
+        .bind(limit)
+        .fetch_all(pool)
+        .await
 }
 
 /// How many deleted records sweeps found, per entity (entities with none are absent).
@@ -116,13 +113,7 @@ pub struct WatermarkAge {
 
 /// Every watermark's age, for the `etl_watermark_age_seconds` gauge.
 pub async fn watermark_ages(pool: &PgPool) -> sqlx::Result<Vec<WatermarkAge>> {
-    sqlx::query_as(
-        "SELECT entity_type::text AS entity, \
-                EXTRACT(EPOCH FROM now() - last_sync_timestamp)::float8 AS age_seconds \
-         FROM etl_folder_etllastsync",
-    )
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(WATERMARK_AGES).fetch_all(pool).await
 }
 
 /// The last finished regular sync of one type (see `sql/last_sync_per_type.sql`).

@@ -31,12 +31,7 @@ pub struct Watermark {
 
 /// Every entity's watermark (entities never synced have none).
 pub async fn watermarks(pool: &PgPool) -> sqlx::Result<Vec<Watermark>> {
-    sqlx::query_as(
-        "SELECT entity_type::text AS entity, last_sync_timestamp, last_sync_id::text AS last_sync_id, updated_at \
-         FROM etl_folder_etllastsync ORDER BY entity_type",
-    )
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(LIST_WATERMARKS).fetch_all(pool).await
 }
 
 /// What [`set_watermark`] did.
@@ -87,17 +82,13 @@ pub async fn set_watermark(
         .bind(SyncType::Incremental.as_str())
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
-        "UPDATE etl_folder_etlsynchistory SET status = 'completed', completed_at = now(), \
-         duration_seconds = 0, sync_start_date = $2, sync_end_date = $3, error_message = $4 \
-         WHERE sync_id = $1",
-    )
-    .bind(&audit_sync_id)
-    .bind(from)
-    .bind(to)
-    .bind(&message)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(AUDIT_WATERMARK)
+        .bind(&audit_sync_id)
+        .bind(from)
+        .bind(to)
+        .bind(&message)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(UPSERT_WATERMARK)
         .bind(entity.as_str())
         .bind(to)
