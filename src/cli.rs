@@ -628,9 +628,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
 
 /// What `status` says after a stalled sync, and what to do about it.
 fn stalled_hint(s: &ledger::SyncSummary) -> &'static str {
-    match (s.stalled, s.state.as_deref()) {
+    let state = s.state.as_deref().and_then(|st| st.parse().ok());
+    match (s.stalled, state) {
         (false, _) => "",
-        (true, Some("planning")) => {
+        (true, Some(ledger::SyncState::Planning)) => {
             "  (STALLED: its planner is gone; the next sync abandons it, or run `loansync abandon`)"
         }
         (true, _) => "  (STALLED: run `loansync resume`, or `loansync abandon` to end it)",
@@ -725,7 +726,10 @@ async fn status(
         }
         let deleted = ledger::deleted_counts(pool).await?;
         if !deleted.is_empty() {
-            let per: Vec<String> = deleted.iter().map(|(e, n)| format!("{e}: {n}")).collect();
+            let per: Vec<String> = deleted
+                .iter()
+                .map(|d| format!("{}: {}", d.entity, d.count))
+                .collect();
             println!(
                 "\ndeleted records found by sweeps (not sent, the API has no delete): {} (`loansync deletes list`)",
                 per.join(", ")
@@ -737,15 +741,16 @@ async fn status(
                 "\n{} planning request(s) pending, run when the current sync ends (coalesced):",
                 pending.len()
             );
-            for (id, sync_type, at, since) in pending {
-                let kind = if since.is_some() {
+            for p in pending {
+                let kind = if p.since.is_some() {
                     "backfill"
                 } else {
-                    sync_type.as_str()
+                    p.kind.as_str()
                 };
                 println!(
-                    "  {id:<36}  {kind:<11}  received {}",
-                    at.format("%Y-%m-%d %H:%M:%S")
+                    "  {:<36}  {kind:<11}  received {}",
+                    p.request_id,
+                    p.received_at.format("%Y-%m-%d %H:%M:%S")
                 );
             }
         }

@@ -86,6 +86,19 @@ impl FromStr for EntityKind {
     }
 }
 
+/// One record that failed: its id, a code, a message and details (JSON). The sink
+/// reports these, the worker adds its own (unreadable rows, rows gone, chunks given up),
+/// and the ledger writes them as error rows (`etl_folder_etlsyncerror`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedRecord {
+    pub id: i64,
+    pub error_code: String,
+    pub message: String,
+    /// From the sink: `{"http_status", "response_excerpt", "attempts", "api_details"}`;
+    /// inside a `200`'s `rejected` list, the API's own `details`.
+    pub details: serde_json::Value,
+}
+
 /// Full syncs send every row that passes the entity's filter; incremental ones only
 /// the rows changed inside the sync window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,6 +7,8 @@
 //!
 //! * [`domain`]: the shared vocabulary: [`domain::EntityKind`], [`domain::SyncType`],
 //!   [`domain::ChunkJob`], [`domain::PlanRequest`], [`domain::Record`].
+//! * [`failure`]: what an error means for the work that met it: permanent, transient or
+//!   fatal ([`failure::Failure`]), decided by type at the database, planner and worker.
 //! * [`config`]: every setting, typed and validated at start-up; secrets redacted.
 //! * [`db`]: the connection pool and the embedded migrations.
 //! * [`source`]: reading the Django tables: id enumeration for a window, loading one
@@ -18,7 +20,9 @@
 //!   and [`queue::Delivery`] to consume and settle with a [`queue::Disposition`];
 //!   RabbitMQ ([`queue::amqp`]: topology, confirms, reconnecting with backoff) and the
 //!   in-memory queue of single-process mode ([`queue::memory`]) implement both.
-//! * [`ledger`]: sync history, chunk ledger, counters, error rows, watermarks.
+//! * [`ledger`]: every query on the ETL (`etl_folder_*`) and `loansync_*` tables, split by
+//!   concern: sync lifecycle, the plan, settling, error rows, watermarks, read models;
+//!   states and outcomes as enums, the entity→history-column mapping, SQL in `ledger/sql/`.
 //! * [`planner`]: plan one sync, and the planner loop over a consumer; [`worker`]:
 //!   process one chunk into an outcome, and the worker loop over a consumer.
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).
@@ -46,6 +50,7 @@ pub mod db;
 #[cfg(feature = "dev-tools")]
 pub mod demo;
 pub mod domain;
+pub mod failure;
 pub mod http;
 pub mod ledger;
 pub mod planner;

@@ -4,6 +4,7 @@
 
 use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType, SyncWindow};
+use crate::failure::{Classified, Failure};
 use crate::ledger::{self, Begin, FinalStatus, PlanTotals, Purpose};
 use crate::queue::amqp::Broker;
 use crate::queue::{ChunkPublisher, Consumer, Disposition};
@@ -158,10 +159,9 @@ async fn plan(
     queue_if_busy: bool,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<PlanOutcome> {
-    anyhow::ensure!(
-        !spec.entities.is_empty(),
-        "the planning message names no entity"
-    );
+    if spec.entities.is_empty() {
+        return Err(Classified::permanent("the planning message names no entity").into());
+    }
     // Held until the plan is committed and published: a planner that dies meanwhile
     // releases it with its session, and the next one takes its claim over.
     let lock = ledger::PlanningLock::acquire(pool).await?;
@@ -460,18 +460,15 @@ pub async fn resume(
     sync_id: &str,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<usize> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
-            .bind(sync_id)
-            .fetch_optional(pool)
-            .await?;
-    match state.as_deref() {
-        Some("running") => {}
-        Some("planning") => anyhow::bail!(
+    match ledger::sync_state(pool, sync_id).await? {
+        Some(ledger::SyncState::Running) => {}
+        Some(ledger::SyncState::Planning) => anyhow::bail!(
             "sync {sync_id} never finished planning, so it has no chunks to resume. If its planner \
              is gone, the next sync abandons it by itself; `loansync abandon {sync_id}` ends it now"
         ),
-        Some(_) => anyhow::bail!("sync {sync_id} is finished: nothing to resume"),
+        Some(ledger::SyncState::Done) => {
+            anyhow::bail!("sync {sync_id} is finished: nothing to resume")
+        }
         None => anyhow::bail!("no sync {sync_id}"),
     }
     publish_unsettled(pool, sync_id, publisher).await
@@ -555,6 +552,21 @@ pub async fn run(
             .await
             {
                 Ok(_) => Disposition::Ack,
+                // Decided by the error's type: a request that can never be planned is
+                // dead-lettered, a wrong installation stops the planner, anything else
+                // is tried again.
+                Err(e) if Failure::of(&e) == Failure::Permanent => {
+                    let reason = format!("planning cannot succeed: {e:#}");
+                    tracing::error!(%reason, "dead-lettering a planning message");
+                    Disposition::DeadLetter(reason)
+                }
+                Err(e) if Failure::of(&e) == Failure::Fatal => {
+                    tracing::error!(error = %format!("{e:#}"), "fatal: the installation must be fixed (credentials, privileges, migrations); the planner stops and the message goes back to the queue");
+                    if let Err(e) = delivery.settle(Disposition::Republish).await {
+                        tracing::warn!(error = %format!("{e:#}"), "could not settle a planning message");
+                    }
+                    break Err(e.context("fatal planning failure"));
+                }
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "planning failed: the message goes back to the queue");
                     // Unreachable PostgreSQL: put back without spending a delivery.

@@ -96,31 +96,6 @@ const SYNC_TYPES: [&str; 2] = ["full", "incremental"];
 /// The final statuses of a sync.
 const FINAL_STATUSES: [&str; 3] = ["completed", "partial_success", "failed"];
 
-/// The last finished regular sync (not an error retry) of each type: type, status,
-/// end time (epoch seconds), records succeeded, records failed. `started_at DESC` uses
-/// Django's index; one sync runs at a time, so the last started is the last finished.
-const LAST_SYNC_SQL: &str = "\
-    SELECT t.sync_type, l.status, EXTRACT(EPOCH FROM l.completed_at)::float8, \
-           l.succeeded::int8, l.failed::int8 \
-    FROM (VALUES ('full'), ('incremental')) AS t(sync_type) \
-    CROSS JOIN LATERAL ( \
-        SELECT h.status, h.completed_at, \
-               h.loans_success + h.repayments_success + h.customers_success + h.officers_success AS succeeded, \
-               h.loans_failed + h.repayments_failed + h.customers_failed + h.officers_failed AS failed \
-        FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
-        WHERE h.sync_type = t.sync_type AND h.completed_at IS NOT NULL \
-          AND h.status IN ('completed', 'partial_success', 'failed') \
-          AND s.purpose = 'sync' \
-        ORDER BY h.started_at DESC LIMIT 1) l";
-
-/// The end time of the last regular sync of each type that moved the watermarks (not a
-/// retry, a backfill, or a watermark set by hand: loansync_sync.purpose = 'sync').
-const LAST_SUCCESS_SQL: &str = "\
-    SELECT h.sync_type, EXTRACT(EPOCH FROM max(h.completed_at))::float8 \
-    FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
-    WHERE h.status IN ('completed', 'partial_success') AND s.purpose = 'sync' \
-    GROUP BY h.sync_type";
-
 impl Metrics {
     fn new() -> Metrics {
         let registry = Registry::new();
@@ -437,33 +412,27 @@ impl Metrics {
     /// stalled syncs, the last sync of each type, pending planning requests. A query
     /// that fails leaves its gauges as they were (and `/readyz` says why).
     pub async fn refresh_state(&self, pool: &PgPool, stale_after_secs: f64) {
-        if let Ok(ages) = sqlx::query_as::<_, (String, f64)>(
-            "SELECT entity_type::text, EXTRACT(EPOCH FROM now() - last_sync_timestamp)::float8 \
-             FROM etl_folder_etllastsync",
-        )
-        .fetch_all(pool)
-        .await
-        {
-            for (entity, age) in ages {
-                if entity.parse::<crate::domain::EntityKind>().is_ok() {
-                    self.watermark_age.with_label_values(&[&entity]).set(age);
+        if let Ok(ages) = crate::ledger::watermark_ages(pool).await {
+            for w in ages {
+                if w.entity.parse::<crate::domain::EntityKind>().is_ok() {
+                    self.watermark_age
+                        .with_label_values(&[&w.entity])
+                        .set(w.age_seconds);
                 }
             }
         }
         if let Ok(stalled) = crate::ledger::stalled_count(pool, stale_after_secs).await {
             self.stalled_syncs.set(stalled);
         }
-        if let Ok(rows) =
-            sqlx::query_as::<_, (String, String, Option<f64>, i64, i64)>(LAST_SYNC_SQL)
-                .fetch_all(pool)
-                .await
-        {
+        if let Ok(rows) = crate::ledger::last_syncs(pool).await {
             // A type with no finished sync yet shows zeros.
             for t in SYNC_TYPES {
                 let (status, at, ok, failed) = rows
                     .iter()
-                    .find(|r| r.0 == t)
-                    .map_or(("", None, 0, 0), |r| (r.1.as_str(), r.2, r.3, r.4));
+                    .find(|r| r.sync_type == t)
+                    .map_or(("", None, 0, 0), |r| {
+                        (r.status.as_str(), r.completed_at, r.succeeded, r.failed)
+                    });
                 for st in FINAL_STATUSES {
                     self.last_sync_status
                         .with_label_values(&[t, st])
@@ -480,23 +449,19 @@ impl Metrics {
                     .set(failed);
             }
         }
-        if let Ok(rows) = sqlx::query_as::<_, (String, Option<f64>)>(LAST_SUCCESS_SQL)
-            .fetch_all(pool)
-            .await
-        {
+        if let Ok(rows) = crate::ledger::last_successes(pool).await {
             for t in SYNC_TYPES {
-                let at = rows.iter().find(|r| r.0 == t).and_then(|r| r.1);
+                let at = rows
+                    .iter()
+                    .find(|r| r.sync_type == t)
+                    .and_then(|r| r.completed_at);
                 self.last_successful_sync
                     .with_label_values(&[t])
                     .set(at.unwrap_or(0.0));
             }
         }
         // The table comes with the pending-request migration; before it, nothing waits.
-        let pending = sqlx::query_as::<_, (String, i64)>(
-            "SELECT sync_type::text, count(*) FROM loansync_pending_request GROUP BY 1",
-        )
-        .fetch_all(pool)
-        .await;
+        let pending = crate::ledger::pending_counts(pool).await;
         let pending = match pending {
             Ok(rows) => Some(rows),
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
@@ -506,7 +471,10 @@ impl Metrics {
         };
         if let Some(rows) = pending {
             for t in SYNC_TYPES {
-                let n = rows.iter().find(|(rt, _)| rt == t).map_or(0, |(_, n)| *n);
+                let n = rows
+                    .iter()
+                    .find(|r| r.sync_type == t)
+                    .map_or(0, |r| r.count);
                 self.pending_requests.with_label_values(&[t]).set(n);
             }
         }
@@ -522,8 +490,8 @@ impl Metrics {
             for e in crate::domain::EntityKind::ALL {
                 let n = rows
                     .iter()
-                    .find(|(re, _)| re == e.as_str())
-                    .map_or(0, |(_, n)| *n);
+                    .find(|r| r.entity == e.as_str())
+                    .map_or(0, |r| r.count);
                 self.deleted_records.with_label_values(&[e.as_str()]).set(n);
             }
         }

@@ -8,6 +8,7 @@
 //! message is acked only after that commit.
 
 use crate::domain::ChunkJob;
+use crate::failure::Failure;
 use crate::ledger::{self, ChunkResult, FailedRecord, FinalStatus, Settled};
 use crate::queue::amqp::Broker;
 use crate::queue::memory::MemoryQueue;
@@ -62,6 +63,10 @@ pub enum ChunkError {
     /// The database (or another dependency) failed: try again later.
     #[error("transient failure: {0:#}")]
     Transient(#[from] anyhow::Error),
+    /// The installation is wrong (credentials, privileges, a missing table): no chunk
+    /// can succeed until it is fixed. The chunk goes back untouched.
+    #[error("fatal failure: {0:#}")]
+    Fatal(anyhow::Error),
 }
 
 /// Error code of records whose source row cannot be read (decoded) as it is.
@@ -69,31 +74,24 @@ pub const RECORD_UNREADABLE: &str = "RECORD_UNREADABLE";
 /// Error code of records of a chunk whose processing panicked.
 pub const WORKER_PANIC: &str = "WORKER_PANIC";
 
-/// True for errors that a new attempt cannot cure: decoding or type errors, and data
-/// exceptions (SQLSTATE class 22: a value out of range, say). Connection, pool, I/O,
-/// lock and timeout errors are transient.
+/// True for errors that a new attempt cannot cure ([`Failure::Permanent`]): decoding
+/// or type errors, data exceptions and constraint violations.
 pub fn is_permanent(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::Encode(_)
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. } => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("22")),
-        _ => false,
-    }
+    Failure::of_sqlx(e) == Failure::Permanent
 }
 
+/// Decided by the error's type ([`Failure::of_sqlx`]): a permanent error fails the
+/// chunk's records (`RECORD_UNREADABLE`), a fatal one stops the chunk untouched, and
+/// anything else is tried again.
 impl From<sqlx::Error> for ChunkError {
     fn from(e: sqlx::Error) -> Self {
-        if is_permanent(&e) {
-            ChunkError::Permanent {
+        match Failure::of_sqlx(&e) {
+            Failure::Permanent => ChunkError::Permanent {
                 code: RECORD_UNREADABLE,
                 reason: e.to_string(),
-            }
-        } else {
-            ChunkError::Transient(e.into())
+            },
+            Failure::Fatal => ChunkError::Fatal(e.into()),
+            Failure::Transient => ChunkError::Transient(e.into()),
         }
     }
 }
@@ -129,7 +127,7 @@ async fn load_guarded(
     {
         Ok(Ok(loaded)) => Ok(loaded),
         Ok(Err(e)) if is_permanent(&e) => Err(LoadFailure::Unreadable(e.to_string())),
-        Ok(Err(e)) => Err(LoadFailure::Other(ChunkError::Transient(e.into()))),
+        Ok(Err(e)) => Err(LoadFailure::Other(ChunkError::from(e))),
         Err(panic) => {
             METRICS.chunk_panics.inc();
             Err(LoadFailure::Unreadable(format!(
@@ -248,12 +246,7 @@ pub async fn process_chunk(
         };
         match ctx.client.deliver(&batch).await {
             Ok(report) => {
-                failures.extend(report.failed.into_iter().map(|f| FailedRecord {
-                    id: f.id,
-                    error_code: f.error_code,
-                    message: f.message,
-                    details: f.details,
-                }));
+                failures.extend(report.failed);
                 (report.succeeded, report.last_response)
             }
             Err(FatalError::Unauthorized { status, message }) => {
@@ -327,12 +320,10 @@ async fn settle(
                     .syncs
                     .with_label_values(&[state.sync_type.as_str(), status.as_str()])
                     .inc();
-                if let Ok(Some(secs)) = sqlx::query_scalar::<_, Option<f64>>(
-                    "SELECT duration_seconds FROM etl_folder_etlsynchistory WHERE sync_id = $1",
-                )
-                .bind(&job.sync_id)
-                .fetch_one(&ctx.pool)
-                .await
+                if let Ok(ledger::HistoryOutcome {
+                    duration_seconds: Some(secs),
+                    ..
+                }) = ledger::history_outcome(&ctx.pool, &job.sync_id).await
                 {
                     METRICS
                         .sync_seconds
@@ -431,11 +422,30 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
                         Disposition::DeadLetter(format!("{code}: {reason}")),
                     )
                 }
-                Err(e) => {
+                Err(ChunkError::Transient(e)) => {
                     tracing::warn!(code, %reason, error = %format!("{e:#}"), "a chunk that cannot succeed could not be settled as failed: it will be delivered again");
                     ("requeued", Disposition::Requeue)
                 }
+                Err(ChunkError::Fatal(e)) => {
+                    tracing::error!(code, %reason, error = %format!("{e:#}"), "fatal: the installation must be fixed; the chunk is put back in the queue");
+                    ("republished", Disposition::Republish)
+                }
+                Err(e) => {
+                    // Settling it as failed cannot succeed either: requeued, it would
+                    // come back forever. Its sync stays unfinished (stalled) until an
+                    // operator abandons it.
+                    tracing::error!(code, %reason, error = %format!("{e:#}"), "a chunk that cannot succeed cannot be settled as failed either: dead-lettered unsettled");
+                    (
+                        "dead_letter",
+                        Disposition::DeadLetter(format!("{code}: {reason}; not settled: {e}")),
+                    )
+                }
             }
+        }
+        Err(ChunkError::Fatal(e)) => {
+            // Not the chunk's fault: put back without spending a delivery.
+            tracing::error!(error = %format!("{e:#}"), "fatal: the installation must be fixed (credentials, privileges, migrations); the chunk is put back in the queue");
+            ("republished", Disposition::Republish)
         }
         Err(ChunkError::Transient(e)) => {
             if crate::db::is_reachable(&ctx.pool).await {
@@ -643,5 +653,7 @@ mod tests {
         assert!(!is_permanent(&sqlx::Error::PoolTimedOut));
         let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(matches!(ChunkError::from(io), ChunkError::Transient(_)));
+        let config = sqlx::Error::Configuration("no password".into());
+        assert!(matches!(ChunkError::from(config), ChunkError::Fatal(_)));
     }
 }

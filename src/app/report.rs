@@ -162,19 +162,13 @@ impl RequestReport {
 
 /// A sync's outcome, read back from the history table (its duration is the history's).
 pub async fn summarize(pool: &sqlx::PgPool, sync_id: String) -> anyhow::Result<SyncReport> {
-    let (status, seconds): (String, Option<f64>) = sqlx::query_as(
-        "SELECT status::text, duration_seconds FROM etl_folder_etlsynchistory WHERE sync_id = $1",
-    )
-    .bind(&sync_id)
-    .fetch_one(pool)
-    .await?;
-    let history_status = status.clone();
-    let status = match status.as_str() {
-        "completed" => Some(FinalStatus::Completed),
-        "partial_success" => Some(FinalStatus::PartialSuccess),
-        "failed" => Some(FinalStatus::Failed),
-        _ => None,
-    };
+    let outcome = ledger::history_outcome(pool, &sync_id).await?;
+    let history_status = outcome
+        .status
+        .map_or("?", ledger::HistoryStatus::as_str)
+        .to_string();
+    let status = outcome.status.and_then(ledger::HistoryStatus::final_status);
+    let seconds = outcome.duration_seconds;
     Ok(SyncReport {
         progress: ledger::entity_progress(pool, &sync_id).await?,
         sync_id: Some(sync_id),

@@ -26,7 +26,7 @@ pub async fn wait_for_request(
         let seen = ledger::request_state(pool, request_id).await?;
         let (state, sync_id, finished) = match seen {
             None => ("unseen".to_string(), None, false),
-            Some(r) => (r.state, r.sync_id, r.finished),
+            Some(r) => (r.state.as_str().to_string(), r.sync_id, r.finished),
         };
         let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
         let report_now = finished || timed_out;

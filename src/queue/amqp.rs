@@ -1069,6 +1069,10 @@ where
         consuming.store(false, Ordering::SeqCst);
         match ended {
             Ok(()) => return Ok(()),
+            // A wrong installation: reconnecting cannot help, stop.
+            Err(e) if crate::failure::Failure::of(&e) == crate::failure::Failure::Fatal => {
+                return Err(e);
+            }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "{what} lost its broker connection: reconnecting")
             }

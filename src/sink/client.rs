@@ -42,21 +42,13 @@ pub struct Batch<'a> {
     pub records: &'a [Record],
 }
 
-/// One record that failed, with what the API (or the transport) said.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecordFailure {
-    pub id: i64,
-    pub error_code: String,
-    pub message: String,
-    /// `{"http_status", "response_excerpt", "attempts", "api_details"}`.
-    pub details: serde_json::Value,
-}
+pub use crate::domain::FailedRecord;
 
 /// How a chunk's delivery went. Every record of the batch is in exactly one list.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryReport {
     pub succeeded: Vec<i64>,
-    pub failed: Vec<RecordFailure>,
+    pub failed: Vec<FailedRecord>,
     /// The last response body (at most 64 KiB of it).
     pub last_response: Option<serde_json::Value>,
     /// HTTP requests sent, retries included.
@@ -177,7 +169,7 @@ impl AnalyticsClient {
                 Ok(Answer::Accepted { rejected, body }) => {
                     let ids: std::collections::HashSet<i64> =
                         part.iter().map(|rec| rec.id).collect();
-                    let mut refused: std::collections::HashMap<i64, service::Rejected> =
+                    let mut refused: std::collections::HashMap<i64, FailedRecord> =
                         std::collections::HashMap::new();
                     // One log line for all of them: a hostile answer may list thousands.
                     let (mut strangers, mut example) = (0usize, None);
@@ -204,7 +196,7 @@ impl AnalyticsClient {
                     for rec in part {
                         match refused.remove(&rec.id) {
                             None => report.succeeded.push(rec.id),
-                            Some(r) => report.failed.push(RecordFailure {
+                            Some(r) => report.failed.push(FailedRecord {
                                 id: rec.id,
                                 error_code: r.error_code,
                                 message: r.message,
@@ -232,7 +224,7 @@ impl AnalyticsClient {
                             attempts,
                             serde_json::json!({}),
                         );
-                        report.failed.push(RecordFailure {
+                        report.failed.push(FailedRecord {
                             id: part[0].id,
                             error_code,
                             message,
@@ -380,7 +372,7 @@ fn fail_all(
     details: &serde_json::Value,
 ) {
     for rec in part {
-        report.failed.push(RecordFailure {
+        report.failed.push(FailedRecord {
             id: rec.id,
             error_code: code.to_string(),
             message: message.to_string(),

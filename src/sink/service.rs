@@ -1,5 +1,6 @@
 //! One HTTP call to the analytics API and what its answer means. Never retries.
 
+use crate::domain::FailedRecord;
 use crate::telemetry::METRICS;
 use bytes::Bytes;
 use std::time::Duration;
@@ -12,21 +13,12 @@ pub const MAX_API_TEXT: usize = 4 * 1024;
 /// The most of an API `error_code` kept (the width of `error_code` in error rows).
 pub const MAX_ERROR_CODE_CHARS: usize = 100;
 
-/// One record the API refused inside a `200`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rejected {
-    pub id: i64,
-    pub error_code: String,
-    pub message: String,
-    pub details: serde_json::Value,
-}
-
 /// What one request came to.
 #[derive(Debug, Clone)]
 pub enum Answer {
-    /// `200`: every record not in `rejected` succeeded.
+    /// `200`: every record not in `rejected` (each with the API's own `details`) succeeded.
     Accepted {
-        rejected: Vec<Rejected>,
+        rejected: Vec<FailedRecord>,
         body: serde_json::Value,
     },
     /// `400` / `413` / `422`: the whole batch was refused.
@@ -296,7 +288,7 @@ pub fn bounded_details(details: &serde_json::Value) -> serde_json::Value {
 }
 
 /// `{"accepted": n, "rejected": [...]}` → the rejected records; `None` if the shape is off.
-fn parse_accepted(v: &serde_json::Value) -> Option<Vec<Rejected>> {
+fn parse_accepted(v: &serde_json::Value) -> Option<Vec<FailedRecord>> {
     let obj = v.as_object()?;
     obj.get("accepted")?.as_u64()?;
     let list = match obj.get("rejected") {
@@ -306,7 +298,7 @@ fn parse_accepted(v: &serde_json::Value) -> Option<Vec<Rejected>> {
     let mut out = Vec::with_capacity(list.len());
     for item in list {
         let id = item.get("id")?.as_i64()?;
-        out.push(Rejected {
+        out.push(FailedRecord {
             id,
             error_code: error_code(
                 item.get("error_code")

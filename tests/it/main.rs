@@ -8,6 +8,7 @@ mod consumer;
 mod errors;
 mod faults;
 mod fixtures;
+mod ledger;
 mod metrics;
 mod migrations;
 mod pipeline;

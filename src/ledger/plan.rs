@@ -1,0 +1,283 @@
+//! Writing a sync's plan: the chunk ledger, the per-entity windows, the totals, and a
+//! chunk's start by a worker.
+
+use super::sql::*;
+use super::{FinalStatus, HistoryStatus, Purpose, SyncState, finalize};
+use crate::domain::{EntityKind, SyncType, SyncWindow};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use std::sync::LazyLock;
+
+/// Totals of a planned sync, per entity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PlanTotals {
+    pub records: Vec<(EntityKind, i64)>,
+    pub chunks: i64,
+}
+
+/// One keyset page of the ids with unresolved error rows (for `loansync errors retry`),
+/// in the numbering of [`insert_chunks`] (`$1` after, `$2` limit, `$6` the entity).
+pub const UNRESOLVED_PAGE_SQL: &str = "SELECT DISTINCT id FROM ( \
+     SELECT CASE WHEN entity_id ~ '^[0-9]{1,18}$' THEN entity_id::int8 END AS id \
+     FROM etl_folder_etlsyncerror WHERE entity_type = $6 AND NOT resolved) e \
+     WHERE id > $1 ORDER BY id LIMIT $2";
+
+/// How many keyset pages (chunks) [`insert_chunks`] writes per statement: each statement
+/// stays well inside `ETL_DB_STATEMENT_TIMEOUT_SECS` whatever the table's size. Debug
+/// builds (every test) take 3, so that the tests' small syncs go through several
+/// statements too.
+const CHUNKS_PER_STATEMENT: i32 = if cfg!(debug_assertions) { 3 } else { 500 };
+
+/// Writes every chunk of one entity inside PostgreSQL, [`CHUNKS_PER_STATEMENT`] chunks a
+/// statement: the keyset pages of `page_sql` (one statement selecting one id column,
+/// ascending, ids > `$1`, at most `$2`; `$3` / `$4` the window's lo / hi when it takes
+/// them, `$6` the entity), page after page in a recursive query, each page a chunk (seq
+/// 0, 1, ...), exactly as paging from the planner would: a page shorter than `size` (or
+/// empty) is the last. The ids never come to the planner: its memory does not grow with
+/// the table. Returns the chunks and the ids written.
+///
+/// `custom_plan`: run as PostgreSQL's unnamed statement, planned with the window's
+/// values (see `source::next_ids`).
+pub async fn insert_chunks(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    entity: EntityKind,
+    page_sql: &str,
+    size: i64,
+    window: &SyncWindow,
+    custom_plan: bool,
+) -> sqlx::Result<(i32, i64)> {
+    let size = size.max(1);
+    let next = page_sql.replace("$1", "g.ids[cardinality(g.ids)]");
+    // $7: the first page's seq; $8: how many pages at most.
+    let sql = format!(
+        "WITH RECURSIVE page (seq, ids) AS (\n\
+             SELECT $7::int4, ARRAY(\n{page_sql}\n)\n\
+             UNION ALL\n\
+             SELECT g.seq + 1, ARRAY(\n{next}\n) FROM page g \
+             WHERE cardinality(g.ids) = $2 AND g.seq + 1 < $7 + $8\n\
+         ), ins AS (\n\
+             INSERT INTO loansync_chunk (sync_id, entity, seq, ids) \
+             SELECT $5, $6, seq, ids FROM page WHERE cardinality(ids) > 0 \
+             RETURNING seq, cardinality(ids) AS n, ids[cardinality(ids)] AS last\n\
+         )\n\
+         SELECT count(*)::int4, COALESCE(sum(n), 0)::int8, \
+                (array_agg(last ORDER BY seq DESC))[1], (array_agg(n ORDER BY seq DESC))[1] \
+         FROM ins"
+    );
+    let (mut after, mut chunks, mut ids) = (0i64, 0i32, 0i64);
+    loop {
+        let (written, n, last, last_len): (i32, i64, Option<i64>, Option<i32>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(after)
+                .bind(size)
+                .bind(window.lo)
+                .bind(window.hi)
+                .bind(sync_id)
+                .bind(entity.as_str())
+                .bind(chunks)
+                .bind(CHUNKS_PER_STATEMENT)
+                .persistent(!custom_plan)
+                .fetch_one(&mut *conn)
+                .await?;
+        chunks += written;
+        ids += n;
+        match last {
+            // Stopped at the cap on a full page: the selection may go on.
+            Some(last)
+                if written == CHUNKS_PER_STATEMENT && i64::from(last_len.unwrap_or(0)) == size =>
+            {
+                after = last
+            }
+            _ => return Ok((chunks, ids)),
+        }
+    }
+}
+
+/// Records ids a sweep found gone from the source (or no longer selected): a row each
+/// in `loansync_deleted` (detected again: its time and sync move), and the delivered
+/// fingerprint removed, so that a row that comes back is sent again. In the planning
+/// transaction. Returns how many ids.
+pub async fn record_deleted(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    entity: EntityKind,
+    ids: &[i64],
+) -> sqlx::Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    sqlx::query(RECORD_DELETED)
+        .bind(entity.as_str())
+        .bind(ids)
+        .bind(sync_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM loansync_delivered WHERE entity = $1 AND id = ANY($2::int8[])")
+        .bind(entity.as_str())
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(ids.len() as u64)
+}
+
+/// Records one entity's window and its chunks in the ledger.
+pub async fn insert_chunk(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    entity: EntityKind,
+    seq: i32,
+    ids: &[i64],
+) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO loansync_chunk (sync_id, entity, seq, ids) VALUES ($1, $2, $3, $4)")
+        .bind(sync_id)
+        .bind(entity.as_str())
+        .bind(seq)
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn insert_sync_entity(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    entity: EntityKind,
+    window: &SyncWindow,
+    planned: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(INSERT_SYNC_ENTITY)
+        .bind(sync_id)
+        .bind(entity.as_str())
+        .bind(window.lo)
+        .bind(window.hi)
+        .bind(planned as i32)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Locks the sync's row and checks that it is still `planning`, then removes what a dead
+/// planner may have left of its plan, so it can be planned again. Returns false (and
+/// touches nothing) when the sync is planned already: a ledger another planner committed
+/// is never cleared or rewritten.
+pub async fn clear_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<bool> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1 FOR UPDATE")
+            .bind(sync_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if state.as_deref() != Some(SyncState::Planning.as_str()) {
+        return Ok(false);
+    }
+    sqlx::query("DELETE FROM loansync_chunk WHERE sync_id = $1")
+        .bind(sync_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM loansync_sync_entity WHERE sync_id = $1")
+        .bind(sync_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(true)
+}
+
+/// Writes the totals and moves the sync to `in_progress` (or finalizes it at once when
+/// there is nothing to send). Runs inside the planning transaction.
+pub async fn write_plan(
+    conn: &mut PgConnection,
+    sync_id: &str,
+    totals: &PlanTotals,
+    window_lo: Option<DateTime<Utc>>,
+    window_hi: DateTime<Utc>,
+) -> sqlx::Result<Option<FinalStatus>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let totals: Vec<String> = EntityKind::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{} = ${}", e.history_columns().total, i + 5))
+            .collect();
+        format!(
+            "UPDATE etl_folder_etlsynchistory SET status = $2, sync_start_date = $3, \
+             sync_end_date = $4, {} WHERE sync_id = $1",
+            totals.join(", ")
+        )
+    });
+    let mut q = sqlx::query(SQL.as_str())
+        .bind(sync_id)
+        .bind(HistoryStatus::InProgress.as_str())
+        .bind(window_lo)
+        .bind(window_hi);
+    for e in EntityKind::ALL {
+        let total = totals
+            .records
+            .iter()
+            .find(|(k, _)| *k == e)
+            .map(|(_, n)| *n as i32)
+            .unwrap_or(0);
+        q = q.bind(total);
+    }
+    q.execute(&mut *conn).await?;
+    sqlx::query(START_RUNNING)
+        .bind(sync_id)
+        .bind(totals.chunks as i32)
+        .bind(SyncState::Running.as_str())
+        .execute(&mut *conn)
+        .await?;
+    if totals.chunks == 0 {
+        return finalize(conn, sync_id).await.map(Some);
+    }
+    Ok(None)
+}
+
+/// The ledger's view of one chunk, read by a worker before it does any work.
+#[derive(Debug, Clone)]
+pub struct ChunkState {
+    pub ids: Vec<i64>,
+    pub settled: bool,
+    pub sync_type: SyncType,
+    pub purpose: Purpose,
+    pub history_id: i32,
+    /// How many workers started on this chunk, this one included.
+    pub attempts: i32,
+}
+
+/// Reads a chunk and counts the attempt. `None` when the ledger has no such chunk.
+pub async fn start_chunk(
+    pool: &PgPool,
+    sync_id: &str,
+    entity: EntityKind,
+    seq: i32,
+) -> sqlx::Result<Option<ChunkState>> {
+    let row: Option<StartedChunk> = sqlx::query_as(START_CHUNK)
+        .bind(sync_id)
+        .bind(entity.as_str())
+        .bind(seq)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| {
+        Ok(ChunkState {
+            ids: r.ids,
+            settled: r.settled,
+            sync_type: r
+                .sync_type
+                .parse()
+                .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
+            purpose: r.purpose.parse().map_err(super::reads::decode_error)?,
+            history_id: r.history_id,
+            attempts: r.attempts,
+        })
+    })
+    .transpose()
+}
+
+/// The row [`start_chunk`] reads.
+#[derive(Debug, sqlx::FromRow)]
+struct StartedChunk {
+    ids: Vec<i64>,
+    settled: bool,
+    sync_type: String,
+    purpose: String,
+    history_id: i32,
+    attempts: i32,
+}
