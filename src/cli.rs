@@ -743,7 +743,8 @@ pub async fn run_planner(
     consuming: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_planner_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
+    let health = BrokerHealth::with_telemetry(settings.telemetry.clone());
+    run_planner_with(pool, settings, consuming, health, shutdown).await
 }
 
 /// [`run_planner`], reporting the broker connection's state to `health` (`/readyz`).
@@ -780,7 +781,8 @@ pub async fn run_worker(
     consuming: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_worker_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
+    let health = BrokerHealth::with_telemetry(settings.telemetry.clone());
+    run_worker_with(pool, settings, consuming, health, shutdown).await
 }
 
 /// [`run_worker`], reporting the broker connection's state to `health` (`/readyz`).
@@ -826,6 +828,7 @@ async fn start_http(
                 broker: Some(health.clone()),
                 consuming: consuming.clone(),
                 stale_after_secs: settings.stale_sync_after.as_secs_f64(),
+                telemetry: settings.telemetry.clone(),
             },
         )
         .await?;
@@ -838,9 +841,11 @@ pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> anyhow::Result
     Ok(WorkerContext {
         pool,
         client: AnalyticsClient::new(&settings.api)
-            .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?,
+            .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?
+            .with_telemetry(settings.telemetry.clone()),
         delivery_limit: settings.delivery_limit,
         db_outage_wait: settings.db_outage_wait,
+        telemetry: settings.telemetry.clone(),
     })
 }
 

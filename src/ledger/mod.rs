@@ -63,6 +63,13 @@ pub enum FinalStatus {
 }
 
 impl FinalStatus {
+    /// Every final status (the metrics pre-create a series for each).
+    pub const ALL: [FinalStatus; 3] = [
+        FinalStatus::Completed,
+        FinalStatus::PartialSuccess,
+        FinalStatus::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             FinalStatus::Completed => "completed",
