@@ -20,7 +20,10 @@
 //! * [`ledger`]: sync history, chunk ledger, counters, error rows, watermarks.
 //! * [`planner`]: plan one sync; [`worker`]: process one chunk into an outcome.
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).
-//! * [`telemetry`]: logging and metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! * [`telemetry`]: logging and metrics: each [`telemetry::Event`] writes its log line and
+//!   its metric; label enums pre-create the series; the registry is a
+//!   [`telemetry::Telemetry`] handle (the process's, or a test's own).
+//!   [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! * [`tls`]: extra CA files (`ANALYTICS_CA_FILE`, `AMQP_CA_FILE`) and refused certificates.
 //! * [`seed`]: deterministic synthetic source data, generated set-based in PostgreSQL.
 //! * [`demo`]: `loansync demo`, the whole system on local services in one command.
