@@ -529,9 +529,12 @@ async fn indexes(pool: &sqlx::PgPool) -> Result<String, String> {
 
 /// Connects and declares the topology exactly as a planner does.
 async fn broker(settings: &Settings) -> Result<String, String> {
-    let broker = crate::app::connect_broker_with(settings, BrokerHealth::default())
-        .await
-        .map_err(|e| format!("{e:#}"))?;
+    let broker = crate::app::connect_broker_with(
+        settings,
+        BrokerHealth::with_telemetry(settings.telemetry.clone()),
+    )
+    .await
+    .map_err(|e| format!("{e:#}"))?;
     let t = broker.topology.clone();
     let mut mismatches = broker.argument_mismatches().to_vec();
     // One line per queue and argument: the first difference the broker named.

@@ -154,6 +154,10 @@ pub struct Settings {
     /// Where `/metrics`, `/healthz`, `/readyz` are served; `None` when empty (`METRICS_ADDR`).
     pub metrics_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// The metrics registry the planner, the workers and the analytics client built from
+    /// these settings count in. Not read from the environment: the process-wide registry
+    /// (the one `/metrics` serves), unless a test puts a fresh one here.
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/loansync";
@@ -373,6 +377,7 @@ impl Settings {
             publish_confirm_timeout,
             metrics_addr,
             log_format,
+            telemetry: crate::telemetry::Telemetry::global(),
         })
     }
 

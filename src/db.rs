@@ -133,10 +133,12 @@ pub async fn wait_until_reachable(pool: &PgPool, max_wait: Duration) -> bool {
 /// unreachable for `max_wait` in all. A failure during a database outage (a restart, a
 /// failover) is tried again once the database answers, instead of handing the message
 /// back to the broker: a redelivery would count against the queue's delivery limit.
+/// Each wait is counted in `metrics`.
 pub async fn through_outage<T, E, F, Fut>(
     pool: &PgPool,
     max_wait: Duration,
     what: &str,
+    metrics: &crate::telemetry::Metrics,
     mut op: F,
 ) -> Result<T, E>
 where
@@ -154,8 +156,12 @@ where
         if left.is_zero() || is_reachable(pool).await {
             return Err(err);
         }
-        crate::telemetry::METRICS.db_outage_waits.inc();
-        tracing::warn!(error = %format!("{err:#}"), wait_secs = left.as_secs(), "PostgreSQL does not answer: {what} waits for it");
+        crate::telemetry::Event::DbOutageWait {
+            what,
+            error: &err,
+            wait_secs: left.as_secs(),
+        }
+        .emit(metrics);
         if !wait_until_reachable(pool, left).await {
             return Err(err);
         }

@@ -109,6 +109,9 @@ pub enum SyncType {
 }
 
 impl SyncType {
+    /// Every sync type (the metrics pre-create a series for each).
+    pub const ALL: [SyncType; 2] = [SyncType::Full, SyncType::Incremental];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SyncType::Full => "full",

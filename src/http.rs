@@ -1,7 +1,7 @@
 //! `/metrics`, `/healthz` and `/readyz` of every long-running process.
 
 use crate::queue::amqp::BrokerHealth;
-use crate::telemetry::METRICS;
+use crate::telemetry::Telemetry;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -23,6 +23,9 @@ pub struct Readiness {
     pub consuming: Arc<AtomicBool>,
     /// `ETL_STALE_SYNC_SECS`, for the stalled-syncs gauge.
     pub stale_after_secs: f64,
+    /// The registry `/metrics` serves (the process's, [`Telemetry::global`], in the
+    /// binary).
+    pub telemetry: Telemetry,
 }
 
 async fn metrics(
@@ -32,18 +35,18 @@ async fn metrics(
     // broker) at scrape time; if they do not answer, the last values stay (and /readyz
     // says why).
     let read = async {
-        METRICS.refresh_state(&r.pool, r.stale_after_secs).await;
+        r.telemetry.refresh_state(&r.pool, r.stale_after_secs).await;
         if let Some(b) = &r.broker
             && let Some(n) = b.dead_letter_depth().await
         {
-            METRICS.dead_letters.set(i64::from(n));
+            r.telemetry.dead_letters.set(i64::from(n));
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
     (
         StatusCode::OK,
         [("content-type", "text/plain; version=0.0.4")],
-        METRICS.render(),
+        r.telemetry.render(),
     )
 }
 
@@ -106,11 +109,11 @@ pub async fn serve(addr: SocketAddr, readiness: Readiness) -> anyhow::Result<Soc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::METRICS;
 
     #[test]
     fn a_blocked_or_lost_broker_makes_readyz_fail_and_is_counted() {
-        let health = BrokerHealth::default();
+        let telemetry = Telemetry::fresh();
+        let health = BrokerHealth::with_telemetry(telemetry.clone());
         let (code, body) = readiness_report(true, Some(&health), true);
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(body.contains("broker: false (disconnected)"), "{body}");
@@ -119,20 +122,21 @@ mod tests {
         let (code, body) = readiness_report(true, Some(&health), true);
         assert_eq!(code, StatusCode::OK, "{body}");
 
-        let blocked_before = METRICS.broker_blocked_total.get();
         health.on_event(&lapin::Event::ConnectionBlocked("low on memory".into()));
         let (code, body) = readiness_report(true, Some(&health), true);
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(body.contains("broker: false (blocked)"), "{body}");
-        assert_eq!(METRICS.broker_blocked_total.get(), blocked_before + 1);
-        assert!(METRICS.broker_blocked.get() >= 1);
-        assert!(METRICS.render().contains("etl_broker_blocked_total"));
+        assert_eq!(telemetry.broker_blocked_total.get(), 1);
+        assert_eq!(telemetry.broker_blocked.get(), 1);
+        assert!(telemetry.render().contains("etl_broker_blocked_total 1"));
 
         // A repeated notice is the same episode.
         health.on_event(&lapin::Event::ConnectionBlocked("low on memory".into()));
-        assert_eq!(METRICS.broker_blocked_total.get(), blocked_before + 1);
+        assert_eq!(telemetry.broker_blocked_total.get(), 1);
+        assert_eq!(telemetry.broker_blocked.get(), 1);
 
         health.on_event(&lapin::Event::ConnectionUnblocked);
+        assert_eq!(telemetry.broker_blocked.get(), 0);
         let (code, body) = readiness_report(true, Some(&health), true);
         assert_eq!(code, StatusCode::OK, "{body}");
 
@@ -140,6 +144,8 @@ mod tests {
         health.on_event(&lapin::Event::ConnectionBlocked("disk".into()));
         health.set_connected(false);
         assert!(!health.is_blocked());
+        assert_eq!(telemetry.broker_blocked.get(), 0);
+        assert_eq!(telemetry.broker_blocked_total.get(), 2);
         let (code, _) = readiness_report(true, Some(&health), true);
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     }

@@ -26,7 +26,10 @@
 //! * [`planner`]: plan one sync, and the planner loop over a consumer; [`worker`]:
 //!   process one chunk into an outcome, and the worker loop over a consumer.
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).
-//! * [`telemetry`]: logging and metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! * [`telemetry`]: logging and metrics: each [`telemetry::Event`] writes its log line and
+//!   its metric; label enums pre-create the series; the registry is a
+//!   [`telemetry::Telemetry`] handle (the process's, or a test's own).
+//!   [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! * [`tls`]: extra CA files (`ANALYTICS_CA_FILE`, `AMQP_CA_FILE`) and refused certificates.
 //! * [`app`]: the application layer: run a planner or a worker process (reconnect,
 //!   metrics server, signals), run a sync in this process, wait for a request's sync,

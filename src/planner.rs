@@ -9,7 +9,7 @@ use crate::ledger::{self, Begin, FinalStatus, PlanTotals, Purpose};
 use crate::queue::amqp::Broker;
 use crate::queue::{ChunkPublisher, Consumer, Disposition};
 use crate::source;
-use crate::telemetry::METRICS;
+use crate::telemetry::Event;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -190,10 +190,6 @@ async fn plan_claimed(
             (sync_id, window_hi)
         }
         Begin::Duplicate { sync_id, running } => {
-            METRICS
-                .plans_skipped
-                .with_label_values(&["duplicate"])
-                .inc();
             // A planner that died after committing the plan but before every chunk was
             // published: publish the unsettled ones again (workers count a chunk once).
             let republished = if running {
@@ -201,38 +197,41 @@ async fn plan_claimed(
             } else {
                 0
             };
-            tracing::info!(%sync_id, republished, "repeated request_id: nothing new planned");
+            settings.telemetry.emit(Event::PlanDuplicate {
+                sync_id: &sync_id,
+                republished,
+            });
             return Ok(PlanOutcome::Duplicate {
                 sync_id,
                 republished,
             });
         }
         Begin::Busy { active_sync_id } => {
-            METRICS.plans_skipped.with_label_values(&["busy"]).inc();
-            tracing::warn!(%active_sync_id, "another sync is in progress: this sync is not run");
+            settings.telemetry.emit(Event::PlanBusy {
+                active_sync_id: &active_sync_id,
+            });
             return Ok(PlanOutcome::Busy { active_sync_id });
         }
         Begin::Pending { request_id, again } => {
-            if !again {
-                METRICS.plans_skipped.with_label_values(&["queued"]).inc();
-            }
-            tracing::info!(%request_id, again, "another sync is in progress: the request waits for it");
+            settings.telemetry.emit(Event::PlanPending {
+                request_id: &request_id,
+                again,
+            });
             return Ok(PlanOutcome::Pending { request_id, again });
         }
         Begin::Unbounded(why) => return Err(why.into()),
     };
     let (totals, finished) = write_ledger(pool, settings, &sync_id, spec, window_hi).await?;
-    for (entity, n) in &totals.records {
-        METRICS
-            .records_planned
-            .with_label_values(&[entity.as_str()])
-            .inc_by(*n as u64);
+    for &(entity, n) in &totals.records {
+        settings.telemetry.emit(Event::RecordsPlanned {
+            entity,
+            records: n as u64,
+        });
     }
     if let Some(status) = finished {
-        METRICS
-            .syncs
-            .with_label_values(&[sync_type.as_str(), status.as_str()])
-            .inc();
+        settings
+            .telemetry
+            .emit(Event::SyncFinishedAtPlanning { sync_type, status });
     }
     let chunks = publish_unsettled(pool, &sync_id, publisher).await?;
     tracing::info!(%sync_id, %sync_type, purpose = purpose.as_str(), chunks, records = ?totals.records, "sync planned");
@@ -539,14 +538,16 @@ pub async fn run(
         };
         let disposition = match parse_plan(delivery.body()) {
             Err(reason) => {
-                METRICS.plans_skipped.with_label_values(&["invalid"]).inc();
-                tracing::error!(%reason, "dead-lettering a planning message");
+                settings
+                    .telemetry
+                    .emit(Event::PlanInvalid { reason: &reason });
                 Disposition::DeadLetter(reason)
             }
             Ok(req) => match crate::db::through_outage(
                 pool,
                 settings.db_outage_wait,
                 "the planning message",
+                &settings.telemetry,
                 || plan_message(pool, settings, &req, publisher),
             )
             .await

@@ -1,13 +1,26 @@
-//! Logging and metrics. One process-wide [`Metrics`] registry, labels of low
-//! cardinality only (entity, outcome, status: never a sync or record id).
+//! Logging and metrics. What happens is emitted as an [`Event`] (its log line and its
+//! metric, defined once, in [`events`]) into a [`Metrics`] registry carried by the
+//! components that emit as a [`Telemetry`] handle: the process-wide one
+//! ([`Telemetry::global`]) in the binary, a fresh one ([`Telemetry::fresh`]) in a test
+//! that asserts exact values. Labels are of low cardinality only (entity, outcome,
+//! status: never a sync or record id), each an enum of [`labels`] whose values are all
+//! pre-created at zero.
+
+pub mod events;
+pub mod labels;
+
+pub use events::{Event, Requeue};
 
 use crate::config::LogFormat;
+use crate::domain::{EntityKind, SyncType};
+use crate::ledger::FinalStatus;
+use labels::{ChunkOutcome, HttpClass, RecordOutcome, RetryReason, SkipReason};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use sqlx::PgPool;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use tracing_subscriber::EnvFilter;
 
 /// Installs the tracing subscriber: `RUST_LOG` filters (else `default_filter`), `LOG_FORMAT`
@@ -91,13 +104,16 @@ pub struct Metrics {
     pub deleted_records: IntGaugeVec,
 }
 
-/// The sync types, as in `etl_folder_etlsynchistory.sync_type`.
-const SYNC_TYPES: [&str; 2] = ["full", "incremental"];
-/// The final statuses of a sync.
-const FINAL_STATUSES: [&str; 3] = ["completed", "partial_success", "failed"];
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
 
 impl Metrics {
-    fn new() -> Metrics {
+    /// A new registry with every metric, every label combination at zero. The binary
+    /// uses one per process ([`Telemetry::global`]); a test makes its own.
+    pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -330,19 +346,11 @@ impl Metrics {
         }
         // Every label combination that can occur starts at zero, so dashboards and alerts
         // see a series before its first event.
-        for e in crate::domain::EntityKind::ALL {
-            let e = e.as_str();
-            for o in ["success", "failed"] {
+        for e in EntityKind::ALL.map(EntityKind::as_str) {
+            for o in RecordOutcome::ALL.map(RecordOutcome::as_str) {
                 records.with_label_values(&[e, o]);
             }
-            for o in [
-                "settled",
-                "duplicate",
-                "aborted",
-                "requeued",
-                "republished",
-                "dead_letter",
-            ] {
+            for o in ChunkOutcome::ALL.map(ChunkOutcome::as_str) {
                 chunks.with_label_values(&[e, o]);
             }
             records_planned.with_label_values(&[e]);
@@ -350,29 +358,31 @@ impl Metrics {
             transform_warnings.with_label_values(&[e]);
             chunk_seconds.with_label_values(&[e]);
         }
-        for endpoint in ["/etl/customers", "/etl/officers", "/etl/sync"] {
-            for class in ["2xx", "4xx", "5xx", "network"] {
+        // A chunk message that names no entity can only be dead-lettered.
+        chunks.with_label_values(&[labels::UNKNOWN_ENTITY, ChunkOutcome::DeadLetter.as_str()]);
+        for endpoint in labels::endpoints() {
+            for class in HttpClass::ALL.map(HttpClass::as_str) {
                 http_responses.with_label_values(&[endpoint, class]);
             }
             http_seconds.with_label_values(&[endpoint]);
         }
-        for r in ["status_429", "status_5xx", "status_408", "network"] {
+        for r in RetryReason::ALL.map(RetryReason::as_str) {
             http_retries.with_label_values(&[r]);
         }
-        for t in SYNC_TYPES {
+        for t in SyncType::ALL.map(SyncType::as_str) {
             sync_seconds.with_label_values(&[t]);
-            for st in FINAL_STATUSES {
+            for st in FinalStatus::ALL.iter().map(|s| s.as_str()) {
                 syncs.with_label_values(&[t, st]);
                 last_sync_status.with_label_values(&[t, st]);
             }
             last_sync_completed.with_label_values(&[t]);
             last_successful_sync.with_label_values(&[t]);
-            for o in ["success", "failed"] {
+            for o in RecordOutcome::ALL.map(RecordOutcome::as_str) {
                 last_sync_records.with_label_values(&[t, o]);
             }
             pending_requests.with_label_values(&[t]);
         }
-        for r in ["busy", "duplicate", "invalid"] {
+        for r in SkipReason::ALL.map(SkipReason::as_str) {
             plans_skipped.with_label_values(&[r]);
         }
         Metrics {
@@ -426,14 +436,14 @@ impl Metrics {
         }
         if let Ok(rows) = crate::ledger::last_syncs(pool).await {
             // A type with no finished sync yet shows zeros.
-            for t in SYNC_TYPES {
+            for t in SyncType::ALL.map(SyncType::as_str) {
                 let (status, at, ok, failed) = rows
                     .iter()
                     .find(|r| r.sync_type == t)
                     .map_or(("", None, 0, 0), |r| {
                         (r.status.as_str(), r.completed_at, r.succeeded, r.failed)
                     });
-                for st in FINAL_STATUSES {
+                for st in FinalStatus::ALL.iter().map(|s| s.as_str()) {
                     self.last_sync_status
                         .with_label_values(&[t, st])
                         .set(i64::from(st == status));
@@ -442,15 +452,15 @@ impl Metrics {
                     .with_label_values(&[t])
                     .set(at.unwrap_or(0.0));
                 self.last_sync_records
-                    .with_label_values(&[t, "success"])
+                    .with_label_values(&[t, RecordOutcome::Success.as_str()])
                     .set(ok);
                 self.last_sync_records
-                    .with_label_values(&[t, "failed"])
+                    .with_label_values(&[t, RecordOutcome::Failed.as_str()])
                     .set(failed);
             }
         }
         if let Ok(rows) = crate::ledger::last_successes(pool).await {
-            for t in SYNC_TYPES {
+            for t in SyncType::ALL.map(SyncType::as_str) {
                 let at = rows
                     .iter()
                     .find(|r| r.sync_type == t)
@@ -470,7 +480,7 @@ impl Metrics {
             Err(_) => None,
         };
         if let Some(rows) = pending {
-            for t in SYNC_TYPES {
+            for t in SyncType::ALL.map(SyncType::as_str) {
                 let n = rows
                     .iter()
                     .find(|r| r.sync_type == t)
@@ -505,5 +515,487 @@ impl Metrics {
     }
 }
 
-/// The process-wide metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+/// The registry a component emits into: cheap to clone, shared by everything that
+/// counts in it. [`Default`] is the process-wide registry, the one the binary serves.
+#[derive(Clone)]
+pub struct Telemetry(Arc<Metrics>);
+
+/// The process-wide registry.
+static GLOBAL: LazyLock<Telemetry> = LazyLock::new(|| Telemetry::new(Metrics::new()));
+
+impl Telemetry {
+    /// The process-wide registry, the one the binary serves on `/metrics`.
+    pub fn global() -> Telemetry {
+        GLOBAL.clone()
+    }
+
+    /// A handle on `metrics`.
+    pub fn new(metrics: Metrics) -> Telemetry {
+        Telemetry(Arc::new(metrics))
+    }
+
+    /// A handle on a new registry of its own (a test that asserts exact values).
+    pub fn fresh() -> Telemetry {
+        Telemetry::new(Metrics::new())
+    }
+
+    /// Emits `event` into this registry.
+    pub fn emit(&self, event: Event<'_>) {
+        event.emit(&self.0);
+    }
+
+    /// Counts a chunk in flight until the guard is dropped (`etl_chunks_in_flight`).
+    pub fn chunk_in_flight(&self) -> InFlight {
+        self.0.chunks_in_flight.inc();
+        InFlight(self.0.chunks_in_flight.clone())
+    }
+
+    /// True when both handles count in the same registry.
+    pub fn same(&self, other: &Telemetry) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry::global()
+    }
+}
+
+impl std::ops::Deref for Telemetry {
+    type Target = Metrics;
+    fn deref(&self) -> &Metrics {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let which = if self.same(&GLOBAL) { "global" } else { "own" };
+        f.debug_tuple("Telemetry").field(&which).finish()
+    }
+}
+
+/// A chunk counted in `etl_chunks_in_flight` while this lives.
+#[must_use = "the chunk is counted in flight only while the guard lives"]
+pub struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    /// Every sample of the exposition but the process collector's and the histogram
+    /// buckets: `name{labels}` → value.
+    fn samples(m: &Metrics) -> BTreeMap<String, f64> {
+        m.render()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("process_"))
+            .filter(|l| !l.contains("_bucket{"))
+            .filter_map(|l| {
+                let (key, value) = l.rsplit_once(' ')?;
+                Some((key.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The samples `events`, emitted in order into a fresh registry, changed.
+    fn changes(events: Vec<Event<'_>>) -> BTreeMap<String, f64> {
+        let m = Metrics::new();
+        let before = samples(&m);
+        for e in events {
+            e.emit(&m);
+        }
+        let after = samples(&m);
+        assert_eq!(
+            before.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>(),
+            "an event created a series that was not there from the start"
+        );
+        after
+            .into_iter()
+            .filter(|(k, v)| before.get(k) != Some(v))
+            .collect()
+    }
+
+    fn expect(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        pairs.iter().map(|(k, v)| ((*k).to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn each_event_updates_exactly_its_metric() {
+        let e = EntityKind::Loan;
+        let error = anyhow::anyhow!("connection refused");
+        let chunk = |outcome: &str| {
+            expect(&[
+                (
+                    &format!("etl_chunks_total{{entity=\"loan\",outcome=\"{outcome}\"}}"),
+                    1.0,
+                ),
+                ("etl_chunk_duration_seconds_count{entity=\"loan\"}", 1.0),
+                ("etl_chunk_duration_seconds_sum{entity=\"loan\"}", 0.25),
+            ])
+        };
+        let cases: Vec<(Vec<Event<'_>>, BTreeMap<String, f64>)> = vec![
+            (
+                vec![Event::RecordsSettled {
+                    entity: e,
+                    succeeded: 3,
+                    failed: 1,
+                }],
+                expect(&[
+                    (
+                        "etl_records_total{entity=\"loan\",outcome=\"success\"}",
+                        3.0,
+                    ),
+                    ("etl_records_total{entity=\"loan\",outcome=\"failed\"}", 1.0),
+                ]),
+            ),
+            (
+                vec![Event::SyncFinished {
+                    sync_type: SyncType::Full,
+                    status: FinalStatus::PartialSuccess,
+                    seconds: Some(12.0),
+                }],
+                expect(&[
+                    (
+                        "etl_syncs_total{status=\"partial_success\",sync_type=\"full\"}",
+                        1.0,
+                    ),
+                    ("etl_sync_duration_seconds_count{sync_type=\"full\"}", 1.0),
+                    ("etl_sync_duration_seconds_sum{sync_type=\"full\"}", 12.0),
+                ]),
+            ),
+            (
+                vec![Event::SyncFinished {
+                    sync_type: SyncType::Incremental,
+                    status: FinalStatus::Failed,
+                    seconds: None,
+                }],
+                expect(&[(
+                    "etl_syncs_total{status=\"failed\",sync_type=\"incremental\"}",
+                    1.0,
+                )]),
+            ),
+            (
+                vec![Event::SyncFinishedAtPlanning {
+                    sync_type: SyncType::Incremental,
+                    status: FinalStatus::Completed,
+                }],
+                expect(&[(
+                    "etl_syncs_total{status=\"completed\",sync_type=\"incremental\"}",
+                    1.0,
+                )]),
+            ),
+            (
+                vec![Event::ChunkSettled {
+                    entity: e,
+                    succeeded: 10,
+                    failed: 2,
+                    seconds: 0.25,
+                }],
+                chunk("settled"),
+            ),
+            (
+                vec![Event::ChunkDuplicate {
+                    entity: e,
+                    seconds: 0.25,
+                }],
+                chunk("duplicate"),
+            ),
+            (
+                vec![Event::ChunkAborted {
+                    entity: e,
+                    seconds: 0.25,
+                }],
+                chunk("aborted"),
+            ),
+            (
+                vec![Event::ChunkDeadLettered {
+                    entity: e,
+                    code: Some("RECORD_UNREADABLE"),
+                    reason: "bad row",
+                    settled: true,
+                    seconds: 0.25,
+                }],
+                chunk("dead_letter"),
+            ),
+            (
+                vec![Event::ChunkDeadLettered {
+                    entity: e,
+                    code: None,
+                    reason: "no such chunk",
+                    settled: false,
+                    seconds: 0.25,
+                }],
+                chunk("dead_letter"),
+            ),
+            (
+                vec![Event::ChunkRequeued {
+                    entity: e,
+                    cause: Requeue::Transient { error: &error },
+                    seconds: 0.25,
+                }],
+                chunk("requeued"),
+            ),
+            (
+                vec![Event::ChunkRequeued {
+                    entity: e,
+                    cause: Requeue::NotSettled {
+                        code: "WORKER_PANIC",
+                        reason: "boom",
+                        error: &error,
+                    },
+                    seconds: 0.25,
+                }],
+                chunk("requeued"),
+            ),
+            (
+                vec![Event::ChunkRepublished {
+                    entity: e,
+                    error: &error,
+                    wait_secs: 30,
+                    seconds: 0.25,
+                }],
+                chunk("republished"),
+            ),
+            (
+                vec![Event::ChunkUnparsable { reason: "not json" }],
+                expect(&[(
+                    "etl_chunks_total{entity=\"unknown\",outcome=\"dead_letter\"}",
+                    1.0,
+                )]),
+            ),
+            (
+                vec![Event::ChunkPanicked],
+                expect(&[("etl_chunk_panics_total", 1.0)]),
+            ),
+            (
+                vec![Event::TransformWarnings {
+                    entity: EntityKind::Repayment,
+                    warnings: 4,
+                }],
+                expect(&[("etl_transform_warnings_total{entity=\"repayment\"}", 4.0)]),
+            ),
+            (
+                vec![Event::HttpResponse {
+                    endpoint: "/etl/customers",
+                    class: HttpClass::ServerError,
+                    seconds: 0.5,
+                }],
+                expect(&[
+                    (
+                        "etl_http_responses_total{endpoint=\"/etl/customers\",status_class=\"5xx\"}",
+                        1.0,
+                    ),
+                    (
+                        "etl_http_request_duration_seconds_count{endpoint=\"/etl/customers\"}",
+                        1.0,
+                    ),
+                    (
+                        "etl_http_request_duration_seconds_sum{endpoint=\"/etl/customers\"}",
+                        0.5,
+                    ),
+                ]),
+            ),
+            (
+                vec![
+                    Event::HttpRetry {
+                        status: Some(429),
+                        code: "HTTP_429",
+                        delay: Duration::from_millis(100),
+                    },
+                    Event::HttpRetry {
+                        status: None,
+                        code: "NETWORK_ERROR",
+                        delay: Duration::from_millis(100),
+                    },
+                ],
+                expect(&[
+                    ("etl_http_retries_total{reason=\"status_429\"}", 1.0),
+                    ("etl_http_retries_total{reason=\"network\"}", 1.0),
+                ]),
+            ),
+            (
+                vec![Event::RecordsPlanned {
+                    entity: EntityKind::Officer,
+                    records: 7,
+                }],
+                expect(&[("etl_records_planned_total{entity=\"officer\"}", 7.0)]),
+            ),
+            (
+                vec![Event::PlanDuplicate {
+                    sync_id: "s1",
+                    republished: 2,
+                }],
+                expect(&[("etl_plans_skipped_total{reason=\"duplicate\"}", 1.0)]),
+            ),
+            (
+                vec![Event::PlanBusy {
+                    active_sync_id: "s1",
+                }],
+                expect(&[("etl_plans_skipped_total{reason=\"busy\"}", 1.0)]),
+            ),
+            (
+                // Kept once, seen again: counted once.
+                vec![
+                    Event::PlanPending {
+                        request_id: "r1",
+                        again: false,
+                    },
+                    Event::PlanPending {
+                        request_id: "r1",
+                        again: true,
+                    },
+                ],
+                expect(&[("etl_plans_skipped_total{reason=\"queued\"}", 1.0)]),
+            ),
+            (
+                vec![Event::PlanInvalid { reason: "not json" }],
+                expect(&[("etl_plans_skipped_total{reason=\"invalid\"}", 1.0)]),
+            ),
+            (
+                vec![Event::DbOutageWait {
+                    what: "the chunk",
+                    error: &error,
+                    wait_secs: 60,
+                }],
+                expect(&[("etl_db_outage_waits_total", 1.0)]),
+            ),
+            (
+                vec![Event::BrokerBlocked { reason: "memory" }],
+                expect(&[
+                    ("etl_broker_blocked_total", 1.0),
+                    ("etl_broker_blocked", 1.0),
+                ]),
+            ),
+            (
+                // Blocked then unblocked: one episode counted, nothing blocked now.
+                vec![
+                    Event::BrokerBlocked { reason: "memory" },
+                    Event::BrokerUnblocked,
+                ],
+                expect(&[("etl_broker_blocked_total", 1.0)]),
+            ),
+            (
+                vec![Event::BrokerTimeout],
+                expect(&[("etl_broker_timeouts_total", 1.0)]),
+            ),
+        ];
+        for (events, expected) in cases {
+            assert_eq!(changes(events), expected);
+        }
+    }
+
+    #[test]
+    fn every_series_exists_at_zero_from_the_start() {
+        let m = Metrics::new();
+        let s = samples(&m);
+        let zero = |key: String| assert_eq!(s.get(&key), Some(&0.0), "{key}");
+        for e in EntityKind::ALL.map(EntityKind::as_str) {
+            for o in RecordOutcome::ALL.map(RecordOutcome::as_str) {
+                zero(format!(
+                    "etl_records_total{{entity=\"{e}\",outcome=\"{o}\"}}"
+                ));
+            }
+            for o in ChunkOutcome::ALL.map(ChunkOutcome::as_str) {
+                zero(format!(
+                    "etl_chunks_total{{entity=\"{e}\",outcome=\"{o}\"}}"
+                ));
+            }
+            zero(format!("etl_records_planned_total{{entity=\"{e}\"}}"));
+            zero(format!("etl_transform_warnings_total{{entity=\"{e}\"}}"));
+            zero(format!("etl_deleted_records{{entity=\"{e}\"}}"));
+            zero(format!(
+                "etl_chunk_duration_seconds_count{{entity=\"{e}\"}}"
+            ));
+        }
+        zero("etl_chunks_total{entity=\"unknown\",outcome=\"dead_letter\"}".into());
+        for endpoint in labels::endpoints() {
+            for c in HttpClass::ALL.map(HttpClass::as_str) {
+                zero(format!(
+                    "etl_http_responses_total{{endpoint=\"{endpoint}\",status_class=\"{c}\"}}"
+                ));
+            }
+            zero(format!(
+                "etl_http_request_duration_seconds_count{{endpoint=\"{endpoint}\"}}"
+            ));
+        }
+        for r in RetryReason::ALL.map(RetryReason::as_str) {
+            zero(format!("etl_http_retries_total{{reason=\"{r}\"}}"));
+        }
+        for r in SkipReason::ALL.map(SkipReason::as_str) {
+            zero(format!("etl_plans_skipped_total{{reason=\"{r}\"}}"));
+        }
+        for t in SyncType::ALL.map(SyncType::as_str) {
+            for st in FinalStatus::ALL.iter().map(|s| s.as_str()) {
+                zero(format!(
+                    "etl_syncs_total{{status=\"{st}\",sync_type=\"{t}\"}}"
+                ));
+                zero(format!(
+                    "etl_last_sync_status{{status=\"{st}\",sync_type=\"{t}\"}}"
+                ));
+            }
+            for o in RecordOutcome::ALL.map(RecordOutcome::as_str) {
+                zero(format!(
+                    "etl_last_sync_records{{outcome=\"{o}\",sync_type=\"{t}\"}}"
+                ));
+            }
+            zero(format!(
+                "etl_sync_duration_seconds_count{{sync_type=\"{t}\"}}"
+            ));
+            zero(format!("etl_pending_requests{{sync_type=\"{t}\"}}"));
+            zero(format!(
+                "etl_last_sync_completed_timestamp_seconds{{sync_type=\"{t}\"}}"
+            ));
+            zero(format!(
+                "etl_last_successful_sync_timestamp_seconds{{sync_type=\"{t}\"}}"
+            ));
+        }
+        for name in [
+            "etl_chunks_in_flight",
+            "etl_chunk_panics_total",
+            "etl_db_outage_waits_total",
+            "etl_broker_blocked_total",
+            "etl_broker_blocked",
+            "etl_broker_timeouts_total",
+            "etl_stalled_syncs",
+            "etl_dead_letter_messages",
+        ] {
+            zero(name.into());
+        }
+    }
+
+    #[test]
+    fn registries_are_independent_and_the_global_one_is_shared() {
+        let (a, b) = (Telemetry::fresh(), Telemetry::fresh());
+        a.emit(Event::ChunkPanicked);
+        assert_eq!((a.chunk_panics.get(), b.chunk_panics.get()), (1, 0));
+        assert!(!a.same(&b));
+        assert!(Telemetry::global().same(&Telemetry::default()));
+        assert_eq!(
+            format!("{:?}", Telemetry::global()),
+            "Telemetry(\"global\")"
+        );
+        assert_eq!(format!("{a:?}"), "Telemetry(\"own\")");
+    }
+
+    #[test]
+    fn a_chunk_is_in_flight_while_its_guard_lives() {
+        let t = Telemetry::fresh();
+        let first = t.chunk_in_flight();
+        let second = t.chunk_in_flight();
+        assert_eq!(t.chunks_in_flight.get(), 2);
+        drop(first);
+        assert_eq!(t.chunks_in_flight.get(), 1);
+        drop(second);
+        assert_eq!(t.chunks_in_flight.get(), 0);
+    }
+}

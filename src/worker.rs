@@ -15,7 +15,7 @@ use crate::queue::memory::MemoryQueue;
 use crate::queue::{Consumer, Disposition, REQUEUE_PAUSE};
 use crate::sink::{AnalyticsClient, Batch, FatalError};
 use crate::source;
-use crate::telemetry::METRICS;
+use crate::telemetry::{Event, Metrics, Requeue, Telemetry};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +31,8 @@ pub struct WorkerContext {
     /// How long a chunk is held while PostgreSQL is unreachable before it goes back to
     /// the queue (see [`crate::db::through_outage`]).
     pub db_outage_wait: Duration,
+    /// The registry this worker counts in.
+    pub telemetry: Telemetry,
 }
 
 /// How one chunk ended.
@@ -129,7 +131,7 @@ async fn load_guarded(
         Ok(Err(e)) if is_permanent(&e) => Err(LoadFailure::Unreadable(e.to_string())),
         Ok(Err(e)) => Err(LoadFailure::Other(ChunkError::from(e))),
         Err(panic) => {
-            METRICS.chunk_panics.inc();
+            ctx.telemetry.emit(Event::ChunkPanicked);
             Err(LoadFailure::Unreadable(format!(
                 "reading the row panicked: {}",
                 panic_message(&*panic)
@@ -214,14 +216,10 @@ pub async fn process_chunk(
 
     let (loaded, unreadable) = load_isolating(ctx, job, &state.ids).await?;
     if loaded.warnings > 0 {
-        METRICS
-            .transform_warnings
-            .with_label_values(&[job.entity.as_str()])
-            .inc_by(u64::from(loaded.warnings));
-        tracing::warn!(
-            warnings = loaded.warnings,
-            "non-finite numbers sent as null"
-        );
+        ctx.telemetry.emit(Event::TransformWarnings {
+            entity: job.entity,
+            warnings: loaded.warnings,
+        });
     }
     let mut failures: Vec<FailedRecord> = loaded
         .missing
@@ -306,31 +304,21 @@ async fn settle(
     match ledger::settle_chunk(&ctx.pool, &result).await? {
         Settled::Already => Ok(ChunkOutcome::Duplicate),
         Settled::Now(finished) => {
-            let e = job.entity.as_str();
-            METRICS
-                .records
-                .with_label_values(&[e, "success"])
-                .inc_by(succeeded.len() as u64);
-            METRICS
-                .records
-                .with_label_values(&[e, "failed"])
-                .inc_by(failures.len() as u64);
+            ctx.telemetry.emit(Event::RecordsSettled {
+                entity: job.entity,
+                succeeded: succeeded.len(),
+                failed: failures.len(),
+            });
             if let Some(status) = finished {
-                METRICS
-                    .syncs
-                    .with_label_values(&[state.sync_type.as_str(), status.as_str()])
-                    .inc();
-                if let Ok(ledger::HistoryOutcome {
-                    duration_seconds: Some(secs),
-                    ..
-                }) = ledger::history_outcome(&ctx.pool, &job.sync_id).await
-                {
-                    METRICS
-                        .sync_seconds
-                        .with_label_values(&[state.sync_type.as_str()])
-                        .observe(secs);
-                }
-                tracing::info!(status = status.as_str(), "sync finished");
+                let seconds = ledger::history_outcome(&ctx.pool, &job.sync_id)
+                    .await
+                    .ok()
+                    .and_then(|o| o.duration_seconds);
+                ctx.telemetry.emit(Event::SyncFinished {
+                    sync_type: state.sync_type,
+                    status,
+                    seconds,
+                });
             }
             Ok(ChunkOutcome::Settled {
                 succeeded: succeeded.len(),
@@ -347,11 +335,8 @@ pub async fn handle_message(ctx: &WorkerContext, body: &[u8]) -> Disposition {
         Ok(j) => j,
         Err(e) => {
             let reason = format!("invalid chunk job: {e}");
-            tracing::error!(%reason, "dead-lettering a chunk message");
-            METRICS
-                .chunks
-                .with_label_values(&["unknown", "dead_letter"])
-                .inc();
+            ctx.telemetry
+                .emit(Event::ChunkUnparsable { reason: &reason });
             return Disposition::DeadLetter(reason);
         }
     };
@@ -360,8 +345,10 @@ pub async fn handle_message(ctx: &WorkerContext, body: &[u8]) -> Disposition {
     handle_job(ctx, &job).instrument(span).await
 }
 
-/// Runs a chunk's processing, turning a panic into a permanent `WORKER_PANIC` failure.
+/// Runs a chunk's processing, turning a panic into a permanent `WORKER_PANIC` failure
+/// (counted in `metrics`).
 pub async fn contain_panic<T>(
+    metrics: &Metrics,
     work: impl std::future::Future<Output = Result<T, ChunkError>>,
 ) -> Result<T, ChunkError> {
     use futures::FutureExt;
@@ -369,7 +356,7 @@ pub async fn contain_panic<T>(
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
-            METRICS.chunk_panics.inc();
+            Event::ChunkPanicked.emit(metrics);
             Err(ChunkError::Permanent {
                 code: WORKER_PANIC,
                 reason: format!("processing the chunk panicked: {}", panic_message(&*panic)),
@@ -379,91 +366,151 @@ pub async fn contain_panic<T>(
 
 async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
     let started = Instant::now();
-    METRICS.chunks_in_flight.inc();
+    let in_flight = ctx.telemetry.chunk_in_flight();
     // A panic anywhere in the chunk's processing is contained here, the one place both
     // the RabbitMQ loop and the in-memory loop go through: the chunk fails, the process
     // goes on.
-    let result = contain_panic(crate::db::through_outage(
-        &ctx.pool,
-        ctx.db_outage_wait,
-        "the chunk",
-        || process_chunk(ctx, job),
-    ))
+    let result = contain_panic(
+        &ctx.telemetry,
+        crate::db::through_outage(
+            &ctx.pool,
+            ctx.db_outage_wait,
+            "the chunk",
+            &ctx.telemetry,
+            || process_chunk(ctx, job),
+        ),
+    )
     .await;
-    METRICS.chunks_in_flight.dec();
-    let entity = job.entity.as_str();
-    let (outcome, disposition) = match result {
+    drop(in_flight);
+    let entity = job.entity;
+    let seconds = || started.elapsed().as_secs_f64();
+    let emit = |event| ctx.telemetry.emit(event);
+    match result {
         Ok(ChunkOutcome::Settled {
             succeeded, failed, ..
         }) => {
-            tracing::debug!(succeeded, failed, "chunk settled");
-            ("settled", Disposition::Ack)
+            emit(Event::ChunkSettled {
+                entity,
+                succeeded,
+                failed,
+                seconds: seconds(),
+            });
+            Disposition::Ack
         }
         Ok(ChunkOutcome::Duplicate) => {
-            tracing::info!("chunk already settled: acked without sending");
-            ("duplicate", Disposition::Ack)
+            emit(Event::ChunkDuplicate {
+                entity,
+                seconds: seconds(),
+            });
+            Disposition::Ack
         }
-        Ok(ChunkOutcome::Aborted) => ("aborted", Disposition::Ack),
+        Ok(ChunkOutcome::Aborted) => {
+            emit(Event::ChunkAborted {
+                entity,
+                seconds: seconds(),
+            });
+            Disposition::Ack
+        }
         Ok(ChunkOutcome::GaveUp { reason }) => {
-            tracing::error!(%reason, "chunk settled as failed and dead-lettered");
-            ("dead_letter", Disposition::DeadLetter(reason))
+            emit(Event::ChunkDeadLettered {
+                entity,
+                code: None,
+                reason: &reason,
+                settled: true,
+                seconds: seconds(),
+            });
+            Disposition::DeadLetter(reason)
         }
         Err(ChunkError::Unknown(what)) => {
             let reason = format!("chunk job names no chunk of the ledger: {what}");
-            tracing::error!(%reason, "dead-lettering a chunk message");
-            ("dead_letter", Disposition::DeadLetter(reason))
+            emit(Event::ChunkDeadLettered {
+                entity,
+                code: None,
+                reason: &reason,
+                settled: false,
+                seconds: seconds(),
+            });
+            Disposition::DeadLetter(reason)
         }
         Err(ChunkError::Permanent { code, reason }) => {
             match fail_chunk(ctx, job, code, &reason).await {
                 Ok(()) => {
-                    tracing::error!(code, %reason, "chunk settled as failed and dead-lettered");
-                    (
-                        "dead_letter",
-                        Disposition::DeadLetter(format!("{code}: {reason}")),
-                    )
+                    emit(Event::ChunkDeadLettered {
+                        entity,
+                        code: Some(code),
+                        reason: &reason,
+                        settled: true,
+                        seconds: seconds(),
+                    });
+                    Disposition::DeadLetter(format!("{code}: {reason}"))
                 }
                 Err(ChunkError::Transient(e)) => {
-                    tracing::warn!(code, %reason, error = %format!("{e:#}"), "a chunk that cannot succeed could not be settled as failed: it will be delivered again");
-                    ("requeued", Disposition::Requeue)
+                    emit(Event::ChunkRequeued {
+                        entity,
+                        cause: Requeue::NotSettled {
+                            code,
+                            reason: &reason,
+                            error: &e,
+                        },
+                        seconds: seconds(),
+                    });
+                    Disposition::Requeue
                 }
                 Err(ChunkError::Fatal(e)) => {
-                    tracing::error!(code, %reason, error = %format!("{e:#}"), "fatal: the installation must be fixed; the chunk is put back in the queue");
-                    ("republished", Disposition::Republish)
+                    emit(Event::ChunkFatal {
+                        entity,
+                        code: Some(code),
+                        error: &e,
+                        seconds: seconds(),
+                    });
+                    Disposition::Republish
                 }
                 Err(e) => {
                     // Settling it as failed cannot succeed either: requeued, it would
                     // come back forever. Its sync stays unfinished (stalled) until an
                     // operator abandons it.
-                    tracing::error!(code, %reason, error = %format!("{e:#}"), "a chunk that cannot succeed cannot be settled as failed either: dead-lettered unsettled");
-                    (
-                        "dead_letter",
-                        Disposition::DeadLetter(format!("{code}: {reason}; not settled: {e}")),
-                    )
+                    let reason = format!("{code}: {reason}; not settled: {e}");
+                    emit(Event::ChunkDeadLettered {
+                        entity,
+                        code: Some(code),
+                        reason: &reason,
+                        settled: false,
+                        seconds: seconds(),
+                    });
+                    Disposition::DeadLetter(reason)
                 }
             }
         }
         Err(ChunkError::Fatal(e)) => {
             // Not the chunk's fault: put back without spending a delivery.
-            tracing::error!(error = %format!("{e:#}"), "fatal: the installation must be fixed (credentials, privileges, migrations); the chunk is put back in the queue");
-            ("republished", Disposition::Republish)
+            emit(Event::ChunkFatal {
+                entity,
+                code: None,
+                error: &e,
+                seconds: seconds(),
+            });
+            Disposition::Republish
         }
         Err(ChunkError::Transient(e)) => {
             if crate::db::is_reachable(&ctx.pool).await {
-                tracing::warn!(error = %format!("{e:#}"), "chunk failed transiently: it will be delivered again");
-                ("requeued", Disposition::Requeue)
+                emit(Event::ChunkRequeued {
+                    entity,
+                    cause: Requeue::Transient { error: &e },
+                    seconds: seconds(),
+                });
+                Disposition::Requeue
             } else {
                 // Not worked on at all: put back without spending a delivery.
-                tracing::warn!(error = %format!("{e:#}"), wait_secs = ctx.db_outage_wait.as_secs(), "PostgreSQL is still unreachable: the chunk is put back in the queue");
-                ("republished", Disposition::Republish)
+                emit(Event::ChunkRepublished {
+                    entity,
+                    error: &e,
+                    wait_secs: ctx.db_outage_wait.as_secs(),
+                    seconds: seconds(),
+                });
+                Disposition::Republish
             }
         }
-    };
-    METRICS.chunks.with_label_values(&[entity, outcome]).inc();
-    METRICS
-        .chunk_seconds
-        .with_label_values(&[entity])
-        .observe(started.elapsed().as_secs_f64());
-    disposition
+    }
 }
 
 /// Settles every record of a chunk that cannot succeed as failed with `code`, so that
@@ -616,8 +663,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_becomes_a_permanent_worker_panic() {
-        let before = METRICS.chunk_panics.get();
-        let r: Result<(), ChunkError> = contain_panic(async {
+        let metrics = Metrics::new();
+        let r: Result<(), ChunkError> = contain_panic(&metrics, async {
             let v: Vec<i32> = Vec::new();
             #[allow(clippy::indexing_slicing)]
             let _ = v[3];
@@ -631,8 +678,8 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(METRICS.chunk_panics.get(), before + 1);
-        let ok: Result<u8, ChunkError> = contain_panic(async { Ok(7) }).await;
+        assert_eq!(metrics.chunk_panics.get(), 1);
+        let ok: Result<u8, ChunkError> = contain_panic(&metrics, async { Ok(7) }).await;
         assert_eq!(ok.unwrap(), 7);
     }
 

@@ -35,7 +35,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Connects to the broker of `settings`.
 pub async fn connect_broker(settings: &Settings) -> anyhow::Result<Broker> {
-    connect_broker_with(settings, BrokerHealth::default()).await
+    connect_broker_with(
+        settings,
+        BrokerHealth::with_telemetry(settings.telemetry.clone()),
+    )
+    .await
 }
 
 /// Connects to the broker of `settings`, reporting the connection's state to `health`.
@@ -63,9 +67,11 @@ pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> anyhow::Result
     Ok(WorkerContext {
         pool,
         client: AnalyticsClient::new(&settings.api)
-            .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?,
+            .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?
+            .with_telemetry(settings.telemetry.clone()),
         delivery_limit: settings.delivery_limit,
         db_outage_wait: settings.db_outage_wait,
+        telemetry: settings.telemetry.clone(),
     })
 }
 

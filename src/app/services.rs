@@ -29,7 +29,7 @@ where
 {
     let pool = db::connect(&settings).await?;
     let consuming = Arc::new(AtomicBool::new(false));
-    let health = BrokerHealth::default();
+    let health = BrokerHealth::with_telemetry(settings.telemetry.clone());
     start_http(&settings, &pool, &consuming, &health).await?;
     run(pool, settings, consuming, health, on_shutdown_signal()).await
 }
@@ -41,7 +41,8 @@ pub async fn run_planner(
     consuming: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_planner_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
+    let health = BrokerHealth::with_telemetry(settings.telemetry.clone());
+    run_planner_with(pool, settings, consuming, health, shutdown).await
 }
 
 /// [`run_planner`], reporting the broker connection's state to `health` (`/readyz`).
@@ -78,7 +79,8 @@ pub async fn run_worker(
     consuming: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_worker_with(pool, settings, consuming, BrokerHealth::default(), shutdown).await
+    let health = BrokerHealth::with_telemetry(settings.telemetry.clone());
+    run_worker_with(pool, settings, consuming, health, shutdown).await
 }
 
 /// [`run_worker`], reporting the broker connection's state to `health` (`/readyz`).
@@ -125,6 +127,7 @@ async fn start_http(
                 broker: Some(health.clone()),
                 consuming: consuming.clone(),
                 stale_after_secs: settings.stale_sync_after.as_secs_f64(),
+                telemetry: settings.telemetry.clone(),
             },
         )
         .await?;

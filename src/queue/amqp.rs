@@ -11,6 +11,7 @@
 
 use super::{ChunkPublisher, Disposition, Topology};
 use crate::domain::ChunkJob;
+use crate::telemetry::{Event, Metrics, Telemetry};
 use anyhow::Context;
 use futures::StreamExt;
 use lapin::options::{
@@ -172,9 +173,25 @@ struct HealthInner {
     /// The current connection and its dead-letter queue, for the depth gauge read at
     /// scrape time (replaced on every reconnection).
     current: std::sync::Mutex<Option<(Arc<Connection>, String)>>,
+    /// Where blocked notices, timeouts and argument mismatches are counted (the
+    /// process-wide registry by default).
+    telemetry: Telemetry,
 }
 
 impl BrokerHealth {
+    /// A health that counts in `telemetry` instead of the process-wide registry.
+    pub fn with_telemetry(telemetry: Telemetry) -> BrokerHealth {
+        BrokerHealth(Arc::new(HealthInner {
+            telemetry,
+            ..HealthInner::default()
+        }))
+    }
+
+    /// The registry this connection counts in.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.0.telemetry
+    }
+
     pub fn set_connected(&self, up: bool) {
         self.0.connected.store(up, Ordering::SeqCst);
         if !up {
@@ -187,15 +204,9 @@ impl BrokerHealth {
     pub fn set_blocked(&self, blocked: bool, reason: &str) {
         let was = self.0.blocked.swap(blocked, Ordering::SeqCst);
         if blocked && !was {
-            crate::telemetry::METRICS.broker_blocked_total.inc();
-            crate::telemetry::METRICS.broker_blocked.inc();
-            tracing::warn!(
-                reason,
-                "RabbitMQ blocked the connection (memory or disk alarm): publishes wait, and fail after ETL_PUBLISH_CONFIRM_TIMEOUT_SECS"
-            );
+            self.0.telemetry.emit(Event::BrokerBlocked { reason });
         } else if !blocked && was {
-            crate::telemetry::METRICS.broker_blocked.dec();
-            tracing::info!("RabbitMQ unblocked the connection");
+            self.0.telemetry.emit(Event::BrokerUnblocked);
         }
     }
 
@@ -360,7 +371,8 @@ impl Broker {
             }
         });
         let topology = Topology::new(prefix);
-        let mismatches = declare_topology(&conn, &topology, delivery_limit).await?;
+        let mismatches =
+            declare_topology(&conn, &topology, delivery_limit, health.telemetry()).await?;
         let publish = conn.create_channel().await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
@@ -404,7 +416,7 @@ impl Broker {
         match tokio::time::timeout(self.confirm_timeout, op).await {
             Ok(r) => r,
             Err(_) => {
-                crate::telemetry::METRICS.broker_timeouts.inc();
+                self.health.telemetry().emit(Event::BrokerTimeout);
                 Err(anyhow::anyhow!(
                     "{what}: no answer from RabbitMQ within {}s (ETL_PUBLISH_CONFIRM_TIMEOUT_SECS){}",
                     self.confirm_timeout.as_secs_f64(),
@@ -658,6 +670,7 @@ async fn declare_topology(
     conn: &Connection,
     t: &Topology,
     delivery_limit: u32,
+    metrics: &Metrics,
 ) -> anyhow::Result<Vec<ArgumentMismatch>> {
     'kinds: for kind in ["quorum", "classic"] {
         let mut found = Vec::new();
@@ -680,7 +693,7 @@ async fn declare_topology(
             }
         }
         for (name, differs) in per_queue {
-            report_mismatches(name, &differs);
+            report_mismatches(name, &differs, metrics);
         }
         return Ok(found);
     }
@@ -798,8 +811,8 @@ static REPORTED: std::sync::LazyLock<
     std::sync::Mutex<std::collections::HashMap<String, Vec<ArgumentMismatch>>>,
 > = std::sync::LazyLock::new(Default::default);
 
-fn report_mismatches(queue: &str, differs: &[ArgumentMismatch]) {
-    crate::telemetry::METRICS
+fn report_mismatches(queue: &str, differs: &[ArgumentMismatch], metrics: &Metrics) {
+    metrics
         .queue_arguments_mismatch
         .with_label_values(&[queue])
         .set(differs.len() as i64);

@@ -6,6 +6,7 @@ use super::retry;
 use super::service::{self, Answer, Transient};
 use crate::config::ApiSettings;
 use crate::domain::{EntityKind, Record, SyncType};
+use crate::telemetry::{Event, Telemetry};
 use backon::Retryable;
 use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
@@ -61,6 +62,8 @@ pub struct DeliveryReport {
 #[derive(Clone)]
 pub struct AnalyticsClient {
     inner: Arc<Inner>,
+    /// The registry answers and retries are counted in.
+    telemetry: Telemetry,
 }
 
 struct Inner {
@@ -113,7 +116,15 @@ impl AnalyticsClient {
                 retry: api.retry.clone(),
                 gzip: api.gzip,
             }),
+            telemetry: Telemetry::global(),
         })
+    }
+
+    /// This client, counting its answers and retries in `telemetry` (the process-wide
+    /// registry by default).
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Delivers one chunk. Never panics on any response.
@@ -286,6 +297,7 @@ impl AnalyticsClient {
             &encoder::idempotency_key(SYNC_ID, entity, &[]),
             body,
             entity.endpoint(),
+            &self.telemetry,
         )
         .await
     }
@@ -324,6 +336,7 @@ impl AnalyticsClient {
                 &key,
                 body.clone(),
                 batch.entity.endpoint(),
+                &self.telemetry,
             )
         })
         .retry(retry::policy(&self.inner.retry))
@@ -333,22 +346,11 @@ impl AnalyticsClient {
             retry::next_delay(d, t.retry_after, max_interval, left)
         })
         .notify(|t: &Transient, d| {
-            let reason = match t.status {
-                None => "network",
-                Some(429) => "status_429",
-                Some(408) => "status_408",
-                Some(_) => "status_5xx",
-            };
-            crate::telemetry::METRICS
-                .http_retries
-                .with_label_values(&[reason])
-                .inc();
-            tracing::warn!(
-                status = ?t.status,
-                code = %t.error_code,
-                delay_ms = d.as_millis() as u64,
-                "analytics API failed transiently; retrying"
-            );
+            self.telemetry.emit(Event::HttpRetry {
+                status: t.status,
+                code: &t.error_code,
+                delay: d,
+            });
         })
         .await;
         (result, attempts.load(Ordering::Relaxed))

@@ -1,7 +1,8 @@
 //! One HTTP call to the analytics API and what its answer means. Never retries.
 
 use crate::domain::FailedRecord;
-use crate::telemetry::METRICS;
+use crate::telemetry::labels::HttpClass;
+use crate::telemetry::{Event, Metrics};
 use bytes::Bytes;
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ pub struct Transient {
     pub body: serde_json::Value,
 }
 
-/// Sends one body.
+/// Sends one body; its answer is counted in `metrics`.
 pub async fn send(
     http: &reqwest::Client,
     url: &str,
@@ -59,35 +60,25 @@ pub async fn send(
     idempotency_key: &str,
     body: Bytes,
     endpoint: &'static str,
+    metrics: &Metrics,
 ) -> Result<Answer, Transient> {
     let started = std::time::Instant::now();
     let answer = send_inner(http, url, bearer, idempotency_key, body).await;
     let class = match &answer {
-        Err(t) if t.status.is_none() => "network",
-        Err(t) => class_of(t.status.unwrap_or(0)),
-        Ok(Answer::Accepted { .. }) => "2xx",
+        Err(t) => HttpClass::of(t.status),
+        Ok(Answer::Accepted { .. }) => HttpClass::Success,
         Ok(Answer::Refused { status, .. } | Answer::Unauthorized { status, .. }) => {
-            class_of(*status)
+            HttpClass::of(Some(*status))
         }
-        Ok(Answer::Failed { status, .. }) => status.map_or("network", class_of),
+        Ok(Answer::Failed { status, .. }) => HttpClass::of(*status),
     };
-    METRICS
-        .http_responses
-        .with_label_values(&[endpoint, class])
-        .inc();
-    METRICS
-        .http_seconds
-        .with_label_values(&[endpoint])
-        .observe(started.elapsed().as_secs_f64());
-    answer
-}
-
-fn class_of(status: u16) -> &'static str {
-    match status {
-        200..=299 => "2xx",
-        500..=599 => "5xx",
-        _ => "4xx",
+    Event::HttpResponse {
+        endpoint,
+        class,
+        seconds: started.elapsed().as_secs_f64(),
     }
+    .emit(metrics);
+    answer
 }
 
 async fn send_inner(

@@ -1,9 +1,12 @@
 //! `/metrics` during and after a sync agrees with the ETL tables; `/healthz`, `/readyz`.
 
 use crate::pipeline::{history, seeded_db, settings_for, small};
+use loansync::config::Settings;
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::http::{self, Readiness};
+use loansync::queue::amqp::BrokerHealth;
 use loansync::stub_api::Faults;
+use loansync::telemetry::Telemetry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -17,16 +20,18 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_agree_with_the_etl_tables() {
-    // Runs alone: it compares the process-wide registry with one database, and under
-    // `cargo test` other tests of this process add to the same counters.
-    let _alone = crate::support::exclusive_services().await;
+    // The sync and /metrics share a registry of their own: every value is this test's.
     let db = seeded_db(small()).await;
     let stub = crate::pipeline::stub(Faults {
         reject_every_nth: 9,
         ..Default::default()
     })
     .await;
-    let settings = settings_for(&db, &stub.url(), &[]);
+    let telemetry = Telemetry::fresh();
+    let settings = Settings {
+        telemetry: telemetry.clone(),
+        ..settings_for(&db, &stub.url(), &[])
+    };
     let consuming = Arc::new(AtomicBool::new(false));
     let addr = http::serve(
         "127.0.0.1:0".parse().unwrap(),
@@ -35,6 +40,7 @@ async fn metrics_agree_with_the_etl_tables() {
             broker: None,
             consuming: consuming.clone(),
             stale_after_secs: 900.0,
+            telemetry: telemetry.clone(),
         },
     )
     .await
@@ -57,15 +63,19 @@ async fn metrics_agree_with_the_etl_tables() {
     );
     consuming.store(true, Ordering::SeqCst);
     assert_eq!(get("/readyz").await.0, 200);
-    // The registry is the process's: under `cargo test`, tests that ran before this one
-    // counted in it too. Nothing else runs now (the lock above), so compare increases.
+    // Nothing counted yet, every series there at zero.
     let (_, baseline) = get("/metrics").await;
-    let base = |name: &str| sample(&baseline, name).unwrap_or(0.0);
-    let settled_before: f64 = baseline
-        .lines()
-        .filter(|l| l.starts_with("etl_records_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let zeros = [
+        "etl_records_total{entity=\"loan\",outcome=\"success\"}",
+        "etl_records_planned_total{entity=\"repayment\"}",
+        "etl_chunks_total{entity=\"customer\",outcome=\"settled\"}",
+        "etl_syncs_total{status=\"partial_success\",sync_type=\"full\"}",
+        "etl_http_responses_total{endpoint=\"/etl/sync\",status_class=\"2xx\"}",
+        "etl_sync_duration_seconds_count{sync_type=\"full\"}",
+    ];
+    for name in zeros {
+        assert_eq!(sample(&baseline, name), Some(0.0), "{name}\n{baseline}");
+    }
 
     let req = PlanRequest {
         sync_type: SyncType::Full,
@@ -90,8 +100,7 @@ async fn metrics_agree_with_the_etl_tables() {
             .lines()
             .filter(|l| l.starts_with("etl_records_total{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-            - settled_before;
+            .sum::<f64>();
         let planned: i64 = sqlx::query_scalar(
             "SELECT COALESCE(sum(total_loans + total_repayments + total_customers + total_officers), 0)::int8 \
              FROM etl_folder_etlsynchistory",
@@ -115,12 +124,20 @@ async fn metrics_agree_with_the_etl_tables() {
         let (total, ok, failed) = h.counts(e);
         let m = |outcome: &str| {
             let name = format!("etl_records_total{{entity=\"{e}\",outcome=\"{outcome}\"}}");
-            (sample(&text, &name).unwrap_or(0.0) - base(&name)) as i32
+            sample(&text, &name).expect("a series per entity and outcome") as i32
         };
         assert_eq!((m("success"), m("failed")), (ok, failed), "{e}");
         let name = format!("etl_records_planned_total{{entity=\"{e}\"}}");
-        let planned = (sample(&text, &name).unwrap_or(0.0) - base(&name)) as i32;
+        let planned = sample(&text, &name).expect("a series per entity") as i32;
         assert_eq!(planned, total, "{e}");
+        // The registry and the registry's handle agree with the exposition.
+        assert_eq!(
+            telemetry
+                .records
+                .with_label_values(&[e.as_str(), "success"])
+                .get(),
+            ok as u64
+        );
         let age = sample(
             &text,
             &format!("etl_watermark_age_seconds{{entity=\"{e}\"}}"),
@@ -129,11 +146,14 @@ async fn metrics_agree_with_the_etl_tables() {
         assert!((0.0..60.0).contains(&age), "{e}: {age}");
     }
     let partial = "etl_syncs_total{status=\"partial_success\",sync_type=\"full\"}";
-    assert_eq!(
-        sample(&text, partial).unwrap_or(0.0) - base(partial),
-        1.0,
-        "{text}"
-    );
+    assert_eq!(sample(&text, partial), Some(1.0), "{text}");
+    // Exactly one sync finished, as partial_success.
+    let syncs: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("etl_syncs_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(syncs, 1.0, "{text}");
     assert_eq!(sample(&text, "etl_stalled_syncs"), Some(0.0));
     assert!(
         sample(
@@ -144,11 +164,31 @@ async fn metrics_agree_with_the_etl_tables() {
             > 0.0
     );
     let durations = "etl_sync_duration_seconds_count{sync_type=\"full\"}";
-    assert_eq!(
-        sample(&text, durations).unwrap_or(0.0) - base(durations),
-        1.0,
-        "{text}"
-    );
+    assert_eq!(sample(&text, durations), Some(1.0), "{text}");
+    // Every chunk planned was settled once by the worker, none requeued or dead.
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM loansync_chunk")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let chunk_outcome = |outcome: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("etl_chunks_total{") && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(chunk_outcome("settled"), chunks as f64, "{text}");
+    for other in [
+        "duplicate",
+        "aborted",
+        "requeued",
+        "republished",
+        "dead_letter",
+    ] {
+        assert_eq!(chunk_outcome(other), 0.0, "{other}\n{text}");
+    }
+    assert_eq!(sample(&text, "etl_chunks_in_flight"), Some(0.0));
     assert!(sample(&text, "process_resident_memory_bytes").unwrap() > 1e6);
     assert!(
         !text.contains(h.sync_id.as_str()),
@@ -161,20 +201,32 @@ async fn metrics_agree_with_the_etl_tables() {
 /// the build info; and the process collector's metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn state_gauges_follow_the_etl_tables() {
-    // Runs alone: the gauges are in the process-wide registry.
-    let _alone = crate::support::exclusive_services().await;
+    // The gauges are in a registry of their own: every value is this test's.
+    let telemetry = Telemetry::fresh();
     let db = seeded_db(small()).await;
     let stub = crate::pipeline::stub(Faults {
         reject_every_nth: 9,
         ..Default::default()
     })
     .await;
-    let settings = settings_for(&db, &stub.url(), &[]);
+    let settings = Settings {
+        telemetry: telemetry.clone(),
+        ..settings_for(&db, &stub.url(), &[])
+    };
     let prefix = db.queue_prefix();
     let _queues = crate::pipeline::Queues(prefix.clone());
-    let broker = loansync::queue::amqp::Broker::connect(&crate::support::amqp_url(), &prefix, 7)
-        .await
-        .unwrap();
+    let broker = loansync::queue::amqp::Broker::connect_with(
+        &crate::support::amqp_url(),
+        &prefix,
+        7,
+        None,
+        loansync::queue::amqp::BrokerOptions {
+            health: BrokerHealth::with_telemetry(telemetry.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let addr = http::serve(
         "127.0.0.1:0".parse().unwrap(),
         Readiness {
@@ -182,6 +234,7 @@ async fn state_gauges_follow_the_etl_tables() {
             broker: Some(broker.health().clone()),
             consuming: Arc::new(AtomicBool::new(true)),
             stale_after_secs: 900.0,
+            telemetry: telemetry.clone(),
         },
     )
     .await

@@ -816,6 +816,7 @@ impl InProcess {
                 broker: None,
                 consuming: consuming[1].clone(),
                 stale_after_secs: 900.0,
+                telemetry: settings.telemetry.clone(),
             },
         )
         .await

@@ -12,7 +12,7 @@ use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::amqp::{ArgumentMismatch, BrokerHealth};
 use loansync::stub_api::Faults;
-use loansync::telemetry::METRICS;
+use loansync::telemetry::{Metrics, Telemetry};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,8 +36,8 @@ fn limit_differs(queue: &str, broker: &str, wanted: &str) -> ArgumentMismatch {
     }
 }
 
-fn mismatch_gauge(queue: &str) -> i64 {
-    METRICS
+fn mismatch_gauge(metrics: &Metrics, queue: &str) -> i64 {
+    metrics
         .queue_arguments_mismatch
         .with_label_values(&[queue])
         .get()
@@ -52,12 +52,13 @@ async fn restarting_with_a_higher_delivery_limit_uses_the_queues_as_they_are() {
     let _queues = Queues(db.queue_prefix());
 
     let before = settings_for(&db, &stub.url(), &[("ETL_DELIVERY_LIMIT", "3")]);
-    let first = connect_broker_with(&before, BrokerHealth::default())
+    let telemetry = Telemetry::fresh();
+    let first = connect_broker_with(&before, BrokerHealth::with_telemetry(telemetry.clone()))
         .await
         .unwrap();
     assert_eq!(first.argument_mismatches(), &[]);
     let t = first.topology.clone();
-    assert_eq!(mismatch_gauge(&t.chunks), 0);
+    assert_eq!(mismatch_gauge(&telemetry, &t.chunks), 0);
     first.close().await;
 
     let settings = Arc::new(settings_for(
@@ -65,7 +66,7 @@ async fn restarting_with_a_higher_delivery_limit_uses_the_queues_as_they_are() {
         &stub.url(),
         &[("ETL_DELIVERY_LIMIT", "7")],
     ));
-    let broker = connect_broker_with(&settings, BrokerHealth::default())
+    let broker = connect_broker_with(&settings, BrokerHealth::with_telemetry(telemetry.clone()))
         .await
         .expect("a changed ETL_DELIVERY_LIMIT must not stop loansync");
     assert_eq!(
@@ -75,9 +76,9 @@ async fn restarting_with_a_higher_delivery_limit_uses_the_queues_as_they_are() {
             limit_differs(&t.chunks, "5", "9"),
         ]
     );
-    assert_eq!(mismatch_gauge(&t.plan), 1);
-    assert_eq!(mismatch_gauge(&t.chunks), 1);
-    assert_eq!(mismatch_gauge(&t.dead), 0);
+    assert_eq!(mismatch_gauge(&telemetry, &t.plan), 1);
+    assert_eq!(mismatch_gauge(&telemetry, &t.chunks), 1);
+    assert_eq!(mismatch_gauge(&telemetry, &t.dead), 0);
 
     // A planner and two workers with the new settings, on the queues as they are.
     let running = InProcess::start(&db, &settings).await;
@@ -227,7 +228,11 @@ async fn a_queue_made_with_other_arguments_is_used_and_every_difference_reported
         found.iter().all(|m| m.0 == chunks),
         "only {chunks} differs: {found:?}"
     );
-    assert_eq!(mismatch_gauge(&chunks), found.len() as i64);
+    // Counted in the process-wide registry, the one a broker connects with by default.
+    assert_eq!(
+        mismatch_gauge(&Telemetry::global(), &chunks),
+        found.len() as i64
+    );
 
     broker.publish_bytes(&chunks, b"still works").await.unwrap();
     let mut consumer = broker.consume(&chunks, 1, "test").await.unwrap();

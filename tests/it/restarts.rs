@@ -16,7 +16,7 @@ use crate::support::{TestDb, amqp_url, exclusive_services, wait_for};
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
 use loansync::stub_api::{Faults, StubHandle};
-use loansync::telemetry::METRICS;
+use loansync::telemetry::Telemetry;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -189,7 +189,9 @@ async fn postgresql_restarted_mid_sync() {
     start_full_sync(&db, &prefix, "pg-restart-1").await;
 
     // PostgreSQL goes away mid-sync.
-    let waits_before = METRICS.db_outage_waits.get();
+    // The in-process planner and workers count in the process-wide registry.
+    let metrics = Telemetry::global();
+    let waits_before = metrics.db_outage_waits.get();
     let stopped = PostgresStopped::stop();
     wait_for(
         "/readyz to report the database",
@@ -202,7 +204,7 @@ async fn postgresql_restarted_mid_sync() {
     .await;
     // A worker holding a chunk waits for the database rather than requeueing it.
     wait_for("a worker to hold a chunk", OUTAGE_DEADLINE, || async {
-        METRICS.db_outage_waits.get() > waits_before
+        metrics.db_outage_waits.get() > waits_before
     })
     .await;
     stopped.start().await;

@@ -118,6 +118,8 @@ async fn a_stalled_sync_is_shown_and_resume_finishes_it() {
             broker: None,
             consuming: Arc::new(AtomicBool::new(true)),
             stale_after_secs: 1.0,
+            // A registry of its own: the gauge shown is this database's.
+            telemetry: loansync::telemetry::Telemetry::fresh(),
         },
     )
     .await

@@ -9,13 +9,14 @@ use crate::pipeline::{
 };
 use crate::proxy::{self, Framing, Mode, Proxy};
 use crate::support::{TestDb, amqp_url, wait_for};
+use loansync::config::Settings;
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::http::{self, Readiness};
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::amqp::{Broker, BrokerHealth, BrokerOptions, broker_delivery_limit};
 use loansync::queue::memory::MemoryQueue;
 use loansync::stub_api::Faults;
-use loansync::telemetry::METRICS;
+use loansync::telemetry::Telemetry;
 use loansync::worker;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -118,14 +119,18 @@ async fn pooled_connections_carry_the_session_timeouts() {
 async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
     let db = seeded_db(small()).await;
     let stub = stub(Faults::default()).await;
-    let settings = settings_for(
-        &db,
-        &stub.url(),
-        &[
-            ("ETL_DB_LOCK_TIMEOUT_SECS", "1"),
-            ("ETL_DELIVERY_LIMIT", "50"),
-        ],
-    );
+    let telemetry = Telemetry::fresh();
+    let settings = Settings {
+        telemetry: telemetry.clone(),
+        ..settings_for(
+            &db,
+            &stub.url(),
+            &[
+                ("ETL_DB_LOCK_TIMEOUT_SECS", "1"),
+                ("ETL_DELIVERY_LIMIT", "50"),
+            ],
+        )
+    };
     let pool = loansync::db::connect(&settings).await.unwrap();
     assert_eq!(show(&pool, "SHOW lock_timeout").await, "1s");
 
@@ -172,10 +177,6 @@ async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
         "{err}"
     );
 
-    let requeued_before = METRICS
-        .chunks
-        .with_label_values(&["officer", "requeued"])
-        .get();
     let ctx = Arc::new(loansync::app::worker_context(&settings, pool.clone()).unwrap());
     let work = tokio::spawn(worker::run_memory(ctx, queue, 3));
     wait_for(
@@ -193,13 +194,15 @@ async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
         },
     )
     .await;
-    assert!(
-        METRICS
+    // Its own registry: every requeue counted is this test's, and nothing settled.
+    let chunks = |outcome: &str| {
+        telemetry
             .chunks
-            .with_label_values(&["officer", "requeued"])
+            .with_label_values(&["officer", outcome])
             .get()
-            > requeued_before
-    );
+    };
+    assert!(chunks("requeued") >= 2, "{}", chunks("requeued"));
+    assert_eq!(chunks("settled"), 0);
     let settled: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM loansync_chunk WHERE sync_id = $1 AND settled_at IS NOT NULL",
     )
@@ -309,8 +312,11 @@ async fn unreadable_rows_fail_alone_in_single_process_mode() {
     let expected = expected_full(&db.pool).await;
     let (loan, customer) = poison_rows(&db.pool).await;
     let stub = stub(Faults::default()).await;
-    let settings = settings_for(&db, &stub.url(), &[]);
-    let panics_before = METRICS.chunk_panics.get();
+    let telemetry = Telemetry::fresh();
+    let settings = Settings {
+        telemetry: telemetry.clone(),
+        ..settings_for(&db, &stub.url(), &[])
+    };
     let summary =
         loansync::app::sync_in_process(&db.pool, &settings, &request(SyncType::Full, None))
             .await
@@ -319,10 +325,7 @@ async fn unreadable_rows_fail_alone_in_single_process_mode() {
         summary.status,
         Some(loansync::ledger::FinalStatus::PartialSuccess)
     );
-    assert!(
-        METRICS.chunk_panics.get() > panics_before,
-        "the panics were caught"
-    );
+    assert!(telemetry.chunk_panics.get() > 0, "the panics were caught");
     let sync_id = summary.sync_id.unwrap();
     assert_unreadable_rows_failed_alone(&db, &stub.received(), &sync_id, loan, customer, &expected)
         .await;
@@ -449,13 +452,11 @@ impl Drop for Cleanup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_publish_whose_confirm_never_comes_fails_after_the_timeout() {
-    // Runs alone: it reads counters of the process-wide registry that other tests of
-    // this process (under `cargo test`) add to as well.
-    let _alone = crate::support::exclusive_services().await;
     let proxy = Proxy::start(proxy::upstream_of(&amqp_url()).await, Framing::Amqp).await;
     let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let _cleanup = Cleanup(prefix.clone(), 7);
-    let health = BrokerHealth::default();
+    let telemetry = Telemetry::fresh();
+    let health = BrokerHealth::with_telemetry(telemetry.clone());
     let broker = Broker::connect_with(
         &proxy::through(&amqp_url(), &proxy),
         &prefix,
@@ -472,7 +473,7 @@ async fn a_publish_whose_confirm_never_comes_fails_after_the_timeout() {
     let plan = broker.topology.plan.clone();
     broker.publish_bytes(&plan, b"{}").await.unwrap();
 
-    let before = METRICS.broker_timeouts.get();
+    assert_eq!(telemetry.broker_timeouts.get(), 0);
     proxy.set(Mode::Paused);
     let err = tokio::time::timeout(DEADLINE, broker.publish_bytes(&plan, b"{}"))
         .await
@@ -482,7 +483,7 @@ async fn a_publish_whose_confirm_never_comes_fails_after_the_timeout() {
         err.to_string().contains("ETL_PUBLISH_CONFIRM_TIMEOUT_SECS"),
         "{err:#}"
     );
-    assert_eq!(METRICS.broker_timeouts.get(), before + 1);
+    assert_eq!(telemetry.broker_timeouts.get(), 1);
     proxy.set(Mode::Open);
     broker.publish_bytes(&plan, b"{}").await.unwrap();
     broker.close().await;
@@ -498,14 +499,19 @@ async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
     let stub = stub(Faults::default()).await;
     let proxy = Proxy::start(proxy::upstream_of(&amqp_url()).await, Framing::Amqp).await;
     let direct = Arc::new(settings_for(&db, &stub.url(), &[]));
-    let planner_settings = Arc::new(settings_for(
-        &db,
-        &stub.url(),
-        &[
-            ("AMQP_URL", &proxy::through(&amqp_url(), &proxy)),
-            ("ETL_PUBLISH_CONFIRM_TIMEOUT_SECS", "1"),
-        ],
-    ));
+    // The planner counts in a registry of its own: its timeouts are this test's.
+    let planner_telemetry = Telemetry::fresh();
+    let planner_settings = Arc::new(Settings {
+        telemetry: planner_telemetry.clone(),
+        ..settings_for(
+            &db,
+            &stub.url(),
+            &[
+                ("AMQP_URL", &proxy::through(&amqp_url(), &proxy)),
+                ("ETL_PUBLISH_CONFIRM_TIMEOUT_SECS", "1"),
+            ],
+        )
+    });
     let _cleanup = Cleanup(direct.queue_prefix.clone(), 7);
     let stop = CancellationToken::new();
     let flags: Vec<Arc<AtomicBool>> = (0..2).map(|_| Arc::new(AtomicBool::new(false))).collect();
@@ -559,11 +565,11 @@ async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
         waiting > 0
     })
     .await;
-    let before = METRICS.broker_timeouts.get();
+    assert_eq!(planner_telemetry.broker_timeouts.get(), 0);
     proxy.set(Mode::Paused);
     holder.rollback().await.unwrap();
     wait_for("the planner's publish to time out", DEADLINE, || async {
-        METRICS.broker_timeouts.get() > before
+        planner_telemetry.broker_timeouts.get() > 0
     })
     .await;
     proxy.set(Mode::Open);
@@ -591,21 +597,22 @@ async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
 /// unblocking makes it ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blocked_broker_connection_fails_readyz_and_is_counted() {
-    // Runs alone: it reads counters of the process-wide registry that other tests of
-    // this process (under `cargo test`) add to as well.
-    let _alone = crate::support::exclusive_services().await;
     let db = TestDb::migrated().await;
     let stub = stub(Faults::default()).await;
     let proxy = Proxy::start(proxy::upstream_of(&amqp_url()).await, Framing::Amqp).await;
-    let settings = Arc::new(settings_for(
-        &db,
-        &stub.url(),
-        &[("AMQP_URL", &proxy::through(&amqp_url(), &proxy))],
-    ));
+    let telemetry = Telemetry::fresh();
+    let settings = Arc::new(Settings {
+        telemetry: telemetry.clone(),
+        ..settings_for(
+            &db,
+            &stub.url(),
+            &[("AMQP_URL", &proxy::through(&amqp_url(), &proxy))],
+        )
+    });
     let _cleanup = Cleanup(settings.queue_prefix.clone(), 7);
     let stop = CancellationToken::new();
     let consuming = Arc::new(AtomicBool::new(false));
-    let health = BrokerHealth::default();
+    let health = BrokerHealth::with_telemetry(telemetry.clone());
     let worker = tokio::spawn(loansync::app::run_worker_with(
         db.pool.clone(),
         settings.clone(),
@@ -620,6 +627,7 @@ async fn a_blocked_broker_connection_fails_readyz_and_is_counted() {
             broker: Some(health.clone()),
             consuming: consuming.clone(),
             stale_after_secs: 900.0,
+            telemetry: telemetry.clone(),
         },
     )
     .await
@@ -637,19 +645,16 @@ async fn a_blocked_broker_connection_fails_readyz_and_is_counted() {
     .await;
     assert!(get("/readyz").await.1.contains("broker: true (connected)"));
 
-    let before = METRICS.broker_blocked_total.get();
+    assert_eq!(telemetry.broker_blocked_total.get(), 0);
     proxy.inject(proxy::connection_blocked("low on memory"));
     wait_for("/readyz to fail", DEADLINE, || async {
         let (code, body) = get("/readyz").await;
         code == 503 && body.contains("broker: false (blocked)")
     })
     .await;
-    assert_eq!(METRICS.broker_blocked_total.get(), before + 1);
+    assert_eq!(telemetry.broker_blocked_total.get(), 1);
     let metrics = get("/metrics").await.1;
-    assert!(
-        metrics.contains(&format!("etl_broker_blocked_total {}", before + 1)),
-        "{metrics}"
-    );
+    assert!(metrics.contains("etl_broker_blocked_total 1"), "{metrics}");
     assert!(metrics.contains("etl_broker_blocked 1"), "{metrics}");
 
     proxy.inject(proxy::connection_unblocked());
@@ -670,9 +675,6 @@ async fn a_blocked_broker_connection_fails_readyz_and_is_counted() {
 /// attempt is counted, and once the database is back the sync completes exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_database_outage_spends_no_delivery() {
-    // Runs alone: it reads counters of the process-wide registry that other tests of
-    // this process (under `cargo test`) add to as well.
-    let _alone = crate::support::exclusive_services().await;
     let db = seeded_db(small()).await;
     let stub = stub(Faults::default()).await;
     let proxy = Proxy::start(proxy::upstream_of(&db.url).await, Framing::Raw).await;
@@ -681,16 +683,21 @@ async fn a_long_database_outage_spends_no_delivery() {
         ("ETL_DB_OUTAGE_WAIT_SECS", "1"),
     ];
     let planner_settings = Arc::new(settings_for(&db, &stub.url(), &limit));
-    let worker_settings = Arc::new(settings_for(
-        &db,
-        &stub.url(),
-        &[
-            limit[0],
-            limit[1],
-            ("DATABASE_URL", &proxy::through(&db.url, &proxy)),
-            ("ETL_DB_ACQUIRE_TIMEOUT_SECS", "1"),
-        ],
-    ));
+    // The worker counts in a registry of its own: every count is this test's.
+    let telemetry = Telemetry::fresh();
+    let worker_settings = Arc::new(Settings {
+        telemetry: telemetry.clone(),
+        ..settings_for(
+            &db,
+            &stub.url(),
+            &[
+                limit[0],
+                limit[1],
+                ("DATABASE_URL", &proxy::through(&db.url, &proxy)),
+                ("ETL_DB_ACQUIRE_TIMEOUT_SECS", "1"),
+            ],
+        )
+    });
     let broker_limit = broker_delivery_limit(2);
     let _cleanup = Cleanup(planner_settings.queue_prefix.clone(), broker_limit);
     let stop = CancellationToken::new();
@@ -731,25 +738,29 @@ async fn a_long_database_outage_spends_no_delivery() {
         )
         .await
         .unwrap();
+    // Planned: the chunk ledger is written in one transaction, after the history row
+    // (waiting for the history row alone raced with it).
+    let planned_chunks = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM loansync_chunk")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
     wait_for("the sync to be planned", DEADLINE, || async {
-        history(&db.pool).await.len() == 1
+        planned_chunks().await > 0
     })
     .await;
-    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM loansync_chunk")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    assert_eq!(history(&db.pool).await.len(), 1);
+    let chunks = planned_chunks().await;
     assert!(chunks >= 2, "{chunks} chunks");
-    // Counters of the process-wide registry: increases since now (nothing else runs).
     let count = |outcome: &str| {
-        METRICS
+        telemetry
             .chunks
             .with_label_values(&["officer", outcome])
             .get()
     };
-    let (republished_before, requeued_before) = (count("republished"), count("requeued"));
-    let republished = || count("republished") - republished_before;
-    let requeued = || count("requeued") - requeued_before;
+    let republished = || count("republished");
+    let requeued = || count("requeued");
     let dead = || async { admin.queue_depth(&admin.topology.dead).await.unwrap() };
     // Every chunk goes round about as often: far past the broker's delivery limit.
     let enough = chunks as u64 * u64::from(broker_limit + 2);

@@ -344,10 +344,8 @@ fn a_sweep_message_is_validated_like_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_records_are_a_gauge_read_at_scrape_time() {
-    // Reads the process-wide registry: alone.
-    let _alone = crate::support::exclusive_services().await;
     let db = crate::support::TestDb::migrated().await;
-    let metrics = &loansync::telemetry::METRICS;
+    let metrics = loansync::telemetry::Metrics::new();
     metrics.refresh_state(&db.pool, 3600.0).await;
     assert!(
         metrics
