@@ -280,7 +280,7 @@ mod tests {
             FinalStatus::Completed | FinalStatus::PartialSuccess | FinalStatus::Failed => s,
         };
         covered(
-            &FinalStatus::ALL,
+            FinalStatus::ALL,
             &[
                 status(FinalStatus::Completed),
                 FinalStatus::PartialSuccess,
