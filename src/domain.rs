@@ -51,16 +51,6 @@ impl EntityKind {
             EntityKind::Repayment => "repayments",
         }
     }
-
-    /// The Django table the entity is read from.
-    pub fn source_table(self) -> &'static str {
-        match self {
-            EntityKind::Customer => "ajo_ajouser",
-            EntityKind::Officer => "accounts_customuser",
-            EntityKind::Loan => "loans_ajoloan",
-            EntityKind::Repayment => "loans_ajoloanrepayment",
-        }
-    }
 }
 
 impl fmt::Display for EntityKind {

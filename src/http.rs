@@ -106,6 +106,12 @@ pub async fn serve(addr: SocketAddr, readiness: Readiness) -> anyhow::Result<Soc
     Ok(bound)
 }
 
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness").finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,6 +45,8 @@
 //! Dependencies point one way: `cli` → `demo` → `app` → `planner`/`worker` → `queue`,
 //! `ledger`, `source`, `sink` → `domain`, `config`. `app` uses neither `cli` nor `demo`.
 
+#![warn(unreachable_pub, missing_debug_implementations)]
+
 pub mod app;
 pub mod check;
 pub mod cli;

@@ -671,3 +671,9 @@ async fn set_faults(
     s.faults = f;
     StatusCode::NO_CONTENT
 }
+
+impl std::fmt::Debug for StubHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StubHandle").finish_non_exhaustive()
+    }
+}

@@ -657,6 +657,12 @@ pub async fn run_memory(ctx: Arc<WorkerContext>, queue: MemoryQueue, concurrency
     }
 }
 
+impl std::fmt::Debug for WorkerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerContext").finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

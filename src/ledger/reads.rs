@@ -67,28 +67,6 @@ pub async fn history_outcome(pool: &PgPool, sync_id: &str) -> sqlx::Result<Histo
     })
 }
 
-/// One history row in the order syncs were claimed: its sync id and status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryEntry {
-    pub sync_id: String,
-    /// `None` when the row holds a status loansync does not write.
-    pub status: Option<HistoryStatus>,
-}
-
-/// The `n`th history row (from 1, in id order), if there are that many.
-pub async fn nth_history(pool: &PgPool, n: usize) -> sqlx::Result<Option<HistoryEntry>> {
-    let row: Option<(String, String)> = sqlx::query_as(
-        "SELECT sync_id::text, status::text FROM etl_folder_etlsynchistory ORDER BY id OFFSET $1 LIMIT 1",
-    )
-    .bind(n as i64 - 1)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|(sync_id, status)| HistoryEntry {
-        sync_id,
-        status: status.parse().ok(),
-    }))
-}
-
 /// loansync's state of a sync; `None` for an unknown sync id.
 pub async fn sync_state(pool: &PgPool, sync_id: &str) -> sqlx::Result<Option<SyncState>> {
     let state: Option<String> =

@@ -898,23 +898,6 @@ impl AmqpDelivery {
         self.inner.redelivered
     }
 
-    /// How many times a quorum queue delivered this message before (its `x-delivery-count`).
-    pub fn delivery_count(&self) -> u32 {
-        self.inner
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-delivery-count").cloned())
-            .and_then(|v| match v {
-                AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
-                AMQPValue::LongInt(n) => u32::try_from(n).ok(),
-                AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
-                AMQPValue::LongUInt(n) => Some(n),
-                _ => None,
-            })
-            .unwrap_or(0)
-    }
-
     /// Acks, requeues, republishes (publish again to `source`, confirmed, then ack), or
     /// dead-letters (publish to `<prefix>.dead` with the reason, then ack). Each step
     /// gives up after the broker's confirm timeout; the message is then redelivered
@@ -1094,6 +1077,24 @@ where
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(RECONNECT_FIRST_DELAY) => {}
         }
+    }
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for AmqpDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpDelivery").finish_non_exhaustive()
     }
 }
 

@@ -423,6 +423,12 @@ fn kept(body: serde_json::Value) -> serde_json::Value {
     }
 }
 
+impl std::fmt::Debug for AnalyticsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnalyticsClient").finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

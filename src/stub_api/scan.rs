@@ -35,7 +35,7 @@ macro_rules! scalars {
 
 /// The envelope; a field of the wrong type reads as `None`, as a missing one does.
 #[derive(Deserialize)]
-pub struct Envelope {
+pub(crate) struct Envelope {
     #[serde(default)]
     pub sync_id: Value,
     #[serde(default)]
@@ -50,7 +50,7 @@ pub struct Envelope {
 
 /// `records`: an array of scanned records, or anything else.
 #[derive(Default)]
-pub enum Records {
+pub(crate) enum Records {
     #[default]
     NotAnArray,
     Array(Vec<Record>),
@@ -59,7 +59,7 @@ pub enum Records {
 /// One record: its integer `id` when it is an object that has one, and whether it
 /// carries a never-send key anywhere inside.
 #[derive(Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Record {
+pub(crate) struct Record {
     pub is_object: bool,
     pub id: Option<i64>,
     pub forbidden: bool,

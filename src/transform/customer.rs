@@ -131,7 +131,7 @@ pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    pub fn row() -> CustomerRow {
+    pub(crate) fn row() -> CustomerRow {
         CustomerRow {
             id: 42,
             phone_number: "+2348060000042".into(),

@@ -247,7 +247,7 @@ pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    pub fn row() -> LoanRow {
+    pub(crate) fn row() -> LoanRow {
         LoanRow {
             id: 1001,
             agent_id: 7,

@@ -122,7 +122,7 @@ pub(crate) mod golden {
 
     /// Compares a record with `src/transform/golden/<name>.json` (as JSON values).
     /// Set `UPDATE_GOLDEN=1` to rewrite the file after a deliberate change.
-    pub fn check(name: &str, record: &Record) {
+    pub(crate) fn check(name: &str, record: &Record) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("src/transform/golden")
             .join(format!("{name}.json"));
@@ -142,7 +142,7 @@ pub(crate) mod golden {
     }
 
     /// Every key of a JSON value, at any depth.
-    pub fn keys(v: &serde_json::Value, out: &mut Vec<String>) {
+    pub(crate) fn keys(v: &serde_json::Value, out: &mut Vec<String>) {
         match v {
             serde_json::Value::Object(m) => {
                 for (k, v) in m {

@@ -77,7 +77,7 @@ pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    pub fn row() -> OfficerRow {
+    pub(crate) fn row() -> OfficerRow {
         OfficerRow {
             id: 7,
             email: "ngozi.okafor@example.com".into(),

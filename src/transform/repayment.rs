@@ -77,7 +77,7 @@ pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    pub fn row() -> RepaymentRow {
+    pub(crate) fn row() -> RepaymentRow {
         RepaymentRow {
             id: 555,
             agent_id: 7,
