@@ -544,6 +544,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             eprintln!("working {n} unsettled chunks of sync {sync_id} in this process");
             let ctx = Arc::new(worker_context(&settings, pool.clone())?);
             worker::run_memory(ctx, queue, settings.worker_concurrency).await;
+            planner::finalize_settled(&pool).await;
             let summary = summarize(&pool, sync_id).await?;
             summary.print(json)?;
             Ok(summary.exit_code())
@@ -1032,7 +1033,10 @@ pub async fn sync_in_process_with(
     if let Some(w) = watcher {
         let _ = w.await;
     }
-    // Single-process installs have no long-running planner to prune the chunk ledger.
+    // Single-process installs have no long-running planner: a sync whose last settle
+    // committed without its finalize (a connection lost in between) is finalized here,
+    // and the chunk ledger is pruned.
+    planner::finalize_settled(pool).await;
     planner::prune(pool, settings).await;
     summarize(pool, sync_id).await
 }

@@ -165,6 +165,9 @@ async fn plan(
     // Held until the plan is committed and published: a planner that dies meanwhile
     // releases it with its session, and the next one takes its claim over.
     let lock = ledger::PlanningLock::acquire(pool).await?;
+    // A running sync whose last settler died before finalizing it would hold the slot
+    // for nothing: finalized first.
+    finalize_settled(pool).await;
     let outcome = async {
         let begin = ledger::begin_sync(pool, &lock, spec, request_id, queue_if_busy).await?;
         plan_claimed(pool, settings, spec, begin, publisher).await
@@ -430,7 +433,9 @@ pub fn parse_plan(body: &[u8]) -> Result<PlanRequest, String> {
 }
 
 /// How often a long-running planner samples the xid clock (the precision of the window
-/// cap) and, every [`PRUNE_EVERY_TICKS`] ticks, prunes old chunk id lists.
+/// cap), finalizes the running syncs whose chunks are all settled and rolls up the
+/// others' counters ([`finalize_settled`]) and, every [`PRUNE_EVERY_TICKS`] ticks,
+/// prunes old chunk id lists.
 const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 const PRUNE_EVERY_TICKS: u64 = 360;
 /// How often a long-running planner looks for pending requests to plan once the slot is
@@ -442,8 +447,26 @@ pub async fn housekeep(pool: &PgPool, settings: &Settings, tick: u64) {
     if let Err(e) = ledger::clock::sample_now(pool).await {
         tracing::debug!(error = %e, "could not sample the xid clock");
     }
+    finalize_settled(pool).await;
     if tick.is_multiple_of(PRUNE_EVERY_TICKS) {
         prune(pool, settings).await;
+    }
+}
+
+/// Finalizes the running syncs whose chunks are all settled (their last settler died
+/// between its commit and its finalize) and rolls up the others' history counters
+/// ([`ledger::finalize_settled`]); failures are logged and tried again later.
+pub async fn finalize_settled(pool: &PgPool) {
+    match ledger::finalize_settled(pool).await {
+        Ok(finalized) => {
+            for f in finalized {
+                METRICS
+                    .syncs
+                    .with_label_values(&[f.sync_type.as_str(), f.status.as_str()])
+                    .inc();
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not finalize or roll up the running syncs"),
     }
 }
 
@@ -485,6 +508,10 @@ pub async fn resume(
         None => anyhow::bail!("no sync {sync_id}"),
     }
     let jobs = ledger::unsettled_chunks(pool, sync_id).await?;
+    if jobs.is_empty() {
+        // Every chunk settled, the last settler gone before finalizing: finalize now.
+        finalize_settled(pool).await;
+    }
     publisher.publish_chunks(&jobs).await?;
     Ok(jobs.len())
 }
