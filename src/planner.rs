@@ -9,7 +9,7 @@ use crate::ledger::{self, Begin, FinalStatus, PlanTotals, Purpose};
 use crate::queue::amqp::Broker;
 use crate::queue::{ChunkPublisher, Consumer, Disposition};
 use crate::source;
-use crate::telemetry::Event;
+use crate::telemetry::{Event, Telemetry};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -165,6 +165,9 @@ async fn plan(
     // Held until the plan is committed and published: a planner that dies meanwhile
     // releases it with its session, and the next one takes its claim over.
     let lock = ledger::PlanningLock::acquire(pool).await?;
+    // A running sync whose last settler died before finalizing it would hold the slot
+    // for nothing: finalized first.
+    finalize_settled(pool, &settings.telemetry).await;
     let outcome = async {
         let begin = ledger::begin_sync(pool, &lock, spec, request_id, queue_if_busy).await?;
         plan_claimed(pool, settings, spec, begin, publisher).await
@@ -419,7 +422,9 @@ pub fn parse_plan(body: &[u8]) -> Result<PlanRequest, String> {
 }
 
 /// How often a long-running planner samples the xid clock (the precision of the window
-/// cap) and, every [`PRUNE_EVERY_TICKS`] ticks, prunes old chunk id lists.
+/// cap), finalizes the running syncs whose chunks are all settled and rolls up the
+/// others' counters ([`finalize_settled`]) and, every [`PRUNE_EVERY_TICKS`] ticks,
+/// prunes old chunk id lists.
 const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 const PRUNE_EVERY_TICKS: u64 = 360;
 /// How often a long-running planner looks for pending requests to plan once the slot is
@@ -431,8 +436,27 @@ pub async fn housekeep(pool: &PgPool, settings: &Settings, tick: u64) {
     if let Err(e) = ledger::clock::sample_now(pool).await {
         tracing::debug!(error = %e, "could not sample the xid clock");
     }
+    finalize_settled(pool, &settings.telemetry).await;
     if tick.is_multiple_of(PRUNE_EVERY_TICKS) {
         prune(pool, settings).await;
+    }
+}
+
+/// Finalizes the running syncs whose chunks are all settled (their last settler died
+/// between its commit and its finalize) and rolls up the others' history counters
+/// ([`ledger::finalize_settled`]); failures are logged and tried again later.
+pub async fn finalize_settled(pool: &PgPool, telemetry: &Telemetry) {
+    match ledger::finalize_settled(pool).await {
+        Ok(finalized) => {
+            for f in finalized {
+                telemetry.emit(Event::SyncFinished {
+                    sync_type: f.sync_type,
+                    status: f.status,
+                    seconds: None,
+                });
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not finalize or roll up the running syncs"),
     }
 }
 
@@ -470,7 +494,12 @@ pub async fn resume(
         }
         None => anyhow::bail!("no sync {sync_id}"),
     }
-    publish_unsettled(pool, sync_id, publisher).await
+    let n = publish_unsettled(pool, sync_id, publisher).await?;
+    if n == 0 {
+        // Every chunk settled, the last settler gone before finalizing: finalize now.
+        finalize_settled(pool, &Telemetry::global()).await;
+    }
+    Ok(n)
 }
 
 /// How many chunk jobs the planner reads from the ledger and publishes at a time.

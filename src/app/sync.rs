@@ -143,6 +143,10 @@ impl InProcess {
         if let Some(w) = watcher {
             let _ = w.await;
         }
+        // Single-process installs have no long-running planner: a sync whose last settle
+        // committed without its finalize (a connection lost in between) is finalized
+        // here, and the chunk ledger is pruned.
+        planner::finalize_settled(&self.pool, &self.settings.telemetry).await;
         if self.prune {
             planner::prune(&self.pool, &self.settings).await;
         }

@@ -1,7 +1,7 @@
 //! The one mapping from an entity to its counter columns in `etl_folder_etlsynchistory`
 //! (Django's `total_loans`, `loans_success`, `loans_failed`, ...). Rust code that names
 //! these columns builds the names from here; the `.sql` files that name them by hand are
-//! `add_counters.sql` (a `CASE` per entity), `insert_history.sql` (every column zero) and
+//! `roll_up_counters.sql` (a `FILTER` per entity), `insert_history.sql` (every column zero) and
 //! `last_sync_per_type.sql` (the sums), checked against this mapping by a unit test.
 
 use crate::domain::EntityKind;
@@ -76,14 +76,29 @@ mod tests {
                 );
             }
             for column in [c.success, c.failed] {
-                let case = format!("{column} = {column} + CASE WHEN $2 = '{e}'");
+                let set = format!("{column} = c.{column}");
                 assert!(
-                    super::super::sql::ADD_COUNTERS
+                    super::super::sql::ROLL_UP_COUNTERS
                         .split_whitespace()
                         .collect::<Vec<_>>()
                         .join(" ")
-                        .contains(&case),
-                    "add_counters.sql: {case}"
+                        .contains(&set),
+                    "roll_up_counters.sql: {set}"
+                );
+                let sum = if column == c.success {
+                    "succeeded"
+                } else {
+                    "failed"
+                };
+                let filter =
+                    format!("sum({sum}) FILTER (WHERE entity = '{e}'), 0)::int4 AS {column}");
+                assert!(
+                    super::super::sql::ROLL_UP_COUNTERS
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                        .contains(&filter),
+                    "roll_up_counters.sql: {filter}"
                 );
                 assert!(super::super::sql::LAST_SYNC_PER_TYPE.contains(&format!("h.{column}")));
             }

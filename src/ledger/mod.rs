@@ -3,8 +3,14 @@
 //! Every write that decides what a sync counted happens here, each in one transaction:
 //! * [`begin_sync`] claims the single active-sync slot and writes the `pending` history row;
 //! * [`write_plan`] writes the chunk ledger, the `total_*` counters and `in_progress`;
-//! * [`settle_chunk`] settles one chunk exactly once: counters, error rows, resolutions,
-//!   and, for the last chunk, [`finalize`] (status, duration, watermarks);
+//! * [`settle_chunk`] settles one chunk exactly once, on its own `loansync_chunk` row
+//!   (counts, outcome, the API's answer), with its error rows and resolutions; then,
+//!   after the commit, finalizes the sync when no chunk is left unsettled
+//!   ([`finalize_if_settled`], exactly one finalizer) or rolls its history counters up
+//!   from the chunk rows about once a second ([`roll_up`], never waited for);
+//! * [`finalize`] sets the history counters exactly from the chunk rows, the status,
+//!   duration and watermarks; [`finalize_settled`] is its safety net (housekeeping, the
+//!   next planner) for a settler that died between its commit and its finalize;
 //! * [`abort_sync`] fails a sync fast (rejected credentials): the unsent chunks are
 //!   settled as failed records, without error rows;
 //! * [`abandon_sync`] ends a sync by hand (`loansync abandon`);
@@ -14,9 +20,12 @@
 //! a `planning` sync nobody holds it for lost its planner, and the next planner abandons
 //! it ([`begin_sync`]), so a killed process never blocks later syncs.
 //!
-//! Lock order, for every transaction that takes more than one of these rows: chunk rows,
-//! then the history row, then the `loansync_sync` row. [`settle_chunk`] follows it by
-//! construction; [`abort_sync`] and [`abandon_sync`] settle the chunks first.
+//! The settle transaction locks its own chunk row only: settles of different chunks of a
+//! sync never wait for each other. Lock order, for every transaction that takes more than
+//! one of these rows: chunk rows, then the `loansync_sync` row, then the history row.
+//! [`finalize_if_settled`] and [`roll_up`] take the sync row first (the roll-up with
+//! `SKIP LOCKED`: it never waits for it); [`abort_sync`] and [`abandon_sync`] settle the
+//! chunks first.
 
 //!
 //! The files, by concern: [`lifecycle`] (claiming a sync, requests, the planning lock),
@@ -42,7 +51,7 @@ pub use reads::*;
 pub use states::*;
 pub use watermarks::*;
 
-use crate::domain::EntityKind;
+use crate::domain::{EntityKind, SyncType};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
@@ -58,10 +67,13 @@ const PLANNER_GONE_SQL: &str = "NOT EXISTS (SELECT 1 FROM pg_locks l \
        AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))";
 
 /// Whether the sync row `s` is stalled: running with no chunk settled for `stale_param`
-/// seconds, or planning with its planner gone.
+/// seconds (the newest `settled_at` of its chunks, or the start of the run), or planning
+/// with its planner gone.
 fn stalled_sql(stale_param: &str) -> String {
     format!(
-        "((s.state = 'running' AND s.last_progress_at < now() - make_interval(secs => {stale_param})) \
+        "((s.state = 'running' AND GREATEST(s.last_progress_at, \
+               (SELECT max(c.settled_at) FROM loansync_chunk c WHERE c.sync_id = s.sync_id)) \
+             < now() - make_interval(secs => {stale_param})) \
           OR (s.state = 'planning' AND {PLANNER_GONE_SQL}))"
     )
 }
@@ -109,34 +121,43 @@ pub enum Settled {
     Already,
 }
 
-/// Settles a chunk exactly once: marks it, adds to the counters, writes error rows and
-/// resolves earlier ones, and finalizes the sync when this was its last chunk.
+/// Settles a chunk exactly once ([`settle_chunk_only`]), then, after the commit, looks
+/// at the sync ([`after_settle`]): finalizes it when no chunk is left unsettled, else
+/// rolls its history counters up when they are a second old. The settle transaction
+/// touches no row shared with the other chunks of the sync, so settles of different
+/// chunks never wait for each other.
 pub async fn settle_chunk(pool: &PgPool, r: &ChunkResult<'_>) -> sqlx::Result<Settled> {
+    if !settle_chunk_only(pool, r).await? {
+        return Ok(Settled::Already);
+    }
+    Ok(Settled::Now(after_settle(pool, r.sync_id).await))
+}
+
+/// The settle transaction alone: marks the chunk settled with its counts and the API's
+/// answer (only if it was not: the `settled_at IS NULL` guard), writes one error row per
+/// failed record, resolves the open error rows of the records delivered, and writes their
+/// fingerprints. Returns false (and changes nothing) when the chunk was settled before.
+/// It does not finalize: [`settle_chunk`] does that after the commit, and so do the
+/// planner's housekeeping and the next planner ([`finalize_settled`]) for a settler that
+/// died in between.
+pub async fn settle_chunk_only(pool: &PgPool, r: &ChunkResult<'_>) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
     let marked = sqlx::query(
-        "UPDATE loansync_chunk SET settled_at = now(), outcome = 'delivered', succeeded = $4, failed = $5 \
-         WHERE sync_id = $1 AND entity = $2 AND seq = $3 AND settled_at IS NULL",
+        "UPDATE loansync_chunk SET settled_at = now(), outcome = 'delivered', succeeded = $4, failed = $5, \
+         api_response = $6 WHERE sync_id = $1 AND entity = $2 AND seq = $3 AND settled_at IS NULL",
     )
     .bind(r.sync_id)
     .bind(r.entity.as_str())
     .bind(r.seq)
     .bind(r.succeeded.len() as i32)
     .bind(r.failed.len() as i32)
+    .bind(r.api_response)
     .execute(&mut *tx)
     .await?;
     if marked.rows_affected() == 0 {
         tx.rollback().await?;
-        return Ok(Settled::Already);
+        return Ok(false);
     }
-    add_counters(
-        &mut tx,
-        r.sync_id,
-        r.entity,
-        r.succeeded.len() as i32,
-        r.failed.len() as i32,
-        r.api_response,
-    )
-    .await?;
     if !r.failed.is_empty() {
         record_failures(&mut tx, r).await?;
     }
@@ -151,20 +172,174 @@ pub async fn settle_chunk(pool: &PgPool, r: &ChunkResult<'_>) -> sqlx::Result<Se
     if !r.delivered.is_empty() {
         record_delivered(&mut tx, r).await?;
     }
-    let remaining: i32 = sqlx::query_scalar(
-        "UPDATE loansync_sync SET chunks_remaining = chunks_remaining - 1, last_progress_at = now() \
-         WHERE sync_id = $1 RETURNING chunks_remaining",
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// How often, at most, the history counters of a running sync are rolled up from its
+/// chunk rows by the settlers ([`roll_up`]).
+pub const ROLL_UP_EVERY_SQL: &str = "interval '1 second'";
+
+/// What a settler does after its settle committed, without waiting for other settlers:
+/// one read (no lock) says whether any chunk of the sync is unsettled and whether the
+/// counters are due for a roll-up. The last settler to commit always sees every chunk
+/// settled (its read starts after every other settle committed) and finalizes
+/// ([`finalize_if_settled`]; when several see it, exactly one does). Otherwise a due
+/// roll-up is tried, skipped at once if another settler is doing it.
+///
+/// Returns the final status when this call finalized the sync. Failures are logged,
+/// not returned (the chunk is settled): whatever was not done here is done by the
+/// planner's housekeeping, the next planner or the end of a single-process sync
+/// ([`finalize_settled`]).
+pub async fn after_settle(pool: &PgPool, sync_id: &str) -> Option<FinalStatus> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT s.state = 'running', \
+                    EXISTS (SELECT 1 FROM loansync_chunk c WHERE c.sync_id = s.sync_id AND c.settled_at IS NULL), \
+                    s.rolled_up_at IS NULL OR s.rolled_up_at < now() - {ROLL_UP_EVERY_SQL} \
+             FROM loansync_sync s WHERE s.sync_id = $1"
+        )
+    });
+    let looked: sqlx::Result<Option<(bool, bool, bool)>> = sqlx::query_as(SQL.as_str())
+        .bind(sync_id)
+        .fetch_optional(pool)
+        .await;
+    let outcome = match looked {
+        Ok(Some((true, false, _))) => finalize_if_settled(pool, sync_id).await,
+        Ok(Some((true, true, true))) => roll_up(pool, sync_id).await.map(|_| None),
+        Ok(_) => Ok(None),
+        Err(e) => Err(e),
+    };
+    outcome.unwrap_or_else(|e| {
+        tracing::warn!(%sync_id, error = %e, "after a settle: could not finalize or roll up the sync; \
+                       the planner's housekeeping does it");
+        None
+    })
+}
+
+/// Rolls a running sync's history counters up from its chunk rows, if nobody did in the
+/// last second: takes the `loansync_sync` row with `SKIP LOCKED` (a settler that does not
+/// get it goes on at once), sets the counters to the sums ([`ROLL_UP_COUNTERS`]: absolute
+/// values, idempotent) and `rolled_up_at`. Returns whether it rolled up.
+pub async fn roll_up(pool: &PgPool, sync_id: &str) -> sqlx::Result<bool> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT 1 FROM loansync_sync WHERE sync_id = $1 AND state = 'running' \
+               AND (rolled_up_at IS NULL OR rolled_up_at < now() - {ROLL_UP_EVERY_SQL}) \
+             FOR UPDATE SKIP LOCKED"
+        )
+    });
+    roll_up_if(pool, sync_id, SQL.as_str()).await
+}
+
+/// [`roll_up`] whatever the time of the last one (the planner's housekeeping, tests);
+/// still `SKIP LOCKED`.
+pub async fn roll_up_now(pool: &PgPool, sync_id: &str) -> sqlx::Result<bool> {
+    roll_up_if(
+        pool,
+        sync_id,
+        "SELECT 1 FROM loansync_sync WHERE sync_id = $1 AND state = 'running' FOR UPDATE SKIP LOCKED",
     )
-    .bind(r.sync_id)
+    .await
+}
+
+async fn roll_up_if(pool: &PgPool, sync_id: &str, lock_sql: &str) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let got: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(lock_sql))
+        .bind(sync_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if got.is_none() {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    roll_up_counters(&mut tx, sync_id).await?;
+    sqlx::query("UPDATE loansync_sync SET rolled_up_at = now() WHERE sync_id = $1")
+        .bind(sync_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Sets the history counters (and `api_response`) from the chunk rows, in the caller's
+/// transaction. The caller holds the `loansync_sync` row (lock order: chunk rows, then
+/// the sync row, then the history row).
+async fn roll_up_counters(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<()> {
+    sqlx::query(ROLL_UP_COUNTERS)
+        .bind(sync_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Finalizes a running sync whose chunks are all settled, exactly once: locks its
+/// `loansync_sync` row, checks that it is still running and that no chunk is unsettled
+/// (under that lock, so a second finalizer finds it `done` and does nothing), then
+/// [`finalize`]. `None` when it is not running or a chunk is still unsettled.
+pub async fn finalize_if_settled(
+    pool: &PgPool,
+    sync_id: &str,
+) -> sqlx::Result<Option<FinalStatus>> {
+    let mut tx = pool.begin().await?;
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1 FOR UPDATE")
+            .bind(sync_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let unsettled: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM loansync_chunk WHERE sync_id = $1 AND settled_at IS NULL)",
+    )
+    .bind(sync_id)
     .fetch_one(&mut *tx)
     .await?;
-    let finished = if remaining == 0 {
-        Some(finalize(&mut tx, r.sync_id).await?)
-    } else {
-        None
-    };
+    if state.as_deref() != Some("running") || unsettled {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let status = finalize(&mut tx, sync_id).await?;
     tx.commit().await?;
-    Ok(Settled::Now(finished))
+    Ok(Some(status))
+}
+
+/// A sync finalized by [`finalize_settled`] rather than by its last settler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finalized {
+    pub sync_id: String,
+    pub sync_type: SyncType,
+    pub status: FinalStatus,
+}
+
+/// The safety net of the settle: finalizes every running sync whose chunks are all
+/// settled (a settler that died between its commit and its finalize leaves one), and
+/// rolls up the counters of the others. Run by the planner's housekeeping tick, before
+/// a planner claims the slot, at the end of a single-process sync and by `resume`.
+pub async fn finalize_settled(pool: &PgPool) -> sqlx::Result<Vec<Finalized>> {
+    let running: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT s.sync_id::text, s.sync_type::text, \
+                EXISTS (SELECT 1 FROM loansync_chunk c WHERE c.sync_id = s.sync_id AND c.settled_at IS NULL) \
+         FROM loansync_sync s WHERE s.state = 'running'",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut finalized = Vec::new();
+    for (sync_id, sync_type, unsettled) in running {
+        if unsettled {
+            roll_up_now(pool, &sync_id).await?;
+        } else if let Some(status) = finalize_if_settled(pool, &sync_id).await? {
+            tracing::info!(%sync_id, status = status.as_str(), "finalized a sync whose chunks were all settled");
+            finalized.push(Finalized {
+                sync_id,
+                sync_type: if sync_type == "full" {
+                    SyncType::Full
+                } else {
+                    SyncType::Incremental
+                },
+                status,
+            });
+        }
+    }
+    Ok(finalized)
 }
 
 /// Writes what the platform now holds of the accepted records: their fingerprints (in
@@ -188,25 +363,6 @@ async fn record_delivered(conn: &mut PgConnection, r: &ChunkResult<'_>) -> sqlx:
         .bind(r.entity.as_str())
         .bind(&ids)
         .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-async fn add_counters(
-    conn: &mut PgConnection,
-    sync_id: &str,
-    entity: EntityKind,
-    succeeded: i32,
-    failed: i32,
-    api_response: Option<&serde_json::Value>,
-) -> sqlx::Result<()> {
-    sqlx::query(ADD_COUNTERS)
-        .bind(sync_id)
-        .bind(entity.as_str())
-        .bind(succeeded)
-        .bind(failed)
-        .bind(api_response)
-        .execute(conn)
         .await?;
     Ok(())
 }
@@ -240,16 +396,20 @@ fn truncate(s: &str, max_chars: usize) -> String {
     s.chars().take(max_chars).collect()
 }
 
-/// Closes a sync whose chunks are all settled: status, `completed_at`,
-/// `duration_seconds`, `error_message`, and the watermarks of a successful regular sync.
+/// Closes a sync whose chunks are all settled: the history counters set exactly from
+/// the chunk rows (sums per entity), status, `completed_at`, `duration_seconds`,
+/// `error_message`, and the watermarks of a successful regular sync; `state = 'done'`.
+/// The caller holds the `loansync_sync` row (or plans the sync in this transaction) and
+/// has checked that it is running with no chunk unsettled ([`finalize_if_settled`]).
 pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<FinalStatus> {
+    roll_up_counters(&mut *conn, sync_id).await?;
     let row = sqlx::query(
         "SELECT h.loans_success + h.repayments_success + h.customers_success + h.officers_success, \
                 h.loans_failed + h.repayments_failed + h.customers_failed + h.officers_failed, \
                 h.loans_failed, h.repayments_failed, h.customers_failed, h.officers_failed, \
                 s.purpose, s.entities, s.window_hi, h.status \
          FROM etl_folder_etlsynchistory h JOIN loansync_sync s USING (sync_id) \
-         WHERE sync_id = $1 FOR UPDATE OF h, s",
+         WHERE sync_id = $1",
     )
     .bind(sync_id)
     .fetch_one(&mut *conn)
@@ -309,11 +469,12 @@ pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<Fi
         }
     }
     sqlx::query(
-        "UPDATE loansync_sync SET state = 'done', chunks_remaining = 0, finished_at = now() WHERE sync_id = $1",
+        "UPDATE loansync_sync SET state = 'done', chunks_remaining = 0, finished_at = now(), \
+         rolled_up_at = now() WHERE sync_id = $1",
     )
-        .bind(sync_id)
-        .execute(&mut *conn)
-        .await?;
+    .bind(sync_id)
+    .execute(&mut *conn)
+    .await?;
     Ok(status)
 }
 
@@ -343,8 +504,10 @@ enum Unsettled {
 pub const ABANDONED_CODE: &str = "SYNC_ABANDONED";
 
 /// Settles every unsettled chunk of a running sync as failed and finalizes it `failed`.
-/// Locks in the ledger's order (chunks, history, sync): a settle that holds a chunk is
-/// waited for, and the chunk it settled is skipped. Concurrent calls for one sync are
+/// Locks in the ledger's order (chunks, sync, history): a settle that holds a chunk is
+/// waited for, and the chunk it settled is skipped; a roll-up or a finalize that holds
+/// the sync row is waited for. The counters are then set from the chunk rows
+/// ([`finalize`]), so every chunk counts once. Concurrent calls for one sync are
 /// serialized by a transaction advisory lock that settles never take.
 async fn fail_unsettled(
     pool: &PgPool,
@@ -371,20 +534,14 @@ async fn fail_unsettled(
         Unsettled::Aborted => "aborted",
         Unsettled::Abandoned => "abandoned",
     };
-    let failed: Vec<(String, i64)> = sqlx::query_as(
-        "WITH a AS (UPDATE loansync_chunk SET settled_at = now(), outcome = $2, succeeded = 0, \
-                    failed = cardinality(ids) WHERE sync_id = $1 AND settled_at IS NULL RETURNING entity, failed) \
-         SELECT entity::text, sum(failed)::int8 FROM a GROUP BY entity",
+    sqlx::query(
+        "UPDATE loansync_chunk SET settled_at = now(), outcome = $2, succeeded = 0, \
+                failed = cardinality(ids) WHERE sync_id = $1 AND settled_at IS NULL",
     )
     .bind(sync_id)
     .bind(outcome)
-    .fetch_all(&mut *tx)
+    .execute(&mut *tx)
     .await?;
-    for (entity, n) in &failed {
-        if let Ok(e) = entity.parse::<EntityKind>() {
-            add_counters(&mut tx, sync_id, e, 0, *n as i32, api_response).await?;
-        }
-    }
     if how == Unsettled::Abandoned {
         sqlx::query(
             "INSERT INTO etl_folder_etlsyncerror ( \
@@ -403,15 +560,8 @@ async fn fail_unsettled(
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query(
-        "UPDATE etl_folder_etlsynchistory SET status = 'failed', error_message = $2 WHERE sync_id = $1",
-    )
-    .bind(sync_id)
-    .bind(reason)
-    .execute(&mut *tx)
-    .await?;
-    // finalize locks the history row, then the sync row, and re-reads the state there:
-    // a settle that finalized the sync meanwhile has left it 'done'.
+    // The sync row, then the history row. A settler that finalized the sync meanwhile
+    // (every chunk was settled already) has left it 'done'.
     let still_running: bool = sqlx::query_scalar(
         "SELECT state = 'running' FROM loansync_sync WHERE sync_id = $1 FOR UPDATE",
     )
@@ -422,7 +572,22 @@ async fn fail_unsettled(
         tx.rollback().await?;
         return Ok(false);
     }
+    sqlx::query(
+        "UPDATE etl_folder_etlsynchistory SET status = 'failed', error_message = $2 WHERE sync_id = $1",
+    )
+    .bind(sync_id)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
     finalize(&mut tx, sync_id).await?;
+    if let Some(body) = api_response {
+        // The answer that failed the sync is the last one, whatever the chunks kept.
+        sqlx::query("UPDATE etl_folder_etlsynchistory SET api_response = $2 WHERE sync_id = $1")
+            .bind(sync_id)
+            .bind(body)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(true)
 }
@@ -540,29 +705,6 @@ pub async fn unsettled_chunks_page(
     Ok((jobs, next))
 }
 
-/// The chunks of a sync that are not settled yet, in publishing order.
-pub async fn unsettled_chunks(
-    pool: &PgPool,
-    sync_id: &str,
-) -> sqlx::Result<Vec<crate::domain::ChunkJob>> {
-    let rows: Vec<(String, i32)> = sqlx::query_as(
-        "SELECT entity::text, seq FROM loansync_chunk WHERE sync_id = $1 AND settled_at IS NULL ORDER BY entity, seq",
-    )
-    .bind(sync_id)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(e, seq)| {
-            e.parse().ok().map(|entity| crate::domain::ChunkJob {
-                sync_id: sync_id.to_string(),
-                entity,
-                seq,
-            })
-        })
-        .collect())
-}
-
 /// One sync as `loansync status` shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct SyncSummary {
@@ -593,12 +735,28 @@ pub struct EntityProgress {
     pub failed: i32,
 }
 
-/// Per-entity counters of a sync, straight from the history row.
+/// Per-entity counters of a sync: from the history row, except for a running sync,
+/// whose settled chunks are summed (the history row is rolled up about once a second).
 pub async fn entity_progress(pool: &PgPool, sync_id: &str) -> sqlx::Result<Vec<EntityProgress>> {
     let r = sqlx::query(
-        "SELECT total_loans, loans_success, loans_failed, total_repayments, repayments_success, repayments_failed, \
-                total_customers, customers_success, customers_failed, total_officers, officers_success, officers_failed \
-         FROM etl_folder_etlsynchistory WHERE sync_id = $1",
+        "SELECT h.total_loans, COALESCE(c.ls, h.loans_success), COALESCE(c.lf, h.loans_failed), \
+                h.total_repayments, COALESCE(c.rs, h.repayments_success), COALESCE(c.rf, h.repayments_failed), \
+                h.total_customers, COALESCE(c.cs, h.customers_success), COALESCE(c.cf, h.customers_failed), \
+                h.total_officers, COALESCE(c.osu, h.officers_success), COALESCE(c.ofa, h.officers_failed) \
+         FROM etl_folder_etlsynchistory h \
+         LEFT JOIN loansync_sync s ON s.sync_id = h.sync_id AND s.state = 'running' \
+         LEFT JOIN LATERAL ( \
+             SELECT coalesce(sum(succeeded) FILTER (WHERE entity = 'loan'), 0)::int4 AS ls, \
+                    coalesce(sum(failed) FILTER (WHERE entity = 'loan'), 0)::int4 AS lf, \
+                    coalesce(sum(succeeded) FILTER (WHERE entity = 'repayment'), 0)::int4 AS rs, \
+                    coalesce(sum(failed) FILTER (WHERE entity = 'repayment'), 0)::int4 AS rf, \
+                    coalesce(sum(succeeded) FILTER (WHERE entity = 'customer'), 0)::int4 AS cs, \
+                    coalesce(sum(failed) FILTER (WHERE entity = 'customer'), 0)::int4 AS cf, \
+                    coalesce(sum(succeeded) FILTER (WHERE entity = 'officer'), 0)::int4 AS osu, \
+                    coalesce(sum(failed) FILTER (WHERE entity = 'officer'), 0)::int4 AS ofa \
+             FROM loansync_chunk WHERE sync_id = s.sync_id AND settled_at IS NOT NULL \
+             HAVING s.sync_id IS NOT NULL) c ON true \
+         WHERE h.sync_id = $1",
     )
     .bind(sync_id)
     .fetch_one(pool)
@@ -627,7 +785,10 @@ pub async fn recent_syncs(
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "SELECT h.sync_id::text, h.sync_type::text, h.status::text, h.started_at, h.completed_at, h.duration_seconds, \
-                    h.sync_start_date, h.sync_end_date, h.error_message, s.chunks_total, s.chunks_remaining, \
+                    h.sync_start_date, h.sync_end_date, h.error_message, s.chunks_total, \
+                    CASE WHEN s.state = 'running' THEN (SELECT count(*)::int4 FROM loansync_chunk c \
+                         WHERE c.sync_id = s.sync_id AND c.settled_at IS NULL) \
+                         WHEN s.sync_id IS NOT NULL THEN 0 END AS chunks_remaining, \
                     s.state::text AS state, COALESCE({}, false) AS stalled \
              FROM etl_folder_etlsynchistory h LEFT JOIN loansync_sync s USING (sync_id) \
              WHERE ($1::text IS NULL OR h.sync_id = $1) ORDER BY h.started_at DESC, h.id DESC LIMIT $2",

@@ -1,7 +1,7 @@
 //! The ledger's larger statements, kept in `.sql` files beside this module.
 
 pub(crate) const INSERT_HISTORY: &str = include_str!("sql/insert_history.sql");
-pub(crate) const ADD_COUNTERS: &str = include_str!("sql/add_counters.sql");
+pub(crate) const ROLL_UP_COUNTERS: &str = include_str!("sql/roll_up_counters.sql");
 pub(crate) const INSERT_ERRORS: &str = include_str!("sql/insert_errors.sql");
 pub(crate) const RETRY_ERRORS: &str = include_str!("sql/retry_errors.sql");
 pub(crate) const RESOLVE_ERRORS: &str = include_str!("sql/resolve_errors.sql");

@@ -85,11 +85,12 @@ async fn a_worker_killed_after_the_post_before_the_commit_loses_nothing() {
     planner::plan_sync(&db.pool, &settings, &full(), &broker)
         .await
         .unwrap();
-    // Holding the sync's history row makes every settle wait after its POST was
-    // answered: the worker has delivered, and has not committed.
+    // Holding the table of delivered fingerprints (which a settle writes; settles share
+    // no row any more) makes every settle wait after its POST was answered: the worker
+    // has delivered, and has not committed.
     let mut hold = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT id FROM etl_folder_etlsynchistory FOR UPDATE")
-        .fetch_all(&mut *hold)
+    sqlx::query("LOCK TABLE loansync_delivered IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
         .await
         .unwrap();
     let mut child = crate::pipeline::worker_process(&db, &settings, &stub.url())

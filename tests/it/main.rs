@@ -22,6 +22,7 @@ mod resume;
 mod robust;
 mod safety;
 mod security;
+mod settle;
 mod shutdown;
 mod sink;
 mod source;

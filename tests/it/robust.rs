@@ -112,9 +112,10 @@ async fn pooled_connections_carry_the_session_timeouts() {
     assert_eq!(show(&pool, "SHOW lock_timeout").await, "2s");
 }
 
-/// A session holding the sync's history row (which every settle updates) makes the
-/// settle fail with `lock_timeout` after the configured second instead of waiting: the
-/// chunk is requeued, and once the lock goes the sync completes exactly.
+/// A session holding a lock the settle needs (the fingerprints of delivered records,
+/// which a settle writes; the settle shares no row with other chunks' settles any more)
+/// makes the settle fail with `lock_timeout` after the configured second instead of
+/// waiting: the chunk is requeued, and once the lock goes the sync completes exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
     let db = seeded_db(small()).await;
@@ -144,8 +145,7 @@ async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
         panic!("not planned")
     };
     let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM etl_folder_etlsynchistory WHERE sync_id = $1 FOR UPDATE")
-        .bind(&sync_id)
+    sqlx::query("LOCK TABLE loansync_delivered IN EXCLUSIVE MODE")
         .execute(&mut *holder)
         .await
         .unwrap();
@@ -155,6 +155,11 @@ async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
         .await
         .unwrap()
         .unwrap();
+    let delivered: Vec<(i64, uuid::Uuid)> = state
+        .ids
+        .iter()
+        .map(|&id| (id, uuid::Uuid::new_v4()))
+        .collect();
     let err = loansync::ledger::settle_chunk(
         &pool,
         &loansync::ledger::ChunkResult {
@@ -163,10 +168,10 @@ async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
             seq: 0,
             history_id: state.history_id,
             purpose: state.purpose,
-            succeeded: &[],
+            succeeded: &state.ids,
             failed: &[],
             api_response: None,
-            delivered: &[],
+            delivered: &delivered,
         },
     )
     .await
@@ -210,7 +215,7 @@ async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(settled, 0, "nothing settles while the row is held");
+    assert_eq!(settled, 0, "nothing settles while the lock is held");
     holder.rollback().await.unwrap();
 
     tokio::time::timeout(DEADLINE, work)

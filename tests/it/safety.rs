@@ -461,7 +461,9 @@ async fn a_settle_and_an_abort_at_once_take_their_locks_in_one_order() {
         .unwrap()
         .unwrap();
 
-    // The history row is held: the settle marks its chunk, then waits for that row.
+    // The history row is held: the settle commits its chunk (it shares no row with other
+    // settles), then its roll-up of the counters (the sync's first, so due at once) takes
+    // the sync row and waits for the history row.
     let mut holder = db.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM etl_folder_etlsynchistory WHERE sync_id = $1 FOR UPDATE")
         .bind(&sync_id)
@@ -495,7 +497,8 @@ async fn a_settle_and_an_abort_at_once_take_their_locks_in_one_order() {
         || async { waiting(&db.pool, "any").await >= 1 },
     )
     .await;
-    // The API refuses the credentials for another chunk: the sync is aborted meanwhile.
+    // The API refuses the credentials for another chunk: the sync is aborted meanwhile;
+    // it settles the other chunks, then waits for the sync row (chunks, sync, history).
     let abort = {
         let (pool, sync_id) = (db.pool.clone(), sync_id.clone());
         tokio::spawn(async move {

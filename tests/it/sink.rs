@@ -331,11 +331,11 @@ async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_recor
     let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
 
     // First attempt: POSTed and answered, then the worker dies before its settle
-    // commits (the history row is held, so the settle waits; then its task and its
-    // database session are killed).
+    // commits (the table of delivered fingerprints, which the settle writes, is held, so
+    // the settle waits; then its task and its database session are killed).
     let mut hold = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT id FROM etl_folder_etlsynchistory FOR UPDATE")
-        .fetch_all(&mut *hold)
+    sqlx::query("LOCK TABLE loansync_delivered IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
         .await
         .unwrap();
     let first = tokio::spawn({

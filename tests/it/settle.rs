@@ -1,0 +1,458 @@
+//! Settles that never wait for each other (issue 12 item 1): the settle transaction
+//! touches its own chunk row only; the last chunk is found after the commit and exactly
+//! one settler finalizes; a settler that dies before finalizing is caught up by the
+//! planner's housekeeping or the next planner; the history counters are rolled up while
+//! a sync runs and exact at the end. Races are forced with held locks, never timing.
+
+use crate::pipeline::{assert_books_balance, history, seeded_db, settings_for, small};
+use crate::support::{TestDb, wait_for};
+use loansync::domain::{ChunkJob, EntityKind, PlanRequest, SyncType};
+use loansync::ledger::{self, ChunkResult, FinalStatus, Settled};
+use loansync::planner::{self, PlanOutcome};
+use loansync::queue::memory::MemoryQueue;
+use sqlx::PgPool;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn loans(sync_type: SyncType) -> PlanRequest {
+    PlanRequest {
+        sync_type,
+        entities: Some(vec![EntityKind::Loan]),
+        request_id: None,
+        since: None,
+        until: None,
+        sweep: false,
+    }
+}
+
+/// A planned full sync of loans whose chunks nobody works (20 loans a chunk).
+async fn planned(db: &TestDb) -> (String, Vec<ChunkJob>) {
+    let settings = settings_for(db, "http://127.0.0.1:9", &[]);
+    let queue = MemoryQueue::new();
+    let outcome = planner::plan_sync(&db.pool, &settings, &loans(SyncType::Full), &queue)
+        .await
+        .unwrap();
+    let PlanOutcome::Planned { sync_id, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    let mut jobs = Vec::new();
+    while let Some(j) = queue.try_pop() {
+        jobs.push(j);
+    }
+    assert!(jobs.len() >= 4, "a few chunks: {}", jobs.len());
+    (sync_id, jobs)
+}
+
+/// What a worker would settle for `job`: every record accepted, except every tenth,
+/// which fails; the API's answer names the chunk.
+struct Outcome {
+    succeeded: Vec<i64>,
+    failed: Vec<ledger::FailedRecord>,
+    history_id: i32,
+    purpose: ledger::Purpose,
+    answer: serde_json::Value,
+}
+
+/// Starts the chunk (as a worker does) and makes up its outcome.
+async fn outcome_of(pool: &PgPool, job: &ChunkJob) -> Outcome {
+    outcome_with(pool, job, true).await
+}
+
+/// [`outcome_of`]; without `failures`, every record is accepted.
+async fn outcome_with(pool: &PgPool, job: &ChunkJob, failures: bool) -> Outcome {
+    let state = ledger::start_chunk(pool, &job.sync_id, job.entity, job.seq)
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut succeeded, mut failed) = (Vec::new(), Vec::new());
+    for (i, &id) in state.ids.iter().enumerate() {
+        if failures && i % 10 == 9 {
+            failed.push(ledger::FailedRecord {
+                id,
+                error_code: "INVALID".into(),
+                message: "refused by the test".into(),
+                details: serde_json::json!({}),
+            });
+        } else {
+            succeeded.push(id);
+        }
+    }
+    Outcome {
+        succeeded,
+        failed,
+        history_id: state.history_id,
+        purpose: state.purpose,
+        answer: serde_json::json!({ "chunk": job.seq }),
+    }
+}
+
+fn result<'a>(job: &'a ChunkJob, o: &'a Outcome) -> ChunkResult<'a> {
+    ChunkResult {
+        sync_id: &job.sync_id,
+        entity: job.entity,
+        seq: job.seq,
+        history_id: o.history_id,
+        purpose: o.purpose,
+        succeeded: &o.succeeded,
+        delivered: &[],
+        failed: &o.failed,
+        api_response: Some(&o.answer),
+    }
+}
+
+async fn settle(pool: &PgPool, job: &ChunkJob) -> Settled {
+    let o = outcome_of(pool, job).await;
+    ledger::settle_chunk(pool, &result(job, &o)).await.unwrap()
+}
+
+/// The settle transaction of a started chunk, run on its own task, as a worker's.
+fn spawn_settle(pool: &PgPool, job: &ChunkJob, o: Outcome) -> tokio::task::JoinHandle<Settled> {
+    let (pool, job) = (pool.clone(), job.clone());
+    tokio::spawn(async move {
+        ledger::settle_chunk(&pool, &result(&job, &o))
+            .await
+            .unwrap()
+    })
+}
+
+/// Loans (success, failed) summed over the settled chunk rows.
+async fn chunk_sums(pool: &PgPool, sync_id: &str) -> (i32, i32) {
+    sqlx::query_as(
+        "SELECT coalesce(sum(succeeded), 0)::int4, coalesce(sum(failed), 0)::int4 \
+         FROM loansync_chunk WHERE sync_id = $1 AND settled_at IS NOT NULL",
+    )
+    .bind(sync_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn history_loans(pool: &PgPool, sync_id: &str) -> (i32, i32, i32, String) {
+    sqlx::query_as(
+        "SELECT total_loans, loans_success, loans_failed, status::text \
+         FROM etl_folder_etlsynchistory WHERE sync_id = $1",
+    )
+    .bind(sync_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn sync_state(pool: &PgPool, sync_id: &str) -> String {
+    sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
+        .bind(sync_id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Backends of this database waiting for a lock.
+async fn waiting(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE NOT l.granted AND a.datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// The loan watermark: where it is and which sync moved it.
+async fn loan_watermark(pool: &PgPool) -> Option<(chrono::DateTime<chrono::Utc>, String)> {
+    sqlx::query_as(
+        "SELECT last_sync_timestamp, last_sync_id::text FROM etl_folder_etllastsync WHERE entity_type = 'loan'",
+    )
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+async fn window_hi(pool: &PgPool, sync_id: &str) -> chrono::DateTime<chrono::Utc> {
+    sqlx::query_scalar("SELECT window_hi FROM loansync_sync WHERE sync_id = $1")
+        .bind(sync_id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The sync finished exactly: `completed`... or `partial_success` here (every tenth
+/// record fails), counters equal to the chunk sums and to the total, the watermark at
+/// the window's end, moved by this sync.
+async fn assert_finished_exactly(pool: &PgPool, sync_id: &str) {
+    let (total, ok, failed, status) = history_loans(pool, sync_id).await;
+    assert_eq!(status, "partial_success");
+    assert_eq!((ok, failed), chunk_sums(pool, sync_id).await);
+    assert_eq!(ok + failed, total);
+    assert_eq!(sync_state(pool, sync_id).await, "done");
+    assert_eq!(
+        loan_watermark(pool).await,
+        Some((window_hi(pool, sync_id).await, sync_id.to_string()))
+    );
+    let errors: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM etl_folder_etlsyncerror e JOIN etl_folder_etlsynchistory h \
+         ON h.id = e.sync_history_id WHERE h.sync_id = $1",
+    )
+    .bind(sync_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(errors, i64::from(failed), "one error row per failed record");
+    assert_books_balance(pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settles_of_two_chunks_commit_while_the_history_and_sync_rows_are_held() {
+    let db = seeded_db(small()).await;
+    let (sync_id, jobs) = planned(&db).await;
+
+    // Another session holds both rows every settle used to update.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM etl_folder_etlsynchistory WHERE sync_id = $1 FOR UPDATE")
+        .bind(&sync_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM loansync_sync WHERE sync_id = $1 FOR UPDATE")
+        .bind(&sync_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    // Every record accepted: a failed record's error row checks its foreign key to the
+    // history row at commit (FOR KEY SHARE, which only a FOR UPDATE of that row blocks;
+    // the roll-up's and Django's UPDATEs do not).
+    let (oa, ob) = (
+        outcome_with(&db.pool, &jobs[0], false).await,
+        outcome_with(&db.pool, &jobs[1], false).await,
+    );
+    let (a, b) = (
+        spawn_settle(&db.pool, &jobs[0], oa),
+        spawn_settle(&db.pool, &jobs[1], ob),
+    );
+    let (a, b) = tokio::time::timeout(DEADLINE, async { (a.await, b.await) })
+        .await
+        .expect("two settles blocked by the history and sync rows held");
+    assert_eq!(a.unwrap(), Settled::Now(None));
+    assert_eq!(b.unwrap(), Settled::Now(None));
+    // Committed, seen from another session while the rows are still held.
+    let settled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM loansync_chunk WHERE sync_id = $1 AND settled_at IS NOT NULL",
+    )
+    .bind(&sync_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(settled, 2);
+    assert_eq!(waiting(&db.pool).await, 0, "nobody waits");
+    // The roll-up skipped the held row: the history is untouched, the live progress
+    // (from the chunk rows) is exact.
+    let (_, ok, failed, _) = history_loans(&db.pool, &sync_id).await;
+    assert_eq!((ok, failed), (0, 0));
+    let live = ledger::entity_progress(&db.pool, &sync_id).await.unwrap();
+    let loans = live.iter().find(|p| p.entity == EntityKind::Loan).unwrap();
+    assert_eq!(
+        (loans.success, loans.failed),
+        chunk_sums(&db.pool, &sync_id).await
+    );
+    holder.rollback().await.unwrap();
+
+    let mut last = None;
+    for job in &jobs[2..] {
+        last = Some(settle(&db.pool, job).await);
+    }
+    assert_eq!(last, Some(Settled::Now(Some(FinalStatus::PartialSuccess))));
+    assert_finished_exactly(&db.pool, &sync_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_two_chunks_settled_at_once_are_finalized_once() {
+    let db = seeded_db(small()).await;
+    let (sync_id, jobs) = planned(&db).await;
+    let n = jobs.len();
+    for job in &jobs[..n - 2] {
+        assert_eq!(settle(&db.pool, job).await, Settled::Now(None));
+    }
+    // The barrier: both last chunk rows held, so both settles wait in their
+    // transactions, and go on together when the holder lets go.
+    let (oa, ob) = (
+        outcome_of(&db.pool, &jobs[n - 2]).await,
+        outcome_of(&db.pool, &jobs[n - 1]).await,
+    );
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT 1 FROM loansync_chunk WHERE sync_id = $1 AND settled_at IS NULL ORDER BY entity, seq FOR UPDATE",
+    )
+    .bind(&sync_id)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let a = spawn_settle(&db.pool, &jobs[n - 2], oa);
+    let b = spawn_settle(&db.pool, &jobs[n - 1], ob);
+    wait_for("both settles at the barrier", DEADLINE, || async {
+        waiting(&db.pool).await >= 2
+    })
+    .await;
+    holder.rollback().await.unwrap();
+    let outcomes = [a.await.unwrap(), b.await.unwrap()];
+    let finalized: Vec<_> = outcomes
+        .iter()
+        .filter(|s| matches!(s, Settled::Now(Some(_))))
+        .collect();
+    assert_eq!(finalized.len(), 1, "exactly one finalize: {outcomes:?}");
+    assert!(outcomes.iter().all(|s| matches!(s, Settled::Now(_))));
+    assert_finished_exactly(&db.pool, &sync_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_settlers_that_both_see_every_chunk_settled_finalize_once() {
+    let db = seeded_db(small()).await;
+    let (sync_id, jobs) = planned(&db).await;
+    // Every chunk committed, no settler has looked yet.
+    for job in &jobs {
+        let o = outcome_of(&db.pool, job).await;
+        assert!(
+            ledger::settle_chunk_only(&db.pool, &result(job, &o))
+                .await
+                .unwrap()
+        );
+    }
+    // Both find every chunk settled and go for the sync row, which is held.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM loansync_sync WHERE sync_id = $1 FOR UPDATE")
+        .bind(&sync_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let after = || {
+        let (pool, sync_id) = (db.pool.clone(), sync_id.clone());
+        tokio::spawn(async move { ledger::after_settle(&pool, &sync_id).await })
+    };
+    let (a, b) = (after(), after());
+    wait_for(
+        "both finalizers waiting for the sync row",
+        DEADLINE,
+        || async { waiting(&db.pool).await >= 2 },
+    )
+    .await;
+    let before = loan_watermark(&db.pool).await;
+    holder.rollback().await.unwrap();
+    let outcomes = [a.await.unwrap(), b.await.unwrap()];
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_some()).count(),
+        1,
+        "exactly one finalize: {outcomes:?}"
+    );
+    assert_ne!(
+        before,
+        loan_watermark(&db.pool).await,
+        "the watermark moved"
+    );
+    assert_finished_exactly(&db.pool, &sync_id).await;
+    // A late copy of a chunk counts nothing.
+    assert_eq!(settle(&db.pool, &jobs[0]).await, Settled::Already);
+    assert_finished_exactly(&db.pool, &sync_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settler_that_dies_before_finalizing_is_caught_up_by_housekeeping_and_the_next_planner() {
+    let db = seeded_db(small()).await;
+    let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
+
+    // The last settler commits and dies before it looks at the sync.
+    let (sync_id, jobs) = planned(&db).await;
+    for job in &jobs {
+        let o = outcome_of(&db.pool, job).await;
+        assert!(
+            ledger::settle_chunk_only(&db.pool, &result(job, &o))
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(sync_state(&db.pool, &sync_id).await, "running");
+    assert_eq!(history_loans(&db.pool, &sync_id).await.3, "in_progress");
+    // The planner's housekeeping tick finalizes it.
+    planner::housekeep(&db.pool, &settings, 1).await;
+    assert_finished_exactly(&db.pool, &sync_id).await;
+
+    // Again, and this time the next planning request finds the slot held: it finalizes
+    // the sync first, then plans its own.
+    let (second, jobs) = planned(&db).await;
+    for job in &jobs {
+        let o = outcome_of(&db.pool, job).await;
+        assert!(
+            ledger::settle_chunk_only(&db.pool, &result(job, &o))
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(sync_state(&db.pool, &second).await, "running");
+    let queue = MemoryQueue::new();
+    let outcome = planner::plan_sync(&db.pool, &settings, &loans(SyncType::Full), &queue)
+        .await
+        .unwrap();
+    let PlanOutcome::Planned { sync_id: third, .. } = outcome else {
+        panic!("the next planner is not held up: {outcome:?}")
+    };
+    assert_ne!(third, second);
+    assert_eq!(sync_state(&db.pool, &second).await, "done");
+    let (total, ok, failed, status) = history_loans(&db.pool, &second).await;
+    assert_eq!(status, "partial_success");
+    assert_eq!((ok, failed), chunk_sums(&db.pool, &second).await);
+    assert_eq!(ok + failed, total);
+    let h = history(&db.pool).await;
+    assert_eq!(h.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_counters_catch_up_while_a_sync_runs_and_are_exact_at_the_end() {
+    let db = seeded_db(small()).await;
+    let (sync_id, jobs) = planned(&db).await;
+    let n = jobs.len();
+
+    // The first settle rolls up (nobody has): the history shows its chunk at once.
+    assert_eq!(settle(&db.pool, &jobs[0]).await, Settled::Now(None));
+    let (_, ok, failed, status) = history_loans(&db.pool, &sync_id).await;
+    assert_eq!(status, "in_progress");
+    assert_eq!((ok, failed), chunk_sums(&db.pool, &sync_id).await);
+    assert!(ok > 0 && failed > 0);
+
+    // More settles, and a duplicate of one of them, which counts nothing.
+    for job in &jobs[1..n - 1] {
+        assert_eq!(settle(&db.pool, job).await, Settled::Now(None));
+    }
+    assert_eq!(settle(&db.pool, &jobs[1]).await, Settled::Already);
+    let expected = chunk_sums(&db.pool, &sync_id).await;
+    // What a settler does after its commit, tried until a roll-up is due (at most a
+    // second after the last one): the history catches up with the chunk rows.
+    wait_for("the history counters to catch up", DEADLINE, || async {
+        ledger::roll_up(&db.pool, &sync_id).await.unwrap();
+        let (_, ok, failed, _) = history_loans(&db.pool, &sync_id).await;
+        (ok, failed) == expected
+    })
+    .await;
+    let shown: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT api_response FROM etl_folder_etlsynchistory WHERE sync_id = $1")
+            .bind(&sync_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        shown.is_some_and(|v| v["chunk"].as_i64().is_some()),
+        "the history keeps showing an answer of the API"
+    );
+
+    // The last settle finalizes, counters exact; the last answer is the history's.
+    assert_eq!(
+        settle(&db.pool, &jobs[n - 1]).await,
+        Settled::Now(Some(FinalStatus::PartialSuccess))
+    );
+    assert_finished_exactly(&db.pool, &sync_id).await;
+    let shown: serde_json::Value =
+        sqlx::query_scalar("SELECT api_response FROM etl_folder_etlsynchistory WHERE sync_id = $1")
+            .bind(&sync_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(shown, serde_json::json!({ "chunk": jobs[n - 1].seq }));
+}
