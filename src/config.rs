@@ -80,7 +80,7 @@ impl Default for ChunkSizes {
 }
 
 /// Limits set on every pooled PostgreSQL connection, so that a stuck statement, a held
-/// lock or a forgotten transaction cannot wedge a worker (see `crate::db`).
+/// lock or a forgotten transaction cannot wedge a worker (see `db`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DbTimeouts {
     /// `statement_timeout` of every statement (`ETL_DB_STATEMENT_TIMEOUT_SECS`, 0 = none).
@@ -104,11 +104,7 @@ impl Default for DbTimeouts {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::telemetry::LogFormat;
 
 /// The whole configuration of a loansync process.
 #[derive(Debug, Clone)]
@@ -881,7 +877,7 @@ fn is_credential_key(k: &str) -> bool {
 }
 
 /// Time allowed for one chunk's own database work: the pool acquisitions of its start,
-/// its load and its settle (at most 10 s each, see [`crate::db::connect_url`]), and the
+/// its load and its settle (at most 10 s each, see `db::connect_url`), and the
 /// pause before a failed chunk is handed back.
 pub const CHUNK_DB_ALLOWANCE: Duration = Duration::from_secs(30);
 
@@ -891,7 +887,7 @@ pub const CHUNK_DB_ALLOWANCE: Duration = Duration::from_secs(30);
 /// of it (retries, `Retry-After` waits, halving), starts none after it, and a request
 /// started before it lasts at most `timeout`. A chunk that meets an unreachable
 /// PostgreSQL is held and run again for up to `db_outage_wait`
-/// ([`crate::db::through_outage`]), so the last run may start just before that wait
+/// (`db::through_outage`), so the last run may start just before that wait
 /// ends, and then take a whole chunk's time again.
 pub fn chunk_worst_case(
     retry: &RetrySettings,

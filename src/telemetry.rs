@@ -11,7 +11,6 @@ pub mod labels;
 
 pub use events::{Event, Requeue};
 
-use crate::config::LogFormat;
 use crate::domain::{EntityKind, SyncType};
 use crate::ledger::FinalStatus;
 use labels::{ChunkOutcome, HttpClass, RecordOutcome, RetryReason, SkipReason};
@@ -22,6 +21,13 @@ use prometheus::{
 use sqlx::PgPool;
 use std::sync::{Arc, LazyLock};
 use tracing_subscriber::EnvFilter;
+
+/// How log lines are written (`LOG_FORMAT`): text for people, JSON lines for machines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the tracing subscriber: `RUST_LOG` filters (else `default_filter`), `LOG_FORMAT`
 /// picks JSON lines for machines or text for people. Safe to call more than once.
