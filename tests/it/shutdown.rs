@@ -1,7 +1,7 @@
 //! SIGTERM: a worker process stops taking chunks, finishes the ones in flight, exits 0;
 //! nothing is lost and nothing is counted twice.
 
-use crate::pipeline::{assert_books_balance, seeded_db, settings_for, small, wait_syncs_finished};
+use crate::harness::{assert_books_balance, seeded_db, settings_for, small, wait_syncs_finished};
 use crate::support::{amqp_url, wait_for};
 use loansync::domain::{PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
@@ -13,7 +13,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
     let db = seeded_db(small()).await;
-    let stub = crate::pipeline::stub(Faults {
+    let stub = crate::harness::stub(Faults {
         slow_rate: 1.0,
         slow_ms: 700,
         ..Default::default()
@@ -35,7 +35,7 @@ async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
         .await
         .unwrap();
 
-    let mut child = crate::pipeline::worker_process(&db, &settings, &stub.url())
+    let mut child = crate::harness::worker_process(&db, &settings, &stub.url())
         .env("ETL_WORKER_CONCURRENCY", "2")
         .env("ETL_SHUTDOWN_GRACE_SECS", "20")
         .spawn()
