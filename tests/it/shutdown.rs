@@ -3,7 +3,6 @@
 
 use crate::harness::{assert_books_balance, seeded_db, settings_for, small, wait_syncs_finished};
 use crate::support::{amqp_url, wait_for};
-use loansync::domain::{PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
 use loansync::stub_api::Faults;
 use std::sync::Arc;
@@ -23,14 +22,7 @@ async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
     let broker = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
         .await
         .unwrap();
-    let req = PlanRequest {
-        sync_type: SyncType::Full,
-        entities: None,
-        request_id: None,
-        since: None,
-        until: None,
-        sweep: false,
-    };
+    let req = crate::harness::full_request();
     loansync::planner::plan_sync(&db.pool, &settings, &req, &broker)
         .await
         .unwrap();
