@@ -94,11 +94,11 @@ async fn a_chunk_requeued_after_a_transient_failure_comes_back_and_is_delivered(
     else {
         panic!("not planned")
     };
-    // While this lock is held, every settle fails with lock_not_available (transient):
+    // While the table of delivered fingerprints (which every settle writes; settles share
+    // no row any more) is held, every settle fails with lock_not_available (transient):
     // the chunks go back to the queue and come back.
     let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM etl_folder_etlsynchistory WHERE sync_id = $1 FOR UPDATE")
-        .bind(&sync_id)
+    sqlx::query("LOCK TABLE loansync_delivered IN EXCLUSIVE MODE")
         .execute(&mut *holder)
         .await
         .unwrap();
