@@ -646,3 +646,138 @@ pub async fn run_amqp(
     broker.close().await;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        let m: std::collections::HashMap<&str, &str> = pairs.iter().copied().collect();
+        Settings::from_lookup(|k| m.get(k).map(|v| v.to_string())).expect("settings")
+    }
+
+    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
+    }
+
+    #[test]
+    fn a_full_window_has_no_start_whatever_the_watermark() {
+        let s = settings(&[]);
+        let hi = at(2024, 5, 1, 12, 0);
+        for wm in [None, Some(at(2024, 4, 30, 0, 0))] {
+            let w = window_for(&s, SyncType::Full, wm, hi);
+            assert_eq!(w, SyncWindow { lo: None, hi });
+        }
+    }
+
+    #[test]
+    fn an_incremental_window_starts_at_the_watermark_less_the_overlap() {
+        let s = settings(&[("ETL_INCREMENTAL_OVERLAP_SECS", "120")]);
+        assert_eq!(s.incremental_overlap, chrono::Duration::seconds(120));
+        let hi = at(2024, 5, 1, 12, 0);
+        let w = window_for(&s, SyncType::Incremental, Some(at(2024, 5, 1, 10, 0)), hi);
+        assert_eq!(
+            w,
+            SyncWindow {
+                lo: Some(at(2024, 5, 1, 9, 58)),
+                hi
+            }
+        );
+    }
+
+    #[test]
+    fn without_a_watermark_an_incremental_window_looks_back_the_default() {
+        let s = settings(&[
+            ("ETL_DEFAULT_LOOKBACK_DAYS", "30"),
+            ("ETL_INCREMENTAL_OVERLAP_SECS", "0"),
+        ]);
+        let hi = at(2024, 5, 31, 12, 0);
+        let w = window_for(&s, SyncType::Incremental, None, hi);
+        assert_eq!(w.lo, Some(at(2024, 5, 1, 12, 0)));
+        assert_eq!(w.hi, hi);
+    }
+
+    #[test]
+    fn a_window_that_cannot_be_computed_starts_at_year_one_never_panics() {
+        let year_one = at(1, 1, 1, 0, 0);
+        // The lookback from the earliest date there is cannot be computed.
+        let s = settings(&[
+            ("ETL_DEFAULT_LOOKBACK_DAYS", "30"),
+            ("ETL_INCREMENTAL_OVERLAP_SECS", "0"),
+        ]);
+        let w = window_for(&s, SyncType::Incremental, None, DateTime::<Utc>::MIN_UTC);
+        assert_eq!(w.lo, Some(year_one));
+        // Nor can the overlap before the earliest watermark there is.
+        let s = settings(&[("ETL_INCREMENTAL_OVERLAP_SECS", "120")]);
+        let hi = at(2024, 1, 1, 0, 0);
+        let w = window_for(
+            &s,
+            SyncType::Incremental,
+            Some(DateTime::<Utc>::MIN_UTC),
+            hi,
+        );
+        assert_eq!(
+            w,
+            SyncWindow {
+                lo: Some(year_one),
+                hi
+            }
+        );
+    }
+
+    #[test]
+    fn a_planning_message_parses_with_its_optional_fields() {
+        let r = parse_plan(br#"{"sync_type":"full"}"#).unwrap();
+        assert_eq!(r.sync_type, SyncType::Full);
+        assert_eq!(
+            (r.entities, r.request_id, r.since, r.sweep),
+            (None, None, None, false)
+        );
+        let r = parse_plan(
+            br#"{"sync_type":"incremental","entities":["loan","officer"],"request_id":"r1",
+                 "since":"2024-01-01T00:00:00Z","until":"2024-02-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.entities,
+            Some(vec![EntityKind::Loan, EntityKind::Officer])
+        );
+        assert_eq!(r.request_id.as_deref(), Some("r1"));
+        assert_eq!(r.since, Some(at(2024, 1, 1, 0, 0)));
+        assert_eq!(r.until, Some(at(2024, 2, 1, 0, 0)));
+        let r = parse_plan(br#"{"sync_type":"incremental","sweep":true}"#).unwrap();
+        assert!(r.sweep);
+    }
+
+    #[test]
+    fn a_bad_planning_message_is_refused_with_its_reason() {
+        for (body, reason) in [
+            (&b"not json"[..], "invalid planning message: "),
+            (br#"{"sync_type":"weekly"}"#, "invalid planning message: "),
+            (br#"{"sync_type":"full","colour":"red"}"#, "unknown field"),
+            (br#"{"sync_type":"full","entities":[]}"#, "`entities` is empty"),
+            (
+                br#"{"sync_type":"incremental","until":"2024-01-01T00:00:00Z"}"#,
+                "`until` without `since`",
+            ),
+            (
+                br#"{"sync_type":"full","since":"2024-01-01T00:00:00Z"}"#,
+                "a backfill (`since`) is incremental",
+            ),
+            (br#"{"sync_type":"full","sweep":true}"#, "a sweep is incremental"),
+            (
+                br#"{"sync_type":"incremental","sweep":true,"since":"2024-01-01T00:00:00Z"}"#,
+                "it takes no `since`",
+            ),
+            (
+                br#"{"sync_type":"incremental","since":"2024-01-02T00:00:00Z","until":"2024-01-02T00:00:00Z"}"#,
+                "`since` is not before `until`",
+            ),
+        ] {
+            let err = parse_plan(body).expect_err(&String::from_utf8_lossy(body));
+            assert!(err.starts_with("invalid planning message: "), "{err}");
+            assert!(err.contains(reason), "{err} lacks {reason}");
+        }
+    }
+}

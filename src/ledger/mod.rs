@@ -396,6 +396,21 @@ fn truncate(s: &str, max_chars: usize) -> String {
     s.chars().take(max_chars).collect()
 }
 
+/// The status a sync ends in, from its record counts: one that already failed fast
+/// ([`abort_sync`]) stays failed; none failed is completed; some failed is a partial
+/// success, unless none succeeded, which is a failure.
+pub(crate) fn final_status(succeeded: i32, failed: i32, already_failed: bool) -> FinalStatus {
+    if already_failed {
+        FinalStatus::Failed
+    } else if failed == 0 {
+        FinalStatus::Completed
+    } else if succeeded == 0 {
+        FinalStatus::Failed
+    } else {
+        FinalStatus::PartialSuccess
+    }
+}
+
 /// Closes a sync whose chunks are all settled: the history counters set exactly from
 /// the chunk rows (sums per entity), status, `completed_at`, `duration_seconds`,
 /// `error_message`, and the watermarks of a successful regular sync; `state = 'done'`.
@@ -420,12 +435,10 @@ pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<Fi
     let entities: Vec<String> = row.get(7);
     let window_hi: DateTime<Utc> = row.get(8);
     let current: String = row.get(9);
-    let (status, message) = if current == "failed" {
-        // Already failed fast (abort_sync); keep its message.
-        (FinalStatus::Failed, None)
-    } else if failed == 0 {
-        (FinalStatus::Completed, None)
-    } else {
+    // Already failed fast (abort_sync): it keeps its message.
+    let already_failed = current == "failed";
+    let status = final_status(succeeded, failed, already_failed);
+    let message = (!already_failed && failed > 0).then(|| {
         let per_entity: Vec<String> = [
             ("loan", row.get::<i32, _>(2)),
             ("repayment", row.get::<i32, _>(3)),
@@ -436,18 +449,13 @@ pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<Fi
         .filter(|(_, n)| *n > 0)
         .map(|(e, n)| format!("{e}: {n}"))
         .collect();
-        let msg = format!(
+        format!(
             "{failed} of {} records failed ({}); see etl_folder_etlsyncerror for each record's error, \
              and `loansync errors retry` to deliver them again",
             failed + succeeded,
             per_entity.join(", ")
-        );
-        if succeeded == 0 {
-            (FinalStatus::Failed, Some(msg))
-        } else {
-            (FinalStatus::PartialSuccess, Some(msg))
-        }
-    };
+        )
+    });
     sqlx::query(
         "UPDATE etl_folder_etlsynchistory SET status = $2, completed_at = now(), \
          duration_seconds = EXTRACT(EPOCH FROM (now() - started_at))::float8, \
@@ -801,4 +809,30 @@ pub async fn recent_syncs(
         .bind(stale_after_secs as f64)
         .fetch_all(pool)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_final_status_follows_the_counts() {
+        assert_eq!(final_status(10, 0, false), FinalStatus::Completed);
+        // Nothing to send is a success, not a failure.
+        assert_eq!(final_status(0, 0, false), FinalStatus::Completed);
+        assert_eq!(final_status(9, 1, false), FinalStatus::PartialSuccess);
+        assert_eq!(final_status(1, 9, false), FinalStatus::PartialSuccess);
+        assert_eq!(final_status(0, 3, false), FinalStatus::Failed);
+    }
+
+    #[test]
+    fn a_sync_that_failed_fast_stays_failed_whatever_its_counts() {
+        for (ok, failed) in [(0, 0), (5, 0), (5, 5), (0, 5)] {
+            assert_eq!(
+                final_status(ok, failed, true),
+                FinalStatus::Failed,
+                "{ok}/{failed}"
+            );
+        }
+    }
 }

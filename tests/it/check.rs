@@ -2,10 +2,10 @@
 //! RabbitMQ and the stub API: every check passes on a working installation, and each
 //! kind of trouble fails its own check, named, with the exit code 1.
 
-use crate::pipeline::{loansync_process, settings_for, stub};
+use crate::harness::TestApp;
+use crate::harness::{loansync_process, settings_for, stub};
 use crate::support::{TestDb, admin_url, amqp_url, run_detached};
 use loansync::config::Settings;
-use loansync::queue::amqp::Broker;
 use loansync::stub_api::Faults;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -83,14 +83,6 @@ async fn check(
     }
 }
 
-/// Deletes the queues of `settings`' prefix that a check declared.
-async fn delete_queues(settings: &Settings) {
-    if let Ok(b) = Broker::connect(&amqp_url(), &settings.queue_prefix, 7).await {
-        let _ = b.delete_topology().await;
-        b.close().await;
-    }
-}
-
 /// A loopback port nothing listens on.
 async fn closed_port() -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -99,7 +91,7 @@ async fn closed_port() -> u16 {
 
 #[tokio::test]
 async fn every_check_passes_on_a_working_installation() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let api = stub(Faults::default()).await;
     let settings = settings_for(&db, &api.url(), &[]);
     let out = check(&db, &settings, &api.url(), &[], &[]).await;
@@ -114,8 +106,8 @@ async fn every_check_passes_on_a_working_installation() {
     // The API saw one request, its contract's own empty batch, and answered 200.
     assert_eq!(api.received().requests(), 1);
     assert_eq!(api.received().status_count(200), 1);
-    assert!(!out.stdout.contains(crate::pipeline::KEY));
-    assert!(!out.stderr.contains(crate::pipeline::KEY));
+    assert!(!out.stdout.contains(crate::harness::KEY));
+    assert!(!out.stderr.contains(crate::harness::KEY));
 
     // The table form says the same.
     let table = loansync_process(&db, &settings, &api.url())
@@ -131,12 +123,11 @@ async fn every_check_passes_on_a_working_installation() {
         6,
         "{text}"
     );
-    delete_queues(&settings).await;
 }
 
 #[tokio::test]
 async fn a_database_not_migrated_fails_migrations_not_the_grants() {
-    let db = TestDb::with_source_schema().await;
+    let db = TestApp::with_source_schema().await;
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     let out = check(
         &db,
@@ -161,7 +152,7 @@ async fn a_database_not_migrated_fails_migrations_not_the_grants() {
 
 #[tokio::test]
 async fn an_invalid_index_is_named_with_what_to_do() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     let skip = ["--skip", "api,broker"];
     let before = check(&db, &settings, "http://127.0.0.1:9", &skip, &[]).await;
@@ -248,7 +239,7 @@ impl Drop for Role {
 #[tokio::test]
 async fn a_least_privilege_role_passes_with_the_deploy_grants_and_is_told_each_missing_one() {
     let (full, short) = (Role::new(), Role::new());
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     full.create(&db, &[]).await;
     // deploy/sql/grants.sql less DELETE on loansync_chunk and USAGE on one sequence.
     short
@@ -313,7 +304,7 @@ async fn a_least_privilege_role_passes_with_the_deploy_grants_and_is_told_each_m
 
 #[tokio::test]
 async fn a_wrong_api_key_fails_api_without_showing_the_key() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let api = stub(Faults::default()).await;
     let settings = settings_for(&db, &api.url(), &[]);
     let out = check(
@@ -338,7 +329,7 @@ async fn a_wrong_api_key_fails_api_without_showing_the_key() {
 
 #[tokio::test]
 async fn a_broker_that_is_closed_or_silent_fails_broker_and_the_check_ends() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     let closed = format!("amqp://guest:hunter2@127.0.0.1:{}/%2f", closed_port().await);
     let out = check(
@@ -390,7 +381,7 @@ async fn a_broker_that_is_closed_or_silent_fails_broker_and_the_check_ends() {
 
 #[tokio::test]
 async fn queues_declared_with_other_arguments_fail_broker_naming_the_queue() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     // Someone declared the dead-letter queue by hand, with a length limit.
     let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
@@ -421,7 +412,6 @@ async fn queues_declared_with_other_arguments_fail_broker_naming_the_queue() {
         .queue_delete(dead.as_str().into(), Default::default())
         .await;
     let _ = conn.close(200, "done".into()).await;
-    delete_queues(&settings).await;
     assert_eq!(out.code, Some(1));
     assert_eq!(out.result("broker"), "failed");
     let detail = out.detail("broker");
@@ -432,7 +422,7 @@ async fn queues_declared_with_other_arguments_fail_broker_naming_the_queue() {
 
 #[tokio::test]
 async fn skipped_checks_are_skipped_and_do_not_fail() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     let closed = format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port().await);
     let out = check(
@@ -459,7 +449,7 @@ async fn skipped_checks_are_skipped_and_do_not_fail() {
 
 #[tokio::test]
 async fn a_bad_setting_fails_config_and_skips_the_rest() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     let out = loansync_process(&db, &settings, "http://127.0.0.1:9")
         .arg("check")
@@ -504,7 +494,7 @@ async fn a_bad_setting_fails_config_and_skips_the_rest() {
 
 #[tokio::test]
 async fn urls_from_secret_files_reach_the_database_and_the_broker() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     let dir = std::env::temp_dir();
     let db_file = dir.join(format!("loansync-db-url-{}", uuid::Uuid::new_v4()));
@@ -526,7 +516,6 @@ async fn urls_from_secret_files_reach_the_database_and_the_broker() {
     .await;
     let _ = std::fs::remove_file(&db_file);
     let _ = std::fs::remove_file(&mq_file);
-    delete_queues(&settings).await;
     assert_eq!(out.code, Some(0), "{}", out.stdout);
     assert!(out.detail("database").contains(&db.name), "{}", out.stdout);
     assert_eq!(out.result("broker"), "ok");
@@ -564,7 +553,7 @@ async fn probe_exits_0_on_a_healthy_endpoint_and_1_on_a_closed_port() {
 
 #[tokio::test]
 async fn a_changed_delivery_limit_is_noted_and_does_not_fail_the_broker_check() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     // The queues were made under ETL_DELIVERY_LIMIT=3 (broker backstop 5); the check runs
     // with the default 5 (backstop 7).
@@ -580,7 +569,6 @@ async fn a_changed_delivery_limit_is_noted_and_does_not_fail_the_broker_check() 
         &[],
     )
     .await;
-    delete_queues(&settings).await;
     assert_eq!(out.code, Some(0), "{}", out.stdout);
     assert_eq!(out.result("broker"), "ok");
     assert!(

@@ -1,7 +1,7 @@
 //! Command-line conventions (issue 11): every setting in `--help`, shell completions,
 //! `--json` outcomes, and exit codes that a script can tell apart.
 
-use crate::pipeline::{loansync_process, seeded_db, settings_for, small, stub};
+use crate::harness::{loansync_process, seeded_db, settings_for, small, stub};
 use loansync::stub_api::Faults;
 
 #[tokio::test]

@@ -1,9 +1,9 @@
 //! Configuration and secrets: a bad setting stops the binary before it touches anything,
 //! transport errors carry no credential, and `seed --reset` cannot empty a real database.
 
-use crate::pipeline::{KEY, seeded_db, settings_for, small, stub};
+use crate::harness::TestApp;
+use crate::harness::{KEY, seeded_db, settings_for, small, stub};
 use crate::support::{TestDb, amqp_url};
-use loansync::domain::{PlanRequest, SyncType};
 use loansync::seed::SeedSpec;
 use loansync::stub_api::Faults;
 
@@ -100,17 +100,7 @@ async fn transport_errors_carry_no_credential_from_the_api_url() {
     );
     let settings = settings_for(&db, &url, &[("ETL_RETRY_MAX_ELAPSED_SECS", "0")]);
     assert!(!format!("{settings:?}").contains("secret"));
-    let full = PlanRequest {
-        sync_type: SyncType::Full,
-        entities: None,
-        request_id: None,
-        since: None,
-        until: None,
-        sweep: false,
-    };
-    let summary = loansync::app::sync_in_process(&db.pool, &settings, &full)
-        .await
-        .unwrap();
+    let summary = db.full_sync_in_process(&settings).await;
     assert_eq!(
         summary.exit_code(),
         loansync::app::EXIT_FAILED,
@@ -195,7 +185,7 @@ async fn real_user_present(db: &TestDb) -> bool {
 
 #[tokio::test]
 async fn seed_reset_refuses_a_database_holding_rows_it_did_not_seed() {
-    let db = TestDb::with_source_schema().await;
+    let db = TestApp::with_source_schema().await;
 
     // A database holding a row the seed did not write: refused, the row stays.
     insert_real_user(&db, 1).await;
@@ -255,7 +245,7 @@ async fn seed_reset_refuses_a_database_holding_rows_it_did_not_seed() {
 
 #[tokio::test]
 async fn seed_reset_of_an_empty_database_needs_no_confirmation() {
-    let db = TestDb::with_source_schema().await;
+    let db = TestApp::with_source_schema().await;
     let out = seed_reset(&db, None).await;
     assert!(
         out.status.success(),

@@ -2,8 +2,9 @@
 //! is empty with nothing in flight, a chunk that failed transiently comes back, and one
 //! that can never succeed is dead-lettered once instead of looping.
 
-use crate::pipeline::{
-    assert_books_balance, expected_full, history, seeded_db, settings_for, small, stub,
+use crate::harness::{
+    assert_books_balance, assert_delivered_all, expected_full, history, seeded_db, settings_for,
+    small, stub,
 };
 use crate::support::wait_for;
 use loansync::domain::{ChunkJob, EntityKind, PlanRequest, SyncType};
@@ -74,9 +75,7 @@ async fn the_worker_loop_ends_once_the_memory_queue_is_empty_and_nothing_is_in_f
     assert_eq!(h[0].sync_id, sync_id);
     assert_eq!(h[0].status, "completed");
     let expected = expected_full(&db.pool).await;
-    for e in EntityKind::ALL {
-        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
-    }
+    assert_delivered_all(&stub.received(), &expected);
     assert_books_balance(&db.pool).await;
 }
 
@@ -95,9 +94,9 @@ async fn a_chunk_requeued_after_a_transient_failure_comes_back_and_is_delivered(
     else {
         panic!("not planned")
     };
-    // While this lock is held, every settle (which writes the delivered fingerprints)
-    // fails with lock_not_available (transient): the chunks go back to the queue and
-    // come back.
+    // While the table of delivered fingerprints (which every settle writes; settles share
+    // no row any more) is held, every settle fails with lock_not_available (transient):
+    // the chunks go back to the queue and come back.
     let mut holder = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE loansync_delivered IN EXCLUSIVE MODE")
         .execute(&mut *holder)

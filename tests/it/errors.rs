@@ -1,8 +1,8 @@
 //! `loansync errors retry`: unresolved error rows re-delivered in a sync of their own
 //! that moves no watermark; rows that fail again are bumped, delivered ones resolved.
 
-use crate::pipeline::{assert_books_balance, history, seeded_db, settings_for, small};
-use loansync::domain::{EntityKind, PlanRequest, SyncType};
+use crate::harness::{assert_books_balance, history, seeded_db, settings_for, small};
+use loansync::domain::EntityKind;
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::memory::MemoryQueue;
 use loansync::stub_api::Faults;
@@ -11,23 +11,13 @@ use std::sync::Arc;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_bumps_what_fails_again_and_resolves_what_arrives() {
     let db = seeded_db(small()).await;
-    let stub = crate::pipeline::stub(Faults {
+    let stub = crate::harness::stub(Faults {
         reject_every_nth: 5,
         ..Default::default()
     })
     .await;
     let settings = settings_for(&db, &stub.url(), &[]);
-    let full = PlanRequest {
-        sync_type: SyncType::Full,
-        entities: None,
-        request_id: None,
-        since: None,
-        until: None,
-        sweep: false,
-    };
-    let s = loansync::app::sync_in_process(&db.pool, &settings, &full)
-        .await
-        .unwrap();
+    let s = db.full_sync_in_process(&settings).await;
     assert_eq!(s.exit_code(), loansync::app::EXIT_PARTIAL, "{}", s.render());
     let open: i64 =
         sqlx::query_scalar("SELECT count(*) FROM etl_folder_etlsyncerror WHERE NOT resolved")

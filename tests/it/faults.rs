@@ -1,13 +1,13 @@
 //! Faults: a worker killed mid-chunk, a chunk that keeps failing, an API outage longer
 //! than the retry budget. Each ends with every planned record settled exactly once.
 
-use crate::pipeline::stub;
-use crate::pipeline::{
-    assert_books_balance, expected_full, history, seeded_db, settings_for, small,
-    wait_syncs_finished,
+use crate::harness::{
+    assert_books_balance, assert_delivered_all, expected_full, history, seeded_db, settings_for,
+    small, wait_syncs_finished,
 };
+use crate::harness::{full_request, stub};
 use crate::support::{amqp_url, wait_for};
-use loansync::domain::{EntityKind, PlanRequest, SyncType};
+use loansync::domain::EntityKind;
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::amqp::Broker;
 use loansync::queue::memory::MemoryQueue;
@@ -16,17 +16,6 @@ use loansync::worker::{self, ChunkOutcome};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
-
-fn full() -> PlanRequest {
-    PlanRequest {
-        sync_type: SyncType::Full,
-        entities: None,
-        request_id: None,
-        since: None,
-        until: None,
-        sweep: false,
-    }
-}
 
 /// After a worker was killed with `abandoned` chunks started and unsettled: the broker
 /// redelivers them to a new worker, the sync completes, every id arrived and each
@@ -82,7 +71,7 @@ async fn a_worker_killed_after_the_post_before_the_commit_loses_nothing() {
     let broker = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
         .await
         .unwrap();
-    planner::plan_sync(&db.pool, &settings, &full(), &broker)
+    planner::plan_sync(&db.pool, &settings, &full_request(), &broker)
         .await
         .unwrap();
     // Holding the table of delivered fingerprints (which a settle writes; settles share
@@ -93,7 +82,7 @@ async fn a_worker_killed_after_the_post_before_the_commit_loses_nothing() {
         .execute(&mut *hold)
         .await
         .unwrap();
-    let mut child = crate::pipeline::worker_process(&db, &settings, &stub.url())
+    let mut child = crate::harness::worker_process(&db, &settings, &stub.url())
         .env("ETL_WORKER_CONCURRENCY", "3")
         .spawn()
         .unwrap();
@@ -160,10 +149,10 @@ async fn a_worker_killed_mid_chunk_loses_nothing() {
     let broker = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
         .await
         .unwrap();
-    planner::plan_sync(&db.pool, &settings, &full(), &broker)
+    planner::plan_sync(&db.pool, &settings, &full_request(), &broker)
         .await
         .unwrap();
-    let mut child = crate::pipeline::worker_process(&db, &settings, &stub.url())
+    let mut child = crate::harness::worker_process(&db, &settings, &stub.url())
         .env("ETL_WORKER_CONCURRENCY", "3")
         .spawn()
         .unwrap();
@@ -200,9 +189,10 @@ async fn a_chunk_that_keeps_failing_is_settled_as_failed_and_dead_lettered() {
     let stub = stub(Faults::default()).await;
     let settings = settings_for(&db, &stub.url(), &[("ETL_DELIVERY_LIMIT", "3")]);
     let queue = MemoryQueue::new();
-    let PlanOutcome::Planned { .. } = planner::plan_sync(&db.pool, &settings, &full(), &queue)
-        .await
-        .unwrap()
+    let PlanOutcome::Planned { .. } =
+        planner::plan_sync(&db.pool, &settings, &full_request(), &queue)
+            .await
+            .unwrap()
     else {
         panic!("not planned")
     };
@@ -258,9 +248,7 @@ async fn an_api_outage_longer_than_the_budget_fails_records_that_a_retry_deliver
     })
     .await;
     let settings = settings_for(&db, &stub.url(), &[("ETL_RETRY_MAX_ELAPSED_SECS", "1")]);
-    let s = loansync::app::sync_in_process(&db.pool, &settings, &full())
-        .await
-        .unwrap();
+    let s = db.full_sync_in_process(&settings).await;
     assert_eq!(s.exit_code(), loansync::app::EXIT_FAILED, "{}", s.render());
     let codes: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT error_code::text FROM etl_folder_etlsyncerror")
@@ -293,9 +281,7 @@ async fn an_api_outage_longer_than_the_budget_fails_records_that_a_retry_deliver
             .unwrap();
     assert_eq!(open, 0);
     let expected = expected_full(&db.pool).await;
-    for e in EntityKind::ALL {
-        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
-    }
+    assert_delivered_all(&stub.received(), &expected);
     assert_eq!(history(&db.pool).await[1].status, "completed");
     assert_books_balance(&db.pool).await;
 }

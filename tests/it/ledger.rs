@@ -2,7 +2,7 @@
 //! permanent one in a chunk (here a constraint the database enforces on every settle)
 //! dead-letters the chunk instead of requeueing it until the delivery limit and beyond.
 
-use crate::pipeline::{seeded_db, settings_for, small, stub};
+use crate::harness::{seeded_db, settings_for, small, stub};
 use loansync::domain::{PlanRequest, SyncType};
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::Disposition;

@@ -8,6 +8,7 @@ mod consumer;
 mod errors;
 mod faults;
 mod fixtures;
+mod harness;
 mod ledger;
 mod metrics;
 mod migrations;

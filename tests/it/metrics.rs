@@ -1,6 +1,6 @@
 //! `/metrics` during and after a sync agrees with the ETL tables; `/healthz`, `/readyz`.
 
-use crate::pipeline::{history, seeded_db, settings_for, small};
+use crate::harness::{history, seeded_db, settings_for, small};
 use loansync::config::Settings;
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::http::{self, Readiness};
@@ -22,7 +22,7 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 async fn metrics_agree_with_the_etl_tables() {
     // The sync and /metrics share a registry of their own: every value is this test's.
     let db = seeded_db(small()).await;
-    let stub = crate::pipeline::stub(Faults {
+    let stub = crate::harness::stub(Faults {
         reject_every_nth: 9,
         ..Default::default()
     })
@@ -204,7 +204,7 @@ async fn state_gauges_follow_the_etl_tables() {
     // The gauges are in a registry of their own: every value is this test's.
     let telemetry = Telemetry::fresh();
     let db = seeded_db(small()).await;
-    let stub = crate::pipeline::stub(Faults {
+    let stub = crate::harness::stub(Faults {
         reject_every_nth: 9,
         ..Default::default()
     })
@@ -214,7 +214,6 @@ async fn state_gauges_follow_the_etl_tables() {
         ..settings_for(&db, &stub.url(), &[])
     };
     let prefix = db.queue_prefix();
-    let _queues = crate::pipeline::Queues(prefix.clone());
     let broker = loansync::queue::amqp::Broker::connect_with(
         &crate::support::amqp_url(),
         &prefix,

@@ -1,6 +1,6 @@
 //! `loansync migrate` creates the ETL tables only when absent and changes nothing of Django's.
 
-use crate::support::TestDb;
+use crate::harness::TestApp;
 
 async fn columns(
     pool: &sqlx::PgPool,
@@ -36,9 +36,9 @@ const ETL_TABLES: [&str; 3] = [
 #[tokio::test]
 async fn migrations_create_etl_tables_exactly_as_django_does() {
     // A database where Django created the ETL tables (the fixture) ...
-    let django = TestDb::with_source_schema().await;
+    let django = TestApp::with_source_schema().await;
     // ... and one where only loansync's migrations create them.
-    let bare = TestDb::with_source_schema().await;
+    let bare = TestApp::with_source_schema().await;
     for t in ETL_TABLES {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE {t} CASCADE")))
             .execute(&bare.pool)
@@ -62,7 +62,7 @@ async fn migrations_create_etl_tables_exactly_as_django_does() {
 
 #[tokio::test]
 async fn migrate_twice_on_django_tables_changes_nothing() {
-    let db = TestDb::with_source_schema().await;
+    let db = TestApp::with_source_schema().await;
     sqlx::query(
         "INSERT INTO etl_folder_etllastsync (entity_type, last_sync_timestamp, last_sync_id, updated_at) \
          VALUES ('loan', '2026-01-01T00:00:00Z', 'django-made', now())",
@@ -121,7 +121,7 @@ fn project_schema_copy_equals_the_shared_fixture() {
 
 #[tokio::test]
 async fn incremental_selection_indexes_exist_and_are_valid() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let valid: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
          WHERE c.relname LIKE 'loansync\\_%' AND i.indisvalid ORDER BY 1",

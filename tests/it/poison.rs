@@ -1,7 +1,7 @@
 //! Poison input: messages that cannot be parsed, or name things that do not exist, go to
 //! `<prefix>.dead` with the reason in a header, and the pipeline goes on working.
 
-use crate::pipeline::{Pipeline, assert_books_balance, seeded_db, small, wait_syncs_finished};
+use crate::harness::{Pipeline, assert_books_balance, seeded_db, small, wait_syncs_finished};
 use crate::support::wait_for;
 use loansync::domain::{ChunkJob, EntityKind, SyncType};
 use loansync::stub_api::Faults;

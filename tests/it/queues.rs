@@ -2,9 +2,10 @@
 //! `ETL_DELIVERY_LIMIT`, a queue made by hand) are used as the broker has them, the
 //! difference is reported, and loansync's own delivery limit applies at once.
 
-use crate::pipeline::{
-    InProcess, Queues, assert_books_balance, expected_full, seeded_db, settings_for, small, stub,
-    wait_syncs_finished,
+use crate::harness::TestApp;
+use crate::harness::{
+    InProcess, assert_books_balance, assert_delivered_all, expected_full, seeded_db, settings_for,
+    small, stub, wait_syncs_finished,
 };
 use crate::support::{amqp_url, wait_for};
 use loansync::app::connect_broker_with;
@@ -49,7 +50,6 @@ fn mismatch_gauge(metrics: &Metrics, queue: &str) -> i64 {
 async fn restarting_with_a_higher_delivery_limit_uses_the_queues_as_they_are() {
     let db = seeded_db(small()).await;
     let stub = stub(Faults::default()).await;
-    let _queues = Queues(db.queue_prefix());
 
     let before = settings_for(&db, &stub.url(), &[("ETL_DELIVERY_LIMIT", "3")]);
     let telemetry = Telemetry::fresh();
@@ -86,9 +86,7 @@ async fn restarting_with_a_higher_delivery_limit_uses_the_queues_as_they_are() {
     let h = wait_syncs_finished(&db.pool, 1).await;
     assert_eq!(h[0].status, "completed", "{:?}", h[0].error_message);
     let expected = expected_full(&db.pool).await;
-    for e in EntityKind::ALL {
-        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
-    }
+    assert_delivered_all(&stub.received(), &expected);
     assert_books_balance(&db.pool).await;
     broker.close().await;
     running.shutdown().await;
@@ -101,7 +99,6 @@ async fn restarting_with_a_higher_delivery_limit_uses_the_queues_as_they_are() {
 async fn restarting_with_a_lower_delivery_limit_gives_up_at_the_new_limit() {
     let db = seeded_db(small()).await;
     let stub = stub(Faults::default()).await;
-    let _queues = Queues(db.queue_prefix());
 
     let before = settings_for(&db, &stub.url(), &[("ETL_DELIVERY_LIMIT", "7")]);
     connect_broker_with(&before, BrokerHealth::default())
@@ -174,9 +171,8 @@ async fn a_queue_made_with_other_arguments_is_used_and_every_difference_reported
     use lapin::options::QueueDeclareOptions;
     use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-    let db = crate::support::TestDb::with_source_schema().await;
+    let db = TestApp::with_source_schema().await;
     let prefix = db.queue_prefix();
-    let _queues = Queues(prefix.clone());
     let chunks = format!("{prefix}.chunks");
     let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
         .await

@@ -3,12 +3,12 @@
 //! and workers reconnect, `/readyz`'s consumer flag drops meanwhile, and the sync
 //! completes with exact counters.
 
-use crate::pipeline::{
-    InProcess, assert_books_balance, expected_full, seeded_db, settings_for, small,
-    wait_syncs_finished,
+use crate::harness::{
+    InProcess, assert_books_balance, assert_delivered_all, expected_full, seeded_db, settings_for,
+    small, wait_syncs_finished,
 };
 use crate::support::{amqp_url, wait_for};
-use loansync::domain::{EntityKind, PlanRequest, SyncType};
+use loansync::domain::{PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
 use loansync::stub_api::Faults;
 use std::sync::Arc;
@@ -32,7 +32,7 @@ fn connections(prefix: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn planner_and_workers_reconnect_after_the_broker_drops_them() {
     let db = seeded_db(small()).await;
-    let stub = crate::pipeline::stub(Faults {
+    let stub = crate::harness::stub(Faults {
         slow_rate: 1.0,
         slow_ms: 300,
         ..Default::default()
@@ -102,9 +102,7 @@ async fn planner_and_workers_reconnect_after_the_broker_drops_them() {
     );
     let expected = expected_full(&db.pool).await;
     let received = stub.received();
-    for e in EntityKind::ALL {
-        assert_eq!(received.ids(e), expected[&e], "{e}");
-    }
+    assert_delivered_all(&received, &expected);
     assert_books_balance(&db.pool).await;
 
     running.shutdown().await;

@@ -2,8 +2,8 @@
 //! kept in PostgreSQL and run when the slot frees, coalesced; `trigger --wait` follows
 //! its request to the sync's outcome; a backfill moves no watermark.
 
-use crate::pipeline::{
-    InProcess, Queues, assert_books_balance, expected_full, history, loansync_process, seeded_db,
+use crate::harness::{
+    InProcess, assert_books_balance, expected_full, history, loansync_process, seeded_db,
     settings_for, small, stub, wait_syncs_finished,
 };
 use crate::support::{amqp_url, wait_for};
@@ -49,7 +49,6 @@ async fn a_full_sync_asked_for_during_a_sync_runs_after_it_and_trigger_wait_repo
     let db = seeded_db(small()).await;
     let stub = stub(Faults::default()).await;
     let settings = Arc::new(settings_for(&db, &stub.url(), &[]));
-    let _queues = Queues(settings.queue_prefix.clone());
     let expected = expected_full(&db.pool).await;
     let admin = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
         .await
@@ -183,7 +182,6 @@ async fn trigger_wait_times_out_with_its_own_exit_code_and_the_request_stays_kep
     let db = seeded_db(small()).await;
     let stub = stub(Faults::default()).await;
     let settings = Arc::new(settings_for(&db, &stub.url(), &[]));
-    let _queues = Queues(settings.queue_prefix.clone());
     // No planner runs: the request waits in the queue, and --wait gives up.
     let out = loansync_process(&db, &settings, &stub.url())
         .args([

@@ -8,7 +8,7 @@
 //! `cargo nextest run` alike, no other test runs while the service is down.
 //! A guard starts the service again even when the test fails.
 
-use crate::pipeline::{
+use crate::harness::{
     InProcess, assert_books_balance, expected_full, seeded_db, settings_for, small,
     wait_syncs_finished,
 };
@@ -161,7 +161,7 @@ async fn assert_completed_exactly(db: &TestDb, stub: &StubHandle, prefix: &str) 
 }
 
 async fn slow_stub() -> StubHandle {
-    crate::pipeline::stub(Faults {
+    crate::harness::stub(Faults {
         slow_rate: 1.0,
         slow_ms: 250,
         ..Default::default()

@@ -4,9 +4,9 @@
 //! re-publishes its unsettled chunks from the ledger and the sync completes exactly,
 //! in single-process mode (`--in-process`) and over RabbitMQ.
 
-use crate::pipeline::{
-    assert_books_balance, expected_full, history, loansync_process, seeded_db, settings_for, small,
-    stub, wait_syncs_finished, worker_process,
+use crate::harness::{
+    assert_books_balance, assert_delivered_all, expected_full, history, loansync_process,
+    seeded_db, settings_for, small, stub, wait_syncs_finished, worker_process,
 };
 use crate::support::{TestDb, amqp_url, wait_for};
 use loansync::config::Settings;
@@ -154,9 +154,7 @@ async fn a_stalled_sync_is_shown_and_resume_finishes_it() {
     );
     let expected = expected_full(&db.pool).await;
     let received = stub.received();
-    for e in EntityKind::ALL {
-        assert_eq!(received.ids(e), expected[&e], "{e}");
-    }
+    assert_delivered_all(&received, &expected);
     assert_books_balance(&db.pool).await;
 
     // 2. An incremental sync of changed rows loses its chunk jobs too; `resume`

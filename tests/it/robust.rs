@@ -3,9 +3,10 @@
 //! confirms or blocks the connection is noticed, and a long database outage spends none
 //! of the broker's delivery limit.
 
-use crate::pipeline::{
-    Pipeline, assert_books_balance, expected_full, history, seeded_db, settings_for, small, stub,
-    wait_syncs_finished,
+use crate::harness::TestApp;
+use crate::harness::{
+    Pipeline, assert_books_balance, assert_delivered_all, expected_full, history, seeded_db,
+    settings_for, small, stub, wait_syncs_finished,
 };
 use crate::proxy::{self, Framing, Mode, Proxy};
 use crate::support::{TestDb, amqp_url, wait_for};
@@ -48,7 +49,7 @@ async fn show(pool: &sqlx::PgPool, sql: &'static str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pooled_connections_carry_the_session_timeouts() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let defaults =
         loansync::config::Settings::from_lookup(|k| (k == "DATABASE_URL").then(|| db.url.clone()))
             .unwrap();
@@ -582,9 +583,7 @@ async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
     let h = wait_syncs_finished(&db.pool, 1).await;
     assert_eq!(h[0].status, "completed");
     let expected = expected_full(&db.pool).await;
-    for e in EntityKind::ALL {
-        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
-    }
+    assert_delivered_all(&stub.received(), &expected);
     assert_books_balance(&db.pool).await;
     wait_for("the planning message to be acked", DEADLINE, || async {
         admin.queue_depth(&admin.topology.plan).await.unwrap() == 0
@@ -602,7 +601,7 @@ async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
 /// unblocking makes it ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blocked_broker_connection_fails_readyz_and_is_counted() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let stub = stub(Faults::default()).await;
     let proxy = Proxy::start(proxy::upstream_of(&amqp_url()).await, Framing::Amqp).await;
     let telemetry = Telemetry::fresh();

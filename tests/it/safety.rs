@@ -2,9 +2,9 @@
 //! operator ending a sync by hand, settle and abort at once, and a chunk ledger that
 //! does not grow forever. Races are forced with held locks, never with timing.
 
-use crate::pipeline::{
-    InProcess, Queues, assert_books_balance, expected_full, history, loansync_process, seeded_db,
-    settings_for, small, stub, wait_syncs_finished,
+use crate::harness::{
+    InProcess, assert_books_balance, assert_delivered_all, expected_full, history,
+    loansync_process, seeded_db, settings_for, small, stub, wait_syncs_finished,
 };
 use crate::support::{TestDb, admin_url, amqp_url, run_detached, wait_for};
 use chrono::{DateTime, Utc};
@@ -279,9 +279,7 @@ async fn a_sync_killed_while_planning_blocks_nothing_in_single_process_mode() {
         dead.error_message
     );
     assert!(h.iter().any(|h| h.status == "completed"));
-    for e in EntityKind::ALL {
-        assert_eq!(stub.received().ids(e), expected[&e], "{e}");
-    }
+    assert_delivered_all(&stub.received(), &expected);
     assert_eq!(ledger::stalled_count(&db.pool, 900.0).await.unwrap(), 0);
     assert_books_balance(&db.pool).await;
 }
@@ -290,7 +288,6 @@ async fn a_planner_killed_while_planning_over_rabbitmq(request_id: Option<&str>)
     let db = seeded_db(small()).await;
     let stub = stub(Faults::default()).await;
     let settings = Arc::new(settings_for(&db, &stub.url(), &[]));
-    let _queues = Queues(settings.queue_prefix.clone());
     let expected = expected_full(&db.pool).await;
     let admin = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
         .await

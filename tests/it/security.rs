@@ -2,9 +2,8 @@
 //! with debug logging never prints the API key, the database password or a never-send
 //! value, and no payload carries a never-send key.
 
-use crate::pipeline::{expected_full, seeded_db, small, wait_syncs_finished};
+use crate::harness::{assert_delivered_all, expected_full, seeded_db, small, wait_syncs_finished};
 use crate::support::amqp_url;
-use loansync::domain::EntityKind;
 use loansync::queue::amqp::Broker;
 use loansync::stub_api::{self, Faults, StubConfig};
 use std::process::Stdio;
@@ -116,9 +115,7 @@ async fn no_secret_or_never_send_value_reaches_a_log_line_or_a_payload() {
     let received = stub.received();
     assert_eq!(received.forbidden, 0);
     let expected = expected_full(&db.pool).await;
-    for e in EntityKind::ALL {
-        assert_eq!(received.ids(e), expected[&e], "{e}");
-    }
+    assert_delivered_all(&received, &expected);
     let admin = Broker::connect(&amqp_url(), &prefix, 7).await.unwrap();
     admin.delete_topology().await.unwrap();
     admin.close().await;

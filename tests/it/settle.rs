@@ -4,7 +4,7 @@
 //! planner's housekeeping or the next planner; the history counters are rolled up while
 //! a sync runs and exact at the end. Races are forced with held locks, never timing.
 
-use crate::pipeline::{assert_books_balance, history, seeded_db, settings_for, small};
+use crate::harness::{assert_books_balance, history, seeded_db, settings_for, small};
 use crate::support::{TestDb, wait_for};
 use loansync::domain::{ChunkJob, EntityKind, PlanRequest, SyncType};
 use loansync::ledger::{self, ChunkResult, FinalStatus, Settled};

@@ -1,9 +1,8 @@
 //! SIGTERM: a worker process stops taking chunks, finishes the ones in flight, exits 0;
 //! nothing is lost and nothing is counted twice.
 
-use crate::pipeline::{assert_books_balance, seeded_db, settings_for, small, wait_syncs_finished};
+use crate::harness::{assert_books_balance, seeded_db, settings_for, small, wait_syncs_finished};
 use crate::support::{amqp_url, wait_for};
-use loansync::domain::{PlanRequest, SyncType};
 use loansync::queue::amqp::Broker;
 use loansync::stub_api::Faults;
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
     let db = seeded_db(small()).await;
-    let stub = crate::pipeline::stub(Faults {
+    let stub = crate::harness::stub(Faults {
         slow_rate: 1.0,
         slow_ms: 700,
         ..Default::default()
@@ -23,19 +22,12 @@ async fn sigterm_finishes_chunks_in_flight_and_exits_zero() {
     let broker = Broker::connect(&amqp_url(), &settings.queue_prefix, 7)
         .await
         .unwrap();
-    let req = PlanRequest {
-        sync_type: SyncType::Full,
-        entities: None,
-        request_id: None,
-        since: None,
-        until: None,
-        sweep: false,
-    };
+    let req = crate::harness::full_request();
     loansync::planner::plan_sync(&db.pool, &settings, &req, &broker)
         .await
         .unwrap();
 
-    let mut child = crate::pipeline::worker_process(&db, &settings, &stub.url())
+    let mut child = crate::harness::worker_process(&db, &settings, &stub.url())
         .env("ETL_WORKER_CONCURRENCY", "2")
         .env("ETL_SHUTDOWN_GRACE_SECS", "20")
         .spawn()

@@ -1,7 +1,7 @@
 //! The analytics client against the stub API (and a hostile server) on loopback ports.
 
-use crate::pipeline::stub;
-use crate::pipeline::{KEY, seeded_db, settings_for, small};
+use crate::harness::stub;
+use crate::harness::{KEY, seeded_db, settings_for, small};
 use crate::support::wait_for;
 use loansync::config::{ApiSettings, RetrySettings};
 use loansync::domain::{ChunkJob, EntityKind, PlanRequest, Record, SyncType};

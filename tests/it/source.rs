@@ -9,8 +9,9 @@ use crate::fixtures::{
     Installment, SECRET, fixture_time, insert_customer, insert_loan, insert_officer,
     insert_repayment, insert_repayment_with, insert_schedule, set_modified,
 };
-use crate::pipeline::{seeded_db, settings_for, small};
-use crate::support::TestDb;
+use crate::harness::TestApp;
+use crate::harness::{seeded_db, settings_for, small};
+
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use loansync::domain::{EntityKind, PlanRequest, SyncType, SyncWindow};
 use loansync::source::{LoadedChunk, load_chunk, next_ids};
@@ -75,7 +76,7 @@ fn day(s: &str) -> NaiveDate {
 
 #[tokio::test]
 async fn officers_are_selected_by_user_type_never_by_account_type() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let mut want = Vec::new();
     for t in [
         "AGENT",
@@ -117,7 +118,7 @@ async fn officers_are_selected_by_user_type_never_by_account_type() {
 
 #[tokio::test]
 async fn customers_full_takes_the_onboarded_incremental_also_needs_the_window() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let w = window();
     let (lo, hi) = (w.lo.unwrap(), w.hi);
@@ -154,7 +155,7 @@ async fn customers_full_takes_the_onboarded_incremental_also_needs_the_window() 
 
 #[tokio::test]
 async fn loans_full_takes_the_disbursed_incremental_takes_the_modified_in_window() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let borrower = insert_customer(&db.pool, Some(agent), true).await;
     let w = window();
@@ -218,7 +219,7 @@ async fn loans_full_takes_the_disbursed_incremental_takes_the_modified_in_window
 
 #[tokio::test]
 async fn repayments_full_takes_all_incremental_takes_the_created_or_modified_in_window() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let borrower = insert_customer(&db.pool, Some(agent), true).await;
     let pending = insert_loan(&db.pool, agent, borrower, false).await;
@@ -342,7 +343,7 @@ async fn set_repayment_times(
 
 #[tokio::test]
 async fn loans_incremental_also_takes_those_whose_schedule_or_repayments_changed_in_window() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let borrower = insert_customer(&db.pool, Some(agent), true).await;
     let w = window();
@@ -455,7 +456,7 @@ async fn page(conn: &mut sqlx::PgConnection, w: &SyncWindow, after: i64, limit: 
 
 #[tokio::test]
 async fn keyset_pages_are_ascending_disjoint_and_complete() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let mut want = Vec::new();
     for i in 0..23 {
@@ -490,7 +491,7 @@ async fn keyset_pages_are_ascending_disjoint_and_complete() {
 
 #[tokio::test]
 async fn a_loan_chunk_carries_related_fields_and_exact_aggregates() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AJO_AGENT", "KEY_ACCOUNT").await;
     let borrowers_agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let borrower = insert_customer(&db.pool, Some(borrowers_agent), true).await;
@@ -580,7 +581,7 @@ async fn a_loan_chunk_carries_related_fields_and_exact_aggregates() {
 
 #[tokio::test]
 async fn nan_and_infinity_in_the_database_are_sent_as_null_and_counted() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let customer = insert_customer(&db.pool, Some(agent), true).await;
     let loan = insert_loan(&db.pool, agent, customer, true).await;
@@ -616,7 +617,7 @@ async fn nan_and_infinity_in_the_database_are_sent_as_null_and_counted() {
 
 #[tokio::test]
 async fn customer_officer_and_repayment_chunks_carry_their_derived_fields() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "KEY_ACCOUNT").await;
     let lonely = insert_officer(&db.pool, "STAFF_AGENT", "REGULAR").await;
     let named = insert_customer(&db.pool, Some(agent), true).await;
@@ -695,7 +696,7 @@ async fn customer_officer_and_repayment_chunks_carry_their_derived_fields() {
 
 #[tokio::test]
 async fn no_loaded_record_carries_a_never_send_column() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let customer = insert_customer(&db.pool, Some(agent), true).await;
     let loan = insert_loan(&db.pool, agent, customer, true).await;
@@ -741,7 +742,7 @@ fn collect_keys(v: &Value, out: &mut Vec<String>) {
 
 #[tokio::test]
 async fn load_chunk_reports_missing_ids_and_orders_by_id() {
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let a = insert_customer(&db.pool, Some(agent), true).await;
     let b = insert_customer(&db.pool, Some(agent), false).await; // filter state is ignored
@@ -790,7 +791,7 @@ async fn a_chunk_of_50_loans_is_one_query() {
     use std::sync::atomic::Ordering;
     use tracing_subscriber::layer::SubscriberExt;
 
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;
     let borrower = insert_customer(&db.pool, Some(agent), true).await;
     let mut loans = Vec::new();
@@ -1051,7 +1052,7 @@ async fn a_chunk_loads_its_related_rows_in_one_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_committed_late_by_an_open_transaction_arrives_in_the_next_sync() {
     let db = seeded_db(small()).await;
-    let stub = crate::pipeline::stub(Faults::default()).await;
+    let stub = crate::harness::stub(Faults::default()).await;
     let settings = settings_for(&db, &stub.url(), &[]);
     let loans_only = |t| PlanRequest {
         sync_type: t,
@@ -1205,8 +1206,8 @@ fn sent(records: &[Value], id: i64) -> &Value {
 
 #[tokio::test]
 async fn an_incremental_sync_resends_loans_whose_schedule_or_repayments_changed() {
-    let db = TestDb::migrated().await;
-    let stub = crate::pipeline::stub(Faults::default()).await;
+    let db = TestApp::migrated().await;
+    let stub = crate::harness::stub(Faults::default()).await;
     let api = RecordingApi::start(stub.url()).await;
     let settings = settings_for(&db, &api.url, &[("ANALYTICS_GZIP", "false")]);
     let agent = insert_officer(&db.pool, "AGENT", "REGULAR").await;

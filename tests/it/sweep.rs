@@ -4,7 +4,8 @@
 //! the stub API, which keeps the last record it accepted per id.
 
 use crate::fixtures::insert_repayment;
-use crate::pipeline::{loansync_process, seeded_db, settings_for, small, stub};
+use crate::harness::TestApp;
+use crate::harness::{loansync_process, seeded_db, settings_for, small, stub};
 use loansync::config::Settings;
 use loansync::domain::{EntityKind, PlanRequest, SyncType};
 use loansync::stub_api::{Faults, Received};
@@ -299,7 +300,7 @@ async fn a_rejected_record_has_no_fingerprint_and_is_swept_again() {
     .await;
     let settings = settings_for(&db, &api.url(), &[]);
     run(pool, &settings, &request(SyncType::Full, false)).await;
-    let rejected: BTreeMap<EntityKind, BTreeSet<i64>> = crate::pipeline::expected_full(pool)
+    let rejected: BTreeMap<EntityKind, BTreeSet<i64>> = crate::harness::expected_full(pool)
         .await
         .into_iter()
         .map(|(e, ids)| (e, ids.into_iter().filter(|id| id % 7 == 0).collect()))
@@ -344,7 +345,7 @@ fn a_sweep_message_is_validated_like_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_records_are_a_gauge_read_at_scrape_time() {
-    let db = crate::support::TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let metrics = loansync::telemetry::Metrics::new();
     metrics.refresh_state(&db.pool, 3600.0).await;
     assert!(
@@ -378,7 +379,7 @@ async fn deleted_records_are_a_gauge_read_at_scrape_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_rewritten_with_the_same_values_changes_no_record() {
     use crate::fixtures::{insert_customer, insert_loan, insert_officer, insert_repayment_with};
-    let db = crate::support::TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let pool = &db.pool;
     let agent = insert_officer(pool, "AGENT", "REGULAR").await;
     let borrower = insert_customer(pool, Some(agent), true).await;

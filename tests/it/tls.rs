@@ -4,13 +4,14 @@
 //! `amqps://` with it. With the CA named in `ANALYTICS_CA_FILE` / `AMQP_CA_FILE` every
 //! record arrives; without it the certificate is refused at once, and the error says so.
 
-use crate::pipeline::{
-    InProcess, KEY, Queues, assert_books_balance, expected_full, history, seeded_db, settings_for,
-    small, wait_syncs_finished,
+use crate::harness::TestApp;
+use crate::harness::{
+    InProcess, KEY, assert_books_balance, assert_delivered_all, expected_full, history, seeded_db,
+    settings_for, small, wait_syncs_finished,
 };
-use crate::support::{TestDb, amqp_url, wait_for};
+use crate::support::{amqp_url, wait_for};
 use loansync::config::Settings;
-use loansync::domain::{EntityKind, PlanRequest, SyncType};
+use loansync::domain::{EntityKind, PlanRequest};
 use loansync::queue::amqp::Broker;
 use loansync::queue::memory::MemoryQueue;
 use loansync::sink::AnalyticsClient;
@@ -289,17 +290,6 @@ impl Drop for AmqpsProxy {
     }
 }
 
-fn full_sync() -> PlanRequest {
-    PlanRequest {
-        sync_type: SyncType::Full,
-        entities: None,
-        request_id: None,
-        since: None,
-        until: None,
-        sweep: false,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_https_api_trusted_through_analytics_ca_file_receives_every_record() {
     let ca = TestCa::new();
@@ -307,15 +297,14 @@ async fn the_https_api_trusted_through_analytics_ca_file_receives_every_record()
     let db = seeded_db(small()).await;
     let settings = settings_for(&db, &api.url(), &[("ANALYTICS_CA_FILE", ca.ca_path())]);
 
-    let summary = loansync::app::sync_in_process(&db.pool, &settings, &full_sync())
-        .await
-        .unwrap();
+    let summary =
+        loansync::app::sync_in_process(&db.pool, &settings, &crate::harness::full_request())
+            .await
+            .unwrap();
     assert_eq!(summary.exit_code(), 0, "{}", summary.render());
     let expected = expected_full(&db.pool).await;
     let received = api.stub.received();
-    for e in EntityKind::ALL {
-        assert_eq!(received.ids(e), expected[&e], "{e}: ids over https");
-    }
+    assert_delivered_all(&received, &expected);
     assert_eq!(received.forbidden, 0);
     assert!(api.handshakes.accepted() >= 1, "nothing came over TLS");
     assert_eq!(api.handshakes.refused(), 0);
@@ -339,7 +328,7 @@ async fn without_the_ca_the_api_certificate_is_refused_at_once_and_the_records_c
     // Well inside one retry budget: were the refusal retried, this would time out.
     let summary = tokio::time::timeout(
         Duration::from_secs(60),
-        loansync::app::sync_in_process(&db.pool, &untrusting, &full_sync()),
+        loansync::app::sync_in_process(&db.pool, &untrusting, &crate::harness::full_request()),
     )
     .await
     .expect("the refused certificate was retried instead of failing at once")
@@ -418,9 +407,7 @@ async fn without_the_ca_the_api_certificate_is_refused_at_once_and_the_records_c
     let ctx = Arc::new(loansync::app::worker_context(&trusting, db.pool.clone()).unwrap());
     loansync::worker::run_memory(ctx, queue, 2).await;
     let received = api.stub.received();
-    for e in EntityKind::ALL {
-        assert_eq!(received.ids(e), expected[&e], "{e}: delivered by the retry");
-    }
+    assert_delivered_all(&received, &expected);
     let open: i64 =
         sqlx::query_scalar("SELECT count(*) FROM etl_folder_etlsyncerror WHERE NOT resolved")
             .fetch_one(&db.pool)
@@ -433,7 +420,7 @@ async fn without_the_ca_the_api_certificate_is_refused_at_once_and_the_records_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_or_garbage_ca_file_is_a_clear_start_up_error() {
     let ca = TestCa::new();
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let missing = ca.dir.join("missing.pem");
     let missing = missing.to_str().unwrap();
     let garbage = ca.write("garbage.pem", "this is not a certificate\n");
@@ -541,7 +528,7 @@ async fn a_full_sync_over_amqps_with_amqp_ca_file() {
             &admin.topology.plan,
             &[PlanRequest {
                 request_id: Some("amqps-1".into()),
-                ..full_sync()
+                ..crate::harness::full_request()
             }],
         )
         .await
@@ -573,14 +560,13 @@ async fn a_full_sync_over_amqps_with_amqp_ca_file() {
 async fn amqps_without_amqp_ca_file_is_refused_with_a_clear_error() {
     let ca = TestCa::new();
     let proxy = AmqpsProxy::start(&ca).await;
-    let db = TestDb::migrated().await;
+    let db = TestApp::migrated().await;
     let amqps = proxy.url();
     let settings = Arc::new(settings_for(
         &db,
         "http://127.0.0.1:1",
         &[("AMQP_URL", amqps.as_str())],
     ));
-    let _queues = Queues(settings.queue_prefix.clone());
 
     let err = match Broker::connect_with_ca(&amqps, &settings.queue_prefix, 7, None).await {
         Ok(_) => panic!("connected to a broker whose certificate nothing vouches for"),
