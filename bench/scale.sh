@@ -11,7 +11,8 @@
 #   /proc, the workers' peak RSS (VmHWM) and the planner's time for the plan.
 #   usage: bash bench/scale.sh [--size S|M] [--workers 1,2,4,8] [--latency-ms 50] [--tag T]
 # Environment: BENCH_BIN (a loansync binary to measure instead of building this tree's:
-# e.g. an older commit's build, for before/after figures).
+# e.g. an older commit's build, for before/after figures); BENCH_REUSE=1 (keep the
+# database of an earlier run of the same size instead of seeding again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=M workers=1,2,4,8 latency=50 tag=
@@ -41,12 +42,17 @@ export RUST_LOG=warn,loansync::planner=info LOG_FORMAT=json ETL_WORKER_CONCURREN
 out=$(mktemp -d /tmp/bench-scale.XXXXXX)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-psql $PG -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
-psql $PG -q -d "$db" -f schema/django_source_schema.sql >/dev/null
-RUST_LOG=error $B seed "${seed_args[@]}" --seed 7 >/dev/null
-$B migrate >/dev/null
-# As bench/run.sh: what autovacuum would have given the freshly seeded tables.
-psql $PG -q -d "$db" -c "VACUUM (ANALYZE)"
+if [ "${BENCH_REUSE:-0}" = 1 ] && psql $PG -qAt -d "$db" -c "SELECT 1 FROM loans_ajoloan LIMIT 1" >/dev/null 2>&1; then
+  # BENCH_REUSE=1: the database of an earlier run, seeded already (a second latency).
+  $B migrate >/dev/null
+else
+  psql $PG -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
+  psql $PG -q -d "$db" -f schema/django_source_schema.sql >/dev/null
+  RUST_LOG=error $B seed "${seed_args[@]}" --seed 7 >/dev/null
+  $B migrate >/dev/null
+  # As bench/run.sh: what autovacuum would have given the freshly seeded tables.
+  psql $PG -q -d "$db" -c "VACUUM (ANALYZE)"
+fi
 
 port=$(free_port)
 export ANALYTICS_API_URL=http://127.0.0.1:$port
