@@ -12,7 +12,8 @@
 #   usage: bash bench/scale.sh [--size S|M] [--workers 1,2,4,8] [--latency-ms 50] [--tag T]
 # Environment: BENCH_BIN (a loansync binary to measure instead of building this tree's:
 # e.g. an older commit's build, for before/after figures); BENCH_REUSE=1 (keep the
-# database of an earlier run of the same size instead of seeding again).
+# database of an earlier run of the same size, left by BENCH_KEEP=1, instead of seeding
+# again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=M workers=1,2,4,8 latency=50 tag=
@@ -22,7 +23,7 @@ while [ $# -gt 0 ]; do
     --workers) workers=$2; shift 2 ;;
     --latency-ms) latency=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -113,13 +114,16 @@ for n in "${counts[@]}"; do
   done
   for p in "${wports[@]}"; do wait_http "http://127.0.0.1:$p/readyz"; done
   request=bench-scale-$n-$$
+  # The sync is the first full one whose history row is newer than this (by history id,
+  # not by request: builds older than the request table can be measured too).
+  poll "SELECT coalesce(max(id), 0) FROM etl_folder_etlsynchistory"; h0=$st
   pg0=$(pg_cpu) lc0=$(cpu_of $planner "${wpids[@]}") st0=$(cpu_of $stub)
   $B trigger --full --request-id "$request" >/dev/null
   samples=0 waiting=0
   while :; do
     poll "SELECT (SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock') || '|' || \
-      coalesce((SELECT h.status FROM etl_folder_etlsynchistory h JOIN loansync_request r ON r.sync_id::text = h.sync_id \
-                WHERE r.request_id = '$request'), '')"
+      coalesce((SELECT h.status FROM etl_folder_etlsynchistory h \
+                WHERE h.id > $h0 AND h.sync_type = 'full' ORDER BY h.id LIMIT 1), '')"
     samples=$((samples + 1)) waiting=$((waiting + ${st%%|*}))
     case "${st#*|}" in completed|partial_success|failed) break ;; esac
     sleep 0.1
@@ -127,7 +131,7 @@ for n in "${counts[@]}"; do
   pg1=$(pg_cpu) lc1=$(cpu_of $planner "${wpids[@]}") st1=$(cpu_of $stub)
   rss=$(for w in "${wpids[@]}"; do awk '/VmHWM/ {print $2}' "/proc/$w/status"; done | paste -sd,)
   kill -TERM "${wpids[@]}"; wait "${wpids[@]}" 2>/dev/null || true; wpids=()
-  echo "$n $request $samples $waiting $((pg1 - pg0)) $((lc1 - lc0)) $((st1 - st0)) $rss" >>"$out/runs"
+  echo "$n $h0 $samples $waiting $((pg1 - pg0)) $((lc1 - lc0)) $((st1 - st0)) $rss" >>"$out/runs"
 done
 exec {POLL[1]}>&-; wait "$POLL_PID" || true
 
@@ -144,10 +148,10 @@ for line in open(f"{out}/planner.log"):
         planned[d.get("fields", d).get("sync_id") or d.get("sync_id")] = d["timestamp"]
 runs = []
 for line in open(f"{out}/runs"):
-    n, request, samples, waiting, pg, lc, st, rss = line.split()
+    n, h0, samples, waiting, pg, lc, st, rss = line.split()
     h = q("SELECT h.sync_id, h.status, h.duration_seconds, h.total_officers + h.total_customers + h.total_loans + h.total_repayments, "
           "h.officers_failed + h.customers_failed + h.loans_failed + h.repayments_failed, h.started_at "
-          f"FROM etl_folder_etlsynchistory h JOIN loansync_request r ON r.sync_id::text = h.sync_id WHERE r.request_id = '{request}'").split("|")
+          f"FROM etl_folder_etlsynchistory h WHERE h.id > {h0} AND h.sync_type = 'full' ORDER BY h.id LIMIT 1").split("|")
     sync_id, status, duration, records, failed = h[0], h[1], float(h[2]), int(h[3]), int(h[4])
     plan_s = None
     if sync_id in planned:
@@ -175,4 +179,5 @@ json.dump(report, open(f"bench/report-scale-{tag}.json", "w"), indent=2)
 print(f"written: bench/report-scale-{tag}.json")
 PY
 rm -rf "$out"
-psql $PG -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
+# BENCH_KEEP=1 keeps the seeded database for a later BENCH_REUSE=1 run.
+[ "${BENCH_KEEP:-0}" = 1 ] || psql $PG -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"

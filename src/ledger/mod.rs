@@ -344,14 +344,19 @@ pub async fn finalize_settled(pool: &PgPool) -> sqlx::Result<Vec<Finalized>> {
 
 /// Writes what the platform now holds of the accepted records: their fingerprints (in
 /// the settle transaction, so a settled chunk and its fingerprints commit together). A
-/// record delivered again after a sweep found it gone is no longer gone.
+/// record delivered again unchanged keeps its row as it was (`sync_id` and
+/// `delivered_at` say when this version was first delivered): a full sync of unchanged
+/// records writes no new row version, which PostgreSQL would otherwise have to write
+/// and later vacuum, one per record. A record delivered again after a sweep found it
+/// gone is no longer gone.
 async fn record_delivered(conn: &mut PgConnection, r: &ChunkResult<'_>) -> sqlx::Result<()> {
     let (ids, fps): (Vec<i64>, Vec<uuid::Uuid>) = r.delivered.iter().copied().unzip();
     sqlx::query(
         "INSERT INTO loansync_delivered (entity, id, fingerprint, sync_id) \
          SELECT $1, d.id, d.fp, $4 FROM unnest($2::int8[], $3::uuid[]) AS d (id, fp) \
          ON CONFLICT (entity, id) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
-             sync_id = EXCLUDED.sync_id, delivered_at = now()",
+             sync_id = EXCLUDED.sync_id, delivered_at = now() \
+         WHERE loansync_delivered.fingerprint <> EXCLUDED.fingerprint",
     )
     .bind(r.entity.as_str())
     .bind(&ids)

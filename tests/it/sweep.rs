@@ -490,3 +490,90 @@ async fn ledger_finished(pool: &sqlx::PgPool, sync_id: &str) -> bool {
         .await
         .unwrap()
 }
+
+/// A record's fingerprint is hashed by loansync from the values PostgreSQL sends in
+/// binary format, not from their text: a session with another `TimeZone`, `DateStyle`
+/// or `extra_float_digits` (a role's settings, a pooler's) loads the same fingerprints,
+/// so a sweep resends nothing for them. One changed column changes one record's
+/// fingerprint, and only that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fingerprints_are_the_values_not_the_session_s_text_of_them() {
+    let db = seeded_db(small()).await;
+    let odd = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                for set in [
+                    "SET TimeZone = 'Pacific/Chatham'",
+                    "SET DateStyle = 'SQL, DMY'",
+                    "SET extra_float_digits = 0",
+                ] {
+                    sqlx::query(set).execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(&db.url)
+        .await
+        .expect("a pool with other session settings");
+    let mut checked = 0;
+    for entity in EntityKind::ALL {
+        let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id::int8 FROM {} ORDER BY id LIMIT 40",
+            match entity {
+                EntityKind::Officer => "accounts_customuser",
+                EntityKind::Customer => "ajo_ajouser",
+                EntityKind::Loan => "loans_ajoloan",
+                EntityKind::Repayment => "loans_ajoloanrepayment",
+            }
+        )))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let plain = loansync::source::load_chunk(&db.pool, entity, &ids)
+            .await
+            .unwrap();
+        let other = loansync::source::load_chunk(&odd, entity, &ids)
+            .await
+            .unwrap();
+        assert_eq!(plain.fingerprints, other.fingerprints, "{entity}");
+        let distinct: BTreeSet<_> = plain.fingerprints.iter().map(|(_, fp)| fp).collect();
+        assert_eq!(
+            distinct.len(),
+            plain.fingerprints.len(),
+            "{entity}: one per record"
+        );
+        checked += plain.fingerprints.len();
+    }
+    assert!(
+        checked > 40,
+        "records of several entities were compared ({checked})"
+    );
+
+    // One loan's amount changes: its fingerprint, and no other.
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id::int8 FROM loans_ajoloan ORDER BY id LIMIT 40")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let before = loansync::source::load_chunk(&db.pool, EntityKind::Loan, &ids)
+        .await
+        .unwrap();
+    exec(
+        &db.pool,
+        "UPDATE loans_ajoloan SET amount = amount + 0.01 WHERE id = $1",
+        ids[7],
+    )
+    .await;
+    let after = loansync::source::load_chunk(&db.pool, EntityKind::Loan, &ids)
+        .await
+        .unwrap();
+    let changed: Vec<i64> = before
+        .fingerprints
+        .iter()
+        .zip(&after.fingerprints)
+        .filter(|(b, a)| b != a)
+        .map(|(b, _)| b.0)
+        .collect();
+    assert_eq!(changed, vec![ids[7]]);
+}
