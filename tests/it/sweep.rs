@@ -577,3 +577,68 @@ async fn fingerprints_are_the_values_not_the_session_s_text_of_them() {
         .collect();
     assert_eq!(changed, vec![ids[7]]);
 }
+
+/// A full sync of records the platform already holds writes no fingerprint row: each
+/// unchanged record's `loansync_delivered` row is neither rewritten nor even locked
+/// (same `xmin`, same `xmax`), while the one changed record gets its new fingerprint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_sync_of_unchanged_records_writes_no_fingerprint_row() {
+    let db = seeded_db(small()).await;
+    let pool = &db.pool;
+    let api = stub(Faults::default()).await;
+    let settings = settings_for(&db, &api.url(), &[]);
+    run(pool, &settings, &request(SyncType::Full, false)).await;
+    type Versions = BTreeMap<(String, i64), (String, String, uuid::Uuid)>;
+    let versions = || async {
+        let rows: Vec<(String, i64, String, String, uuid::Uuid)> = sqlx::query_as(
+            "SELECT entity, id, xmin::text, xmax::text, fingerprint FROM loansync_delivered",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(e, id, xmin, xmax, fp)| ((e, id), (xmin, xmax, fp)))
+            .collect::<Versions>()
+    };
+    let before = versions().await;
+    assert!(
+        before.len() > 100,
+        "records were delivered ({})",
+        before.len()
+    );
+    let loan = one_id(
+        pool,
+        "SELECT min(id)::int8 FROM loans_ajoloan WHERE is_disbursed",
+    )
+    .await;
+    exec(
+        pool,
+        "UPDATE loans_ajoloan SET amount = amount + 1 WHERE id = $1",
+        loan,
+    )
+    .await;
+
+    run(pool, &settings, &request(SyncType::Full, false)).await;
+    let after = versions().await;
+    assert!(
+        before.keys().eq(after.keys()),
+        "the same records are delivered"
+    );
+    let touched: Vec<&(String, i64)> = before
+        .iter()
+        .filter(|(k, v)| after[*k] != **v)
+        .map(|(k, _)| k)
+        .collect();
+    let key = ("loan".to_string(), loan);
+    assert!(
+        touched == vec![&key],
+        "only the changed loan {loan}'s row is written; {} rows were rewritten or locked, \
+         the first: {:?}",
+        touched.len(),
+        &touched[..touched.len().min(5)]
+    );
+    assert_ne!(
+        after[&key].2, before[&key].2,
+        "the changed loan's new fingerprint"
+    );
+}
