@@ -263,11 +263,11 @@ pub async fn process_chunk(
         }
     };
     // What the platform now holds of each accepted record: the fingerprint loaded with
-    // it, written in the settle transaction unless the platform held it already (a
-    // rejected record keeps its old one, so the next sweep sends it again).
+    // it, written in the settle transaction (a rejected record keeps its old one, so the
+    // next sweep sends it again).
     let delivered: Vec<(i64, uuid::Uuid)> = succeeded
         .iter()
-        .filter_map(|&id| loaded.fingerprint_to_write(id).map(|fp| (id, fp)))
+        .filter_map(|&id| loaded.fingerprint_of(id).map(|fp| (id, fp)))
         .collect();
     settle(
         ctx,

@@ -25,21 +25,16 @@ const IDS_LOAN_INCREMENTAL: &str = include_str!("sql/ids_loan_incremental.sql");
 const IDS_REPAYMENT_FULL: &str = include_str!("sql/ids_repayment_full.sql");
 const IDS_REPAYMENT_INCREMENTAL: &str = include_str!("sql/ids_repayment_incremental.sql");
 
-/// One chunk's rows: `rows_<entity>.sql` with the chunk's ids (`$1`), in id order, each
-/// followed by the fingerprint the platform holds of it (`delivered`, from
-/// `loansync_delivered`, `$2` the entity; NULL when never delivered). Their fingerprints
-/// now are computed by loansync ([`fingerprint`]); the settle writes only those that
-/// differ from the delivered one.
+/// One chunk's rows: `rows_<entity>.sql` with the chunk's ids, in id order. Their
+/// fingerprints are computed by loansync ([`fingerprint`]).
 macro_rules! load_sql {
     ($rows:literal, $alias:literal) => {
         concat!(
-            "SELECT x.*, d.fingerprint AS delivered FROM (\n",
+            "SELECT x.* FROM (\n",
             include_str!($rows),
             "WHERE ",
             $alias,
-            ".id = ANY($1::int8[])\n) x\n\
-             LEFT JOIN loansync_delivered d ON d.entity = $2 AND d.id = x.id\n\
-             ORDER BY x.id"
+            ".id = ANY($1::int8[])\n) x\nORDER BY x.id"
         )
     };
 }
@@ -168,15 +163,8 @@ pub struct LoadedChunk {
     /// Values sent as `null` for being NaN or infinite.
     pub warnings: u32,
     /// The fingerprint of each record, by id, ascending (see [`fingerprint`]): written
-    /// to `loansync_delivered` when the API accepts the record, unless it is
-    /// [`unchanged`](Self::unchanged).
+    /// to `loansync_delivered` when the API accepts the record.
     pub fingerprints: Vec<(i64, uuid::Uuid)>,
-    /// The records whose fingerprint is the one the platform already holds, by id,
-    /// ascending: a full sync of unchanged records writes no fingerprint row. Read with
-    /// the rows; should another sync's settle change the delivered fingerprint before
-    /// this chunk settles (one sync runs at a time, so it cannot today), the next sweep
-    /// finds the difference and sends the record again: never a lost change.
-    pub unchanged: Vec<i64>,
 }
 
 impl LoadedChunk {
@@ -189,15 +177,6 @@ impl LoadedChunk {
             .map(|(_, fp)| *fp)
     }
 
-    /// The fingerprint to write for the record `id` once the API accepted it: `None`
-    /// when it was not loaded or the platform already holds this version.
-    pub fn fingerprint_to_write(&self, id: i64) -> Option<uuid::Uuid> {
-        if self.unchanged.binary_search(&id).is_ok() {
-            return None;
-        }
-        self.fingerprint_of(id)
-    }
-
     /// Adds another load's records (the one-by-one loading of a chunk).
     pub fn extend(&mut self, other: LoadedChunk) {
         self.records.extend(other.records);
@@ -205,8 +184,6 @@ impl LoadedChunk {
         self.warnings += other.warnings;
         self.fingerprints.extend(other.fingerprints);
         self.fingerprints.sort_unstable_by_key(|(id, _)| *id);
-        self.unchanged.extend(other.unchanged);
-        self.unchanged.sort_unstable();
     }
 }
 
@@ -224,39 +201,16 @@ pub async fn load_chunk(
     if ids.is_empty() {
         return Ok(LoadedChunk::default());
     }
-    let (out, fingerprints, unchanged) = match entity {
+    let (out, fingerprints) = match entity {
         EntityKind::Officer => {
-            load_rows(
-                pool,
-                LOAD_OFFICER,
-                entity,
-                ids,
-                transform::officer::transform,
-            )
-            .await?
+            load_rows(pool, LOAD_OFFICER, ids, transform::officer::transform).await?
         }
         EntityKind::Customer => {
-            load_rows(
-                pool,
-                LOAD_CUSTOMER,
-                entity,
-                ids,
-                transform::customer::transform,
-            )
-            .await?
+            load_rows(pool, LOAD_CUSTOMER, ids, transform::customer::transform).await?
         }
-        EntityKind::Loan => {
-            load_rows(pool, LOAD_LOAN, entity, ids, transform::loan::transform).await?
-        }
+        EntityKind::Loan => load_rows(pool, LOAD_LOAN, ids, transform::loan::transform).await?,
         EntityKind::Repayment => {
-            load_rows(
-                pool,
-                LOAD_REPAYMENT,
-                entity,
-                ids,
-                transform::repayment::transform,
-            )
-            .await?
+            load_rows(pool, LOAD_REPAYMENT, ids, transform::repayment::transform).await?
         }
     };
     let missing = missing_ids(ids, &out.records);
@@ -265,46 +219,31 @@ pub async fn load_chunk(
         missing,
         warnings: out.warnings,
         fingerprints,
-        unchanged,
     })
 }
 
-/// Runs one chunk's statement: the rows (decoded as `R`), transformed, their
-/// fingerprints sorted by id, and the ids the platform holds unchanged.
+/// Runs one chunk's statement: the rows (decoded as `R`), transformed, and their
+/// fingerprints sorted by id.
 async fn load_rows<R>(
     pool: &PgPool,
     sql: &'static str,
-    entity: EntityKind,
     ids: &[i64],
     f: impl Fn(R) -> (Record, u32),
-) -> Result<(Transformed, Vec<(i64, uuid::Uuid)>, Vec<i64>), sqlx::Error>
+) -> Result<(Transformed, Vec<(i64, uuid::Uuid)>), sqlx::Error>
 where
     R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
 {
     use sqlx::Row;
-    let rows = sqlx::query(sql)
-        .bind(ids)
-        .bind(entity.as_str())
-        .fetch_all(pool)
-        .await?;
+    let rows = sqlx::query(sql).bind(ids).fetch_all(pool).await?;
     let mut decoded = Vec::with_capacity(rows.len());
     let mut fingerprints = Vec::with_capacity(rows.len());
-    let mut unchanged = Vec::new();
     for row in &rows {
-        // By position: `id` first (the row type's first column), `delivered` last.
-        let columns = row.len() - 1;
-        debug_assert_eq!(sqlx::Column::name(&row.columns()[columns]), "delivered");
-        let id = row.try_get::<i64, _>(0)?;
-        let now = fingerprint(row, columns)?;
-        if row.try_get::<Option<uuid::Uuid>, _>(columns)? == Some(now) {
-            unchanged.push(id);
-        }
-        fingerprints.push((id, now));
+        // By position: `id` first (the row type's first column).
+        fingerprints.push((row.try_get::<i64, _>(0)?, fingerprint(row, row.len())?));
         decoded.push(R::from_row(row)?);
     }
     fingerprints.sort_unstable_by_key(|(id, _)| *id);
-    unchanged.sort_unstable();
-    Ok((collect(decoded, f), fingerprints, unchanged))
+    Ok((collect(decoded, f), fingerprints))
 }
 
 /// What one page of a sweep found (see [`sweep_page`]).
