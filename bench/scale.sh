@@ -117,6 +117,9 @@ for n in "${counts[@]}"; do
   # The sync is the first full one whose history row is newer than this (by history id,
   # not by request: builds older than the request table can be measured too).
   poll "SELECT coalesce(max(id), 0) FROM etl_folder_etlsynchistory"; h0=$st
+  # A checkpoint now rather than one that falls inside some runs and not others: the
+  # full-page images written after it made single runs differ by up to a quarter.
+  psql $PG -qAtX -d "$db" -c CHECKPOINT
   pg0=$(pg_cpu) lc0=$(cpu_of $planner "${wpids[@]}") st0=$(cpu_of $stub)
   $B trigger --full --request-id "$request" >/dev/null
   samples=0 waiting=0
