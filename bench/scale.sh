@@ -148,7 +148,8 @@ planned = {}
 for line in open(f"{out}/planner.log"):
     if '"sync planned"' in line:
         d = json.loads(line)
-        planned[d.get("fields", d).get("sync_id") or d.get("sync_id")] = d["timestamp"]
+        f = d.get("fields", d)
+        planned[f.get("sync_id") or d.get("sync_id")] = (d["timestamp"], f.get("ledger_ms"), f.get("publish_ms"))
 runs = []
 for line in open(f"{out}/runs"):
     n, h0, samples, waiting, pg, lc, st, rss = line.split()
@@ -156,9 +157,10 @@ for line in open(f"{out}/runs"):
           "h.officers_failed + h.customers_failed + h.loans_failed + h.repayments_failed, h.started_at "
           f"FROM etl_folder_etlsynchistory h WHERE h.id > {h0} AND h.sync_type = 'full' ORDER BY h.id LIMIT 1").split("|")
     sync_id, status, duration, records, failed = h[0], h[1], float(h[2]), int(h[3]), int(h[4])
-    plan_s = None
+    plan_s = ledger_ms = publish_ms = None
     if sync_id in planned:
-        plan_s = float(q(f"SELECT EXTRACT(EPOCH FROM '{planned[sync_id]}'::timestamptz - '{h[5]}'::timestamptz)"))
+        at, ledger_ms, publish_ms = planned[sync_id]
+        plan_s = float(q(f"SELECT EXTRACT(EPOCH FROM '{at}'::timestamptz - '{h[5]}'::timestamptz)"))
     us = lambda ticks: round(int(ticks) / hz * 1e6 / records, 2)
     rss_mb = [round(int(r) / 1024, 1) for r in rss.split(",")]
     runs.append({"workers": int(n), "status": status, "records": records, "failed": failed,
@@ -166,18 +168,21 @@ for line in open(f"{out}/runs"):
                  "lock_waiting_mean": round(int(waiting) / int(samples), 2), "lock_samples": int(samples),
                  "cpu_us_per_record": {"loansync": us(lc), "postgres": us(pg), "stub": us(st)},
                  "worker_peak_rss_mb_max": max(rss_mb), "worker_peak_rss_mb": rss_mb,
-                 "planner_seconds": round(plan_s, 3) if plan_s is not None else None})
+                 "planner_seconds": round(plan_s, 3) if plan_s is not None else None,
+                 # Of which: writing the chunk ledger, and publishing the chunk jobs (builds
+                 # that log them).
+                 "planner_ledger_ms": ledger_ms, "planner_publish_ms": publish_ms})
 base = runs[0]["records_per_second"] / runs[0]["workers"]
 for r in runs:
     r["efficiency"] = round(r["records_per_second"] / (r["workers"] * base), 3)
 report = {"size": size, "api_latency_ms": int(latency), "worker_concurrency": 4, "runs": runs}
 print(f"dataset {size}, API latency {latency} ms, ETL_WORKER_CONCURRENCY 4")
-print("| workers | records/s | efficiency | lock waits (mean) | loansync µs/rec | PostgreSQL µs/rec | stub µs/rec | worker peak RSS (max) | planner s | status |")
+print("| workers | records/s | efficiency | lock waits (mean) | loansync µs/rec | PostgreSQL µs/rec | stub µs/rec | worker peak RSS (max) | planner s (ledger + publish ms) | status |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r in runs:
     c = r["cpu_us_per_record"]
     print(f"| {r['workers']} | {r['records_per_second']:,} | {r['efficiency']:.2f} | {r['lock_waiting_mean']:.2f} | {c['loansync']} | {c['postgres']} | {c['stub']} | "
-          f"{r['worker_peak_rss_mb_max']} MB | {r['planner_seconds']} | {r['status']} |")
+          f"{r['worker_peak_rss_mb_max']} MB | {r['planner_seconds']} ({r['planner_ledger_ms']} + {r['planner_publish_ms']}) | {r['status']} |")
 json.dump(report, open(f"bench/report-scale-{tag}.json", "w"), indent=2)
 print(f"written: bench/report-scale-{tag}.json")
 PY

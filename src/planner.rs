@@ -1,6 +1,6 @@
 //! Plan one sync: claim the active-sync slot, enumerate each entity's ids in its window,
-//! write the chunk ledger and the totals in one transaction, then publish one chunk job
-//! per chunk (confirmed). Only after that may the planning message be acked.
+//! write the chunk ledger (the entities side by side) and then the totals, then publish
+//! one chunk job per chunk (confirmed). Only after that may the planning message be acked.
 
 use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType, SyncWindow};
@@ -11,6 +11,7 @@ use crate::queue::{ChunkPublisher, Consumer, Disposition};
 use crate::source;
 use crate::telemetry::{Event, Telemetry};
 use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -224,7 +225,9 @@ async fn plan_claimed(
         }
         Begin::Unbounded(why) => return Err(why.into()),
     };
+    let started = std::time::Instant::now();
     let (totals, finished) = write_ledger(pool, settings, &sync_id, spec, window_hi).await?;
+    let ledger_ms = started.elapsed().as_millis() as u64;
     for &(entity, n) in &totals.records {
         settings.telemetry.emit(Event::RecordsPlanned {
             entity,
@@ -237,7 +240,8 @@ async fn plan_claimed(
             .emit(Event::SyncFinishedAtPlanning { sync_type, status });
     }
     let chunks = publish_unsettled(pool, &sync_id, publisher).await?;
-    tracing::info!(%sync_id, %sync_type, purpose = purpose.as_str(), chunks, records = ?totals.records, "sync planned");
+    let publish_ms = started.elapsed().as_millis() as u64 - ledger_ms;
+    tracing::info!(%sync_id, %sync_type, purpose = purpose.as_str(), chunks, records = ?totals.records, ledger_ms, publish_ms, "sync planned");
     Ok(PlanOutcome::Planned {
         sync_id,
         totals,
@@ -273,6 +277,14 @@ fn window_for(
     }
 }
 
+/// Writes the plan: what a dead planner left is cleared (one transaction), each
+/// entity's chunks and window are written in a transaction of its own, the entities
+/// side by side on the pool's connections ([`PLAN_PARALLELISM`] at most), and the totals
+/// with the move to `running` last, in a transaction that checks the sync is still
+/// `planning`. Workers see no chunk before that last commit (the jobs are published
+/// after it). A planner that dies half-way leaves the sync `planning` with part of its
+/// chunks: the next planner takes the sync over ([`Begin::Replan`]) and clears them
+/// first. A sweep is planned in one transaction, entity after entity ([`plan_sweep`]).
 async fn write_ledger(
     pool: &PgPool,
     settings: &Settings,
@@ -280,53 +292,108 @@ async fn write_ledger(
     spec: &ledger::SyncSpec,
     hi: DateTime<Utc>,
 ) -> anyhow::Result<(PlanTotals, Option<FinalStatus>)> {
-    let (sync_type, entities, purpose) = (spec.sync_type, &spec.entities[..], spec.purpose);
     let mut tx = pool.begin().await?;
     anyhow::ensure!(
         ledger::clear_plan(&mut tx, sync_id).await?,
         "sync {sync_id} is no longer planning: its plan is another planner's"
     );
+    let (mut tx, planned) = if spec.purpose == Purpose::Sweep {
+        let mut planned = Vec::new();
+        for &entity in &spec.entities {
+            planned.push(plan_entity(&mut tx, settings, sync_id, spec, entity, hi).await?);
+        }
+        (tx, planned)
+    } else {
+        tx.commit().await?;
+        let planned: Vec<EntityPlan> = futures::stream::iter(spec.entities.iter().copied())
+            .map(|entity| async move {
+                let mut tx = pool.begin().await?;
+                anyhow::ensure!(
+                    ledger::share_planning(&mut tx, sync_id).await?,
+                    "sync {sync_id} is no longer planning: its plan is another planner's"
+                );
+                let plan = plan_entity(&mut tx, settings, sync_id, spec, entity, hi).await?;
+                tx.commit().await?;
+                anyhow::Ok(plan)
+            })
+            .buffered(plan_parallelism(pool))
+            .try_collect()
+            .await?;
+        (pool.begin().await?, planned)
+    };
+    anyhow::ensure!(
+        ledger::lock_planning(&mut tx, sync_id).await?,
+        "sync {sync_id} is no longer planning: its plan is another planner's"
+    );
     let mut totals = PlanTotals::default();
-    let mut earliest_lo: Option<DateTime<Utc>> = None;
-    for &entity in entities {
-        let window = match purpose {
-            Purpose::Sync => {
-                let watermark = ledger::watermark(&mut tx, entity).await?;
-                window_for(settings, sync_type, watermark, hi)
-            }
-            Purpose::Retry | Purpose::Sweep => SyncWindow { lo: None, hi },
-            Purpose::Backfill => SyncWindow { lo: spec.since, hi },
-        };
-        if let Some(lo) = window.lo {
-            earliest_lo = Some(earliest_lo.map_or(lo, |e| e.min(lo)));
-        }
-        let size = i64::from(settings.chunk_sizes.for_entity(entity));
-        if purpose == Purpose::Sweep {
-            let (planned, seq) = plan_sweep(&mut tx, sync_id, entity, &window, size).await?;
-            ledger::insert_sync_entity(&mut tx, sync_id, entity, &window, planned).await?;
-            totals.records.push((entity, planned));
-            totals.chunks += i64::from(seq);
-            continue;
-        }
-        // Every chunk in one statement, in PostgreSQL: the keyset pages of the selection,
-        // one page a chunk. Neither the ids nor the chunks come to the planner.
-        let (page_sql, windowed) = match purpose {
-            // (A sweep was planned above, by `plan_sweep`.)
-            Purpose::Sync | Purpose::Backfill | Purpose::Sweep => {
-                source::ids_sql(entity, sync_type)
-            }
-            Purpose::Retry => (ledger::UNRESOLVED_PAGE_SQL, false),
-        };
-        let (seq, planned) =
-            ledger::insert_chunks(&mut tx, sync_id, entity, page_sql, size, &window, windowed)
-                .await?;
-        ledger::insert_sync_entity(&mut tx, sync_id, entity, &window, planned).await?;
-        totals.records.push((entity, planned));
-        totals.chunks += i64::from(seq);
+    for p in &planned {
+        totals.records.push((p.entity, p.records));
+        totals.chunks += i64::from(p.chunks);
     }
+    let earliest_lo = planned.iter().filter_map(|p| p.lo).min();
     let finished = ledger::write_plan(&mut tx, sync_id, &totals, earliest_lo, hi).await?;
     tx.commit().await?;
     Ok((totals, finished))
+}
+
+/// How many entities a planner writes side by side: each takes a connection of the pool,
+/// which also holds the planning lock's; one is left over for the rest.
+const PLAN_PARALLELISM: usize = 4;
+
+fn plan_parallelism(pool: &PgPool) -> usize {
+    let free = (pool.options().get_max_connections() as usize).saturating_sub(2);
+    free.clamp(1, PLAN_PARALLELISM)
+}
+
+/// One entity's part of a plan.
+struct EntityPlan {
+    entity: EntityKind,
+    records: i64,
+    chunks: i32,
+    lo: Option<DateTime<Utc>>,
+}
+
+/// Writes one entity's chunks and window, in `tx`: every chunk in PostgreSQL (the keyset
+/// pages of the selection, one page a chunk; neither the ids nor the chunks come to the
+/// planner), or for a sweep the records whose fingerprint changed.
+async fn plan_entity(
+    tx: &mut sqlx::PgConnection,
+    settings: &Settings,
+    sync_id: &str,
+    spec: &ledger::SyncSpec,
+    entity: EntityKind,
+    hi: DateTime<Utc>,
+) -> anyhow::Result<EntityPlan> {
+    let window = match spec.purpose {
+        Purpose::Sync => {
+            let watermark = ledger::watermark(&mut *tx, entity).await?;
+            window_for(settings, spec.sync_type, watermark, hi)
+        }
+        Purpose::Retry | Purpose::Sweep => SyncWindow { lo: None, hi },
+        Purpose::Backfill => SyncWindow { lo: spec.since, hi },
+    };
+    let size = i64::from(settings.chunk_sizes.for_entity(entity));
+    let (chunks, records) = match spec.purpose {
+        Purpose::Sweep => {
+            let (planned, seq) = plan_sweep(&mut *tx, sync_id, entity, &window, size).await?;
+            (seq, planned)
+        }
+        Purpose::Sync | Purpose::Backfill | Purpose::Retry => {
+            let (page_sql, windowed) = match spec.purpose {
+                Purpose::Retry => (ledger::UNRESOLVED_PAGE_SQL, false),
+                _ => source::ids_sql(entity, spec.sync_type),
+            };
+            ledger::insert_chunks(&mut *tx, sync_id, entity, page_sql, size, &window, windowed)
+                .await?
+        }
+    };
+    ledger::insert_sync_entity(&mut *tx, sync_id, entity, &window, records).await?;
+    Ok(EntityPlan {
+        entity,
+        records,
+        chunks,
+        lo: window.lo,
+    })
 }
 
 /// How many ids of the source a sweep compares per statement: a keyset page of the full

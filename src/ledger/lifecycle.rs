@@ -415,7 +415,8 @@ const ORPHAN_REASON: &str = "its planner stopped while planning (process killed 
      planning requests it served are pending again and run when the slot frees";
 
 /// Ends a `planning` sync whose planner is gone: history `failed` with `reason`, zero
-/// counters (nothing was planned), the slot and its request id freed. With `requeue`
+/// counters (nothing was planned: the chunks its planner had committed entity by entity
+/// are removed, no job of them was published), the slot and its request id freed. With `requeue`
 /// (a takeover by the next planner, not an operator's abandon), the requests it served
 /// are pending again, so that none is lost.
 pub(super) async fn abandon_orphan(
@@ -434,6 +435,7 @@ pub(super) async fn abandon_orphan(
         .execute(&mut *conn)
         .await?;
     }
+    super::plan::delete_plan(&mut *conn, sync_id).await?;
     sqlx::query(FAIL_ORPHAN_HISTORY)
         .bind(sync_id)
         .bind(reason)

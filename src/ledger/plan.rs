@@ -163,14 +163,16 @@ pub async fn insert_sync_entity(
 /// touches nothing) when the sync is planned already: a ledger another planner committed
 /// is never cleared or rewritten.
 pub async fn clear_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<bool> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1 FOR UPDATE")
-            .bind(sync_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if state.as_deref() != Some(SyncState::Planning.as_str()) {
+    if !lock_planning(&mut *conn, sync_id).await? {
         return Ok(false);
     }
+    delete_plan(conn, sync_id).await?;
+    Ok(true)
+}
+
+/// Removes the chunks and entity windows of a sync that never ran: what its planner had
+/// committed of them before it died (each entity commits on its own, the totals last).
+pub(super) async fn delete_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<()> {
     sqlx::query("DELETE FROM loansync_chunk WHERE sync_id = $1")
         .bind(sync_id)
         .execute(&mut *conn)
@@ -179,7 +181,30 @@ pub async fn clear_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<
         .bind(sync_id)
         .execute(&mut *conn)
         .await?;
-    Ok(true)
+    Ok(())
+}
+
+/// Locks the sync's row (until the transaction ends) and tells whether it is still
+/// `planning`: the check before a planner clears a plan or writes its totals.
+pub async fn lock_planning(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<bool> {
+    planning_with(conn, sync_id, "FOR UPDATE").await
+}
+
+/// Share-locks the sync's row (until the transaction ends) and tells whether it is still
+/// `planning`: the check before a planner writes one entity's chunks. Entities share the
+/// row with each other; an operator's abandon (`FOR UPDATE`) waits for them, and one
+/// that starts after it finds the sync `done` and writes nothing.
+pub async fn share_planning(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<bool> {
+    planning_with(conn, sync_id, "FOR KEY SHARE").await
+}
+
+async fn planning_with(conn: &mut PgConnection, sync_id: &str, lock: &str) -> sqlx::Result<bool> {
+    let sql = format!("SELECT state FROM loansync_sync WHERE sync_id = $1 {lock}");
+    let state: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(sync_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(state.as_deref() == Some(SyncState::Planning.as_str()))
 }
 
 /// Writes the totals and moves the sync to `in_progress` (or finalizes it at once when

@@ -284,6 +284,91 @@ async fn a_sync_killed_while_planning_blocks_nothing_in_single_process_mode() {
     assert_books_balance(&db.pool).await;
 }
 
+/// Each entity's chunks commit on their own, side by side, and the totals last: a
+/// planner killed between the two leaves a `planning` sync with chunks. The next sync
+/// takes the dead claim over and removes them (none was published): every record is
+/// delivered, each chunk of the dead claim is gone, the books balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planner_killed_between_its_entities_and_its_totals_leaves_no_chunk_behind() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let settings = settings_for(&db, &stub.url(), &[]);
+    let expected = expected_full(&db.pool).await;
+
+    let entities = hold_plans(&db).await;
+    let mut killed = loansync_process(&db, &settings, &stub.url())
+        .args(["sync", "--full"])
+        .spawn()
+        .unwrap();
+    wait_planner_held(&db).await;
+    // The totals' first write is the sync's history row: held before the entities go on.
+    let mut totals = db.pool.begin().await.unwrap();
+    let orphan: String = sqlx::query_scalar(
+        "SELECT h.sync_id::text FROM etl_folder_etlsynchistory h \
+         JOIN loansync_sync s ON s.sync_id = h.sync_id WHERE s.state = 'planning' FOR UPDATE OF h",
+    )
+    .fetch_one(&mut *totals)
+    .await
+    .unwrap();
+    entities.rollback().await.unwrap();
+    let windows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM loansync_sync_entity WHERE sync_id = $1")
+            .bind(&orphan)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    wait_for(
+        "every entity committed, the totals waiting on the history row",
+        DEADLINE,
+        || async { windows().await == 4 && waiting(&db.pool, "any").await >= 1 },
+    )
+    .await;
+    killed.kill().await.unwrap(); // SIGKILL
+    totals.rollback().await.unwrap();
+    let chunks = |sync_id: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM loansync_chunk WHERE sync_id = $1")
+                .bind(sync_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        chunks(orphan.clone()).await > 0,
+        "the dead planner committed no chunk"
+    );
+
+    let next = loansync_process(&db, &settings, &stub.url())
+        .args(["sync", "--full"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(next.status.code(), Some(0), "{next:?}");
+    let h = history(&db.pool).await;
+    assert_eq!(h.len(), 2, "{h:?}");
+    assert!(
+        h.iter()
+            .any(|h| h.status == "failed" && h.sync_id == orphan),
+        "{h:?}"
+    );
+    assert!(h.iter().any(|h| h.status == "completed"), "{h:?}");
+    assert_eq!(
+        chunks(orphan.clone()).await,
+        0,
+        "the dead claim's chunks are left"
+    );
+    assert_eq!(
+        windows().await,
+        0,
+        "the dead claim's entity windows are left"
+    );
+    assert_delivered_all(&stub.received(), &expected);
+    assert_books_balance(&db.pool).await;
+}
+
 async fn a_planner_killed_while_planning_over_rabbitmq(request_id: Option<&str>) {
     let db = seeded_db(small()).await;
     let stub = stub(Faults::default()).await;
