@@ -772,12 +772,27 @@ async fn load_chunk_reports_missing_ids_and_orders_by_id() {
     }
 }
 
-/// Counts the statements sqlx executes (its `sqlx::query` events) in this thread.
-struct CountQueries(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+/// Counts the statements sqlx executes (its `sqlx::query` events) in this thread, and
+/// keeps their summaries for the assertion's message.
+struct CountQueries(
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+);
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountQueries {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Summary(String);
+        impl tracing::field::Visit for Summary {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "summary" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
         if event.metadata().target() == "sqlx::query" {
+            let mut summary = Summary(String::new());
+            event.record(&mut summary);
+            self.1.lock().unwrap().push(summary.0);
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
@@ -818,8 +833,14 @@ async fn a_chunk_of_50_loans_is_one_query() {
         .unwrap();
 
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let subscriber = tracing_subscriber::registry().with(CountQueries(count.clone()));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(CountQueries(count.clone(), seen.clone()));
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Under `cargo test` other tests' threads register and drop subscribers of their
+    // own meanwhile: one that was computing the sqlx callsite's interest when this one
+    // registered could leave it cached as "never" for this thread's subscriber too (the
+    // chunk then counted 0 queries). Recomputed now, with this subscriber registered.
+    tracing::callsite::rebuild_interest_cache();
 
     let one = load_chunk(&pool, EntityKind::Loan, &loans[..1])
         .await
@@ -828,14 +849,17 @@ async fn a_chunk_of_50_loans_is_one_query() {
     assert_eq!(
         count.swap(0, Ordering::SeqCst),
         1,
-        "a chunk of one loan: one query"
+        "a chunk of one loan: one query, seen {:?}",
+        seen.lock().unwrap()
     );
+    seen.lock().unwrap().clear();
 
     let chunk = load_chunk(&pool, EntityKind::Loan, &loans).await.unwrap();
     assert_eq!(
         count.load(Ordering::SeqCst),
         1,
-        "a chunk of 50 loans: still one query"
+        "a chunk of 50 loans: still one query, seen {:?}",
+        seen.lock().unwrap()
     );
 
     assert_eq!(
