@@ -836,11 +836,24 @@ async fn a_chunk_of_50_loans_is_one_query() {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let subscriber = tracing_subscriber::registry().with(CountQueries(count.clone(), seen.clone()));
     let _guard = tracing::subscriber::set_default(subscriber);
-    // Under `cargo test` other tests' threads register and drop subscribers of their
-    // own meanwhile: one that was computing the sqlx callsite's interest when this one
-    // registered could leave it cached as "never" for this thread's subscriber too (the
-    // chunk then counted 0 queries). Recomputed now, with this subscriber registered.
-    tracing::callsite::rebuild_interest_cache();
+    // Under `cargo test` other tests' threads create dispatchers of their own meanwhile.
+    // One whose interest rebuild ran unlocked (while the process had only its global
+    // dispatcher) and stored its result after this subscriber registered leaves the sqlx
+    // callsite cached as "never": the first chunk then counted 0 queries (1 run in 3).
+    // Once this subscriber is registered every rebuild includes it, so: rebuilt until
+    // this subscriber sees sqlx's events (a deadline, no sleep), then counted from zero.
+    let deadline = std::time::Duration::from_secs(30);
+    crate::support::wait_for("the subscriber sees sqlx's events", deadline, || {
+        tracing::callsite::rebuild_interest_cache();
+        let (pool, count, loan) = (pool.clone(), count.clone(), loans[0]);
+        async move {
+            load_chunk(&pool, EntityKind::Loan, &[loan]).await.unwrap();
+            count.load(Ordering::SeqCst) > 0
+        }
+    })
+    .await;
+    assert!(count.swap(0, Ordering::SeqCst) > 0, "no sqlx event seen");
+    seen.lock().unwrap().clear();
 
     let one = load_chunk(&pool, EntityKind::Loan, &loans[..1])
         .await
