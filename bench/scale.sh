@@ -82,20 +82,27 @@ cpu_of() {
   done
   echo $t
 }
-# CPU ticks of every postgres process now, with those of the backends that already exited
-# (the postmaster's reaped children: cutime + cstime). One pass over /proc.
-pg_cpu() {
-  python3 - <<'PY'
-import os
-total = 0
+# A snapshot of PostgreSQL now, as one JSON line: every postgres process's CPU ticks
+# (utime + stime) with its title, the postmaster's reaped children's (cutime + cstime:
+# the backends and workers that already exited), and the WAL written so far
+# (pg_stat_wal). The report splits PostgreSQL's CPU by kind of process from two of them.
+pg_snap() {
+  python3 - "$db" <<'PY'
+import json, os, subprocess, sys
+procs, reaped = {}, 0
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
-        if open(f"/proc/{pid}/comm").read().strip().startswith("postgres"):
-            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+        if not open(f"/proc/{pid}/comm").read().strip().startswith("postgres"):
+            continue
+        title = open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip()
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        procs[pid] = [title, int(f[11]) + int(f[12])]
+        reaped += int(f[13]) + int(f[14])
     except OSError:
         pass
-print(total)
+wal = subprocess.check_output(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", sys.argv[1], "-AtXc",
+                               "SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal"], text=True).split("|")
+print(json.dumps({"procs": procs, "reaped": reaped, "wal": [int(x) for x in wal]}))
 PY
 }
 
@@ -120,7 +127,7 @@ for n in "${counts[@]}"; do
   # A checkpoint now rather than one that falls inside some runs and not others: the
   # full-page images written after it made single runs differ by up to a quarter.
   psql $PG -qAtX -d "$db" -c CHECKPOINT
-  pg0=$(pg_cpu) lc0=$(cpu_of $planner "${wpids[@]}") st0=$(cpu_of $stub)
+  pg_snap >"$out/pg-$n-0.json"; lc0=$(cpu_of $planner "${wpids[@]}") st0=$(cpu_of $stub)
   $B trigger --full --request-id "$request" >/dev/null
   samples=0 waiting=0
   while :; do
@@ -131,10 +138,10 @@ for n in "${counts[@]}"; do
     case "${st#*|}" in completed|partial_success|failed) break ;; esac
     sleep 0.1
   done
-  pg1=$(pg_cpu) lc1=$(cpu_of $planner "${wpids[@]}") st1=$(cpu_of $stub)
+  pg_snap >"$out/pg-$n-1.json"; lc1=$(cpu_of $planner "${wpids[@]}") st1=$(cpu_of $stub)
   rss=$(for w in "${wpids[@]}"; do awk '/VmHWM/ {print $2}' "/proc/$w/status"; done | paste -sd,)
   kill -TERM "${wpids[@]}"; wait "${wpids[@]}" 2>/dev/null || true; wpids=()
-  echo "$n $h0 $samples $waiting $((pg1 - pg0)) $((lc1 - lc0)) $((st1 - st0)) $rss" >>"$out/runs"
+  echo "$n $h0 $samples $waiting $((lc1 - lc0)) $((st1 - st0)) $rss" >>"$out/runs"
 done
 exec {POLL[1]}>&-; wait "$POLL_PID" || true
 
@@ -150,9 +157,24 @@ for line in open(f"{out}/planner.log"):
         d = json.loads(line)
         f = d.get("fields", d)
         planned[f.get("sync_id") or d.get("sync_id")] = (d["timestamp"], f.get("ledger_ms"), f.get("publish_ms"))
+def pg_split(before, after):
+    """PostgreSQL's CPU ticks between two snapshots, by kind of process, and the WAL
+    written (records, full-page images, bytes)."""
+    a, b = json.load(open(before)), json.load(open(after))
+    kinds = {"backends": 0, "wal and checkpoints": 0, "exited": b["reaped"] - a["reaped"], "other": 0}
+    for pid, (title, ticks) in b["procs"].items():
+        ticks -= a["procs"].get(pid, [None, 0])[1]
+        if any(k in title for k in ("walwriter", "checkpointer", "background writer")):
+            kinds["wal and checkpoints"] += ticks
+        elif f" {db} " in f"{title} ":
+            kinds["backends"] += ticks
+        else:
+            kinds["other"] += ticks
+    return kinds, [y - x for x, y in zip(a["wal"], b["wal"])]
 runs = []
 for line in open(f"{out}/runs"):
-    n, h0, samples, waiting, pg, lc, st, rss = line.split()
+    n, h0, samples, waiting, lc, st, rss = line.split()
+    pg, wal = pg_split(f"{out}/pg-{n}-0.json", f"{out}/pg-{n}-1.json")
     h = q("SELECT h.sync_id, h.status, h.duration_seconds, h.total_officers + h.total_customers + h.total_loans + h.total_repayments, "
           "h.officers_failed + h.customers_failed + h.loans_failed + h.repayments_failed, h.started_at "
           f"FROM etl_folder_etlsynchistory h WHERE h.id > {h0} AND h.sync_type = 'full' ORDER BY h.id LIMIT 1").split("|")
@@ -166,7 +188,13 @@ for line in open(f"{out}/runs"):
     runs.append({"workers": int(n), "status": status, "records": records, "failed": failed,
                  "sync_seconds": round(duration, 3), "records_per_second": round(records / duration),
                  "lock_waiting_mean": round(int(waiting) / int(samples), 2), "lock_samples": int(samples),
-                 "cpu_us_per_record": {"loansync": us(lc), "postgres": us(pg), "stub": us(st)},
+                 "cpu_us_per_record": {"loansync": us(lc), "postgres": us(sum(pg.values())), "stub": us(st)},
+                 # PostgreSQL's, by kind of process: the bench database's backends (the
+                 # workers', the planner's), the WAL writer, checkpointer and background
+                 # writer, backends and workers that exited during the run, the rest.
+                 "postgres_cpu_us_per_record": {k: us(v) for k, v in pg.items()},
+                 "wal_per_record": {"records": round(wal[0] / records, 2), "full_page_images": round(wal[1] / records, 3),
+                                    "bytes": round(wal[2] / records)},
                  "worker_peak_rss_mb_max": max(rss_mb), "worker_peak_rss_mb": rss_mb,
                  "planner_seconds": round(plan_s, 3) if plan_s is not None else None,
                  # Of which: writing the chunk ledger, and publishing the chunk jobs (builds
@@ -183,6 +211,12 @@ for r in runs:
     c = r["cpu_us_per_record"]
     print(f"| {r['workers']} | {r['records_per_second']:,} | {r['efficiency']:.2f} | {r['lock_waiting_mean']:.2f} | {c['loansync']} | {c['postgres']} | {c['stub']} | "
           f"{r['worker_peak_rss_mb_max']} MB | {r['planner_seconds']} ({r['planner_ledger_ms']} + {r['planner_publish_ms']}) | {r['status']} |")
+print()
+print("| workers | PostgreSQL µs/rec: backends | WAL writer, checkpointer, bgwriter | exited | other | WAL records/rec | full-page images/rec | WAL bytes/rec |")
+print("|---|---|---|---|---|---|---|---|")
+for r in runs:
+    p, w = r["postgres_cpu_us_per_record"], r["wal_per_record"]
+    print(f"| {r['workers']} | {p['backends']} | {p['wal and checkpoints']} | {p['exited']} | {p['other']} | {w['records']} | {w['full_page_images']} | {w['bytes']} |")
 json.dump(report, open(f"bench/report-scale-{tag}.json", "w"), indent=2)
 print(f"written: bench/report-scale-{tag}.json")
 PY

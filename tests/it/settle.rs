@@ -456,3 +456,64 @@ async fn the_history_counters_catch_up_while_a_sync_runs_and_are_exact_at_the_en
             .unwrap();
     assert_eq!(shown, serde_json::json!({ "chunk": jobs[n - 1].seq }));
 }
+
+/// A roll-up sets when the next is due from its own duration: a second after a quick
+/// one, twenty times its duration after a slow one, so that roll-ups, which read every
+/// settled chunk row, take a bounded share of the database on the largest syncs. The
+/// slow roll-up is made slow by a held lock on the history row it writes, released only
+/// once PostgreSQL shows its statement waiting for at least 200 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_roll_up_puts_the_next_one_further_off() {
+    let db = seeded_db(small()).await;
+    let (sync_id, jobs) = planned(&db).await;
+    let due = |pool: PgPool, sync_id: String| async move {
+        sqlx::query_as::<_, (f64, bool)>(
+            "SELECT EXTRACT(EPOCH FROM roll_up_due - rolled_up_at)::float8, roll_up_due > now() \
+             FROM loansync_sync WHERE sync_id = $1",
+        )
+        .bind(&sync_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+
+    // The first settle rolls up at once: the next is due a second later, not before.
+    assert_eq!(settle(&db.pool, &jobs[0]).await, Settled::Now(None));
+    let (gap, _) = due(db.pool.clone(), sync_id.clone()).await;
+    assert!(
+        (1.0..2.0).contains(&gap),
+        "next roll-up {gap} s after a quick one"
+    );
+
+    // A roll-up held up by a lock on the history row.
+    assert_eq!(settle(&db.pool, &jobs[1]).await, Settled::Now(None));
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM etl_folder_etlsynchistory WHERE sync_id = $1 FOR UPDATE")
+        .bind(&sync_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let slow = tokio::spawn({
+        let (pool, sync_id) = (db.pool.clone(), sync_id.clone());
+        async move { ledger::roll_up_now(&pool, &sync_id).await.unwrap() }
+    });
+    wait_for("the roll-up to wait 200 ms on the lock", DEADLINE, || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+               AND wait_event_type = 'Lock' AND clock_timestamp() - xact_start > interval '200 milliseconds')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    holder.rollback().await.unwrap();
+    assert!(slow.await.unwrap(), "the held-up roll-up rolled up");
+    let (gap, pending) = due(db.pool.clone(), sync_id.clone()).await;
+    assert!(gap >= 4.0, "next roll-up {gap} s after one of over 200 ms");
+    assert!(pending);
+    assert!(
+        !ledger::roll_up(&db.pool, &sync_id).await.unwrap(),
+        "no roll-up before it is due"
+    );
+}
