@@ -80,7 +80,7 @@ mod tests {
     fn rec(id: i64) -> Record {
         Record {
             id,
-            json: serde_json::value::to_raw_value(&serde_json::json!({"id": id, "n": "é"}))
+            json: crate::domain::RecordJson::encode(&serde_json::json!({"id": id, "n": "é"}))
                 .unwrap(),
         }
     }

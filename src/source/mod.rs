@@ -71,22 +71,25 @@ macro_rules! sweep_sql {
 /// column to text cost PostgreSQL (the lending application's own database) 8 µs per
 /// repayment and 12 µs per loan; hashing the bytes costs loansync well under 1 µs.
 /// Never-send columns are not selected, so they are not in it either.
+///
+/// The marked values are laid end to end in one buffer and hashed at once: three small
+/// `update`s per column cost more than the hashing itself (3.5 % of a worker's CPU).
 pub fn fingerprint(row: &PgRow, columns: usize) -> Result<uuid::Uuid, sqlx::Error> {
     use sha2::Digest;
     use sqlx::{Row, ValueRef};
-    let mut hash = sha2::Sha256::new();
+    let mut buf = Vec::with_capacity(1024);
     for i in 0..columns {
         let value = row.try_get_raw(i)?;
         if value.is_null() {
-            hash.update([0u8]);
+            buf.push(0u8);
         } else {
             let bytes = value.as_bytes().map_err(sqlx::Error::Decode)?;
-            hash.update([1u8]);
-            hash.update((bytes.len() as u32).to_le_bytes());
-            hash.update(bytes);
+            buf.push(1u8);
+            buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            buf.extend_from_slice(bytes);
         }
     }
-    let digest = hash.finalize();
+    let digest = sha2::Sha256::digest(&buf);
     let mut out = [0u8; 16];
     out.copy_from_slice(&digest[..16]);
     Ok(uuid::Uuid::from_bytes(out))
@@ -343,7 +346,7 @@ mod tests {
     fn rec(id: i64) -> Record {
         Record {
             id,
-            json: serde_json::value::to_raw_value(&id).unwrap(),
+            json: crate::domain::RecordJson::encode(&id).unwrap(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Customers (`ajo_ajouser`).
 
-use super::{encode, finite, non_finite};
+use super::{encode, finite, non_finite, opt_date, timestamp};
 use crate::domain::Record;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
@@ -16,6 +16,7 @@ pub struct CustomerRow {
     pub alt_phone: Option<String>,
     pub gender: Option<String>,
     pub marital_status: Option<String>,
+    #[serde(serialize_with = "opt_date")]
     pub dob: Option<NaiveDate>,
     pub state: Option<String>,
     pub lga: Option<String>,
@@ -45,7 +46,9 @@ pub struct CustomerRow {
     pub branch_name: Option<String>,
     pub age: Option<i32>,
     pub provider: String,
+    #[serde(serialize_with = "timestamp")]
     pub date_created: DateTime<Utc>,
+    #[serde(serialize_with = "timestamp")]
     pub date_modified: DateTime<Utc>,
     pub lite_user_id: Option<i64>,
     /// The managing agent: the `user_id` column, sent under this name.

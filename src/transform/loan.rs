@@ -1,6 +1,6 @@
 //! Loans (`loans_ajoloan`) with their agent, borrower, schedule and repayments.
 
-use super::{encode, finite, non_finite};
+use super::{encode, finite, non_finite, opt_date, opt_timestamp, timestamp};
 use crate::domain::Record;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
@@ -56,11 +56,17 @@ pub struct LoanRow {
     #[serde(serialize_with = "finite")]
     pub principal_daily_repayment: f64,
     pub is_disbursed: bool,
+    #[serde(serialize_with = "opt_timestamp")]
     pub date_disbursed: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "opt_date")]
     pub start_date: Option<NaiveDate>,
+    #[serde(serialize_with = "opt_date")]
     pub end_date: Option<NaiveDate>,
+    #[serde(serialize_with = "opt_date")]
     pub expected_end_date: Option<NaiveDate>,
+    #[serde(serialize_with = "opt_date")]
     pub actual_end_date: Option<NaiveDate>,
+    #[serde(serialize_with = "opt_timestamp")]
     pub date_completed: Option<DateTime<Utc>>,
     pub tenor: String,
     pub tenor_in_days: i32,
@@ -71,7 +77,9 @@ pub struct LoanRow {
     #[serde(serialize_with = "finite")]
     pub escrow_amount: f64,
     pub escrow_settled: bool,
+    #[serde(serialize_with = "timestamp")]
     pub date_created: DateTime<Utc>,
+    #[serde(serialize_with = "timestamp")]
     pub date_modified: DateTime<Utc>,
     /// The agent's email and branch (`accounts_customuser`).
     pub agent_email: Option<String>,
@@ -188,6 +196,7 @@ pub struct Schedule {
     #[serde(serialize_with = "finite")]
     pub amount_left: f64,
     /// Earliest `due_date` not fully paid.
+    #[serde(serialize_with = "opt_date")]
     pub next_due_date: Option<NaiveDate>,
 }
 
@@ -198,6 +207,7 @@ pub struct Repayments {
     #[serde(serialize_with = "finite")]
     pub total_amount: f64,
     /// The latest `paid_date` (a timestamp).
+    #[serde(serialize_with = "opt_timestamp")]
     pub last_paid_date: Option<DateTime<Utc>>,
 }
 

@@ -1,6 +1,6 @@
 //! Officers (`accounts_customuser` rows whose `user_type` is an agent type).
 
-use super::encode;
+use super::{encode, opt_timestamp, timestamp};
 use crate::domain::Record;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -28,7 +28,9 @@ pub struct OfficerRow {
     pub bucket_designation: Option<String>,
     pub pnd: bool,
     pub address: Option<String>,
+    #[serde(serialize_with = "timestamp")]
     pub date_joined: DateTime<Utc>,
+    #[serde(serialize_with = "opt_timestamp")]
     pub last_login: Option<DateTime<Utc>>,
     /// Customers whose `user_id` is this officer.
     pub customers_count: i64,

@@ -1,6 +1,6 @@
 //! Repayments (`loans_ajoloanrepayment`).
 
-use super::{encode, finite, non_finite};
+use super::{encode, finite, non_finite, timestamp};
 use crate::domain::Record;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -19,6 +19,7 @@ pub struct RepaymentRow {
     pub repayment_amount: f64,
     #[serde(serialize_with = "finite")]
     pub health_insurance: f64,
+    #[serde(serialize_with = "timestamp")]
     pub paid_date: DateTime<Utc>,
     /// Sent as a hyphenated UUID string.
     pub repayment_ref: uuid::Uuid,
@@ -31,7 +32,9 @@ pub struct RepaymentRow {
     #[serde(serialize_with = "finite")]
     pub expected_recovery_amt: f64,
     pub applied_to_loan: Option<bool>,
+    #[serde(serialize_with = "timestamp")]
     pub date_created: DateTime<Utc>,
+    #[serde(serialize_with = "timestamp")]
     pub date_modified: DateTime<Utc>,
     /// The loan's reference.
     pub loan_ref: Option<String>,

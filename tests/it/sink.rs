@@ -17,8 +17,10 @@ fn records(ids: impl IntoIterator<Item = i64>) -> Vec<Record> {
     ids.into_iter()
         .map(|id| Record {
             id,
-            json: serde_json::value::to_raw_value(&serde_json::json!({"id": id, "name": "Ọlá"}))
-                .unwrap(),
+            json: loansync::domain::RecordJson::encode(
+                &serde_json::json!({"id": id, "name": "Ọlá"}),
+            )
+            .unwrap(),
         })
         .collect()
 }
