@@ -223,6 +223,7 @@ async fn settle_for(
                     delivered: &delivered,
                     failed: &[],
                     api_response: None,
+                    upsert: ledger::FingerprintUpsert::plain(),
                 };
                 ledger::settle_chunk(&p, &r).await?;
                 settled.fetch_add(1, Ordering::Relaxed);

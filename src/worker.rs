@@ -33,6 +33,8 @@ pub struct WorkerContext {
     pub db_outage_wait: Duration,
     /// The registry this worker counts in.
     pub telemetry: Telemetry,
+    /// The form of the fingerprint upsert its settles use, learned per entity.
+    pub upsert: ledger::FingerprintUpsert,
 }
 
 /// How one chunk ended.
@@ -300,6 +302,7 @@ async fn settle(
         delivered,
         failed: failures,
         api_response,
+        upsert: &ctx.upsert,
     };
     match ledger::settle_chunk(&ctx.pool, &result).await? {
         Settled::Already => Ok(ChunkOutcome::Duplicate),

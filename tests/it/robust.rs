@@ -173,6 +173,7 @@ async fn a_held_lock_times_out_the_settle_and_the_chunk_comes_back() {
             failed: &[],
             api_response: None,
             delivered: &delivered,
+            upsert: loansync::ledger::FingerprintUpsert::plain(),
         },
     )
     .await

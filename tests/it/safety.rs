@@ -568,6 +568,7 @@ async fn a_settle_and_an_abort_at_once_take_their_locks_in_one_order() {
                     failed: &[],
                     api_response: None,
                     delivered: &[],
+                    upsert: ledger::FingerprintUpsert::plain(),
                 },
             )
             .await

@@ -98,6 +98,7 @@ fn result<'a>(job: &'a ChunkJob, o: &'a Outcome) -> ChunkResult<'a> {
         delivered: &[],
         failed: &o.failed,
         api_response: Some(&o.answer),
+        upsert: ledger::FingerprintUpsert::plain(),
     }
 }
 
@@ -515,5 +516,124 @@ async fn a_slow_roll_up_puts_the_next_one_further_off() {
     assert!(
         !ledger::roll_up(&db.pool, &sync_id).await.unwrap(),
         "no roll-up before it is due"
+    );
+}
+
+/// The two forms of the fingerprint upsert ([`ledger::FingerprintUpsert`]) write the same
+/// rows; the skipping one does not even lock the row of a record delivered again
+/// unchanged, where the plain one does (it writes a WAL record and dirties the page);
+/// and a worker's adaptive form skips after a settle that found most records unchanged
+/// and goes back to plain after one that found most changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_fingerprints_are_skipped_once_a_settle_finds_most_unchanged() {
+    let db = seeded_db(small()).await;
+    let fp = |id: i64, version: u128| uuid::Uuid::from_u128((u128::from(id as u64) << 8) | version);
+    // Settles `job` with every record accepted and fingerprint `version` (the records
+    // `changed` says get version + 1), through `form`.
+    let deliver = |job: ChunkJob, version: u128, changed: fn(usize) -> bool, form| {
+        let pool = db.pool.clone();
+        async move {
+            let o = outcome_with(&pool, &job, false).await;
+            let delivered: Vec<(i64, uuid::Uuid)> = o
+                .succeeded
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| (id, fp(id, version + u128::from(changed(i)))))
+                .collect();
+            let r = ChunkResult {
+                delivered: &delivered,
+                upsert: form,
+                ..result(&job, &o)
+            };
+            assert_ne!(
+                ledger::settle_chunk(&pool, &r).await.unwrap(),
+                Settled::Already
+            );
+            o.succeeded
+        }
+    };
+    // Of these ids' fingerprint rows: (sync that wrote this version, fingerprint, whether
+    // a transaction has locked or updated the row since its insert).
+    let rows = |ids: Vec<i64>| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, uuid::Uuid, bool)>(
+                "SELECT sync_id::text, fingerprint, xmax::text <> '0' FROM loansync_delivered \
+                 WHERE entity = 'loan' AND id = ANY($1) ORDER BY id",
+            )
+            .bind(&ids)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let none = |_: usize| false;
+
+    // A first sync, every record new: plain, and a worker's form stays plain.
+    let learner = ledger::FingerprintUpsert::adaptive();
+    let (first, jobs) = planned(&db).await;
+    deliver(jobs[0].clone(), 0, none, &learner).await;
+    assert!(!learner.skips(EntityKind::Loan), "all new: plain");
+    for job in &jobs[1..] {
+        deliver(job.clone(), 0, none, ledger::FingerprintUpsert::skipping()).await;
+    }
+    assert_eq!(sync_state(&db.pool, &first).await, "done");
+    let all: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM loansync_delivered WHERE entity = 'loan'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows(all.clone())
+            .await
+            .iter()
+            .filter(|(s, _, locked)| *s == first && !locked)
+            .count(),
+        all.len(),
+        "the skipping form inserted the new records as the plain one does"
+    );
+
+    // The same records again, unchanged.
+    let (second, jobs) = planned(&db).await;
+    let plain_ids = deliver(jobs[0].clone(), 0, none, &learner).await;
+    assert!(learner.skips(EntityKind::Loan), "all unchanged: skip next");
+    let plain_rows = rows(plain_ids.clone()).await;
+    assert!(
+        plain_rows
+            .iter()
+            .all(|(s, _, locked)| *s == first && *locked),
+        "the plain form kept them and locked them: {plain_rows:?}"
+    );
+    let skipped_ids = deliver(jobs[1].clone(), 0, none, &learner).await;
+    let skipped_rows = rows(skipped_ids.clone()).await;
+    assert!(
+        skipped_rows
+            .iter()
+            .all(|(s, _, locked)| *s == first && !locked),
+        "the skipping form kept them and did not lock them: {skipped_rows:?}"
+    );
+    assert!(learner.skips(EntityKind::Loan));
+    assert!(!learner.skips(EntityKind::Repayment), "learned per entity");
+
+    // Most records changed: the skipping form writes them, the next settle is plain.
+    let changed_ids = deliver(jobs[2].clone(), 0, |i| i % 4 != 0, &learner).await;
+    assert!(!learner.skips(EntityKind::Loan), "most changed: plain next");
+    let changed_rows = rows(changed_ids.clone()).await;
+    for (i, (&id, (s, f, _))) in changed_ids.iter().zip(&changed_rows).enumerate() {
+        let version = u128::from(i % 4 != 0);
+        assert_eq!(*f, fp(id, version), "record {id}");
+        assert_eq!(
+            s,
+            if version == 1 { &second } else { &first },
+            "record {id}"
+        );
+    }
+    // And the plain form writes a changed record as well.
+    let plain_changed = deliver(jobs[3].clone(), 0, |i| i == 0, &learner).await;
+    let (s, f, _) = &rows(vec![plain_changed[0]]).await[0];
+    assert_eq!((s, *f), (&second, fp(plain_changed[0], 1)));
+    assert!(
+        learner.skips(EntityKind::Loan),
+        "one of many changed: skip next"
     );
 }
