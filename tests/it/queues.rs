@@ -244,3 +244,54 @@ async fn a_queue_made_with_other_arguments_is_used_and_every_difference_reported
     consumer.close().await;
     broker.close().await;
 }
+
+/// The planner's publishing hands many publishes to the connection at once: 2,500 chunk
+/// jobs (more than the publishes in flight and the confirms awaited at a time) all
+/// arrive, each once, in the order they were published, and every one was confirmed
+/// before `publish_chunks` returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousands_of_chunk_jobs_published_at_once_arrive_once_each_in_order() {
+    use loansync::domain::ChunkJob;
+    use loansync::queue::{ChunkPublisher, Consumer, Disposition};
+    let db = crate::harness::TestApp::migrated().await;
+    let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
+    let broker = connect_broker_with(&settings, BrokerHealth::default())
+        .await
+        .unwrap();
+    let t = broker.topology.clone();
+    let jobs: Vec<ChunkJob> = (0..2_500)
+        .map(|seq| ChunkJob {
+            sync_id: "publish-order".into(),
+            entity: EntityKind::Repayment,
+            seq,
+        })
+        .collect();
+    broker.publish_chunks(&jobs).await.unwrap();
+    assert_eq!(
+        broker.queue_depth(&t.chunks).await.unwrap(),
+        2_500,
+        "all confirmed and queued"
+    );
+
+    let mut consumer = broker
+        .consumer(&t.chunks, 500, "order-check", Duration::from_millis(10))
+        .await
+        .unwrap();
+    let mut seen = Vec::with_capacity(jobs.len());
+    while seen.len() < jobs.len() {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("a delivery within 30 s")
+            .expect("the consumer is open")
+            .unwrap();
+        let job: ChunkJob = serde_json::from_slice(d.body()).unwrap();
+        seen.push(job.seq);
+        d.settle(Disposition::Ack).await.unwrap();
+    }
+    assert_eq!(seen, (0..2_500).collect::<Vec<i32>>());
+    wait_for("the queue to be empty", Duration::from_secs(30), || async {
+        broker.queue_depth(&t.chunks).await.unwrap() == 0
+    })
+    .await;
+    broker.close().await;
+}
