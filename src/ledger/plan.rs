@@ -17,11 +17,12 @@ pub struct PlanTotals {
 }
 
 /// One keyset page of the ids with unresolved error rows (for `loansync errors retry`),
-/// in the numbering of [`insert_chunks`] (`$1` after, `$2` limit, `$6` the entity).
+/// in the numbering of [`insert_chunks`] (`$1` after, `$2` limit, `$5` the last id, `$6`
+/// the entity).
 pub const UNRESOLVED_PAGE_SQL: &str = "SELECT DISTINCT id FROM ( \
      SELECT CASE WHEN entity_id ~ '^[0-9]{1,18}$' THEN entity_id::int8 END AS id \
      FROM etl_folder_etlsyncerror WHERE entity_type = $6 AND NOT resolved) e \
-     WHERE id > $1 ORDER BY id LIMIT $2";
+     WHERE id > $1 AND id <= $5 ORDER BY id LIMIT $2";
 
 /// How many keyset pages (chunks) [`insert_chunks`] writes per statement: each statement
 /// stays well inside `ETL_DB_STATEMENT_TIMEOUT_SECS` whatever the table's size. Debug
@@ -29,16 +30,68 @@ pub const UNRESOLVED_PAGE_SQL: &str = "SELECT DISTINCT id FROM ( \
 /// statements too.
 const CHUNKS_PER_STATEMENT: i32 = if cfg!(debug_assertions) { 3 } else { 500 };
 
-/// Writes every chunk of one entity inside PostgreSQL, [`CHUNKS_PER_STATEMENT`] chunks a
-/// statement: the keyset pages of `page_sql` (one statement selecting one id column,
-/// ascending, ids > `$1`, at most `$2`; `$3` / `$4` the window's lo / hi when it takes
-/// them, `$6` the entity), page after page in a recursive query, each page a chunk (seq
-/// 0, 1, ...), exactly as paging from the planner would: a page shorter than `size` (or
-/// empty) is the last. The ids never come to the planner: its memory does not grow with
-/// the table. Returns the chunks and the ids written.
+/// Chunk numbers (seq) of one part of an entity's plan start at `part * PART_SEQ_STRIDE`:
+/// the parts of an entity are written side by side, each numbering its own chunks, so
+/// an entity's seqs are dense within a part and have gaps between parts. Nothing reads
+/// meaning into a seq beyond identifying its chunk (the Idempotency-Key comes from the
+/// records' ids, SPEC.md section 4). 2^24 chunks a part: 1.6 billion records at 100 a
+/// chunk, and 127 parts fit in an `int4`.
+pub const PART_SEQ_STRIDE: i32 = 1 << 24;
+
+/// One part of an entity's selection: the ids in `(after, upto]`, its chunks numbered
+/// from `first_seq`. [`Part::WHOLE`] is the whole selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub first_seq: i32,
+    pub after: i64,
+    pub upto: i64,
+}
+
+impl Part {
+    /// Every id > 0 (the source's ids are serial, from 1), chunks from seq 0.
+    pub const WHOLE: Part = Part {
+        first_seq: 0,
+        after: 0,
+        upto: i64::MAX,
+    };
+
+    /// `parts` parts of about equal width over the ids `[min, max]`: part `k` numbers
+    /// its chunks from `k * PART_SEQ_STRIDE`; the first starts where [`Part::WHOLE`]
+    /// does and the last has no upper bound, so together they cover exactly the ids the
+    /// whole would, rows added meanwhile included (and, as it, no id below 1).
+    pub fn split(min: i64, max: i64, parts: i32) -> Vec<Part> {
+        let parts = parts.clamp(1, 127);
+        let (lo, span) = (i128::from(min) - 1, i128::from(max) - i128::from(min) + 1);
+        if parts == 1 || span < i128::from(parts) {
+            return vec![Part::WHOLE];
+        }
+        let bound = |k: i32| (lo + span * i128::from(k) / i128::from(parts)) as i64;
+        (0..parts)
+            .map(|k| Part {
+                first_seq: k * PART_SEQ_STRIDE,
+                after: if k == 0 { 0 } else { bound(k).max(0) },
+                upto: if k == parts - 1 {
+                    i64::MAX
+                } else {
+                    bound(k + 1)
+                },
+            })
+            .collect()
+    }
+}
+
+/// Writes the chunks of one part of an entity inside PostgreSQL, [`CHUNKS_PER_STATEMENT`]
+/// chunks a statement: the keyset pages of `page_sql` (one statement selecting one id
+/// column, ascending, ids > `$1` and <= `$5`, at most `$2`; `$3` / `$4` the window's lo /
+/// hi when it takes them, `$6` the entity), page after page in a recursive query, each
+/// page a chunk (seq `part.first_seq`, then the next, ...), exactly as paging from the
+/// planner would: a page shorter than `size` (or empty) is the last. The ids never come
+/// to the planner: its memory does not grow with the table. Returns the chunks and the
+/// ids written.
 ///
 /// `custom_plan`: run as PostgreSQL's unnamed statement, planned with the window's
 /// values (see `source::next_ids`).
+#[allow(clippy::too_many_arguments)]
 pub async fn insert_chunks(
     conn: &mut PgConnection,
     sync_id: &str,
@@ -47,10 +100,11 @@ pub async fn insert_chunks(
     size: i64,
     window: &SyncWindow,
     custom_plan: bool,
+    part: Part,
 ) -> sqlx::Result<(i32, i64)> {
     let size = size.max(1);
     let next = page_sql.replace("$1", "g.ids[cardinality(g.ids)]");
-    // $7: the first page's seq; $8: how many pages at most.
+    // $7: the first page's seq; $8: how many pages at most; $9: the sync.
     let sql = format!(
         "WITH RECURSIVE page (seq, ids) AS (\n\
              SELECT $7::int4, ARRAY(\n{page_sql}\n)\n\
@@ -59,25 +113,34 @@ pub async fn insert_chunks(
              WHERE cardinality(g.ids) = $2 AND g.seq + 1 < $7 + $8\n\
          ), ins AS (\n\
              INSERT INTO loansync_chunk (sync_id, entity, seq, ids) \
-             SELECT $5, $6, seq, ids FROM page WHERE cardinality(ids) > 0 \
+             SELECT $9, $6, seq, ids FROM page WHERE cardinality(ids) > 0 \
              RETURNING seq, cardinality(ids) AS n, ids[cardinality(ids)] AS last\n\
          )\n\
          SELECT count(*)::int4, COALESCE(sum(n), 0)::int8, \
                 (array_agg(last ORDER BY seq DESC))[1], (array_agg(n ORDER BY seq DESC))[1] \
          FROM ins"
     );
-    let (mut after, mut chunks, mut ids) = (0i64, 0i32, 0i64);
+    let (mut after, mut chunks, mut ids) = (part.after, 0i32, 0i64);
     loop {
+        // A part never numbers into the next part's seqs.
+        let room = PART_SEQ_STRIDE - chunks;
+        if room == 0 {
+            return Err(sqlx::Error::Protocol(format!(
+                "{entity}: more than {PART_SEQ_STRIDE} chunks in one part of the plan"
+            )));
+        }
+        let cap = CHUNKS_PER_STATEMENT.min(room);
         let (written, n, last, last_len): (i32, i64, Option<i64>, Option<i32>) =
             sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
                 .bind(after)
                 .bind(size)
                 .bind(window.lo)
                 .bind(window.hi)
-                .bind(sync_id)
+                .bind(part.upto)
                 .bind(entity.as_str())
-                .bind(chunks)
-                .bind(CHUNKS_PER_STATEMENT)
+                .bind(part.first_seq + chunks)
+                .bind(cap)
+                .bind(sync_id)
                 .persistent(!custom_plan)
                 .fetch_one(&mut *conn)
                 .await?;
@@ -85,9 +148,7 @@ pub async fn insert_chunks(
         ids += n;
         match last {
             // Stopped at the cap on a full page: the selection may go on.
-            Some(last)
-                if written == CHUNKS_PER_STATEMENT && i64::from(last_len.unwrap_or(0)) == size =>
-            {
+            Some(last) if written == cap && i64::from(last_len.unwrap_or(0)) == size => {
                 after = last
             }
             _ => return Ok((chunks, ids)),
@@ -305,4 +366,60 @@ struct StartedChunk {
     purpose: String,
     history_id: i32,
     attempts: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PART_SEQ_STRIDE, Part};
+
+    /// The part of `id`, checking it is in exactly one.
+    fn owner(parts: &[Part], id: i64) -> Option<usize> {
+        let owners: Vec<usize> = (0..parts.len())
+            .filter(|&k| id > parts[k].after && id <= parts[k].upto)
+            .collect();
+        assert!(
+            owners.len() <= 1,
+            "{id} is in parts {owners:?} of {parts:?}"
+        );
+        owners.first().copied()
+    }
+
+    #[test]
+    fn plan_parts_cover_every_positive_id_once_and_number_apart() {
+        for (min, max, n) in [
+            (1, 1_000_000, 4),
+            (1, 10, 3),
+            (5, 8, 4),
+            (7, 7, 2),
+            (-20, 40, 3),
+        ] {
+            let parts = Part::split(min, max, n);
+            assert_eq!(parts[0].after, 0, "{parts:?}");
+            assert_eq!(parts.last().unwrap().upto, i64::MAX, "{parts:?}");
+            // Every id the whole covers (> 0), in and well past the span, is in one part
+            // and none below 1 is.
+            for id in (min - 3..=max + 3).chain([max + 1_000_000, i64::MAX]) {
+                let whole = id > Part::WHOLE.after; // and every id is <= WHOLE.upto
+                assert_eq!(owner(&parts, id).is_some(), whole, "{id} in {parts:?}");
+            }
+            for (k, p) in parts.iter().enumerate() {
+                assert_eq!(p.first_seq, k as i32 * PART_SEQ_STRIDE);
+            }
+        }
+        // Parts of about equal width, in order.
+        let parts = Part::split(1, 1_000_000, 4);
+        assert_eq!(parts.len(), 4);
+        let uppers: Vec<i64> = parts.iter().map(|p| p.upto).collect();
+        assert_eq!(uppers, [250_000, 500_000, 750_000, i64::MAX]);
+        // Fewer ids than parts, or one part asked: the whole.
+        assert_eq!(Part::split(7, 7, 2), [Part::WHOLE]);
+        assert_eq!(Part::split(1, 100, 1), [Part::WHOLE]);
+        // Extreme spans neither overflow nor exceed the seq room.
+        let parts = Part::split(i64::MIN, i64::MAX, 500);
+        assert_eq!(parts.len(), 127);
+        assert!(
+            parts.windows(2).all(|w| w[1].after == w[0].upto.max(0)),
+            "{parts:?}"
+        );
+    }
 }

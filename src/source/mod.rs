@@ -105,7 +105,8 @@ const SWEEP_LOAN: &str = sweep_sql!("sql/rows_loan.sql", "l");
 const SWEEP_REPAYMENT: &str = sweep_sql!("sql/rows_repayment.sql", "p");
 
 /// The id-enumeration statement of an entity and sync type, and whether it takes the
-/// window (`$3` = lo, NULL for no lower bound; `$4` = hi) after `$1` = after, `$2` = limit.
+/// window (`$3` = lo, NULL for no lower bound; `$4` = hi) after `$1` = after, `$2` = limit;
+/// `$5` is the last id it may select (the upper end of a part of the plan).
 /// One keyset page; the planner writes the chunks of a sync from it, page after page in
 /// one statement (`ledger::insert_chunks`).
 pub fn ids_sql(entity: EntityKind, sync_type: SyncType) -> (&'static str, bool) {
@@ -119,6 +120,23 @@ pub fn ids_sql(entity: EntityKind, sync_type: SyncType) -> (&'static str, bool) 
         (EntityKind::Repayment, SyncType::Full) => (IDS_REPAYMENT_FULL, false),
         (EntityKind::Repayment, SyncType::Incremental) => (IDS_REPAYMENT_INCREMENTAL, true),
     }
+}
+
+/// The lowest and highest id in an entity's source table (`None` when it is empty): the
+/// planner splits a large full selection into parts of about equal id width
+/// (`ledger::Part::split`). Two reads of the primary key index.
+pub async fn id_span(
+    conn: &mut PgConnection,
+    entity: EntityKind,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    let sql = match entity {
+        EntityKind::Officer => "SELECT min(id)::int8, max(id)::int8 FROM accounts_customuser",
+        EntityKind::Customer => "SELECT min(id)::int8, max(id)::int8 FROM ajo_ajouser",
+        EntityKind::Loan => "SELECT min(id)::int8, max(id)::int8 FROM loans_ajoloan",
+        EntityKind::Repayment => "SELECT min(id)::int8, max(id)::int8 FROM loans_ajoloanrepayment",
+    };
+    let (min, max): (Option<i64>, Option<i64>) = sqlx::query_as(sql).fetch_one(conn).await?;
+    Ok(min.zip(max))
 }
 
 /// Keyset page of ids in the sync's selection, ascending, ids > after.
@@ -149,11 +167,17 @@ pub async fn next_ids(
         return Ok(Vec::new());
     }
     let (sql, windowed) = ids_sql(entity, sync_type);
-    let mut q = sqlx::query_scalar::<_, i64>(sql).bind(after).bind(limit);
-    if windowed {
-        q = q.bind(window.lo).bind(window.hi).persistent(false);
-    }
-    q.fetch_all(conn).await
+    // $3 / $4 are bound (typed) whether the statement reads them or not: $5, the last id
+    // of a part of the plan, comes after them; here every id is in.
+    sqlx::query_scalar::<_, i64>(sql)
+        .bind(after)
+        .bind(limit)
+        .bind(window.lo)
+        .bind(window.hi)
+        .bind(i64::MAX)
+        .persistent(!windowed)
+        .fetch_all(conn)
+        .await
 }
 
 /// The records of one chunk.

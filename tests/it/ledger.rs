@@ -98,3 +98,112 @@ async fn a_permanent_database_error_in_a_chunk_is_dead_lettered_not_requeued() {
         "the refused settles changed nothing"
     );
 }
+
+/// A full sync of a table whose id span holds many chunks is written in id-range parts,
+/// side by side (debug builds split at 4 chunks a part): together the parts hold every
+/// selected id exactly once, each part numbers its chunks densely from its own base
+/// (`PART_SEQ_STRIDE` apart), pages stay full but for each part's last, and a chunk job
+/// goes out for every chunk. The sync then runs to the end with balanced books.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_full_selection_is_planned_in_parts_that_hold_every_id_once() {
+    use crate::harness::{assert_books_balance, assert_delivered_all, expected_full, history};
+    use loansync::domain::EntityKind;
+    use loansync::ledger::PART_SEQ_STRIDE;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let spec = loansync::seed::SeedSpec {
+        repayments: 2_000,
+        ..small()
+    };
+    let db = seeded_db(spec).await;
+    let api = stub(Faults::default()).await;
+    let settings = settings_for(&db, &api.url(), &[]);
+    let expected = expected_full(&db.pool).await;
+    let queue = MemoryQueue::new();
+    let planned = planner::plan_sync(&db.pool, &settings, &full_request(), &queue)
+        .await
+        .unwrap();
+    let PlanOutcome::Planned {
+        sync_id, totals, ..
+    } = planned
+    else {
+        panic!("not planned: {planned:?}")
+    };
+
+    let rows: Vec<(String, i32, Vec<i64>)> = sqlx::query_as(
+        "SELECT entity::text, seq, ids FROM loansync_chunk WHERE sync_id = $1 ORDER BY entity, seq",
+    )
+    .bind(&sync_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len() as i64, totals.chunks);
+    let mut by_entity: BTreeMap<EntityKind, Vec<(i32, Vec<i64>)>> = BTreeMap::new();
+    for (entity, seq, ids) in rows {
+        by_entity
+            .entry(entity.parse().unwrap())
+            .or_default()
+            .push((seq, ids));
+    }
+    for (entity, chunks) in &by_entity {
+        let size = settings.chunk_sizes.for_entity(*entity) as usize;
+        // Every selected id once, in ascending order across the chunks.
+        let ids: Vec<i64> = chunks.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        let want: Vec<i64> = expected[entity].iter().copied().collect();
+        assert_eq!(ids, want, "{entity}: the chunks' ids");
+        // Per part: seqs dense from the part's base, every page full but the last.
+        let mut parts: BTreeMap<i32, Vec<&(i32, Vec<i64>)>> = BTreeMap::new();
+        for c in chunks {
+            parts.entry(c.0 / PART_SEQ_STRIDE).or_default().push(c);
+        }
+        for (part, chunks) in &parts {
+            let seqs: Vec<i32> = chunks.iter().map(|c| c.0).collect();
+            let dense: Vec<i32> = (0..chunks.len() as i32)
+                .map(|i| part * PART_SEQ_STRIDE + i)
+                .collect();
+            assert_eq!(seqs, dense, "{entity} part {part}");
+            for c in &chunks[..chunks.len() - 1] {
+                assert_eq!(c.1.len(), size, "{entity} part {part} chunk {}", c.0);
+            }
+        }
+        if *entity == EntityKind::Repayment {
+            // 2,000 repayments, 50 a chunk: 40 chunks, as many parts as allowed.
+            assert_eq!(parts.len(), 2, "{entity}: {:?}", parts.keys());
+        }
+    }
+    let jobs: Vec<_> = std::iter::from_fn(|| queue.try_pop()).collect();
+    let sent: BTreeSet<(EntityKind, i32)> = jobs.iter().map(|j| (j.entity, j.seq)).collect();
+    let planned: BTreeSet<(EntityKind, i32)> = by_entity
+        .iter()
+        .flat_map(|(e, chunks)| chunks.iter().map(move |c| (*e, c.0)))
+        .collect();
+    assert_eq!(jobs.len(), planned.len(), "one chunk job per chunk");
+    assert_eq!(sent, planned, "one chunk job per chunk");
+
+    // The jobs back on the queue, worked off to the end.
+    use loansync::queue::ChunkPublisher;
+    queue.publish_chunks(&jobs).await.unwrap();
+    let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
+    tokio::time::timeout(
+        Duration::from_secs(300),
+        loansync::worker::run_memory(ctx, queue, 3),
+    )
+    .await
+    .expect("the chunks are worked off");
+    let h = history(&db.pool).await;
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(h[0].status, "completed", "{h:?}");
+    assert_delivered_all(&api.received(), &expected);
+    assert_books_balance(&db.pool).await;
+}
+
+fn full_request() -> PlanRequest {
+    PlanRequest {
+        sync_type: SyncType::Full,
+        entities: None,
+        request_id: None,
+        since: None,
+        until: None,
+        sweep: false,
+    }
+}

@@ -1,7 +1,8 @@
 -- Loans, incremental sync: whatever their disbursement, those whose own date_modified is
 -- in [$3, $4), or with a schedule row modified, or a repayment created or modified, in
 -- [$3, $4) (their `schedule` / `repayments` aggregates changed). A NULL $3 is no lower
--- bound (COALESCE keeps the bound sargable). $1 after, $2 limit.
+-- bound (COALESCE keeps the bound sargable). $1 after, $2 limit, $5 the last id (of a
+-- part of the plan).
 --
 -- One branch per condition, each restricted to the page (id > $1) and cut to its own
 -- first $2 distinct ids: the page is the first $2 of their union. Each branch is driven
@@ -17,25 +18,25 @@ SELECT u.id::int8 AS id FROM (
     (SELECT l.id FROM loans_ajoloan l
      WHERE l.date_modified >= COALESCE($3::timestamptz, '-infinity'::timestamptz)
        AND l.date_modified < $4::timestamptz
-       AND l.id > $1
+       AND l.id > $1 AND l.id <= $5
      ORDER BY l.id LIMIT $2)
     UNION
     (SELECT DISTINCT s.loan_id FROM loans_ajoloanschedule s
      WHERE s.date_modified >= COALESCE($3::timestamptz, '-infinity'::timestamptz)
        AND s.date_modified < $4::timestamptz
-       AND s.loan_id > $1
+       AND s.loan_id > $1 AND s.loan_id <= $5
      ORDER BY s.loan_id LIMIT $2)
     UNION
     (SELECT DISTINCT p.ajo_loan_id FROM loans_ajoloanrepayment p
      WHERE p.date_created >= COALESCE($3::timestamptz, '-infinity'::timestamptz)
        AND p.date_created < $4::timestamptz
-       AND p.ajo_loan_id > $1
+       AND p.ajo_loan_id > $1 AND p.ajo_loan_id <= $5
      ORDER BY p.ajo_loan_id LIMIT $2)
     UNION
     (SELECT DISTINCT p.ajo_loan_id FROM loans_ajoloanrepayment p
      WHERE p.date_modified >= COALESCE($3::timestamptz, '-infinity'::timestamptz)
        AND p.date_modified < $4::timestamptz
-       AND p.ajo_loan_id > $1
+       AND p.ajo_loan_id > $1 AND p.ajo_loan_id <= $5
      ORDER BY p.ajo_loan_id LIMIT $2)
 ) u (id)
 ORDER BY u.id LIMIT $2
