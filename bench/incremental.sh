@@ -151,7 +151,8 @@ for line in open(f"{out}/planner.log"):
         d = json.loads(line)
         f = d.get("fields", d)
         planned[f.get("sync_id") or d.get("sync_id")] = (d["timestamp"], f.get("ledger_ms"), f.get("publish_ms"))
-print(f"dataset {size}, {rows} changed repayments a round, ETL_WORKER_CONCURRENCY 4")
+print(f"dataset {size}, {rows} changed repayments a round, ETL_WORKER_CONCURRENCY 4, "
+      f"PostgreSQL shared_buffers {q('SHOW shared_buffers')}")
 print("| round | records | chunks | planned s (ledger + publish ms) | first settled s | last settled s | completed s | CPU ms: loansync / PostgreSQL / stub | status |")
 print("|---|---|---|---|---|---|---|---|---|")
 for line in open(f"{out}/rounds"):

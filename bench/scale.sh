@@ -203,8 +203,12 @@ for line in open(f"{out}/runs"):
 base = runs[0]["records_per_second"] / runs[0]["workers"]
 for r in runs:
     r["efficiency"] = round(r["records_per_second"] / (r["workers"] * base), 3)
-report = {"size": size, "api_latency_ms": int(latency), "worker_concurrency": 4, "runs": runs}
-print(f"dataset {size}, API latency {latency} ms, ETL_WORKER_CONCURRENCY 4")
+# PostgreSQL's buffer cache decides whether the rows come from it or from the kernel's
+# page cache (dataset M is 1.4 GB; this machine's PostgreSQL has 128 MB unless set).
+shared_buffers = q("SHOW shared_buffers")
+report = {"size": size, "api_latency_ms": int(latency), "worker_concurrency": 4,
+          "shared_buffers": shared_buffers, "runs": runs}
+print(f"dataset {size}, API latency {latency} ms, ETL_WORKER_CONCURRENCY 4, PostgreSQL shared_buffers {shared_buffers}")
 print("| workers | records/s | efficiency | lock waits (mean) | loansync µs/rec | PostgreSQL µs/rec | stub µs/rec | worker peak RSS (max) | planner s (ledger + publish ms) | status |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r in runs:
