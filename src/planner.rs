@@ -343,8 +343,15 @@ async fn write_ledger(
                     Purpose::Retry => (ledger::UNRESOLVED_PAGE_SQL, false),
                     _ => source::ids_sql(entity, spec.sync_type),
                 };
+                // A window's or a retry's selection is read once a statement; a full
+                // selection walks its id index page after page.
+                let paging = if windowed || spec.purpose == Purpose::Retry {
+                    ledger::Paging::OnePass
+                } else {
+                    ledger::Paging::Keyset
+                };
                 let (chunks, records) = ledger::insert_chunks(
-                    &mut tx, sync_id, entity, page_sql, size, &window, windowed, part,
+                    &mut tx, sync_id, entity, page_sql, size, &window, windowed, paging, part,
                 )
                 .await?;
                 tx.commit().await?;

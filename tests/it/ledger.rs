@@ -207,3 +207,107 @@ fn full_request() -> PlanRequest {
         sweep: false,
     }
 }
+
+/// An incremental sync's selections (a window's time-index ranges) are written a
+/// statement's chunks at a time from one read of the selection, cut into chunks
+/// (`Paging::OnePass`; debug builds take 3 chunks a statement): each entity's chunks are
+/// exactly the keyset pages `source::next_ids` reads of the same window, page after
+/// page, seq after seq, across the statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_incremental_plan_holds_exactly_the_keyset_pages_of_its_window() {
+    use loansync::domain::{EntityKind, SyncWindow};
+    use loansync::source::next_ids;
+
+    let db = seeded_db(small()).await;
+    let api = stub(Faults::default()).await;
+    let settings = settings_for(&db, &api.url(), &[("ETL_BATCH_SIZE_LOANS", "7")]);
+    let full = db.full_sync_in_process(&settings).await;
+    assert_eq!(full.exit_code(), 0, "{}", full.render());
+    // Half the repayments and customers change: their loans are selected too.
+    sqlx::raw_sql(
+        "UPDATE loans_ajoloanrepayment SET date_modified = now() WHERE id % 2 = 0; \
+         UPDATE ajo_ajouser SET date_modified = now() WHERE id % 2 = 0;",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let queue = MemoryQueue::new();
+    let request = PlanRequest {
+        sync_type: SyncType::Incremental,
+        ..full_request()
+    };
+    let planned = planner::plan_sync(&db.pool, &settings, &request, &queue)
+        .await
+        .unwrap();
+    let PlanOutcome::Planned { sync_id, .. } = planned else {
+        panic!("not planned: {planned:?}")
+    };
+
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut multi_statement = Vec::new();
+    for entity in EntityKind::ALL {
+        let (lo, hi): (
+            Option<chrono::DateTime<chrono::Utc>>,
+            chrono::DateTime<chrono::Utc>,
+        ) = sqlx::query_as(
+            "SELECT window_lo, window_hi FROM loansync_sync_entity \
+                 WHERE sync_id = $1 AND entity = $2",
+        )
+        .bind(&sync_id)
+        .bind(entity.as_str())
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        let window = SyncWindow { lo, hi };
+        let size = i64::from(settings.chunk_sizes.for_entity(entity));
+        let mut pages = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = next_ids(
+                &mut conn,
+                entity,
+                SyncType::Incremental,
+                &window,
+                after,
+                size,
+            )
+            .await
+            .unwrap();
+            let Some(&last) = page.last() else { break };
+            let full_page = page.len() as i64 == size;
+            pages.push(page);
+            if !full_page {
+                break;
+            }
+            after = last;
+        }
+        let chunks: Vec<(i32, Vec<i64>)> = sqlx::query_as(
+            "SELECT seq, ids FROM loansync_chunk WHERE sync_id = $1 AND entity = $2 ORDER BY seq",
+        )
+        .bind(&sync_id)
+        .bind(entity.as_str())
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        let seqs: Vec<i32> = chunks.iter().map(|c| c.0).collect();
+        assert_eq!(
+            seqs,
+            (0..pages.len() as i32).collect::<Vec<_>>(),
+            "{entity}"
+        );
+        let ids: Vec<Vec<i64>> = chunks.into_iter().map(|c| c.1).collect();
+        assert_eq!(
+            ids, pages,
+            "{entity}: the chunks are not the window's pages"
+        );
+        if pages.len() > 3 {
+            multi_statement.push(entity);
+        }
+    }
+    // Loans (7 a chunk) and repayments (50) span more than one statement of 3 chunks.
+    assert!(
+        multi_statement.contains(&EntityKind::Loan)
+            && multi_statement.contains(&EntityKind::Repayment),
+        "{multi_statement:?}"
+    );
+}
