@@ -318,8 +318,8 @@ async fn write_ledger(
         let mut parts = Vec::new();
         for &entity in &spec.entities {
             let window = window_of(&mut tx, settings, spec, entity, hi).await?;
-            for part in parts_of(&mut tx, settings, spec, entity, parallelism).await? {
-                parts.push((entity, window, part));
+            for (part, chunks) in parts_of(&mut tx, settings, spec, entity, parallelism).await? {
+                parts.push((entity, window, part, chunks));
             }
             planned.push(EntityPlan {
                 entity,
@@ -329,10 +329,10 @@ async fn write_ledger(
             });
         }
         tx.commit().await?;
-        // The widest parts first, so that the last to finish is a small one.
-        parts.sort_by_key(|(_, _, part)| std::cmp::Reverse(part.upto.saturating_sub(part.after)));
+        // The largest parts first, so that the last to finish is a small one.
+        parts.sort_by_key(|&(_, _, _, chunks)| std::cmp::Reverse(chunks));
         let written: Vec<(EntityKind, i32, i64)> = futures::stream::iter(parts)
-            .map(|(entity, window, part)| async move {
+            .map(|(entity, window, part, _)| async move {
                 let mut tx = pool.begin().await?;
                 anyhow::ensure!(
                     ledger::share_planning(&mut tx, sync_id).await?,
@@ -403,29 +403,43 @@ const CHUNKS_PER_PART: i64 = if cfg!(debug_assertions) { 4 } else { 1_000 };
 /// two 0.42-0.44 s, four 0.67-0.69 s (they contend for the cores and the WAL).
 const MAX_PARTS: usize = 2;
 
-/// The parts one entity's chunks are written in. A full sync's selection is the whole
-/// table (less a flag or two): its id range is split into parts of about equal width,
-/// as many as the table's id span holds [`CHUNKS_PER_PART`] chunks, up to [`MAX_PARTS`]
-/// and `parallelism`. On dataset M the repayments' 5,000 chunks were one writer's
-/// 0.55 s, most of the ledger's time. Any other selection (a window, a retry's error
-/// rows) is small or has no known span: it is written whole.
+/// The parts one entity's chunks are written in, each with about how many chunks it
+/// holds (the order they are written in: the largest first). A full sync's selection is
+/// the whole table (less a flag or two): its id range is split into parts of about
+/// equal width, as many as the table's id span holds [`CHUNKS_PER_PART`] chunks, up to
+/// [`MAX_PARTS`] and `parallelism`. On dataset M the repayments' 5,000 chunks were one
+/// writer's 0.55 s, most of the ledger's time. Any other selection (a window, a retry's
+/// error rows) is small or has no known span: it is written whole, counted as none.
 async fn parts_of(
     conn: &mut sqlx::PgConnection,
     settings: &Settings,
     spec: &ledger::SyncSpec,
     entity: EntityKind,
     parallelism: usize,
-) -> anyhow::Result<Vec<ledger::Part>> {
+) -> anyhow::Result<Vec<(ledger::Part, i64)>> {
     if spec.purpose != Purpose::Sync || spec.sync_type != SyncType::Full {
-        return Ok(vec![ledger::Part::WHOLE]);
+        return Ok(vec![(ledger::Part::WHOLE, 0)]);
     }
     let Some((min, max)) = source::id_span(conn, entity).await? else {
-        return Ok(vec![ledger::Part::WHOLE]);
+        return Ok(vec![(ledger::Part::WHOLE, 0)]);
     };
-    let size = i64::from(settings.chunk_sizes.for_entity(entity)).max(1);
-    let chunks = (i128::from(max) - i128::from(min) + 1) / i128::from(size);
+    let size = i128::from(settings.chunk_sizes.for_entity(entity).max(1));
+    let chunks = (i128::from(max) - i128::from(min) + 1) / size;
     let parts = (chunks / i128::from(CHUNKS_PER_PART)).clamp(1, parallelism.min(MAX_PARTS) as i128);
-    Ok(ledger::Part::split(min, max, parts as i32))
+    Ok(ledger::Part::split(min, max, parts as i32)
+        .into_iter()
+        .map(|p| {
+            // The part's ids within the span: the last part's bound is open.
+            let (lo, hi) = (
+                i128::from(p.after.max(min.saturating_sub(1))),
+                i128::from(p.upto.min(max)),
+            );
+            (
+                p,
+                i64::try_from((hi - lo).max(0) / size).unwrap_or(i64::MAX),
+            )
+        })
+        .collect())
 }
 
 /// One entity's part of a plan.
