@@ -15,7 +15,8 @@
 //! (default 20000), `BENCH_CHUNK_IDS` (default 100).
 
 use loansync::domain::{EntityKind, SyncType};
-use loansync::ledger::{self, Begin, ChunkResult, PlanTotals, Purpose, SyncSpec};
+use loansync::ledger::lifecycle::{self, Claim};
+use loansync::ledger::{self, ChunkResult, PlanTotals, Purpose, RowLock, SyncSpec};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -136,12 +137,13 @@ async fn plan(pool: &PgPool, chunks: i64, chunk_ids: i64, base: i64) -> anyhow::
         since: None,
         until: None,
     };
-    let begin = ledger::begin_sync(pool, &lock, &spec, None, false).await?;
-    let Begin::Started { sync_id, window_hi } = begin else {
-        anyhow::bail!("no sync claimed: {begin:?}");
+    let claim = lifecycle::claim(pool, &lock, &spec, None).await?;
+    let Claim::Started(sync) = claim else {
+        anyhow::bail!("no sync claimed: {claim:?}");
     };
+    let (sync_id, window_hi) = (sync.sync_id, sync.window_hi);
     let mut tx = pool.begin().await?;
-    anyhow::ensure!(ledger::clear_plan(&mut tx, &sync_id).await?);
+    anyhow::ensure!(lifecycle::hold_planning(&mut tx, &sync_id, RowLock::Update).await?);
     sqlx::query(
         "INSERT INTO loansync_chunk (sync_id, entity, seq, ids) \
          SELECT $1, 'loan', g, ARRAY(SELECT $3 + g::int8 * $2 + k FROM generate_series(1, $2) k) \

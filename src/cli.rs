@@ -348,6 +348,10 @@ pub fn main() -> ExitCode {
         "info"
     };
     telemetry::init_logging(settings.log_format, default_filter);
+    if let Err(e) = crate::failpoints::setup_from_env() {
+        eprintln!("loansync: {}: {e}", crate::failpoints::ENV);
+        return ExitCode::from(1);
+    }
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -535,13 +539,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             let pool = db::connect(&settings).await?;
             // A live planner holds the lock while it plans: abandon waits for it, so it
             // never ends a sync that is being planned right now.
-            let lock = ledger::PlanningLock::acquire(&pool).await?;
-            let done = ledger::abandon_sync(&pool, &lock, &sync_id, &reason).await;
-            lock.release().await;
+            let done = ledger::lifecycle::with_planning_lock(&pool, async |lock| {
+                ledger::abandon_sync(&pool, lock, &sync_id, &reason).await
+            })
+            .await;
             match done? {
                 ledger::Abandoned::NotActive { state } => anyhow::bail!(
                     "sync {sync_id} is not planning or running ({}): nothing to abandon",
-                    state.as_deref().unwrap_or("no such sync")
+                    state.map_or("no such sync", |s| s.as_str())
                 ),
                 how => {
                     let what = match how {
@@ -735,7 +740,7 @@ async fn status(
                 per.join(", ")
             );
         }
-        let pending = ledger::pending_requests(pool).await?;
+        let pending = ledger::lifecycle::pending_requests(pool).await?;
         if !pending.is_empty() {
             println!(
                 "\n{} planning request(s) pending, run when the current sync ends (coalesced):",
@@ -820,9 +825,10 @@ async fn watermark(cmd: WatermarkCommand, settings: &Settings) -> anyhow::Result
             Ok(0)
         }
         WatermarkCommand::Set { entity, to, reason } => {
-            let lock = ledger::PlanningLock::acquire(&pool).await?;
-            let set = ledger::set_watermark(&pool, &lock, entity, to, &reason).await;
-            lock.release().await;
+            let set = ledger::lifecycle::with_planning_lock(&pool, async |lock| {
+                ledger::set_watermark(&pool, lock, entity, to, &reason).await
+            })
+            .await;
             match set? {
                 ledger::WatermarkSet::Moved {
                     from,

@@ -79,7 +79,8 @@ impl FromStr for EntityKind {
 /// One record that failed: its id, a code, a message and details (JSON). The sink
 /// reports these, the worker adds its own (unreadable rows, rows gone, chunks given up),
 /// and the ledger writes them as error rows (`etl_folder_etlsyncerror`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FailedRecord {
     pub id: i64,
     pub error_code: String,
@@ -173,6 +174,77 @@ pub struct ChunkJob {
     pub sync_id: String,
     pub entity: EntityKind,
     pub seq: i32,
+}
+
+/// What the analytics API answered for one chunk, as the worker settles it: which records
+/// it accepted (and the fingerprint of what it now holds of each), which failed, and its
+/// last response body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkAnswer {
+    pub succeeded: Vec<i64>,
+    /// The fingerprint of each accepted record, written to `loansync_delivered`.
+    pub delivered: Vec<(i64, uuid::Uuid)>,
+    pub failed: Vec<FailedRecord>,
+    /// The last response body of the API (already made storable and cut to 64 KiB).
+    pub api_response: Option<serde_json::Value>,
+}
+
+/// A chunk whose POST succeeded but whose settle kept failing: published again on
+/// `<prefix>.chunks` with the API's answer, so that the next worker settles it as it is
+/// (nothing is sent again, no attempt is counted, and records the API accepted are never
+/// counted as failed because the ledger was briefly unwritable).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleJob {
+    pub sync_id: String,
+    pub entity: EntityKind,
+    pub seq: i32,
+    pub answer: ChunkAnswer,
+}
+
+impl SettleJob {
+    /// The chunk this settle is for.
+    pub fn chunk(&self) -> ChunkJob {
+        ChunkJob {
+            sync_id: self.sync_id.clone(),
+            entity: self.entity,
+            seq: self.seq,
+        }
+    }
+}
+
+/// A message on `<prefix>.chunks`: a chunk to deliver, or a settle to retry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerMessage {
+    Chunk(ChunkJob),
+    Settle(Box<SettleJob>),
+}
+
+impl WorkerMessage {
+    /// Parses a message body; `Err` says what is wrong with it (for the dead-letter
+    /// header): a body with an `answer` is a settle job, any other a chunk job.
+    pub fn parse(body: &[u8]) -> Result<WorkerMessage, String> {
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("invalid chunk job: {e}"))?;
+        if value.get("answer").is_some() {
+            serde_json::from_value(value)
+                .map(|j| WorkerMessage::Settle(Box::new(j)))
+                .map_err(|e| format!("invalid settle job: {e}"))
+        } else {
+            serde_json::from_value(value)
+                .map(WorkerMessage::Chunk)
+                .map_err(|e| format!("invalid chunk job: {e}"))
+        }
+    }
+
+    /// The chunk the message is about.
+    pub fn chunk(&self) -> ChunkJob {
+        match self {
+            WorkerMessage::Chunk(j) => j.clone(),
+            WorkerMessage::Settle(s) => s.chunk(),
+        }
+    }
 }
 
 /// The planning message published on `<prefix>.plan` (SPEC.md section 6).

@@ -9,6 +9,8 @@
 //!   [`domain::ChunkJob`], [`domain::PlanRequest`], [`domain::Record`].
 //! * [`failure`]: what an error means for the work that met it: permanent, transient or
 //!   fatal ([`failure::Failure`]), decided by type at the database, planner and worker.
+//! * [`failpoints`]: named fault points armed by `LOANSYNC_FAILPOINTS` (tests, the
+//!   torture run).
 //! * [`config`]: every setting, typed and validated at start-up; secrets redacted.
 //! * [`db`]: the connection pool and the embedded migrations.
 //! * [`source`]: reading the Django tables: id enumeration for a window, loading one
@@ -55,6 +57,7 @@ pub mod db;
 #[cfg(feature = "dev-tools")]
 pub mod demo;
 pub mod domain;
+pub mod failpoints;
 pub mod failure;
 pub mod http;
 pub mod ledger;

@@ -1,11 +1,15 @@
-//! Plan one sync: claim the active-sync slot, enumerate each entity's ids in its window,
-//! write the chunk ledger (the entities side by side) and then the totals, then publish
-//! one chunk job per chunk (confirmed). Only after that may the planning message be acked.
+//! Plan syncs: planning messages become requests, recorded as pending the moment they
+//! arrive ([`record_message`]); under the planning lock, the planner takes over what a
+//! dead planner left ([`plan_pending`]), claims the slot for the pending requests,
+//! enumerates each entity's ids in its window, writes the chunk ledger (the entities side
+//! by side) and then the totals, then publishes one chunk job per chunk (confirmed).
+//! The request and sync states are [`ledger::lifecycle`]'s.
 
 use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType, SyncWindow};
 use crate::failure::{Classified, Failure};
-use crate::ledger::{self, Begin, FinalStatus, PlanTotals, Purpose};
+use crate::ledger::lifecycle::{self, Claim, PendingClaim, PlanningLock, Recorded, SyncRow};
+use crate::ledger::{self, FinalStatus, PlanTotals, Purpose, RowLock};
 use crate::queue::amqp::Broker;
 use crate::queue::{ChunkPublisher, Consumer, Disposition};
 use crate::source;
@@ -16,7 +20,7 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// What planning a message did.
+/// What planning did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlanOutcome {
     /// A sync was planned and its chunks published. `finished` is set when there was
@@ -26,13 +30,13 @@ pub enum PlanOutcome {
         totals: PlanTotals,
         finished: Option<FinalStatus>,
     },
-    /// The request id was seen before; its chunks were (re)published if still unsettled.
-    Duplicate { sync_id: String, republished: usize },
+    /// The request id was seen before and a sync serves it: nothing new is planned.
+    Duplicate { sync_id: String },
     /// Another sync is planning or running; nothing was planned (single-process mode).
     Busy { active_sync_id: String },
-    /// Another sync is running: the request is kept and planned when the slot frees
-    /// (the planner's messages). `again`: it was pending already.
-    Pending { request_id: String, again: bool },
+    /// The request id was seen before and is pending: a planner plans it when the slot
+    /// frees (single-process mode does not plan another's request).
+    Pending { request_id: String },
 }
 
 /// What a planning request asks for.
@@ -57,73 +61,122 @@ pub fn spec_of(req: &PlanRequest) -> ledger::SyncSpec {
     }
 }
 
-/// Plans the sync `req` asks for and publishes its chunks through `publisher`; another
-/// sync in progress makes it [`PlanOutcome::Busy`] (single-process mode).
+/// Plans the sync `req` asks for in this process and publishes its chunks through
+/// `publisher` (single-process mode); another sync in progress makes it
+/// [`PlanOutcome::Busy`].
 pub async fn plan_sync(
     pool: &PgPool,
     settings: &Settings,
     req: &PlanRequest,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<PlanOutcome> {
-    plan(
+    plan_now(
         pool,
         settings,
         &spec_of(req),
         req.request_id.as_deref(),
-        false,
         publisher,
     )
     .await
 }
 
-/// Plans a planning message from the queue: as [`plan_sync`], except that a request that
-/// finds another sync running is kept, durably, and planned when the slot frees
-/// ([`plan_pending`]). A request without an id gets one (`anonymous-<uuid>`, a prefix
-/// that marks it as such), so that it can be kept and followed.
-pub async fn plan_message(
-    pool: &PgPool,
-    settings: &Settings,
-    req: &PlanRequest,
-    publisher: &dyn ChunkPublisher,
-) -> anyhow::Result<PlanOutcome> {
-    let request_id = req
-        .request_id
+/// The request id of a planning message: its own, or `anonymous-<uuid>` for a message
+/// without one (a prefix that marks it as such), so that it can be kept and followed.
+pub fn request_id_of(req: &PlanRequest) -> String {
+    req.request_id
         .clone()
-        .unwrap_or_else(|| format!("anonymous-{}", uuid::Uuid::new_v4()));
-    plan(
-        pool,
-        settings,
-        &spec_of(req),
-        Some(&request_id),
-        true,
-        publisher,
-    )
-    .await
+        .unwrap_or_else(|| format!("anonymous-{}", uuid::Uuid::new_v4()))
 }
 
-/// Plans the pending requests once the slot is free (coalesced, see
-/// [`ledger::begin_pending`]). `None` when there is nothing to plan now.
+/// Records a planning message as a pending request ([`lifecycle::record_request`]):
+/// nothing waits on a lock or a clock, so the message is acked at once; the planner then
+/// plans what is pending ([`plan_pending`]).
+pub async fn record_message(
+    pool: &PgPool,
+    telemetry: &Telemetry,
+    req: &PlanRequest,
+) -> anyhow::Result<Recorded> {
+    let spec = spec_of(req);
+    if spec.entities.is_empty() {
+        return Err(Classified::permanent("the planning message names no entity").into());
+    }
+    let request_id = request_id_of(req);
+    let recorded = lifecycle::record_request(pool, &request_id, &spec).await?;
+    match &recorded {
+        Recorded::New => telemetry.emit(Event::RequestRecorded {
+            request_id: &request_id,
+        }),
+        Recorded::Known(known) => telemetry.emit(Event::PlanDuplicate {
+            request_id: &request_id,
+            sync_id: known.sync_id.as_deref(),
+        }),
+    }
+    Ok(recorded)
+}
+
+/// Under the planning lock, if no other planner holds it and there is work
+/// ([`lifecycle::planning_work`]): takes over the syncs whose planner died, publishes
+/// again the jobs of running syncs not all published, finalizes running syncs whose
+/// chunks are all settled, then claims the slot for the pending requests and plans them
+/// (coalesced, see [`lifecycle::claim_pending`]). `None` when nothing was planned.
 pub async fn plan_pending(
     pool: &PgPool,
     settings: &Settings,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<Option<PlanOutcome>> {
-    if !ledger::pending_ready(pool).await? {
+    if !lifecycle::planning_work(pool).await? {
         return Ok(None);
     }
-    let lock = ledger::PlanningLock::acquire(pool).await?;
-    let outcome = async {
-        let Some((spec, served, begin)) = ledger::begin_pending(pool, &lock).await? else {
-            return Ok(None);
-        };
-        tracing::info!(requests = ?served, sync_type = %spec.sync_type, purpose = spec.purpose.as_str(), "planning pending requests");
-        plan_claimed(pool, settings, &spec, begin, publisher)
-            .await
-            .map(Some)
-    }
-    .await;
+    let Some(lock) = PlanningLock::try_acquire(pool).await? else {
+        return Ok(None);
+    };
+    let outcome = planning_pass(pool, settings, &lock, publisher).await;
     lock.release().await;
     outcome
+}
+
+async fn planning_pass(
+    pool: &PgPool,
+    settings: &Settings,
+    lock: &PlanningLock,
+    publisher: &dyn ChunkPublisher,
+) -> anyhow::Result<Option<PlanOutcome>> {
+    heal(pool, settings, lock, publisher).await?;
+    match lifecycle::claim_pending(pool, lock).await? {
+        None => Ok(None),
+        Some(PendingClaim::Unbounded(why)) => {
+            settings.telemetry.emit(Event::PlanUnbounded {
+                reason: &why.to_string(),
+            });
+            Ok(None)
+        }
+        Some(PendingClaim::Started { sync, served }) => {
+            tracing::info!(sync_id = %sync.sync_id, requests = ?served, sync_type = %sync.spec.sync_type, purpose = sync.spec.purpose.as_str(), "planning pending requests");
+            plan_claimed(pool, settings, &sync, publisher)
+                .await
+                .map(Some)
+        }
+    }
+}
+
+/// What a dead planner left, under the planning lock: its `planning` syncs are ended and
+/// their requests pending again; the jobs of `running` syncs not all published are
+/// published again from the ledger; running syncs whose chunks are all settled are
+/// finalized (their last settler died first).
+async fn heal(
+    pool: &PgPool,
+    settings: &Settings,
+    lock: &PlanningLock,
+    publisher: &dyn ChunkPublisher,
+) -> anyhow::Result<()> {
+    lifecycle::take_over_orphans(pool, lock).await?;
+    for sync_id in lifecycle::unpublished(pool, lock).await? {
+        let republished = publish_unsettled(pool, &sync_id, publisher).await?;
+        lifecycle::mark_published(pool, &sync_id).await?;
+        tracing::warn!(%sync_id, republished, "published again the chunk jobs of a sync whose planner stopped before its last confirm");
+    }
+    finalize_settled(pool, &settings.telemetry).await;
+    Ok(())
 }
 
 /// Plans a retry of the unresolved error rows of `entities` (all four when empty): a
@@ -149,85 +202,86 @@ pub async fn plan_retry(
         since: None,
         until: None,
     };
-    plan(pool, settings, &spec, None, false, publisher).await
+    plan_now(pool, settings, &spec, None, publisher).await
 }
 
-async fn plan(
+/// Claims and plans a sync of `spec` now, in this process, holding the planning lock
+/// (waiting for it) from the claim to the last confirm: what single-process mode and
+/// `errors retry` do.
+async fn plan_now(
     pool: &PgPool,
     settings: &Settings,
     spec: &ledger::SyncSpec,
     request_id: Option<&str>,
-    queue_if_busy: bool,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<PlanOutcome> {
     if spec.entities.is_empty() {
-        return Err(Classified::permanent("the planning message names no entity").into());
+        return Err(Classified::permanent("the planning request names no entity").into());
     }
-    // Held until the plan is committed and published: a planner that dies meanwhile
-    // releases it with its session, and the next one takes its claim over.
-    let lock = ledger::PlanningLock::acquire(pool).await?;
-    // A running sync whose last settler died before finalizing it would hold the slot
-    // for nothing: finalized first.
-    finalize_settled(pool, &settings.telemetry).await;
-    let outcome = async {
-        let begin = ledger::begin_sync(pool, &lock, spec, request_id, queue_if_busy).await?;
-        plan_claimed(pool, settings, spec, begin, publisher).await
-    }
-    .await;
-    lock.release().await;
-    outcome
+    lifecycle::with_planning_lock(pool, async |lock| {
+        lifecycle::take_over_orphans(pool, lock).await?;
+        // A running sync whose last settler died before finalizing it would hold the
+        // slot for nothing: finalized first.
+        finalize_settled(pool, &settings.telemetry).await;
+        match lifecycle::claim(pool, lock, spec, request_id).await? {
+            Claim::Started(sync) => plan_claimed(pool, settings, &sync, publisher).await,
+            Claim::Known(known) => {
+                let request_id = request_id.unwrap_or_default().to_string();
+                settings.telemetry.emit(Event::PlanDuplicate {
+                    request_id: &request_id,
+                    sync_id: known.sync_id.as_deref(),
+                });
+                Ok(match known.sync_id {
+                    Some(sync_id) => PlanOutcome::Duplicate { sync_id },
+                    None => PlanOutcome::Pending { request_id },
+                })
+            }
+            Claim::Busy { active_sync_id } => {
+                settings.telemetry.emit(Event::PlanBusy {
+                    active_sync_id: &active_sync_id,
+                });
+                Ok(PlanOutcome::Busy { active_sync_id })
+            }
+            Claim::Unbounded(why) => Err(anyhow::Error::from(why)),
+        }
+    })
+    .await
 }
 
-/// Everything after the claim: the ledger, the totals, the chunk jobs.
+/// Everything after the claim, from the sync's stored row: the ledger, the totals, the
+/// chunk jobs. A failure that planning again cannot cure (permanent or fatal) fails the
+/// sync, which answers its requests; any other leaves it `planning`, to the next
+/// takeover, which puts its requests back. A failure to publish leaves it `running`
+/// and not published, to the planner's housekeeping ([`plan_pending`]).
 async fn plan_claimed(
     pool: &PgPool,
     settings: &Settings,
-    spec: &ledger::SyncSpec,
-    begin: Begin,
+    claimed: &SyncRow,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<PlanOutcome> {
-    let (sync_type, purpose) = (spec.sync_type, spec.purpose);
-    let (sync_id, window_hi) = match begin {
-        Begin::Started { sync_id, window_hi } => (sync_id, window_hi),
-        Begin::Replan { sync_id, window_hi } => {
-            tracing::warn!(%sync_id, "planning again a sync whose planner stopped half-way");
-            (sync_id, window_hi)
-        }
-        Begin::Duplicate { sync_id, running } => {
-            // A planner that died after committing the plan but before every chunk was
-            // published: publish the unsettled ones again (workers count a chunk once).
-            let republished = if running {
-                publish_unsettled(pool, &sync_id, publisher).await?
-            } else {
-                0
-            };
-            settings.telemetry.emit(Event::PlanDuplicate {
-                sync_id: &sync_id,
-                republished,
-            });
-            return Ok(PlanOutcome::Duplicate {
-                sync_id,
-                republished,
-            });
-        }
-        Begin::Busy { active_sync_id } => {
-            settings.telemetry.emit(Event::PlanBusy {
-                active_sync_id: &active_sync_id,
-            });
-            return Ok(PlanOutcome::Busy { active_sync_id });
-        }
-        Begin::Pending { request_id, again } => {
-            settings.telemetry.emit(Event::PlanPending {
-                request_id: &request_id,
-                again,
-            });
-            return Ok(PlanOutcome::Pending { request_id, again });
-        }
-        Begin::Unbounded(why) => return Err(why.into()),
-    };
+    fail::fail_point!("planner::claimed");
+    let sync_id = claimed.sync_id.as_str();
+    let mut conn = pool.acquire().await?;
+    let sync = lifecycle::load_sync(&mut conn, sync_id, RowLock::None)
+        .await?
+        .filter(|s| s.state == ledger::SyncState::Planning)
+        .ok_or_else(|| anyhow::anyhow!("sync {sync_id} is no longer planning"))?;
+    drop(conn);
     let started = std::time::Instant::now();
-    let (totals, finished) = write_ledger(pool, settings, &sync_id, spec, window_hi).await?;
+    let (totals, finished) = match write_ledger(pool, settings, &sync).await {
+        Ok(written) => written,
+        Err(e) => {
+            if Failure::of(&e) != Failure::Transient {
+                let reason = format!("planning cannot succeed: {e:#}");
+                if let Err(failing) = lifecycle::fail_planning(pool, sync_id, &reason).await {
+                    tracing::warn!(%sync_id, error = %failing, "could not fail the sync; the next planner takes it over");
+                }
+            }
+            return Err(e.context(format!("planning sync {sync_id}")));
+        }
+    };
     let ledger_ms = started.elapsed().as_millis() as u64;
+    let (sync_type, purpose) = (sync.spec.sync_type, sync.spec.purpose);
     for &(entity, n) in &totals.records {
         settings.telemetry.emit(Event::RecordsPlanned {
             entity,
@@ -239,11 +293,14 @@ async fn plan_claimed(
             .telemetry
             .emit(Event::SyncFinishedAtPlanning { sync_type, status });
     }
-    let chunks = publish_unsettled(pool, &sync_id, publisher).await?;
-    let publish_ms = started.elapsed().as_millis() as u64 - ledger_ms;
+    fail::fail_point!("planner::before_publish");
+    let chunks = publish_unsettled(pool, sync_id, publisher).await?;
+    fail::fail_point!("planner::before_mark_published");
+    lifecycle::mark_published(pool, sync_id).await?;
+    let publish_ms = (started.elapsed().as_millis() as u64).saturating_sub(ledger_ms);
     tracing::info!(%sync_id, %sync_type, purpose = purpose.as_str(), chunks, records = ?totals.records, ledger_ms, publish_ms, "sync planned");
     Ok(PlanOutcome::Planned {
-        sync_id,
+        sync_id: sync_id.to_string(),
         totals,
         finished,
     })
@@ -277,26 +334,26 @@ fn window_for(
     }
 }
 
-/// Writes the plan: what a dead planner left is cleared (one transaction); each
-/// entity's chunks are written in parts ([`parts_of`]: a large full selection in
+/// Writes the plan: the windows are read in a transaction that holds the `planning` sync
+/// row; each entity's chunks are written in parts ([`parts_of`]: a large full selection in
 /// several id ranges, anything else whole), each part in a transaction of its own, the
 /// parts side by side on the pool's connections ([`PLAN_PARALLELISM`] at most, the
 /// largest first); and the entities' windows and totals with the move to `running`
 /// last, in a transaction that checks the sync is still `planning`. Workers see no chunk
 /// before that last commit (the jobs are published after it). A planner that dies
-/// half-way leaves the sync `planning` with part of its chunks: the next planner takes
-/// the sync over ([`Begin::Replan`]) and clears them first. A sweep is planned in one
+/// half-way leaves the sync `planning` with part of its chunks: the next planner ends it
+/// and removes them, and its requests are pending again
+/// ([`lifecycle::take_over_orphans`]). A sweep is planned in one
 /// transaction, entity after entity ([`plan_sweep`]).
 async fn write_ledger(
     pool: &PgPool,
     settings: &Settings,
-    sync_id: &str,
-    spec: &ledger::SyncSpec,
-    hi: DateTime<Utc>,
+    sync: &SyncRow,
 ) -> anyhow::Result<(PlanTotals, Option<FinalStatus>)> {
+    let (sync_id, spec, hi) = (sync.sync_id.as_str(), &sync.spec, sync.window_hi);
     let mut tx = pool.begin().await?;
     anyhow::ensure!(
-        ledger::clear_plan(&mut tx, sync_id).await?,
+        lifecycle::hold_planning(&mut tx, sync_id, RowLock::Update).await?,
         "sync {sync_id} is no longer planning: its plan is another planner's"
     );
     let mut planned = Vec::with_capacity(spec.entities.len());
@@ -335,7 +392,7 @@ async fn write_ledger(
             .map(|(entity, window, part, _)| async move {
                 let mut tx = pool.begin().await?;
                 anyhow::ensure!(
-                    ledger::share_planning(&mut tx, sync_id).await?,
+                    lifecycle::hold_planning(&mut tx, sync_id, RowLock::KeyShare).await?,
                     "sync {sync_id} is no longer planning: its plan is another planner's"
                 );
                 let size = i64::from(settings.chunk_sizes.for_entity(entity));
@@ -354,6 +411,7 @@ async fn write_ledger(
                     &mut tx, sync_id, entity, page_sql, size, &window, windowed, paging, part,
                 )
                 .await?;
+                fail::fail_point!("planner::part_written");
                 tx.commit().await?;
                 anyhow::Ok((entity, chunks, records))
             })
@@ -368,8 +426,9 @@ async fn write_ledger(
         }
         pool.begin().await?
     };
+    fail::fail_point!("planner::before_totals");
     anyhow::ensure!(
-        ledger::lock_planning(&mut tx, sync_id).await?,
+        lifecycle::hold_planning(&mut tx, sync_id, RowLock::Update).await?,
         "sync {sync_id} is no longer planning: its plan is another planner's"
     );
     let mut totals = PlanTotals::default();
@@ -380,6 +439,7 @@ async fn write_ledger(
     }
     let earliest_lo = planned.iter().filter_map(|p| p.window.lo).min();
     let finished = ledger::write_plan(&mut tx, sync_id, &totals, earliest_lo, hi).await?;
+    fail::fail_point!("planner::totals_before_commit");
     tx.commit().await?;
     Ok((totals, finished))
 }
@@ -567,8 +627,9 @@ pub fn parse_plan(body: &[u8]) -> Result<PlanRequest, String> {
 /// prunes old chunk id lists.
 const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 const PRUNE_EVERY_TICKS: u64 = 360;
-/// How often a long-running planner looks for pending requests to plan once the slot is
-/// free (a cheap read; the planning lock is taken only when there is work).
+/// How often a long-running planner looks for planning work (pending requests and a
+/// free slot, a dead planner's sync): a cheap read; the planning lock is taken only when
+/// there is work ([`lifecycle::planning_work`]).
 const PENDING_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One housekeeping tick; failures are logged and tried again at the next tick.
@@ -609,11 +670,62 @@ pub async fn prune(pool: &PgPool, settings: &Settings) {
     }
 }
 
-/// Plans what is pending if the slot is free; failures are logged and tried again at the
-/// next tick (the requests stay pending in PostgreSQL).
-async fn run_pending(pool: &PgPool, settings: &Settings, publisher: &dyn ChunkPublisher) {
-    if let Err(e) = plan_pending(pool, settings, publisher).await {
-        tracing::warn!(error = %format!("{e:#}"), "could not plan the pending requests; trying again shortly");
+/// When the planner next plans what is pending: at once, or, after a failure, after a
+/// pause that doubles with each failure in a row (2 s up to [`PENDING_BACKOFF_MAX`]), so
+/// that a failure that keeps coming back (a plan too large for the statement timeout, a
+/// broker that refuses publishes) is not tried every tick.
+#[derive(Debug, Default)]
+struct PendingBackoff {
+    failures: u32,
+    not_before: Option<tokio::time::Instant>,
+}
+
+/// The longest pause between two planning passes that failed.
+const PENDING_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl PendingBackoff {
+    fn due(&self) -> bool {
+        self.not_before
+            .is_none_or(|t| tokio::time::Instant::now() >= t)
+    }
+
+    fn failed(&mut self) -> std::time::Duration {
+        self.failures = self.failures.saturating_add(1);
+        let pause = PENDING_EVERY
+            .saturating_mul(1u32 << self.failures.min(6).saturating_sub(1))
+            .min(PENDING_BACKOFF_MAX);
+        self.not_before = Some(tokio::time::Instant::now() + pause);
+        pause
+    }
+
+    fn succeeded(&mut self) {
+        *self = PendingBackoff::default();
+    }
+}
+
+/// Plans what is pending, if it is time ([`PendingBackoff`]); a failure is logged and
+/// tried again later (the requests stay pending in PostgreSQL), except a fatal one (the
+/// installation must be fixed), which is returned: the planner stops.
+async fn run_pending(
+    pool: &PgPool,
+    settings: &Settings,
+    publisher: &dyn ChunkPublisher,
+    backoff: &mut PendingBackoff,
+) -> anyhow::Result<()> {
+    if !backoff.due() {
+        return Ok(());
+    }
+    match plan_pending(pool, settings, publisher).await {
+        Ok(_) => {
+            backoff.succeeded();
+            Ok(())
+        }
+        Err(e) if Failure::of(&e) == Failure::Fatal => Err(e),
+        Err(e) => {
+            let pause = backoff.failed();
+            tracing::warn!(error = %format!("{e:#}"), retry_in_secs = pause.as_secs(), "could not plan the pending requests; they stay pending");
+            Ok(())
+        }
     }
 }
 
@@ -623,11 +735,11 @@ pub async fn resume(
     sync_id: &str,
     publisher: &dyn ChunkPublisher,
 ) -> anyhow::Result<usize> {
-    match ledger::sync_state(pool, sync_id).await? {
+    match lifecycle::sync_state(pool, sync_id).await? {
         Some(ledger::SyncState::Running) => {}
         Some(ledger::SyncState::Planning) => anyhow::bail!(
             "sync {sync_id} never finished planning, so it has no chunks to resume. If its planner \
-             is gone, the next sync abandons it by itself; `loansync abandon {sync_id}` ends it now"
+             is gone, the next planner ends it and its requests run again; `loansync abandon {sync_id}` ends it now"
         ),
         Some(ledger::SyncState::Done) => {
             anyhow::bail!("sync {sync_id} is finished: nothing to resume")
@@ -668,10 +780,13 @@ async fn publish_unsettled(
 
 /// The planner loop: takes planning messages from `consumer` one at a time until
 /// `shutdown` resolves, the consumer is lost (an error: the caller reconnects) or its
-/// queue says the work is over. Each message is acked only after its sync is planned and
-/// its chunks are published to `publisher` (confirmed); one that cannot be parsed is
-/// dead-lettered with the reason; a transient failure (database down) sends it back to
-/// the queue. Between messages it keeps house and plans pending requests.
+/// queue says the work is over. Each message is acked once its request is recorded as
+/// pending ([`record_message`]), before anything waits on the planning lock or the
+/// clock: no broker delivery is spent by waiting. One that cannot be parsed is
+/// dead-lettered with the reason; one that cannot be recorded now (database down) is
+/// published again (a delivery is not spent either). After each message, and every
+/// [`PENDING_EVERY`], it plans what is pending ([`plan_pending`]); every
+/// [`HOUSEKEEPING_EVERY`] it keeps house.
 pub async fn run(
     pool: &PgPool,
     settings: &Settings,
@@ -687,6 +802,7 @@ pub async fn run(
     let mut pending = tokio::time::interval(PENDING_EVERY);
     pending.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = 0u64;
+    let mut backoff = PendingBackoff::default();
     let result = loop {
         let delivery = tokio::select! {
             _ = &mut shutdown => break Ok(()),
@@ -696,7 +812,9 @@ pub async fn run(
                 continue;
             }
             _ = pending.tick() => {
-                run_pending(pool, settings, publisher).await;
+                if let Err(e) = run_pending(pool, settings, publisher, &mut backoff).await {
+                    break Err(e.context("fatal planning failure"));
+                }
                 continue;
             }
             next = consumer.next() => match next {
@@ -717,16 +835,16 @@ pub async fn run(
                 settings.db_outage_wait,
                 "the planning message",
                 &settings.telemetry,
-                || plan_message(pool, settings, &req, publisher),
+                || record_message(pool, &settings.telemetry, &req),
             )
             .await
             {
                 Ok(_) => Disposition::Ack,
-                // Decided by the error's type: a request that can never be planned is
+                // Decided by the error's type: a request that can never be recorded is
                 // dead-lettered, a wrong installation stops the planner, anything else
-                // is tried again.
+                // goes back without spending a delivery.
                 Err(e) if Failure::of(&e) == Failure::Permanent => {
-                    let reason = format!("planning cannot succeed: {e:#}");
+                    let reason = format!("the planning request cannot be recorded: {e:#}");
                     tracing::error!(%reason, "dead-lettering a planning message");
                     Disposition::DeadLetter(reason)
                 }
@@ -738,20 +856,18 @@ pub async fn run(
                     break Err(e.context("fatal planning failure"));
                 }
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "planning failed: the message goes back to the queue");
-                    // Unreachable PostgreSQL: put back without spending a delivery.
-                    if crate::db::is_reachable(pool).await {
-                        Disposition::Requeue
-                    } else {
-                        Disposition::Republish
-                    }
+                    tracing::error!(error = %format!("{e:#}"), "could not record a planning request: the message goes back to the queue");
+                    Disposition::Republish
                 }
             },
         };
+        fail::fail_point!("planner::message_before_settle");
         if let Err(e) = delivery.settle(disposition).await {
             tracing::warn!(error = %format!("{e:#}"), "could not settle a planning message");
         }
-        run_pending(pool, settings, publisher).await;
+        if let Err(e) = run_pending(pool, settings, publisher, &mut backoff).await {
+            break Err(e.context("fatal planning failure"));
+        }
     };
     consuming.store(false, Ordering::SeqCst);
     consumer.close().await;

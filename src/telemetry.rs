@@ -850,8 +850,8 @@ mod tests {
             ),
             (
                 vec![Event::PlanDuplicate {
-                    sync_id: "s1",
-                    republished: 2,
+                    request_id: "r1",
+                    sync_id: Some("s1"),
                 }],
                 expect(&[("etl_plans_skipped_total{reason=\"duplicate\"}", 1.0)]),
             ),
@@ -862,17 +862,8 @@ mod tests {
                 expect(&[("etl_plans_skipped_total{reason=\"busy\"}", 1.0)]),
             ),
             (
-                // Kept once, seen again: counted once.
-                vec![
-                    Event::PlanPending {
-                        request_id: "r1",
-                        again: false,
-                    },
-                    Event::PlanPending {
-                        request_id: "r1",
-                        again: true,
-                    },
-                ],
+                // Recorded, then planned from the pending requests.
+                vec![Event::RequestRecorded { request_id: "r1" }],
                 expect(&[("etl_plans_skipped_total{reason=\"queued\"}", 1.0)]),
             ),
             (

@@ -4,12 +4,14 @@
 //!
 //! Per chunk: read the ledger (a settled chunk is a duplicate and is only acked), load
 //! and transform the rows, POST one batch, then settle in one transaction (counters,
-//! error rows, resolutions, and finalization when it was the sync's last chunk). The
-//! message is acked only after that commit.
+//! error rows, resolutions, fingerprints; finalization when it was the sync's last
+//! chunk). The message is acked only after that commit. A settle that keeps failing
+//! after the POST succeeded goes back to the queue as a settle job carrying the API's
+//! answer ([`crate::domain::SettleJob`]): it is retried as a settle, never as a chunk.
 
-use crate::domain::ChunkJob;
+use crate::domain::{ChunkAnswer, ChunkJob, SettleJob, WorkerMessage};
 use crate::failure::Failure;
-use crate::ledger::{self, ChunkResult, FailedRecord, FinalStatus, Settled};
+use crate::ledger::{self, Attempt, ChunkResult, FailedRecord, FinalStatus, Settled};
 use crate::queue::amqp::Broker;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::{Consumer, Disposition, REQUEUE_PAUSE};
@@ -29,7 +31,8 @@ pub struct WorkerContext {
     /// Starts of one chunk after which it is settled as failed and dead-lettered.
     pub delivery_limit: u32,
     /// How long a chunk is held while PostgreSQL is unreachable before it goes back to
-    /// the queue (see [`crate::db::through_outage`]).
+    /// the queue (see [`crate::db::through_outage`]); also how long a settle after a
+    /// successful POST is retried before it goes back as a settle job.
     pub db_outage_wait: Duration,
     /// The registry this worker counts in.
     pub telemetry: Telemetry,
@@ -38,7 +41,7 @@ pub struct WorkerContext {
 }
 
 /// How one chunk ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ChunkOutcome {
     /// Sent and settled by this worker; `finished` when it closed the sync.
     Settled {
@@ -52,52 +55,64 @@ pub enum ChunkOutcome {
     Aborted,
     /// Started more often than the delivery limit: settled as failed records.
     GaveUp { reason: String },
+    /// The API answered but the settle kept failing: the answer goes back to the queue
+    /// as a settle job (`error`: the last settle failure).
+    SettleDeferred { job: Box<SettleJob>, error: String },
 }
 
-/// Why a chunk could not be processed now.
+/// Why a chunk could not be processed now. Each says what the caller does.
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
-    /// The message names no chunk of the ledger: it can never succeed.
+    /// The message names no chunk of the ledger: it can never succeed (dead-letter).
     #[error("no chunk {0} in the ledger")]
     Unknown(String),
-    /// Trying again cannot help (a value the database returns that cannot be decoded,
-    /// a type mismatch): the chunk's records are settled as failed with this code.
+    /// Processing the chunk panicked: its records are settled as failed with this code
+    /// and the message is dead-lettered.
     #[error("permanent failure ({code}): {reason}")]
     Permanent { code: &'static str, reason: String },
-    /// The database (or another dependency) failed: try again later.
-    #[error("transient failure: {0:#}")]
-    Transient(#[from] anyhow::Error),
-    /// The installation is wrong (credentials, privileges, a missing table): no chunk
-    /// can succeed until it is fixed. The chunk goes back untouched.
-    #[error("fatal failure: {0:#}")]
-    Fatal(anyhow::Error),
+    /// The chunk could not even be read from the ledger: no attempt was counted. Put
+    /// back without spending a delivery (transient), or dead-lettered unsettled when
+    /// the ledger's row cannot be read at all (permanent).
+    #[error("cannot start the chunk: {0}")]
+    NotStarted(#[source] sqlx::Error),
+    /// Reading the source rows failed for a reason that is not the rows' own (the
+    /// database, a privilege): put back, the attempt counted.
+    #[error("cannot read the source rows: {0}")]
+    Source(#[source] sqlx::Error),
+    /// Writing the ledger failed (settling, aborting): put back, or dead-lettered
+    /// unsettled when the write can never succeed. Never a record's failure.
+    #[error("cannot write the ledger: {0}")]
+    Ledger(#[source] sqlx::Error),
+}
+
+impl ChunkError {
+    /// What this error means for the chunk: decided by type, never by text.
+    pub fn failure(&self) -> Failure {
+        match self {
+            ChunkError::Unknown(_) | ChunkError::Permanent { .. } => Failure::Permanent,
+            ChunkError::NotStarted(e) | ChunkError::Ledger(e) => Failure::of_sqlx(e),
+            // Unreadable rows never get here (they fail one by one in `load_isolating`).
+            ChunkError::Source(e) => match Failure::of_sqlx(e) {
+                Failure::Permanent => Failure::Transient,
+                other => other,
+            },
+        }
+    }
 }
 
 /// Error code of records whose source row cannot be read (decoded) as it is.
 pub const RECORD_UNREADABLE: &str = "RECORD_UNREADABLE";
 /// Error code of records of a chunk whose processing panicked.
 pub const WORKER_PANIC: &str = "WORKER_PANIC";
+/// Error code of records of a chunk started more often than `ETL_DELIVERY_LIMIT`.
+pub const CHUNK_GAVE_UP: &str = "CHUNK_GAVE_UP";
+/// Error code of records whose row was deleted after the sync was planned.
+pub const SOURCE_ROW_MISSING: &str = "SOURCE_ROW_MISSING";
 
-/// True for errors that a new attempt cannot cure ([`Failure::Permanent`]): decoding
-/// or type errors, data exceptions and constraint violations.
+/// True for source errors that a new attempt cannot cure ([`Failure::Permanent`]):
+/// decoding or type errors, data exceptions.
 pub fn is_permanent(e: &sqlx::Error) -> bool {
     Failure::of_sqlx(e) == Failure::Permanent
-}
-
-/// Decided by the error's type ([`Failure::of_sqlx`]): a permanent error fails the
-/// chunk's records (`RECORD_UNREADABLE`), a fatal one stops the chunk untouched, and
-/// anything else is tried again.
-impl From<sqlx::Error> for ChunkError {
-    fn from(e: sqlx::Error) -> Self {
-        match Failure::of_sqlx(&e) {
-            Failure::Permanent => ChunkError::Permanent {
-                code: RECORD_UNREADABLE,
-                reason: e.to_string(),
-            },
-            Failure::Fatal => ChunkError::Fatal(e.into()),
-            Failure::Transient => ChunkError::Transient(e.into()),
-        }
-    }
 }
 
 /// The message of a caught panic.
@@ -109,13 +124,30 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
+/// The same failure for every id of a chunk.
+fn fail_every(
+    ids: &[i64],
+    code: &str,
+    message: &str,
+    details: serde_json::Value,
+) -> Vec<FailedRecord> {
+    ids.iter()
+        .map(|&id| FailedRecord {
+            id,
+            error_code: code.to_string(),
+            message: message.to_string(),
+            details: details.clone(),
+        })
+        .collect()
+}
+
 /// Why rows could not be loaded.
 enum LoadFailure {
     /// These rows cannot be read as they are (decode error or a panic while decoding or
     /// transforming them).
     Unreadable(String),
     /// Anything else (the database is down, a lock timed out): try the chunk again.
-    Other(ChunkError),
+    Other(sqlx::Error),
 }
 
 /// Loads and transforms rows, catching panics and telling unreadable rows apart.
@@ -131,7 +163,7 @@ async fn load_guarded(
     {
         Ok(Ok(loaded)) => Ok(loaded),
         Ok(Err(e)) if is_permanent(&e) => Err(LoadFailure::Unreadable(e.to_string())),
-        Ok(Err(e)) => Err(LoadFailure::Other(ChunkError::from(e))),
+        Ok(Err(e)) => Err(LoadFailure::Other(e)),
         Err(panic) => {
             ctx.telemetry.emit(Event::ChunkPanicked);
             Err(LoadFailure::Unreadable(format!(
@@ -153,7 +185,7 @@ async fn load_isolating(
 ) -> Result<(source::LoadedChunk, Vec<FailedRecord>), ChunkError> {
     let reason = match load_guarded(ctx, job.entity, ids).await {
         Ok(loaded) => return Ok((loaded, Vec::new())),
-        Err(LoadFailure::Other(e)) => return Err(e),
+        Err(LoadFailure::Other(e)) => return Err(ChunkError::Source(e)),
         Err(LoadFailure::Unreadable(reason)) => reason,
     };
     tracing::warn!(%reason, "a chunk's rows cannot all be read: loading them one by one");
@@ -162,7 +194,7 @@ async fn load_isolating(
     for &id in ids {
         match load_guarded(ctx, job.entity, &[id]).await {
             Ok(one) => all.extend(one),
-            Err(LoadFailure::Other(e)) => return Err(e),
+            Err(LoadFailure::Other(e)) => return Err(ChunkError::Source(e)),
             Err(LoadFailure::Unreadable(reason)) => {
                 tracing::error!(id, %reason, "source row cannot be read: its record fails");
                 unreadable.push(FailedRecord {
@@ -177,43 +209,59 @@ async fn load_isolating(
     Ok((all, unreadable))
 }
 
+/// Reads a chunk from the ledger (counting the attempt as `attempt` says); `Ok(None)`
+/// when the chunk needs no work: settled before, or its sync finished and pruned.
+async fn read_chunk(
+    ctx: &WorkerContext,
+    job: &ChunkJob,
+    attempt: Attempt,
+) -> Result<Option<ledger::ChunkState>, ChunkError> {
+    let state = ledger::start_chunk(&ctx.pool, &job.sync_id, job.entity, job.seq, attempt)
+        .await
+        .map_err(ChunkError::NotStarted)?;
+    match state {
+        Some(state) if state.settled => Ok(None),
+        Some(state) => Ok(Some(state)),
+        // A late copy of a chunk of a finished sync whose ledger was pruned: counted once.
+        None => match ledger::sync_finished(&ctx.pool, &job.sync_id).await {
+            Ok(true) => Ok(None),
+            Ok(false) => Err(ChunkError::Unknown(format!(
+                "{}/{}/{}",
+                job.sync_id, job.entity, job.seq
+            ))),
+            Err(e) => Err(ChunkError::NotStarted(e)),
+        },
+    }
+}
+
 /// Processes one chunk job end to end.
 pub async fn process_chunk(
     ctx: &WorkerContext,
     job: &ChunkJob,
 ) -> Result<ChunkOutcome, ChunkError> {
-    let Some(state) = ledger::start_chunk(&ctx.pool, &job.sync_id, job.entity, job.seq).await?
-    else {
-        // A late copy of a chunk of a finished sync whose ledger was pruned: counted once.
-        if ledger::sync_finished(&ctx.pool, &job.sync_id).await? {
-            return Ok(ChunkOutcome::Duplicate);
-        }
-        return Err(ChunkError::Unknown(format!(
-            "{}/{}/{}",
-            job.sync_id, job.entity, job.seq
-        )));
-    };
-    if state.settled {
+    let Some(state) = read_chunk(ctx, job, Attempt::Count).await? else {
         return Ok(ChunkOutcome::Duplicate);
-    }
+    };
+    fail::fail_point!("worker::chunk_started");
     if state.attempts > ctx.delivery_limit as i32 {
         let reason = format!(
             "chunk started {} times without settling (ETL_DELIVERY_LIMIT {})",
             state.attempts - 1,
             ctx.delivery_limit
         );
-        let failures: Vec<FailedRecord> = state
-            .ids
-            .iter()
-            .map(|&id| FailedRecord {
-                id,
-                error_code: "CHUNK_GAVE_UP".into(),
-                message: reason.clone(),
-                details: serde_json::json!({ "attempts": state.attempts - 1 }),
-            })
-            .collect();
-        settle(ctx, job, &state, &[], &[], &failures, None).await?;
-        return Ok(ChunkOutcome::GaveUp { reason });
+        let answer = ChunkAnswer {
+            failed: fail_every(
+                &state.ids,
+                CHUNK_GAVE_UP,
+                &reason,
+                serde_json::json!({ "attempts": state.attempts - 1 }),
+            ),
+            ..ChunkAnswer::default()
+        };
+        return match settle(ctx, job, &state, answer).await? {
+            ChunkOutcome::Settled { .. } => Ok(ChunkOutcome::GaveUp { reason }),
+            other => Ok(other),
+        };
     }
 
     let (loaded, unreadable) = load_isolating(ctx, job, &state.ids).await?;
@@ -223,20 +271,17 @@ pub async fn process_chunk(
             warnings: loaded.warnings,
         });
     }
-    let mut failures: Vec<FailedRecord> = loaded
-        .missing
-        .iter()
-        .map(|&id| FailedRecord {
-            id,
-            error_code: "SOURCE_ROW_MISSING".into(),
-            message: "the row was deleted from the source table after the sync was planned".into(),
-            details: serde_json::json!({}),
-        })
-        .collect();
-    failures.extend(unreadable);
-    let (succeeded, api_response) = if loaded.records.is_empty() {
-        (Vec::new(), None)
-    } else {
+    let mut answer = ChunkAnswer {
+        failed: fail_every(
+            &loaded.missing,
+            SOURCE_ROW_MISSING,
+            "the row was deleted from the source table after the sync was planned",
+            serde_json::json!({}),
+        ),
+        ..ChunkAnswer::default()
+    };
+    answer.failed.extend(unreadable);
+    if !loaded.records.is_empty() {
         let batch = Batch {
             sync_id: &job.sync_id,
             sync_type: state.sync_type,
@@ -246,8 +291,9 @@ pub async fn process_chunk(
         };
         match ctx.client.deliver(&batch).await {
             Ok(report) => {
-                failures.extend(report.failed);
-                (report.succeeded, report.last_response)
+                answer.failed.extend(report.failed);
+                answer.succeeded = report.succeeded;
+                answer.api_response = report.last_response;
             }
             Err(FatalError::Unauthorized { status, message }) => {
                 let reason = format!(
@@ -259,49 +305,130 @@ pub async fn process_chunk(
                     "analytics API refused the credentials: failing the sync"
                 );
                 let body = serde_json::json!({ "http_status": status, "message": message });
-                ledger::abort_sync(&ctx.pool, &job.sync_id, &reason, Some(&body)).await?;
+                ledger::abort_sync(&ctx.pool, &job.sync_id, &reason, Some(&body))
+                    .await
+                    .map_err(ChunkError::Ledger)?;
                 return Ok(ChunkOutcome::Aborted);
             }
         }
-    };
+    }
+    fail::fail_point!("worker::after_post");
     // What the platform now holds of each accepted record: the fingerprint loaded with
     // it, written in the settle transaction (a rejected record keeps its old one, so the
     // next sweep sends it again).
-    let delivered: Vec<(i64, uuid::Uuid)> = succeeded
+    answer.delivered = answer
+        .succeeded
         .iter()
         .filter_map(|&id| loaded.fingerprint_of(id).map(|fp| (id, fp)))
         .collect();
-    settle(
-        ctx,
-        job,
-        &state,
-        &succeeded,
-        &delivered,
-        &failures,
-        api_response.as_ref(),
-    )
-    .await
+    settle(ctx, job, &state, answer).await
 }
 
+/// Settles a settle job: the API's answer to a chunk whose settle failed before. No
+/// attempt is counted and nothing is sent.
+pub async fn process_settle(
+    ctx: &WorkerContext,
+    job: &SettleJob,
+) -> Result<ChunkOutcome, ChunkError> {
+    let chunk = job.chunk();
+    let Some(state) = read_chunk(ctx, &chunk, Attempt::Read).await? else {
+        return Ok(ChunkOutcome::Duplicate);
+    };
+    settle(ctx, &chunk, &state, job.answer.clone()).await
+}
+
+/// The first pause between two tries of a settle after a successful POST; it doubles
+/// up to [`SETTLE_RETRY_MAX_DELAY`].
+const SETTLE_RETRY_FIRST_DELAY: Duration = Duration::from_millis(100);
+const SETTLE_RETRY_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// Settles `answer` for a chunk: tries the settle transaction again while it fails
+/// transiently, for up to `db_outage_wait` (the POST's answer is kept: nothing is sent
+/// again); if it still fails, the answer goes back to the queue as a settle job
+/// ([`ChunkOutcome::SettleDeferred`]). A settle that fails permanently (a value
+/// PostgreSQL refuses) is tried once more without any text the API wrote; only if that
+/// fails too is it an error.
 async fn settle(
     ctx: &WorkerContext,
     job: &ChunkJob,
     state: &ledger::ChunkState,
-    succeeded: &[i64],
-    delivered: &[(i64, uuid::Uuid)],
-    failures: &[FailedRecord],
-    api_response: Option<&serde_json::Value>,
+    answer: ChunkAnswer,
 ) -> Result<ChunkOutcome, ChunkError> {
+    use backon::Retryable;
+    let attempt = |answer: &ChunkAnswer| {
+        let answer = answer.clone();
+        async move { settle_once(ctx, job, state, &answer).await }
+    };
+    let policy = backon::ExponentialBuilder::default()
+        .with_min_delay(SETTLE_RETRY_FIRST_DELAY)
+        .with_max_delay(SETTLE_RETRY_MAX_DELAY)
+        .with_total_delay(Some(ctx.db_outage_wait))
+        .without_max_times()
+        .with_jitter();
+    let tried = (|| attempt(&answer))
+        .retry(policy)
+        .when(|e: &sqlx::Error| Failure::of_sqlx(e) == Failure::Transient)
+        .notify(|e, delay| {
+            tracing::warn!(error = %e, delay_ms = delay.as_millis() as u64, "the settle failed after the API answered; trying the settle again");
+        })
+        .await;
+    match tried {
+        Ok(outcome) => Ok(outcome),
+        Err(e) if Failure::of_sqlx(&e) == Failure::Permanent => {
+            tracing::error!(error = %e, "the settle was refused: settling again without the API's text");
+            settle_once(ctx, job, state, &without_api_text(&answer))
+                .await
+                .map_err(ChunkError::Ledger)
+        }
+        Err(e) if Failure::of_sqlx(&e) == Failure::Fatal => Err(ChunkError::Ledger(e)),
+        Err(e) => Ok(ChunkOutcome::SettleDeferred {
+            job: Box::new(SettleJob {
+                sync_id: job.sync_id.clone(),
+                entity: job.entity,
+                seq: job.seq,
+                answer,
+            }),
+            error: e.to_string(),
+        }),
+    }
+}
+
+/// The answer with nothing the API wrote: codes, messages and details replaced by plain
+/// words, no response body. What is settled when PostgreSQL refuses the API's text.
+fn without_api_text(answer: &ChunkAnswer) -> ChunkAnswer {
+    ChunkAnswer {
+        failed: answer
+            .failed
+            .iter()
+            .map(|f| FailedRecord {
+                id: f.id,
+                error_code: "API_TEXT_UNSTORABLE".into(),
+                message: "the analytics API refused this record; its answer could not be stored"
+                    .into(),
+                details: serde_json::json!({}),
+            })
+            .collect(),
+        api_response: None,
+        ..answer.clone()
+    }
+}
+
+async fn settle_once(
+    ctx: &WorkerContext,
+    job: &ChunkJob,
+    state: &ledger::ChunkState,
+    answer: &ChunkAnswer,
+) -> sqlx::Result<ChunkOutcome> {
     let result = ChunkResult {
         sync_id: &job.sync_id,
         entity: job.entity,
         seq: job.seq,
         history_id: state.history_id,
         purpose: state.purpose,
-        succeeded,
-        delivered,
-        failed: failures,
-        api_response,
+        succeeded: &answer.succeeded,
+        delivered: &answer.delivered,
+        failed: &answer.failed,
+        api_response: answer.api_response.as_ref(),
         upsert: &ctx.upsert,
     };
     match ledger::settle_chunk(&ctx.pool, &result).await? {
@@ -309,8 +436,8 @@ async fn settle(
         Settled::Now(finished) => {
             ctx.telemetry.emit(Event::RecordsSettled {
                 entity: job.entity,
-                succeeded: succeeded.len(),
-                failed: failures.len(),
+                succeeded: answer.succeeded.len(),
+                failed: answer.failed.len(),
             });
             if let Some(status) = finished {
                 let seconds = ledger::history_outcome(&ctx.pool, &job.sync_id)
@@ -324,8 +451,8 @@ async fn settle(
                 });
             }
             Ok(ChunkOutcome::Settled {
-                succeeded: succeeded.len(),
-                failed: failures.len(),
+                succeeded: answer.succeeded.len(),
+                failed: answer.failed.len(),
                 finished,
             })
         }
@@ -334,18 +461,20 @@ async fn settle(
 
 /// Parses and processes one message body, and says what to do with the message.
 pub async fn handle_message(ctx: &WorkerContext, body: &[u8]) -> Disposition {
-    let job: ChunkJob = match serde_json::from_slice(body) {
-        Ok(j) => j,
-        Err(e) => {
-            let reason = format!("invalid chunk job: {e}");
+    let message = match WorkerMessage::parse(body) {
+        Ok(m) => m,
+        Err(reason) => {
             ctx.telemetry
                 .emit(Event::ChunkUnparsable { reason: &reason });
             return Disposition::DeadLetter(reason);
         }
     };
+    let job = message.chunk();
     let span =
         tracing::info_span!("chunk", sync_id = %job.sync_id, entity = %job.entity, chunk = job.seq);
-    handle_job(ctx, &job).instrument(span).await
+    let disposition = handle_job(ctx, &job, &message).instrument(span).await;
+    fail::fail_point!("worker::before_ack");
+    disposition
 }
 
 /// Runs a chunk's processing, turning a panic into a permanent `WORKER_PANIC` failure
@@ -367,7 +496,7 @@ pub async fn contain_panic<T>(
         })
 }
 
-async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
+async fn handle_job(ctx: &WorkerContext, job: &ChunkJob, message: &WorkerMessage) -> Disposition {
     let started = Instant::now();
     let in_flight = ctx.telemetry.chunk_in_flight();
     // A panic anywhere in the chunk's processing is contained here, the one place both
@@ -380,7 +509,12 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
             ctx.db_outage_wait,
             "the chunk",
             &ctx.telemetry,
-            || process_chunk(ctx, job),
+            || async {
+                match message {
+                    WorkerMessage::Chunk(job) => process_chunk(ctx, job).await,
+                    WorkerMessage::Settle(settle) => process_settle(ctx, settle).await,
+                }
+            },
         ),
     )
     .await;
@@ -417,13 +551,32 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
         Ok(ChunkOutcome::GaveUp { reason }) => {
             emit(Event::ChunkDeadLettered {
                 entity,
-                code: None,
+                code: Some(CHUNK_GAVE_UP),
                 reason: &reason,
                 settled: true,
                 seconds: seconds(),
             });
             Disposition::DeadLetter(reason)
         }
+        Ok(ChunkOutcome::SettleDeferred { job, error }) => match serde_json::to_vec(&job) {
+            Ok(body) => {
+                emit(Event::ChunkRequeued {
+                    entity,
+                    cause: Requeue::SettleDeferred { error: &error },
+                    seconds: seconds(),
+                });
+                Disposition::Replace(body)
+            }
+            // Not expected (every field serializes); the chunk is then delivered again.
+            Err(e) => {
+                emit(Event::ChunkRequeued {
+                    entity,
+                    cause: Requeue::Transient { error: &e },
+                    seconds: seconds(),
+                });
+                Disposition::Republish
+            }
+        },
         Err(ChunkError::Unknown(what)) => {
             let reason = format!("chunk job names no chunk of the ledger: {what}");
             emit(Event::ChunkDeadLettered {
@@ -447,28 +600,7 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
                     });
                     Disposition::DeadLetter(format!("{code}: {reason}"))
                 }
-                Err(ChunkError::Transient(e)) => {
-                    emit(Event::ChunkRequeued {
-                        entity,
-                        cause: Requeue::NotSettled {
-                            code,
-                            reason: &reason,
-                            error: &e,
-                        },
-                        seconds: seconds(),
-                    });
-                    Disposition::Requeue
-                }
-                Err(ChunkError::Fatal(e)) => {
-                    emit(Event::ChunkFatal {
-                        entity,
-                        code: Some(code),
-                        error: &e,
-                        seconds: seconds(),
-                    });
-                    Disposition::Republish
-                }
-                Err(e) => {
+                Err(e) if e.failure() == Failure::Permanent => {
                     // Settling it as failed cannot succeed either: requeued, it would
                     // come back forever. Its sync stays unfinished (stalled) until an
                     // operator abandons it.
@@ -482,70 +614,99 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob) -> Disposition {
                     });
                     Disposition::DeadLetter(reason)
                 }
+                Err(e) if e.failure() == Failure::Fatal => {
+                    emit(Event::ChunkFatal {
+                        entity,
+                        code: Some(code),
+                        error: &e,
+                        seconds: seconds(),
+                    });
+                    Disposition::Republish
+                }
+                Err(e) => {
+                    emit(Event::ChunkRequeued {
+                        entity,
+                        cause: Requeue::NotSettled {
+                            code,
+                            reason: &reason,
+                            error: &e,
+                        },
+                        seconds: seconds(),
+                    });
+                    Disposition::Republish
+                }
             }
         }
-        Err(ChunkError::Fatal(e)) => {
-            // Not the chunk's fault: put back without spending a delivery.
-            emit(Event::ChunkFatal {
-                entity,
-                code: None,
-                error: &e,
-                seconds: seconds(),
-            });
-            Disposition::Republish
-        }
-        Err(ChunkError::Transient(e)) => {
-            if crate::db::is_reachable(&ctx.pool).await {
-                emit(Event::ChunkRequeued {
+        Err(e) => match e.failure() {
+            Failure::Permanent => {
+                // The ledger's own rows cannot be read or written as they are: no retry
+                // can help, and the records are not at fault. Left unsettled: the sync
+                // shows stalled until an operator abandons it.
+                let reason = format!("the ledger refuses this chunk: {e}");
+                emit(Event::ChunkDeadLettered {
                     entity,
-                    cause: Requeue::Transient { error: &e },
+                    code: None,
+                    reason: &reason,
+                    settled: false,
                     seconds: seconds(),
                 });
-                Disposition::Requeue
-            } else {
-                // Not worked on at all: put back without spending a delivery.
-                emit(Event::ChunkRepublished {
+                Disposition::DeadLetter(reason)
+            }
+            Failure::Fatal => {
+                // Not the chunk's fault: put back without spending a delivery.
+                emit(Event::ChunkFatal {
                     entity,
+                    code: None,
                     error: &e,
-                    wait_secs: ctx.db_outage_wait.as_secs(),
                     seconds: seconds(),
                 });
                 Disposition::Republish
             }
-        }
+            Failure::Transient => {
+                // Put back without spending a broker delivery: the ledger's own attempt
+                // count (when it was counted) is what gives up on a chunk.
+                if matches!(e, ChunkError::NotStarted(_)) {
+                    emit(Event::ChunkRepublished {
+                        entity,
+                        error: &e,
+                        wait_secs: ctx.db_outage_wait.as_secs(),
+                        seconds: seconds(),
+                    });
+                } else {
+                    emit(Event::ChunkRequeued {
+                        entity,
+                        cause: Requeue::Transient { error: &e },
+                        seconds: seconds(),
+                    });
+                }
+                Disposition::Republish
+            }
+        },
     }
 }
 
 /// Settles every record of a chunk that cannot succeed as failed with `code`, so that
-/// the books balance and `loansync errors retry` can send them once fixed.
+/// the books balance and `loansync errors retry` can send them once fixed. The attempt
+/// that met the failure was counted already: this one is not.
 pub async fn fail_chunk(
     ctx: &WorkerContext,
     job: &ChunkJob,
     code: &str,
     reason: &str,
 ) -> Result<(), ChunkError> {
-    let Some(state) = ledger::start_chunk(&ctx.pool, &job.sync_id, job.entity, job.seq).await?
-    else {
-        return Err(ChunkError::Unknown(format!(
-            "{}/{}/{}",
-            job.sync_id, job.entity, job.seq
-        )));
-    };
-    if state.settled {
+    let Some(state) = read_chunk(ctx, job, Attempt::Read).await? else {
         return Ok(());
+    };
+    let answer = ChunkAnswer {
+        failed: fail_every(&state.ids, code, reason, serde_json::json!({})),
+        ..ChunkAnswer::default()
+    };
+    match settle(ctx, job, &state, answer).await? {
+        ChunkOutcome::SettleDeferred { error, .. } => Err(ChunkError::Ledger(
+            sqlx::Error::Protocol(format!("the settle kept failing: {error}")),
+        )),
+        _ => Ok(()),
     }
-    let failures: Vec<FailedRecord> = state
-        .ids
-        .iter()
-        .map(|&id| FailedRecord {
-            id,
-            error_code: code.to_string(),
-            message: reason.to_string(),
-            details: serde_json::json!({}),
-        })
-        .collect();
-    settle(ctx, job, &state, &[], &[], &failures, None).await?;
-    Ok(())
 }
 
 /// The worker loop: takes chunk jobs from `consumer` and works at most `concurrency` of
@@ -693,23 +854,25 @@ mod tests {
     }
 
     #[test]
-    fn decode_errors_are_permanent_and_connection_errors_transient() {
-        let decode = sqlx::Error::ColumnDecode {
+    fn a_ledger_failure_is_never_a_record_failure() {
+        let decode = || sqlx::Error::ColumnDecode {
             index: "date_created".into(),
             source: "out of range".into(),
         };
-        assert!(is_permanent(&decode));
-        assert!(matches!(
-            ChunkError::from(decode),
-            ChunkError::Permanent {
-                code: RECORD_UNREADABLE,
-                ..
-            }
-        ));
-        assert!(!is_permanent(&sqlx::Error::PoolTimedOut));
-        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(matches!(ChunkError::from(io), ChunkError::Transient(_)));
+        assert!(is_permanent(&decode()));
+        // The ledger's own decode failure: the chunk is dead-lettered unsettled, its
+        // records are not at fault.
+        assert_eq!(ChunkError::Ledger(decode()).failure(), Failure::Permanent);
+        assert_eq!(
+            ChunkError::NotStarted(decode()).failure(),
+            Failure::Permanent
+        );
+        // Source errors that are not the rows' own are tried again.
+        assert_eq!(ChunkError::Source(decode()).failure(), Failure::Transient);
+        let io = || sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(ChunkError::Ledger(io()).failure(), Failure::Transient);
+        assert_eq!(ChunkError::NotStarted(io()).failure(), Failure::Transient);
         let config = sqlx::Error::Configuration("no password".into());
-        assert!(matches!(ChunkError::from(config), ChunkError::Fatal(_)));
+        assert_eq!(ChunkError::Source(config).failure(), Failure::Fatal);
     }
 }

@@ -23,7 +23,7 @@ pub async fn wait_for_request(
     let mut ticks = tokio::time::interval(every);
     loop {
         ticks.tick().await;
-        let seen = ledger::request_state(pool, request_id).await?;
+        let seen = ledger::lifecycle::request_state(pool, request_id).await?;
         let (state, sync_id, finished) = match seen {
             None => ("unseen".to_string(), None, false),
             Some(r) => (r.state.as_str().to_string(), r.sync_id, r.finished),

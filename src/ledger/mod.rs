@@ -45,7 +45,7 @@ pub mod watermarks;
 
 pub use errors::*;
 pub use history::{HistoryColumns, sum_of};
-pub use lifecycle::*;
+pub use lifecycle::{PlanningLock, RowLock, SyncSpec, sync_finished, sync_state};
 pub use plan::*;
 pub use reads::*;
 pub use states::*;
@@ -58,14 +58,8 @@ use sqlx::{PgConnection, PgPool, Row};
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use lifecycle::abandon_orphan;
+use lifecycle::PLANNER_GONE_SQL;
 use sql::*;
-
-/// A `planning` sync whose planner is gone: no session holds the [`PlanningLock`].
-/// The same predicate in `status`, the stalled gauge and [`begin_sync`]'s takeover.
-const PLANNER_GONE_SQL: &str = "NOT EXISTS (SELECT 1 FROM pg_locks l \
-     WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = 1280528460 \
-       AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))";
 
 /// Whether the sync row `s` is stalled: running with no chunk settled for `stale_param`
 /// seconds (the newest `settled_at` of its chunks, or the start of the run), or planning
@@ -75,7 +69,8 @@ fn stalled_sql(stale_param: &str) -> String {
         "((s.state = 'running' AND GREATEST(s.last_progress_at, \
                (SELECT max(c.settled_at) FROM loansync_chunk c WHERE c.sync_id = s.sync_id)) \
              < now() - make_interval(secs => {stale_param})) \
-          OR (s.state = 'planning' AND {PLANNER_GONE_SQL}))"
+          OR (s.state = 'planning' AND {planner_gone}))",
+        planner_gone = PLANNER_GONE_SQL.as_str()
     )
 }
 
@@ -217,6 +212,7 @@ pub async fn settle_chunk(pool: &PgPool, r: &ChunkResult<'_>) -> sqlx::Result<Se
     if !settle_chunk_only(pool, r).await? {
         return Ok(Settled::Already);
     }
+    fail::fail_point!("ledger::settle::after_commit");
     Ok(Settled::Now(after_settle(pool, r.sync_id).await))
 }
 
@@ -259,6 +255,7 @@ pub async fn settle_chunk_only(pool: &PgPool, r: &ChunkResult<'_>) -> sqlx::Resu
     if !r.delivered.is_empty() {
         record_delivered(&mut tx, r).await?;
     }
+    fail::fail_point!("ledger::settle::before_commit");
     tx.commit().await?;
     Ok(true)
 }
@@ -399,22 +396,21 @@ pub async fn finalize_if_settled(
     sync_id: &str,
 ) -> sqlx::Result<Option<FinalStatus>> {
     let mut tx = pool.begin().await?;
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1 FOR UPDATE")
-            .bind(sync_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let state = lifecycle::load_sync(&mut tx, sync_id, RowLock::Update)
+        .await?
+        .map(|s| s.state);
     static UNSETTLED: LazyLock<String> =
         LazyLock::new(|| format!("SELECT {}", any_unsettled_sql("$1")));
     let unsettled: bool = sqlx::query_scalar(UNSETTLED.as_str())
         .bind(sync_id)
         .fetch_one(&mut *tx)
         .await?;
-    if state.as_deref() != Some("running") || unsettled {
+    if state != Some(SyncState::Running) || unsettled {
         tx.rollback().await?;
         return Ok(None);
     }
     let status = finalize(&mut tx, sync_id).await?;
+    fail::fail_point!("ledger::finalize::before_commit");
     tx.commit().await?;
     Ok(Some(status))
 }
@@ -448,11 +444,9 @@ pub async fn finalize_settled(pool: &PgPool) -> sqlx::Result<Vec<Finalized>> {
             tracing::info!(%sync_id, status = status.as_str(), "finalized a sync whose chunks were all settled");
             finalized.push(Finalized {
                 sync_id,
-                sync_type: if sync_type == "full" {
-                    SyncType::Full
-                } else {
-                    SyncType::Incremental
-                },
+                sync_type: sync_type
+                    .parse()
+                    .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
                 status,
             });
         }
@@ -562,25 +556,24 @@ pub(crate) fn final_status(succeeded: i32, failed: i32, already_failed: bool) ->
 /// has checked that it is running with no chunk unsettled ([`finalize_if_settled`]).
 pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<FinalStatus> {
     roll_up_counters(&mut *conn, sync_id).await?;
+    let sync = lifecycle::load_sync(&mut *conn, sync_id, RowLock::None)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
     let row = sqlx::query(
         "SELECT h.loans_success + h.repayments_success + h.customers_success + h.officers_success, \
                 h.loans_failed + h.repayments_failed + h.customers_failed + h.officers_failed, \
                 h.loans_failed, h.repayments_failed, h.customers_failed, h.officers_failed, \
-                s.purpose, s.entities, s.window_hi, h.status \
-         FROM etl_folder_etlsynchistory h JOIN loansync_sync s USING (sync_id) \
-         WHERE sync_id = $1",
+                h.status::text \
+         FROM etl_folder_etlsynchistory h WHERE sync_id = $1",
     )
     .bind(sync_id)
     .fetch_one(&mut *conn)
     .await?;
     let succeeded: i32 = row.get(0);
     let failed: i32 = row.get(1);
-    let purpose: String = row.get(6);
-    let entities: Vec<String> = row.get(7);
-    let window_hi: DateTime<Utc> = row.get(8);
-    let current: String = row.get(9);
+    let current: HistoryStatus = row.get::<String, _>(6).parse().map_err(decode_error)?;
     // Already failed fast (abort_sync): it keeps its message.
-    let already_failed = current == "failed";
+    let already_failed = current == HistoryStatus::Failed;
     let status = final_status(succeeded, failed, already_failed);
     let message = (!already_failed && failed > 0).then(|| {
         let per_entity: Vec<String> = [
@@ -610,23 +603,17 @@ pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<Fi
     .bind(message)
     .execute(&mut *conn)
     .await?;
-    if status != FinalStatus::Failed && purpose == "sync" {
-        for entity in &entities {
+    if status != FinalStatus::Failed && sync.spec.purpose == Purpose::Sync {
+        for entity in &sync.spec.entities {
             sqlx::query(UPSERT_WATERMARK)
-                .bind(entity)
-                .bind(window_hi)
+                .bind(entity.as_str())
+                .bind(sync.window_hi)
                 .bind(sync_id)
                 .execute(&mut *conn)
                 .await?;
         }
     }
-    sqlx::query(
-        "UPDATE loansync_sync SET state = 'done', chunks_remaining = 0, finished_at = now(), \
-         rolled_up_at = now() WHERE sync_id = $1",
-    )
-    .bind(sync_id)
-    .execute(&mut *conn)
-    .await?;
+    lifecycle::finish(&mut *conn, sync_id).await?;
     Ok(status)
 }
 
@@ -673,19 +660,18 @@ async fn fail_unsettled(
         .bind(sync_id)
         .execute(&mut *tx)
         .await?;
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
-            .bind(sync_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if state.as_deref() != Some("running") {
+    let state = lifecycle::load_sync(&mut tx, sync_id, RowLock::None)
+        .await?
+        .map(|s| s.state);
+    if state != Some(SyncState::Running) {
         tx.rollback().await?;
         return Ok(false);
     }
     let outcome = match how {
-        Unsettled::Aborted => "aborted",
-        Unsettled::Abandoned => "abandoned",
-    };
+        Unsettled::Aborted => ChunkSettlement::Aborted,
+        Unsettled::Abandoned => ChunkSettlement::Abandoned,
+    }
+    .as_str();
     sqlx::query(
         "UPDATE loansync_chunk SET settled_at = now(), outcome = $2, succeeded = 0, \
                 failed = cardinality(ids) WHERE sync_id = $1 AND settled_at IS NULL",
@@ -714,12 +700,9 @@ async fn fail_unsettled(
     }
     // The sync row, then the history row. A settler that finalized the sync meanwhile
     // (every chunk was settled already) has left it 'done'.
-    let still_running: bool = sqlx::query_scalar(
-        "SELECT state = 'running' FROM loansync_sync WHERE sync_id = $1 FOR UPDATE",
-    )
-    .bind(sync_id)
-    .fetch_one(&mut *tx)
-    .await?;
+    let still_running = lifecycle::load_sync(&mut tx, sync_id, RowLock::Update)
+        .await?
+        .is_some_and(|s| s.state == SyncState::Running);
     if !still_running {
         tx.rollback().await?;
         return Ok(false);
@@ -751,52 +734,40 @@ pub enum Abandoned {
     Running,
     /// A sync still planning whose planner is gone: nothing had been sent.
     Planning,
-    /// Nothing to do: the sync is finished (or unknown).
-    NotActive { state: Option<String> },
+    /// Nothing to do: the sync is finished (`Some(Done)`) or unknown (`None`).
+    NotActive { state: Option<SyncState> },
 }
 
 /// Ends a sync by hand (`loansync abandon`): unsettled chunks settled as failed with
 /// [`ABANDONED_CODE`] and error rows, history `failed` with `reason`, no watermark moved,
 /// books balanced. The caller holds the [`PlanningLock`], so a `planning` sync here has
-/// no live planner.
+/// no live planner; the requests it served stay with it, answered by its failure.
 pub async fn abandon_sync(
     pool: &PgPool,
     _lock: &PlanningLock,
     sync_id: &str,
     reason: &str,
 ) -> sqlx::Result<Abandoned> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
-            .bind(sync_id)
-            .fetch_optional(pool)
-            .await?;
-    match state.as_deref() {
-        Some("planning") => {
-            let mut tx = pool.begin().await?;
-            let still: Option<String> = sqlx::query_scalar(
-                "SELECT state FROM loansync_sync WHERE sync_id = $1 AND state = 'planning' FOR UPDATE",
-            )
-            .bind(sync_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if still.is_none() {
-                tx.rollback().await?;
-                return Ok(Abandoned::NotActive { state });
+    match lifecycle::sync_state(pool, sync_id).await? {
+        Some(SyncState::Planning) => {
+            if lifecycle::fail_planning(pool, sync_id, reason).await? {
+                Ok(Abandoned::Planning)
+            } else {
+                Ok(Abandoned::NotActive {
+                    state: lifecycle::sync_state(pool, sync_id).await?,
+                })
             }
-            abandon_orphan(&mut tx, sync_id, reason, false).await?;
-            tx.commit().await?;
-            Ok(Abandoned::Planning)
         }
-        Some("running") => {
+        Some(SyncState::Running) => {
             if fail_unsettled(pool, sync_id, reason, None, Unsettled::Abandoned).await? {
                 Ok(Abandoned::Running)
             } else {
                 Ok(Abandoned::NotActive {
-                    state: Some("done".into()),
+                    state: Some(SyncState::Done),
                 })
             }
         }
-        _ => Ok(Abandoned::NotActive { state }),
+        state => Ok(Abandoned::NotActive { state }),
     }
 }
 

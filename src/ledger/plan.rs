@@ -2,7 +2,7 @@
 //! chunk's start by a worker.
 
 use super::sql::*;
-use super::{FinalStatus, HistoryStatus, Purpose, SyncState, finalize};
+use super::{FinalStatus, HistoryStatus, Purpose, finalize};
 use crate::domain::{EntityKind, SyncType, SyncWindow};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -257,55 +257,6 @@ pub async fn insert_sync_entity(
     Ok(())
 }
 
-/// Locks the sync's row and checks that it is still `planning`, then removes what a dead
-/// planner may have left of its plan, so it can be planned again. Returns false (and
-/// touches nothing) when the sync is planned already: a ledger another planner committed
-/// is never cleared or rewritten.
-pub async fn clear_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<bool> {
-    if !lock_planning(&mut *conn, sync_id).await? {
-        return Ok(false);
-    }
-    delete_plan(conn, sync_id).await?;
-    Ok(true)
-}
-
-/// Removes the chunks and entity windows of a sync that never ran: what its planner had
-/// committed of them before it died (each entity commits on its own, the totals last).
-pub(super) async fn delete_plan(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM loansync_chunk WHERE sync_id = $1")
-        .bind(sync_id)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("DELETE FROM loansync_sync_entity WHERE sync_id = $1")
-        .bind(sync_id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Locks the sync's row (until the transaction ends) and tells whether it is still
-/// `planning`: the check before a planner clears a plan or writes its totals.
-pub async fn lock_planning(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<bool> {
-    planning_with(conn, sync_id, "FOR UPDATE").await
-}
-
-/// Share-locks the sync's row (until the transaction ends) and tells whether it is still
-/// `planning`: the check before a planner writes one entity's chunks. Entities share the
-/// row with each other; an operator's abandon (`FOR UPDATE`) waits for them, and one
-/// that starts after it finds the sync `done` and writes nothing.
-pub async fn share_planning(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<bool> {
-    planning_with(conn, sync_id, "FOR KEY SHARE").await
-}
-
-async fn planning_with(conn: &mut PgConnection, sync_id: &str, lock: &str) -> sqlx::Result<bool> {
-    let sql = format!("SELECT state FROM loansync_sync WHERE sync_id = $1 {lock}");
-    let state: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(sync_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(state.as_deref() == Some(SyncState::Planning.as_str()))
-}
-
 /// Writes the totals and moves the sync to `in_progress` (or finalizes it at once when
 /// there is nothing to send). Runs inside the planning transaction.
 pub async fn write_plan(
@@ -342,12 +293,7 @@ pub async fn write_plan(
         q = q.bind(total);
     }
     q.execute(&mut *conn).await?;
-    sqlx::query(START_RUNNING)
-        .bind(sync_id)
-        .bind(totals.chunks as i32)
-        .bind(SyncState::Running.as_str())
-        .execute(&mut *conn)
-        .await?;
+    super::lifecycle::start_running(&mut *conn, sync_id, totals.chunks).await?;
     if totals.chunks == 0 {
         return finalize(conn, sync_id).await.map(Some);
     }
@@ -366,17 +312,29 @@ pub struct ChunkState {
     pub attempts: i32,
 }
 
-/// Reads a chunk and counts the attempt. `None` when the ledger has no such chunk.
+/// Whether reading a chunk counts an attempt on it ([`start_chunk`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// A delivery of the chunk job: it counts against `ETL_DELIVERY_LIMIT`.
+    Count,
+    /// A settle job or the failing of a chunk whose attempt was counted: it does not.
+    Read,
+}
+
+/// Reads a chunk, counting the attempt as `attempt` says. `None` when the ledger has no
+/// such chunk.
 pub async fn start_chunk(
     pool: &PgPool,
     sync_id: &str,
     entity: EntityKind,
     seq: i32,
+    attempt: Attempt,
 ) -> sqlx::Result<Option<ChunkState>> {
     let row: Option<StartedChunk> = sqlx::query_as(START_CHUNK)
         .bind(sync_id)
         .bind(entity.as_str())
         .bind(seq)
+        .bind(i32::from(attempt == Attempt::Count))
         .fetch_optional(pool)
         .await?;
     row.map(|r| {

@@ -1,7 +1,7 @@
 //! Read models: what the commands, the metrics and the demo show of the ETL tables.
 
 use super::sql::*;
-use super::{HistoryStatus, SyncState, UnknownValue};
+use super::{HistoryStatus, UnknownValue};
 use crate::domain::EntityKind;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -67,18 +67,8 @@ pub async fn history_outcome(pool: &PgPool, sync_id: &str) -> sqlx::Result<Histo
     })
 }
 
-/// loansync's state of a sync; `None` for an unknown sync id.
-pub async fn sync_state(pool: &PgPool, sync_id: &str) -> sqlx::Result<Option<SyncState>> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM loansync_sync WHERE sync_id = $1")
-            .bind(sync_id)
-            .fetch_optional(pool)
-            .await?;
-    state.map(|s| s.parse().map_err(decode_error)).transpose()
-}
-
 /// A value the ledger cannot read as one of its enums: a decode error (permanent).
-pub(super) fn decode_error(e: UnknownValue) -> sqlx::Error {
+pub(crate) fn decode_error(e: UnknownValue) -> sqlx::Error {
     sqlx::Error::Decode(Box::new(e))
 }
 

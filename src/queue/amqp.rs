@@ -961,6 +961,12 @@ impl AmqpDelivery {
                     .await?;
                 ack().await?;
             }
+            Disposition::Replace(body) => {
+                broker
+                    .republish(source, &body, &self.inner.properties)
+                    .await?;
+                ack().await?;
+            }
             Disposition::DeadLetter(reason) => {
                 broker.dead_letter(self.body(), source, &reason).await?;
                 ack().await?;
@@ -1032,7 +1038,10 @@ impl super::Delivery for QueueDelivery {
     }
 
     async fn settle(self: Box<Self>, disposition: Disposition) -> anyhow::Result<()> {
-        if matches!(disposition, Disposition::Requeue | Disposition::Republish) {
+        if matches!(
+            disposition,
+            Disposition::Requeue | Disposition::Republish | Disposition::Replace(_)
+        ) {
             tokio::time::sleep(self.requeue_pause).await;
         }
         self.delivery

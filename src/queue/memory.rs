@@ -13,14 +13,29 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
 
+/// A message body: a chunk job or a settle job, as JSON (what RabbitMQ would carry).
+type Body = Vec<u8>;
+
 #[derive(Debug, Default)]
 struct State {
-    jobs: VecDeque<ChunkJob>,
+    jobs: VecDeque<Body>,
     /// Deliveries taken and not settled yet.
     in_flight: usize,
     /// What was dead-lettered, with the reason (the ledger already holds the failure;
     /// kept for tests and logs).
-    dead: Vec<(ChunkJob, String)>,
+    dead: Vec<(Body, String)>,
+}
+
+/// The chunk a body is about (`None` for a body that is none of loansync's messages).
+fn chunk_of(body: &[u8]) -> Option<ChunkJob> {
+    crate::domain::WorkerMessage::parse(body)
+        .ok()
+        .map(|m| m.chunk())
+}
+
+fn body_of(job: &ChunkJob) -> Body {
+    // A ChunkJob is three plain fields: it always serializes.
+    serde_json::to_vec(job).unwrap_or_default()
 }
 
 #[derive(Debug)]
@@ -70,14 +85,26 @@ impl MemoryQueue {
 
     /// Puts a job at the end of the queue.
     pub fn push(&self, job: ChunkJob) {
-        self.state().jobs.push_back(job);
+        self.push_body(body_of(&job));
+    }
+
+    /// Puts a message body at the end of the queue (any body: a consumer dead-letters
+    /// one that is no job, as on RabbitMQ).
+    pub fn push_body(&self, body: Vec<u8>) {
+        self.state().jobs.push_back(body);
         self.inner.changed.notify_waiters();
     }
 
     /// Takes the next waiting job out of the queue, outside any consumer (it is not
-    /// counted in flight): for tests and tools that work jobs by hand.
+    /// counted in flight): for tests and tools that work jobs by hand. A body that is
+    /// no job is dropped.
     pub fn try_pop(&self) -> Option<ChunkJob> {
-        self.state().jobs.pop_front()
+        loop {
+            let body = self.state().jobs.pop_front()?;
+            if let Some(job) = chunk_of(&body) {
+                return Some(job);
+            }
+        }
     }
 
     /// Jobs waiting (not counting those in flight).
@@ -95,9 +122,13 @@ impl MemoryQueue {
         self.state().in_flight
     }
 
-    /// The jobs dead-lettered so far, with their reasons.
+    /// The jobs dead-lettered so far (the chunk each was about), with their reasons.
     pub fn dead_letters(&self) -> Vec<(ChunkJob, String)> {
-        self.state().dead.clone()
+        self.state()
+            .dead
+            .iter()
+            .filter_map(|(body, reason)| chunk_of(body).map(|j| (j, reason.clone())))
+            .collect()
     }
 
     /// A consumer of this queue (any number may consume it at once).
@@ -109,7 +140,7 @@ impl MemoryQueue {
 
     /// Takes the next job if one is waiting, or says the work is over (`Err(())`) when
     /// none is waiting and none is in flight.
-    fn take(&self) -> Option<Result<ChunkJob, ()>> {
+    fn take(&self) -> Option<Result<Body, ()>> {
         let mut s = self.state();
         match s.jobs.pop_front() {
             Some(job) => {
@@ -121,8 +152,8 @@ impl MemoryQueue {
         }
     }
 
-    /// Ends one delivery: `back` puts its job at the end of the queue again.
-    fn finish(&self, job: ChunkJob, back: bool, dead: Option<String>) {
+    /// Ends one delivery: `back` puts its body at the end of the queue again.
+    fn finish(&self, job: Body, back: bool, dead: Option<String>) {
         {
             let mut s = self.state();
             s.in_flight = s.in_flight.saturating_sub(1);
@@ -141,7 +172,7 @@ impl ChunkPublisher for MemoryQueue {
     async fn publish_chunks(&self, jobs: &[ChunkJob]) -> anyhow::Result<()> {
         {
             let mut s = self.state();
-            s.jobs.extend(jobs.iter().cloned());
+            s.jobs.extend(jobs.iter().map(body_of));
         }
         self.inner.changed.notify_waiters();
         Ok(())
@@ -165,18 +196,10 @@ impl Consumer for MemoryConsumer {
             tokio::pin!(changed);
             changed.as_mut().enable();
             match self.queue.take() {
-                Some(Ok(job)) => {
-                    let body = match serde_json::to_vec(&job) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            self.queue.finish(job, false, None);
-                            return Some(Err(e.into()));
-                        }
-                    };
+                Some(Ok(body)) => {
                     return Some(Ok(Box::new(MemoryDelivery {
                         queue: self.queue.clone(),
-                        job: Some(job),
-                        body,
+                        body: Some(body),
                     })));
                 }
                 Some(Err(())) => return None,
@@ -193,27 +216,31 @@ impl Consumer for MemoryConsumer {
 #[derive(Debug)]
 struct MemoryDelivery {
     queue: MemoryQueue,
-    job: Option<ChunkJob>,
-    body: Vec<u8>,
+    /// `None` once settled.
+    body: Option<Body>,
 }
 
 #[async_trait::async_trait]
 impl Delivery for MemoryDelivery {
     fn body(&self) -> &[u8] {
-        &self.body
+        self.body.as_deref().unwrap_or_default()
     }
 
     async fn settle(mut self: Box<Self>, disposition: Disposition) -> anyhow::Result<()> {
-        let Some(job) = self.job.take() else {
+        let Some(body) = self.body.take() else {
             return Ok(());
         };
         match disposition {
-            Disposition::Ack => self.queue.finish(job, false, None),
-            Disposition::DeadLetter(reason) => self.queue.finish(job, false, Some(reason)),
-            Disposition::Requeue | Disposition::Republish => {
+            Disposition::Ack => self.queue.finish(body, false, None),
+            Disposition::DeadLetter(reason) => self.queue.finish(body, false, Some(reason)),
+            Disposition::Requeue | Disposition::Republish | Disposition::Replace(_) => {
+                let body = match disposition {
+                    Disposition::Replace(new) => new,
+                    _ => body,
+                };
                 // Still in flight while it waits, so that consumers do not end meanwhile.
                 tokio::time::sleep(self.queue.inner.requeue_pause).await;
-                self.queue.finish(job, true, None);
+                self.queue.finish(body, true, None);
             }
         }
         Ok(())
@@ -222,8 +249,8 @@ impl Delivery for MemoryDelivery {
 
 impl Drop for MemoryDelivery {
     fn drop(&mut self) {
-        if let Some(job) = self.job.take() {
-            self.queue.finish(job, true, None);
+        if let Some(body) = self.body.take() {
+            self.queue.finish(body, true, None);
         }
     }
 }

@@ -55,11 +55,15 @@ pub enum Disposition {
     /// A transient failure (shutting down, a statement that failed): deliver it again.
     /// On RabbitMQ this counts against the queue's `x-delivery-limit`.
     Requeue,
-    /// Not worked on because a dependency (PostgreSQL) was unreachable: put it back
-    /// without counting a delivery. On RabbitMQ the same body and headers are published
+    /// Put it back without counting a delivery: the same body and headers are published
     /// again (confirmed) and only then is the original acked, so the broker's delivery
-    /// count starts over; loansync's own attempt count (the ledger's) is unaffected.
+    /// count starts over; loansync's own attempt count (the ledger's) is what gives up
+    /// on a chunk. What every transient failure does: no correctness depends on how a
+    /// broker counts requeues.
     Republish,
+    /// Put this body back in the message's place, as [`Disposition::Republish`] does
+    /// with the original (a settle job carrying the API's answer, say).
+    Replace(Vec<u8>),
     /// It can never succeed: move it to the dead-letter queue with this reason.
     DeadLetter(String),
 }

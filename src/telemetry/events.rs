@@ -20,8 +20,13 @@ const CLIENT: &str = "loansync::sink::client";
 const DB: &str = "loansync::db";
 const AMQP: &str = "loansync::queue::amqp";
 
-/// Why a chunk goes back to the broker (outcome `requeued`).
+/// Why a chunk goes back to the queue after its attempt was counted (outcome
+/// `requeued`; it is published again, the broker's delivery count starts over, the
+/// ledger's attempt count is what gives up on it).
 pub enum Requeue<'a> {
+    /// The API answered, but the settle kept failing: the answer goes back as a settle
+    /// job, settled by the next worker without sending again.
+    SettleDeferred { error: &'a dyn Display },
     /// The database or another dependency failed; it answers.
     Transient { error: &'a dyn Display },
     /// The chunk cannot succeed (`code`, `reason`), but settling it as failed failed.
@@ -117,17 +122,20 @@ pub enum Event<'a> {
     },
     /// A sync planned `records` records of `entity`: `etl_records_planned_total`.
     RecordsPlanned { entity: EntityKind, records: u64 },
-    /// A repeated request id planned nothing new; `republished` unsettled chunks were
-    /// published again.
+    /// A repeated request id planned nothing new (`sync_id`: the sync serving it, if
+    /// it is not pending).
     PlanDuplicate {
-        sync_id: &'a str,
-        republished: usize,
+        request_id: &'a str,
+        sync_id: Option<&'a str>,
     },
     /// Another sync is in progress: this one is not run (single-process mode).
     PlanBusy { active_sync_id: &'a str },
-    /// Another sync is in progress: the request is kept (counted the first time only,
-    /// `again` when it was kept before).
-    PlanPending { request_id: &'a str, again: bool },
+    /// A planning request was recorded as pending: it is planned from there, at once
+    /// when the slot is free, else when it frees (`etl_plans_skipped_total{reason="queued"}`).
+    RequestRecorded { request_id: &'a str },
+    /// Requests are pending but the window's end cannot be bounded now: they stay
+    /// pending and are tried again (`reason` says which transaction is in the way).
+    PlanUnbounded { reason: &'a str },
     /// A planning message that cannot be parsed is dead-lettered.
     PlanInvalid { reason: &'a str },
     /// `what` waits up to `wait_secs` for an unreachable PostgreSQL.
@@ -227,6 +235,9 @@ impl Event<'_> {
                     Requeue::Transient { error } => {
                         tracing::warn!(target: WORKER, error = %format!("{error:#}"), "chunk failed transiently: it will be delivered again");
                     }
+                    Requeue::SettleDeferred { error } => {
+                        tracing::warn!(target: WORKER, error = %format!("{error:#}"), "the API answered but the settle kept failing: the answer goes back to the queue and is settled later, nothing is sent again");
+                    }
                     Requeue::NotSettled {
                         code,
                         reason,
@@ -299,21 +310,22 @@ impl Event<'_> {
                     .inc_by(records);
             }
             Event::PlanDuplicate {
+                request_id,
                 sync_id,
-                republished,
             } => {
                 m.plan_skipped(SkipReason::Duplicate);
-                tracing::info!(target: PLANNER, %sync_id, republished, "repeated request_id: nothing new planned");
+                tracing::info!(target: PLANNER, %request_id, sync_id, "repeated request_id: nothing new planned");
             }
             Event::PlanBusy { active_sync_id } => {
                 m.plan_skipped(SkipReason::Busy);
                 tracing::warn!(target: PLANNER, %active_sync_id, "another sync is in progress: this sync is not run");
             }
-            Event::PlanPending { request_id, again } => {
-                if !again {
-                    m.plan_skipped(SkipReason::Queued);
-                }
-                tracing::info!(target: PLANNER, %request_id, again, "another sync is in progress: the request waits for it");
+            Event::RequestRecorded { request_id } => {
+                m.plan_skipped(SkipReason::Queued);
+                tracing::info!(target: PLANNER, %request_id, "planning request recorded as pending");
+            }
+            Event::PlanUnbounded { reason } => {
+                tracing::warn!(target: PLANNER, %reason, "pending requests wait: the window's end cannot be bounded now");
             }
             Event::PlanInvalid { reason } => {
                 m.plan_skipped(SkipReason::Invalid);

@@ -94,11 +94,10 @@ async fn a_chunk_requeued_after_a_transient_failure_comes_back_and_is_delivered(
     else {
         panic!("not planned")
     };
-    // While the table of delivered fingerprints (which every settle writes; settles share
-    // no row any more) is held, every settle fails with lock_not_available (transient):
-    // the chunks go back to the queue and come back.
+    // While the officers' table is held, loading a chunk fails with lock_not_available
+    // (transient): the chunks go back to the queue (their attempts counted) and come back.
     let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE loansync_delivered IN EXCLUSIVE MODE")
+    sqlx::query("LOCK TABLE accounts_customuser IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *holder)
         .await
         .unwrap();

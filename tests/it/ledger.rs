@@ -48,7 +48,9 @@ async fn a_permanent_database_error_in_a_chunk_is_dead_lettered_not_requeued() {
         .unwrap();
     let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
 
-    // One chunk, handled once: its settle and its settle-as-failed both fail permanently.
+    // One chunk, handled once: its settle, and its settle without the API's text, both
+    // fail permanently. The records are not at fault: the chunk is dead-lettered
+    // unsettled, never settled as failed records.
     let job = queue.try_pop().expect("a chunk job");
     let disposition =
         loansync::worker::handle_message(&ctx, &serde_json::to_vec(&job).unwrap()).await;
@@ -68,8 +70,8 @@ async fn a_permanent_database_error_in_a_chunk_is_dead_lettered_not_requeued() {
     .unwrap();
     assert_eq!(
         (attempts, settled),
-        (2, false),
-        "started once to deliver and once to fail it; never settled"
+        (1, false),
+        "started once, to deliver it; never settled"
     );
 
     // The in-memory loop over the rest ends: nothing comes back to the queue.
@@ -85,7 +87,10 @@ async fn a_permanent_database_error_in_a_chunk_is_dead_lettered_not_requeued() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!(max_attempts, 2);
+    assert_eq!(
+        max_attempts, 1,
+        "failing a chunk counts no attempt of its own"
+    );
     let unsettled: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM loansync_chunk WHERE sync_id = $1 AND settled_at IS NULL",
     )

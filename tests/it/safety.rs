@@ -407,21 +407,43 @@ async fn a_planner_killed_while_planning_over_rabbitmq(request_id: Option<&str>)
     planner.kill().await.unwrap();
     held.rollback().await.unwrap();
 
-    // A new planner (and workers): the unacked planning message comes back to it.
+    // The message was acked once its request was recorded: nothing comes back from the
+    // broker. A new planner (and workers) finds the dead claim, ends it (nothing was
+    // sent) and puts its request back to pending, then plans it again: an anonymous
+    // request exactly as one with an id.
     let running = InProcess::start(&db, &settings).await;
-    let h = wait_syncs_finished(&db.pool, 1).await;
-    let h = if request_id.is_some() {
-        // The same request: the dead claim is planned again, under its own sync id.
-        assert_eq!(h.len(), 1, "{h:?}");
-        h
-    } else {
-        // A request without an id cannot be matched: the dead claim is abandoned and
-        // the redelivered message plans a sync of its own.
-        let h = wait_syncs_finished(&db.pool, 2).await;
-        assert_eq!(h.len(), 2, "{h:?}");
-        assert_eq!(h.iter().filter(|h| h.status == "failed").count(), 1);
-        h
-    };
+    let h = wait_syncs_finished(&db.pool, 2).await;
+    assert_eq!(h.len(), 2, "{h:?}");
+    let dead = h
+        .iter()
+        .find(|h| h.status == "failed")
+        .expect("the dead claim");
+    let done = h
+        .iter()
+        .find(|h| h.status == "completed")
+        .expect("the request served");
+    assert!(
+        dead.error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("requests it served are pending again")),
+        "{dead:?}"
+    );
+    let requests: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT request_id, state, sync_id::text FROM loansync_request ORDER BY request_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let (id, state, served_by) = &requests[0];
+    match request_id {
+        Some(rid) => assert_eq!(id, rid),
+        None => assert!(id.starts_with("anonymous-"), "{id}"),
+    }
+    assert_eq!(
+        (state.as_str(), served_by.as_deref()),
+        ("planned", Some(done.sync_id.as_str()))
+    );
     assert_eq!(h.iter().filter(|h| h.status == "completed").count(), 1);
     for e in EntityKind::ALL {
         let got = stub.received();
@@ -476,17 +498,22 @@ async fn two_planners_given_one_request_id_at_once_plan_one_sync() {
         sweep: false,
     };
 
-    // One planner is held inside its plan; the other has the copy and waits for it.
+    // One planner is held inside its plan; the other records the copy as a duplicate
+    // and acks it, without waiting for the planning lock.
     let held = hold_plans(&db).await;
     admin
         .publish_json(&admin.topology.plan, &[req.clone(), req.clone()])
         .await
         .unwrap();
-    wait_for("both planners at work on the request", DEADLINE, || async {
-        planning_syncs(&db.pool).await == 1
-            && waiting(&db.pool, "relation").await >= 1
-            && waiting(&db.pool, "advisory").await >= 1
-    })
+    wait_for(
+        "one planner held in its plan, both copies taken",
+        DEADLINE,
+        || async {
+            planning_syncs(&db.pool).await == 1
+                && waiting(&db.pool, "relation").await >= 1
+                && admin.queue_depth(&admin.topology.plan).await.unwrap() == 0
+        },
+    )
     .await;
     held.rollback().await.unwrap();
 
@@ -507,7 +534,7 @@ async fn two_planners_given_one_request_id_at_once_plan_one_sync() {
         assert_eq!(got.ids(e), expected[&e], "{e}");
         assert!(got.accepted[&e].values().all(|&n| n == 1), "{e} sent twice");
     }
-    // The copy the second planner held was answered as a duplicate, not retried to death.
+    // The copy was answered as a duplicate, not retried to death.
     wait_for("the plan queue drained", DEADLINE, || async {
         admin.queue_depth(&admin.topology.plan).await.unwrap() == 0
     })
@@ -546,10 +573,16 @@ async fn a_settle_and_an_abort_at_once_take_their_locks_in_one_order() {
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     let (sync_id, jobs) = planned_loans(&db, &settings).await;
     let job = jobs[0].clone();
-    let state = ledger::start_chunk(&db.pool, &sync_id, job.entity, job.seq)
-        .await
-        .unwrap()
-        .unwrap();
+    let state = ledger::start_chunk(
+        &db.pool,
+        &sync_id,
+        job.entity,
+        job.seq,
+        ledger::Attempt::Count,
+    )
+    .await
+    .unwrap()
+    .unwrap();
 
     // The history row is held: the settle commits its chunk (it shares no row with other
     // settles), then its roll-up of the counters (the sync's first, so due at once) takes

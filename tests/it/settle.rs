@@ -61,10 +61,16 @@ async fn outcome_of(pool: &PgPool, job: &ChunkJob) -> Outcome {
 
 /// [`outcome_of`]; without `failures`, every record is accepted.
 async fn outcome_with(pool: &PgPool, job: &ChunkJob, failures: bool) -> Outcome {
-    let state = ledger::start_chunk(pool, &job.sync_id, job.entity, job.seq)
-        .await
-        .unwrap()
-        .unwrap();
+    let state = ledger::start_chunk(
+        pool,
+        &job.sync_id,
+        job.entity,
+        job.seq,
+        ledger::Attempt::Count,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let (mut succeeded, mut failed) = (Vec::new(), Vec::new());
     for (i, &id) in state.ids.iter().enumerate() {
         if failures && i % 10 == 9 {

@@ -437,13 +437,15 @@ async fn a_pending_sweep_runs_alone_after_the_running_sync() {
     };
     let unused = MemoryQueue::new();
     for (sweep, id) in [(true, "sweep-1"), (false, "incr-1")] {
-        let outcome = planner::plan_message(pool, &settings, &with_id(sweep, id), &unused)
+        let recorded = planner::record_message(pool, &settings.telemetry, &with_id(sweep, id))
             .await
             .unwrap();
-        assert!(
-            matches!(outcome, PlanOutcome::Pending { again: false, .. }),
-            "{id}: {outcome:?}"
-        );
+        assert_eq!(recorded, loansync::ledger::lifecycle::Recorded::New, "{id}");
+        // Recorded as pending; the slot is taken, so nothing is planned yet.
+        let nothing = planner::plan_pending(pool, &settings, &unused)
+            .await
+            .unwrap();
+        assert_eq!(nothing, None, "{id}");
     }
     work(running).await;
 

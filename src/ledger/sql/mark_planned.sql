@@ -1,3 +1,4 @@
--- `ledger::begin_pending` (lifecycle.rs).
-UPDATE loansync_request SET state = 'planned', sync_id = $2, planned_at = now()
-WHERE request_id = ANY($1)
+-- `ledger::lifecycle::claim_pending`: the pending requests a new sync serves.
+UPDATE loansync_request SET state = 'planned', sync_id = $2, planned_at = now(),
+       plan_attempts = plan_attempts + 1
+WHERE request_id = ANY($1) AND state = 'pending'
