@@ -747,6 +747,123 @@ async fn huge_api_messages_are_bounded_in_error_rows() {
     }
 }
 
+/// NUL characters (which PostgreSQL's `text` and `jsonb` refuse) in everything the API
+/// writes: rejections' messages and details (a key too), a refused batch's message, the
+/// `200` bodies kept as `api_response`. They are stored with U+FFFD instead: the records
+/// the API accepted are counted succeeded, the rejected and refused ones failed with
+/// the API's code, and none as unreadable. A body that is not JSON, holding a NUL
+/// byte, bytes that are not UTF-8 and a lone surrogate escape, fails its records with
+/// a clear code and an excerpt that stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nul_characters_in_api_text_are_stored_replaced() {
+    use std::collections::BTreeSet;
+    let db = seeded_db(small()).await;
+    let loans = crate::harness::expected_full(&db.pool).await[&EntityKind::Loan].clone();
+    let refused = *loans.iter().find(|id| *id % 7 != 0).unwrap();
+    let stub = stub(Faults {
+        reject_every_nth: 7,
+        refuse_ids: vec![refused],
+        nul_text: true,
+        ..Default::default()
+    })
+    .await;
+    let settings = settings_for(&db, &stub.url(), &[("ETL_BATCH_SIZE_LOANS", "20")]);
+    let request = |entity| PlanRequest {
+        sync_type: SyncType::Full,
+        entities: Some(vec![entity]),
+        request_id: None,
+        since: None,
+        until: None,
+        sweep: false,
+    };
+    let report = loansync::app::sync_in_process(&db.pool, &settings, &request(EntityKind::Loan))
+        .await
+        .unwrap();
+    let failed: BTreeSet<i64> = loans
+        .iter()
+        .copied()
+        .filter(|id| id % 7 == 0 || *id == refused)
+        .collect();
+    let h = crate::harness::history(&db.pool).await;
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].status, "partial_success", "{}", report.render());
+    assert_eq!(
+        h[0].counts(EntityKind::Loan),
+        (
+            loans.len() as i32,
+            (loans.len() - failed.len()) as i32,
+            failed.len() as i32
+        )
+    );
+    assert_eq!(
+        stub.received().ids(EntityKind::Loan),
+        loans.difference(&failed).copied().collect()
+    );
+    let rows: Vec<(String, String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT entity_id, error_code, error_message, error_details \
+         FROM etl_folder_etlsyncerror ORDER BY entity_id::int8",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let ids: BTreeSet<i64> = rows.iter().map(|r| r.0.parse().unwrap()).collect();
+    assert_eq!(ids, failed);
+    for (id, code, message, details) in &rows {
+        if id.parse::<i64>().unwrap() == refused {
+            assert_eq!(code, "RECORD_REFUSED");
+            assert_eq!(message, &format!("\u{FFFD}record {id} is refused\u{FFFD}"));
+            assert_eq!(details["http_status"], 422);
+        } else {
+            assert_eq!(code, "VALIDATION_FAILED", "{id}: {message}");
+            assert_eq!(
+                message,
+                &format!("\u{FFFD}record {id} failed validation\u{FFFD}")
+            );
+            assert_eq!(
+                details["api_details"]["\u{FFFD}field\u{FFFD}"], "\u{FFFD}value\u{FFFD}",
+                "{details}"
+            );
+        }
+    }
+    let kept: String =
+        sqlx::query_scalar("SELECT api_response::text FROM etl_folder_etlsynchistory")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(kept.contains('\u{FFFD}'), "{kept}");
+    crate::harness::assert_books_balance(&db.pool).await;
+
+    // Every answer is a body that is not JSON, with a NUL byte in it.
+    stub.set_faults(Faults {
+        garbage_next: 1_000_000,
+        nul_text: true,
+        ..Default::default()
+    });
+    loansync::app::sync_in_process(&db.pool, &settings, &request(EntityKind::Officer))
+        .await
+        .unwrap();
+    let codes: Vec<(String, i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT error_code, count(*), min(error_details::text)::jsonb FROM etl_folder_etlsyncerror \
+         WHERE entity_type = 'officer' GROUP BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(codes.len(), 1, "{codes:?}");
+    let (code, n, details) = &codes[0];
+    assert_eq!(code, "INVALID_RESPONSE");
+    assert_eq!(
+        *n as usize,
+        crate::harness::expected_full(&db.pool).await[&EntityKind::Officer].len()
+    );
+    let excerpt = details["response_excerpt"].as_str().unwrap();
+    assert!(
+        excerpt.contains("\u{FFFD}not json \u{FFFD}\u{FFFD}") && excerpt.contains("ud800"),
+        "{excerpt}"
+    );
+    crate::harness::assert_books_balance(&db.pool).await;
+}
+
 #[tokio::test]
 async fn rejections_of_ids_not_in_the_batch_are_ignored() {
     // A broken API answering 200 with 20,000 rejections for ids it was never sent, and
