@@ -128,7 +128,8 @@ impl FromStr for SyncType {
     }
 }
 
-/// One record ready to send: its source primary key and its JSON encoding.
+/// One record ready to send: its source primary key, the fingerprint of the source
+/// values it was built from, and its JSON encoding.
 ///
 /// Records are encoded once, by the transformer; the analytics client only
 /// concatenates them into request bodies (and splits them when halving a batch).
@@ -136,6 +137,11 @@ impl FromStr for SyncType {
 pub struct Record {
     /// Source primary key, also the `id` inside `json`.
     pub id: i64,
+    /// What the record was built from (`source::fingerprint`), set by the loader that
+    /// read its row (nil until then). It travels with the record so that the
+    /// `Idempotency-Key` of a body covers its content, and the fingerprint written to
+    /// `loansync_delivered` is the one of the body the API accepted.
+    pub fingerprint: uuid::Uuid,
     /// The record object, serialized.
     pub json: RecordJson,
 }

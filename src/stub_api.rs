@@ -53,6 +53,12 @@ pub struct Faults {
     pub refuse_ids: Vec<i64>,
     /// The next `garbage_next` requests answer 200 with a body that is not JSON.
     pub garbage_next: u32,
+    /// Put NUL characters (`\u0000`, which PostgreSQL's `text` and `jsonb` refuse) into
+    /// the text of answers: `rejected` entries' `message` and `details` (a key and a
+    /// value), a `200`'s body (an extra `notes` object), the `message` of error answers;
+    /// garbage bodies (`garbage_next`) then also carry a NUL byte, invalid UTF-8 and a
+    /// lone surrogate escape.
+    pub nul_text: bool,
     pub seed: u64,
 }
 
@@ -77,6 +83,10 @@ pub struct Received {
     /// Requests whose idempotency key had been answered before for another set of
     /// records: they got that other set's answer (should stay 0).
     pub keys_reused_for_other_records: u64,
+    /// Requests whose idempotency key had been answered before for the same records
+    /// with other content (another body): they got the answer given to the old content,
+    /// which the platform still holds (should stay 0).
+    pub keys_reused_for_other_content: u64,
     /// Requests whose body came gzipped (`Content-Encoding: gzip`).
     pub gzip_requests: u64,
     /// Per entity: id → the last record accepted for it, as JSON text: what the platform
@@ -140,10 +150,40 @@ struct Shared {
     received: Received,
     /// Whether to keep the last record accepted per id ([`Received::records`]).
     keep_records: bool,
-    /// Answers already given per idempotency key, with the ids of the body answered (a
-    /// retry of an accepted body gets the same answer and is not counted twice; so does
-    /// any body reusing the key, as a caching API would do).
-    answered: HashMap<String, (Vec<i64>, u16, Value)>,
+    /// Answers already given per idempotency key (a retry of an accepted body gets the
+    /// same answer and is not counted twice; so does any body reusing the key, as a
+    /// caching API would do).
+    answered: HashMap<String, Answered>,
+}
+
+/// An answer given to an idempotency key, with what it answered.
+struct Answered {
+    /// The ids of the body, in its order.
+    ids: Vec<i64>,
+    /// A hash of the body's bytes ([`content_hash`]).
+    content: u64,
+    status: u16,
+    value: Value,
+}
+
+/// A hash of a request body as sent (inflated when gzipped). loansync encodes the same
+/// records in the same envelope to the same bytes, so a retry of a body has its hash,
+/// and a record whose content changed gives another. SipHash with fixed keys: the same
+/// within the process, which is as long as the stub's cache lives.
+fn content_hash(body: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(body);
+    h.finish()
+}
+
+/// `text` with NUL characters in it when `on` (the `nul_text` fault).
+fn nul(text: &str, on: bool) -> String {
+    if on {
+        format!("\0{text}\0")
+    } else {
+        text.to_string()
+    }
 }
 
 type AppState = Arc<Mutex<Shared>>;
@@ -315,7 +355,7 @@ async fn ingest(
     } else {
         None
     };
-    let (fault, slow) = {
+    let (fault, slow, nul_text) = {
         let mut s = lock(&state);
         let f = s.faults.clone();
         let slow = (f.slow_rate > 0.0 && s.rng.f64() < f.slow_rate).then_some(f.slow_ms);
@@ -336,7 +376,7 @@ async fn ingest(
         } else {
             Fault::None
         };
-        (fault, slow)
+        (fault, slow, f.nul_text)
     };
     if let Some(ms) = slow {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -356,7 +396,12 @@ async fn ingest(
         }
         Fault::Garbage => {
             count(&state, 200);
-            return (StatusCode::OK, "<html>not json</html>").into_response();
+            let body: &'static [u8] = if nul_text {
+                b"<html>\0not json \xff\xfe {\"message\": \"\\ud800\"}</html>"
+            } else {
+                b"<html>not json</html>"
+            };
+            return (StatusCode::OK, body).into_response();
         }
         Fault::TooManyRecords(n) => {
             count(&state, 413);
@@ -364,7 +409,7 @@ async fn ingest(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 axum::Json(json!({
                     "error_code": "TOO_MANY_RECORDS",
-                    "message": format!("{n} records in one request; at most {max_records}"),
+                    "message": nul(&format!("{n} records in one request; at most {max_records}"), nul_text),
                 })),
             )
                 .into_response();
@@ -380,7 +425,7 @@ async fn ingest(
                 code,
                 axum::Json(json!({
                     "error_code": format!("HTTP_{status}"),
-                    "message": padded("injected fault", huge),
+                    "message": nul(&padded("injected fault", huge), nul_text),
                 })),
             )
                 .into_response();
@@ -399,7 +444,7 @@ async fn ingest(
             return resp;
         }
     }
-    let (status, value) = match decoded(&headers, body) {
+    let (status, mut value) = match decoded(&headers, body) {
         Ok((body, gzipped)) => {
             if gzipped {
                 lock(&state).received.gzip_requests += 1;
@@ -411,6 +456,13 @@ async fn ingest(
             json!({"error_code": error_code, "message": message}),
         ),
     };
+    if nul_text
+        && status != 200
+        && let Some(message) = value.get_mut("message")
+        && let Some(text) = message.as_str()
+    {
+        *message = Value::String(nul(text, true));
+    }
     count(&state, status);
     (
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -575,10 +627,13 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
         }
         ids.push(id);
     }
-    if let Some((answered_ids, status, value)) = s.answered.get(&key) {
-        let answer = (*status, value.clone());
-        if *answered_ids != ids {
+    let content = content_hash(body);
+    if let Some(before) = s.answered.get(&key) {
+        let answer = (before.status, before.value.clone());
+        if before.ids != ids {
             s.received.keys_reused_for_other_records += 1;
+        } else if before.content != content {
+            s.received.keys_reused_for_other_content += 1;
         }
         return answer;
     }
@@ -591,6 +646,7 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
     }
     let nth = s.faults.reject_every_nth;
     let huge = s.faults.huge_text_bytes;
+    let nul_text = s.faults.nul_text;
     let mut rejected = Vec::new();
     let accepted_map = s.received.accepted.entry(entity).or_default();
     for id in &ids {
@@ -599,10 +655,13 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
             if huge > 0 {
                 details["context"] = Value::String(padded("", huge));
             }
+            if nul_text {
+                details[nul("field", true)] = Value::String(nul("value", true));
+            }
             rejected.push(json!({
                 "id": id,
                 "error_code": "VALIDATION_FAILED",
-                "message": padded(&format!("record {id} failed validation"), huge),
+                "message": nul(&padded(&format!("record {id} failed validation"), huge), nul_text),
                 "details": details,
             }));
         } else {
@@ -612,8 +671,19 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
     if s.keep_records {
         keep_accepted(&mut s.received, entity, body, &rejected);
     }
-    let value = json!({ "accepted": ids.len() - rejected.len(), "rejected": rejected });
-    s.answered.insert(key, (ids, 200, value.clone()));
+    let mut value = json!({ "accepted": ids.len() - rejected.len(), "rejected": rejected });
+    if nul_text {
+        value["notes"] = json!({ nul("batch", true): nul("accepted", true) });
+    }
+    s.answered.insert(
+        key,
+        Answered {
+            ids,
+            content,
+            status: 200,
+            value: value.clone(),
+        },
+    );
     (200, value)
 }
 
@@ -657,6 +727,7 @@ async fn stats(State(state): State<AppState>) -> axum::Json<Value> {
         "accepted": per_entity,
         "forbidden": s.received.forbidden,
         "keys_reused_for_other_records": s.received.keys_reused_for_other_records,
+        "keys_reused_for_other_content": s.received.keys_reused_for_other_content,
         "gzip_requests": s.received.gzip_requests,
         "faults": s.faults,
     }))

@@ -51,17 +51,29 @@ pub fn gzip(body: &[u8]) -> Vec<u8> {
 }
 
 /// The `Idempotency-Key` of a body: names the sync, the entity and the records the body
-/// carries, never their positions in the chunk. The same on every retry of the same
-/// body; two bodies carrying different sets of records never share it, even when a
-/// row deleted between two attempts of a chunk shifts the records of a halved part.
+/// carries with their content, never their positions in the chunk. The same on every
+/// retry of the same body; two bodies carrying different sets of records never share
+/// it, even when a row deleted between two attempts of a chunk shifts the records of a
+/// halved part; and a record whose row changed between two attempts of a chunk gives a
+/// new key, so an API that replays the answer it gave a key never answers a new body
+/// with the old one (loansync would then record as delivered content the API never got).
 ///
-/// `<sync_id>:<entity>:<first id>-<last id>:<count>:<sha256 of the ids, hex>`.
+/// The content is each record's fingerprint ([`Record::fingerprint`], 16 bytes): its
+/// row's values, hashed once when the row was loaded, so the key costs 24 bytes of
+/// hashing per record whatever the record's size, and no allocation but the key's.
+///
+/// `<sync_id>:<entity>:<first id>-<last id>:<count>:<sha256 of the ids and fingerprints, hex>`,
+/// the hash over each record's id (big-endian i64) followed by its fingerprint's bytes,
+/// in the body's order.
 pub fn idempotency_key(sync_id: &str, entity: EntityKind, records: &[Record]) -> String {
     use sha2::Digest;
     use std::fmt::Write;
     let mut hash = sha2::Sha256::new();
+    let mut item = [0u8; 24];
     for r in records {
-        hash.update(r.id.to_be_bytes());
+        item[..8].copy_from_slice(&r.id.to_be_bytes());
+        item[8..].copy_from_slice(r.fingerprint.as_bytes());
+        hash.update(item);
     }
     let first = records.first().map_or(0, |r| r.id);
     let last = records.last().map_or(0, |r| r.id);
@@ -80,6 +92,7 @@ mod tests {
     fn rec(id: i64) -> Record {
         Record {
             id,
+            fingerprint: uuid::Uuid::from_u128(id as u128),
             json: crate::domain::RecordJson::encode(&serde_json::json!({"id": id, "n": "é"}))
                 .unwrap(),
         }
@@ -127,10 +140,11 @@ mod tests {
     fn idempotency_key_names_the_records_not_their_positions() {
         let recs: Vec<Record> = (1..=5).map(rec).collect();
         let key = idempotency_key("s", EntityKind::Repayment, &recs);
-        // The ids as big-endian i64, hashed with SHA-256 (checked against Python's hashlib).
+        // Each id as big-endian i64 then its fingerprint's 16 bytes, hashed with SHA-256
+        // (checked against Python's hashlib).
         assert_eq!(
             key,
-            "s:repayment:1-5:5:4e15d2caf66cf04c7317d4c0084cb332d16d647d01d549de18eac2ce5e2e0be5"
+            "s:repayment:1-5:5:744c0c2f00fdddf6ae54650723e1f534e9874bfc48db2df56859ab637b375168"
         );
         // The same records: the same key, whatever else the body says.
         assert_eq!(key, idempotency_key("s", EntityKind::Repayment, &recs));
@@ -145,5 +159,34 @@ mod tests {
         );
         assert_ne!(key, idempotency_key("s", EntityKind::Loan, &recs));
         assert_ne!(key, idempotency_key("t", EntityKind::Repayment, &recs));
+    }
+
+    #[test]
+    fn idempotency_key_follows_the_records_content() {
+        let recs: Vec<Record> = (1..=5).map(rec).collect();
+        let key = idempotency_key("s", EntityKind::Loan, &recs);
+        // A retry of the same body (the records loaded again, unchanged): the same key.
+        let again: Vec<Record> = (1..=5).map(rec).collect();
+        assert_eq!(key, idempotency_key("s", EntityKind::Loan, &again));
+        // One record's row changed between two attempts: a new key, for the whole body
+        // and for every part that carries the record, and only those.
+        let mut changed = again.clone();
+        changed[2].fingerprint = uuid::Uuid::from_u128(99);
+        let new = idempotency_key("s", EntityKind::Loan, &changed);
+        assert_ne!(key, new);
+        assert!(new.starts_with("s:loan:1-5:5:"), "{new}");
+        assert_ne!(
+            idempotency_key("s", EntityKind::Loan, &recs[2..]),
+            idempotency_key("s", EntityKind::Loan, &changed[2..])
+        );
+        assert_eq!(
+            idempotency_key("s", EntityKind::Loan, &recs[..2]),
+            idempotency_key("s", EntityKind::Loan, &changed[..2])
+        );
+        // Fingerprints swapped between two records: other content, another key.
+        let mut swapped = again.clone();
+        swapped[0].fingerprint = recs[1].fingerprint;
+        swapped[1].fingerprint = recs[0].fingerprint;
+        assert_ne!(key, idempotency_key("s", EntityKind::Loan, &swapped));
     }
 }

@@ -119,8 +119,7 @@ async fn send_inner(
         }
         Err(e) => return Err(network(e, url)),
     };
-    let json: Option<serde_json::Value> = serde_json::from_slice(&raw).ok();
-    let body = json.clone().unwrap_or_else(|| excerpt_value(&raw));
+    let (json, body) = read_body(&raw);
     let field = |k: &str| {
         json.as_ref()
             .and_then(|j| j.get(k))
@@ -235,22 +234,91 @@ async fn read_bounded(mut r: reqwest::Response) -> Result<Option<Vec<u8>>, reqwe
     Ok(Some(buf))
 }
 
-/// A body that is not JSON, kept as a short text excerpt.
+/// A response body as read: its JSON (`None` when it is not JSON) and the body to keep,
+/// that JSON or a short excerpt of the bytes, both made storable ([`storable`]): every
+/// API text loansync keeps (codes, messages, details, `api_response`) comes from here.
+///
+/// JSON that escapes a lone surrogate (`"\ud800"`) is not JSON to serde_json (nor to
+/// PostgreSQL): such an answer is a body that breaks the contract, kept as an excerpt.
+fn read_body(raw: &[u8]) -> (Option<serde_json::Value>, serde_json::Value) {
+    match serde_json::from_slice::<serde_json::Value>(raw) {
+        Ok(json) => {
+            let json = storable(json);
+            (Some(json.clone()), json)
+        }
+        Err(_) => (None, excerpt_value(raw)),
+    }
+}
+
+/// A body that is not JSON, kept as a short text excerpt: invalid UTF-8 and NUL
+/// replaced with U+FFFD.
 fn excerpt_value(raw: &[u8]) -> serde_json::Value {
-    let text = String::from_utf8_lossy(&raw[..raw.len().min(2048)]).into_owned();
-    serde_json::json!({ "raw": text })
+    let text = String::from_utf8_lossy(&raw[..raw.len().min(2048)]);
+    serde_json::json!({ "raw": storable_text(&text) })
 }
 
-/// An API error code as kept: at most [`MAX_ERROR_CODE_CHARS`] characters.
+/// What stands in for a character PostgreSQL cannot store.
+const REPLACEMENT: &str = "\u{FFFD}";
+
+/// Text as PostgreSQL can store it in `text` and inside `jsonb`: NUL, which both
+/// refuse, replaced with U+FFFD. A Rust string holds no other character they refuse
+/// (it is valid UTF-8: no surrogate code point; bytes that are not UTF-8 were replaced
+/// when the body was read). Borrows when there is nothing to replace.
+pub fn storable_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', REPLACEMENT))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// A JSON value from the API as PostgreSQL can store it: every string in it, object
+/// keys included, made storable ([`storable_text`]). Allocates only for strings that
+/// hold a NUL (and rebuilds only objects with such a key; two keys that then read the
+/// same keep the last value). The depth is bounded by serde_json's parser (128).
+pub fn storable(mut value: serde_json::Value) -> serde_json::Value {
+    make_storable(&mut value);
+    value
+}
+
+fn make_storable(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => {
+            if let std::borrow::Cow::Owned(clean) = storable_text(text) {
+                *text = clean;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(make_storable),
+        Value::Object(map) if map.keys().any(|k| k.contains('\0')) => {
+            *map = std::mem::take(map)
+                .into_iter()
+                .map(|(k, mut v)| {
+                    make_storable(&mut v);
+                    (storable_text(&k).into_owned(), v)
+                })
+                .collect();
+        }
+        Value::Object(map) => map.values_mut().for_each(make_storable),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// An API error code as kept: storable, at most [`MAX_ERROR_CODE_CHARS`] characters.
 fn error_code(code: &str) -> String {
-    code.chars().take(MAX_ERROR_CODE_CHARS).collect()
+    storable_text(code)
+        .chars()
+        .take(MAX_ERROR_CODE_CHARS)
+        .collect()
 }
 
-/// An API text as kept: whole when it fits in [`MAX_API_TEXT`] bytes, else cut on a
-/// character boundary and marked, the mark included in the bound.
+/// An API text as kept: storable ([`storable_text`]), whole when it fits in
+/// [`MAX_API_TEXT`] bytes, else cut on a character boundary and marked, the mark
+/// included in the bound.
 pub fn bounded_text(text: &str) -> String {
+    let text = storable_text(text);
     if text.len() <= MAX_API_TEXT {
-        return text.to_string();
+        return text.into_owned();
     }
     let mark = format!(" …[truncated: {} bytes in all]", text.len());
     let mut cut = MAX_API_TEXT.saturating_sub(mark.len());
@@ -263,12 +331,14 @@ pub fn bounded_text(text: &str) -> String {
     out
 }
 
-/// API `details` as kept: whole when its JSON text fits in [`MAX_API_TEXT`] bytes, else
+/// API `details` as kept: storable ([`storable`]), whole when its JSON text fits in
+/// [`MAX_API_TEXT`] bytes, else
 /// `{"truncated": true, "bytes": n, "excerpt": "<the start of its JSON text>"}`.
 pub fn bounded_details(details: &serde_json::Value) -> serde_json::Value {
+    let details = storable(details.clone());
     let text = details.to_string();
     if text.len() <= MAX_API_TEXT {
-        return details.clone();
+        return details;
     }
     // The excerpt's own escaping may lengthen it: leave room for that and the wrapper.
     let mut cut = MAX_API_TEXT / 2;
@@ -358,5 +428,79 @@ mod tests {
             let t = bounded_text(&format!("{}{}", "a".repeat(n % 4), "€".repeat(n)));
             assert!(t.len() <= MAX_API_TEXT);
         }
+    }
+
+    /// True when no string of `v`, key or value, holds a NUL.
+    fn clean(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => !s.contains('\0'),
+            serde_json::Value::Array(a) => a.iter().all(clean),
+            serde_json::Value::Object(m) => m.iter().all(|(k, v)| !k.contains('\0') && clean(v)),
+            _ => true,
+        }
+    }
+
+    #[test]
+    fn api_text_is_made_storable() {
+        // Plain strings: NUL replaced, the rest kept; bounded as before.
+        assert_eq!(storable_text("a\0b\0"), "a\u{FFFD}b\u{FFFD}");
+        assert!(matches!(
+            storable_text("no nul é"),
+            std::borrow::Cow::Borrowed("no nul é")
+        ));
+        assert_eq!(bounded_text("m\0"), "m\u{FFFD}");
+        assert_eq!(error_code("E\0"), "E\u{FFFD}");
+        assert!(bounded_text(&"\0".repeat(10_000)).len() <= MAX_API_TEXT);
+        // Every string of a value, keys included, at any depth.
+        let v = storable(json!({
+            "a\0": ["x\0", {"k\0": {"deep\0": "v\0"}}, 1, null, true],
+            "ok": "fine",
+        }));
+        assert!(clean(&v), "{v}");
+        assert_eq!(
+            v,
+            json!({
+                "a\u{FFFD}": ["x\u{FFFD}", {"k\u{FFFD}": {"deep\u{FFFD}": "v\u{FFFD}"}}, 1, null, true],
+                "ok": "fine",
+            })
+        );
+        // What a rejection keeps.
+        let r = parse_accepted(&json!({"accepted": 0, "rejected": [{
+            "id": 1, "error_code": "C\0", "message": "m\0", "details": {"w\0": "\0"},
+        }]}))
+        .unwrap();
+        assert_eq!(
+            (r[0].error_code.as_str(), r[0].message.as_str()),
+            ("C\u{FFFD}", "m\u{FFFD}")
+        );
+        assert_eq!(r[0].details, json!({"w\u{FFFD}": "\u{FFFD}"}));
+    }
+
+    #[test]
+    fn bodies_are_read_storable_whatever_their_bytes() {
+        // JSON escaping NUL: parsed, made storable.
+        let (json, body) = read_body(br#"{"accepted": 1, "rejected": [], "n\u0000": "\u0000"}"#);
+        let json = json.unwrap();
+        assert_eq!(json["accepted"], 1);
+        assert!(clean(&json) && clean(&body), "{body}");
+        assert_eq!(body["n\u{FFFD}"], "\u{FFFD}");
+        // A lone surrogate is not JSON to serde_json: the body is an excerpt, storable
+        // (its escape stays text: a backslash and letters).
+        for raw in [
+            &br#"{"accepted": 1, "rejected": [{"id": 1, "message": "\ud800"}]}"#[..],
+            &br#"{"accepted": 1, "m": "\udc00x"}"#[..],
+        ] {
+            let (json, body) = read_body(raw);
+            assert!(json.is_none(), "{body}");
+            assert!(body["raw"].as_str().unwrap().contains("\\ud"), "{body}");
+        }
+        // Bytes that are not UTF-8, and raw NUL bytes, in a body that is not JSON.
+        let (json, body) = read_body(b"<html>\0 \xff\xfe </html>");
+        assert!(json.is_none());
+        assert!(clean(&body), "{body}");
+        assert_eq!(
+            body["raw"], "<html>\u{FFFD} \u{FFFD}\u{FFFD} </html>",
+            "{body}"
+        );
     }
 }

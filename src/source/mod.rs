@@ -26,7 +26,7 @@ const IDS_REPAYMENT_FULL: &str = include_str!("sql/ids_repayment_full.sql");
 const IDS_REPAYMENT_INCREMENTAL: &str = include_str!("sql/ids_repayment_incremental.sql");
 
 /// One chunk's rows: `rows_<entity>.sql` with the chunk's ids, in id order. Their
-/// fingerprints are computed by loansync ([`fingerprint`]).
+/// fingerprints are computed by loansync ([`fingerprint`]) and carried by the records.
 macro_rules! load_sql {
     ($rows:literal, $alias:literal) => {
         concat!(
@@ -183,34 +183,34 @@ pub async fn next_ids(
 /// The records of one chunk.
 #[derive(Debug, Default)]
 pub struct LoadedChunk {
-    /// In ascending id order.
+    /// In ascending id order, each with its fingerprint (see [`fingerprint`]): written
+    /// to `loansync_delivered` when the API accepts the record.
     pub records: Vec<Record>,
     /// Requested ids whose row no longer exists (deleted since planning), ascending.
     pub missing: Vec<i64>,
     /// Values sent as `null` for being NaN or infinite.
     pub warnings: u32,
-    /// The fingerprint of each record, by id, ascending (see [`fingerprint`]): written
-    /// to `loansync_delivered` when the API accepts the record.
-    pub fingerprints: Vec<(i64, uuid::Uuid)>,
 }
 
 impl LoadedChunk {
     /// The fingerprint loaded with the record `id`.
     pub fn fingerprint_of(&self, id: i64) -> Option<uuid::Uuid> {
-        self.fingerprints
-            .binary_search_by_key(&id, |(i, _)| *i)
+        self.records
+            .binary_search_by_key(&id, |r| r.id)
             .ok()
-            .and_then(|i| self.fingerprints.get(i))
-            .map(|(_, fp)| *fp)
+            .and_then(|i| self.records.get(i))
+            .map(|r| r.fingerprint)
     }
 
-    /// Adds another load's records (the one-by-one loading of a chunk).
+    /// Adds another load's records (the one-by-one loading of a chunk), keeping them in
+    /// id order.
     pub fn extend(&mut self, other: LoadedChunk) {
         self.records.extend(other.records);
+        if !self.records.is_sorted_by_key(|r| r.id) {
+            self.records.sort_by_key(|r| r.id);
+        }
         self.missing.extend(other.missing);
         self.warnings += other.warnings;
-        self.fingerprints.extend(other.fingerprints);
-        self.fingerprints.sort_unstable_by_key(|(id, _)| *id);
     }
 }
 
@@ -228,7 +228,7 @@ pub async fn load_chunk(
     if ids.is_empty() {
         return Ok(LoadedChunk::default());
     }
-    let (out, fingerprints) = match entity {
+    let out = match entity {
         EntityKind::Officer => {
             load_rows(pool, LOAD_OFFICER, ids, transform::officer::transform).await?
         }
@@ -245,32 +245,27 @@ pub async fn load_chunk(
         records: out.records,
         missing,
         warnings: out.warnings,
-        fingerprints,
     })
 }
 
-/// Runs one chunk's statement: the rows (decoded as `R`), transformed, and their
-/// fingerprints sorted by id.
+/// Runs one chunk's statement: the rows (decoded as `R`), transformed, each record
+/// carrying the fingerprint of its row.
 async fn load_rows<R>(
     pool: &PgPool,
     sql: &'static str,
     ids: &[i64],
     f: impl Fn(R) -> (Record, u32),
-) -> Result<(Transformed, Vec<(i64, uuid::Uuid)>), sqlx::Error>
+) -> Result<Transformed, sqlx::Error>
 where
     R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
 {
     use sqlx::Row;
     let rows = sqlx::query(sql).bind(ids).fetch_all(pool).await?;
     let mut decoded = Vec::with_capacity(rows.len());
-    let mut fingerprints = Vec::with_capacity(rows.len());
     for row in &rows {
-        // By position: `id` first (the row type's first column).
-        fingerprints.push((row.try_get::<i64, _>(0)?, fingerprint(row, row.len())?));
-        decoded.push(R::from_row(row)?);
+        decoded.push((fingerprint(row, row.len())?, R::from_row(row)?));
     }
-    fingerprints.sort_unstable_by_key(|(id, _)| *id);
-    Ok((collect(decoded, f), fingerprints))
+    Ok(collect(decoded, f))
 }
 
 /// What one page of a sweep found (see [`sweep_page`]).
@@ -334,13 +329,15 @@ pub async fn sweep_page(
     Ok(page)
 }
 
-fn collect<R>(rows: Vec<R>, f: impl Fn(R) -> (Record, u32)) -> Transformed {
+/// Transforms decoded rows, each with the fingerprint of its row, into records.
+fn collect<R>(rows: Vec<(uuid::Uuid, R)>, f: impl Fn(R) -> (Record, u32)) -> Transformed {
     let mut out = Transformed {
         records: Vec::with_capacity(rows.len()),
         warnings: 0,
     };
-    for row in rows {
-        let (record, warnings) = f(row);
+    for (fingerprint, row) in rows {
+        let (mut record, warnings) = f(row);
+        record.fingerprint = fingerprint;
         out.records.push(record);
         out.warnings += warnings;
     }
@@ -370,6 +367,7 @@ mod tests {
     fn rec(id: i64) -> Record {
         Record {
             id,
+            fingerprint: uuid::Uuid::nil(),
             json: crate::domain::RecordJson::encode(&id).unwrap(),
         }
     }

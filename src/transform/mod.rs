@@ -214,14 +214,19 @@ pub(crate) fn non_finite(values: &[f64]) -> u32 {
     values.iter().filter(|v| !v.is_finite()).count() as u32
 }
 
-/// Encodes a record. Serializing these plain structs cannot fail; should it ever, the
-/// record is sent as `{"id": id}` rather than crashing a worker.
+/// Encodes a record (its fingerprint is set by the loader that read the row).
+/// Serializing these plain structs cannot fail; should it ever, the record is sent as
+/// `{"id": id}` rather than crashing a worker.
 pub(crate) fn encode<T: Serialize>(id: i64, value: &T) -> Record {
     let json = RecordJson::encode(value).unwrap_or_else(|e| {
         tracing::error!(id, error = %e, "record could not be encoded");
         RecordJson::encode(&serde_json::json!({ "id": id })).expect("a literal object encodes")
     });
-    Record { id, json }
+    Record {
+        id,
+        fingerprint: uuid::Uuid::nil(),
+        json,
+    }
 }
 
 #[cfg(test)]

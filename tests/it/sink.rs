@@ -17,6 +17,7 @@ fn records(ids: impl IntoIterator<Item = i64>) -> Vec<Record> {
     ids.into_iter()
         .map(|id| Record {
             id,
+            fingerprint: uuid::Uuid::from_u128(id as u128),
             json: loansync::domain::RecordJson::encode(
                 &serde_json::json!({"id": id, "name": "Ọlá"}),
             )
@@ -292,50 +293,15 @@ fn client_capped(url: &str, max_elapsed: Duration, max_interval: Duration) -> An
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_records() {
-    let db = seeded_db(small()).await;
-    let stub = stub(Faults::default()).await;
-    let settings = settings_for(&db, &stub.url(), &[("ETL_BATCH_SIZE_LOANS", "8")]);
-    let queue = MemoryQueue::new();
-    loansync::planner::plan_sync(
-        &db.pool,
-        &settings,
-        &PlanRequest {
-            sync_type: SyncType::Full,
-            entities: Some(vec![EntityKind::Loan]),
-            request_id: None,
-            since: None,
-            until: None,
-            sweep: false,
-        },
-        &queue,
-    )
-    .await
-    .unwrap();
-    let (sync_id, ids): (String, Vec<i64>) =
-        sqlx::query_as("SELECT sync_id, ids FROM loansync_chunk WHERE entity = 'loan' AND seq = 0")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(ids.len(), 8);
-    // The API refuses the chunk's last record: the chunk is halved, and the parts
-    // without it are accepted (and their answers cached by key, as the stub does).
-    stub.set_faults(Faults {
-        refuse_ids: vec![ids[7]],
-        ..Default::default()
-    });
-    let job = ChunkJob {
-        sync_id: sync_id.clone(),
-        entity: EntityKind::Loan,
-        seq: 0,
-    };
-    let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
-
-    // First attempt: POSTed and answered, then the worker dies before its settle
-    // commits (the table of delivered fingerprints, which the settle writes, is held, so
-    // the settle waits; then its task and its database session are killed).
-    let mut hold = db.pool.begin().await.unwrap();
+/// Processes `job` until its POSTs were answered, then kills it before its settle
+/// commits: the table of delivered fingerprints, which the settle writes, is held, so
+/// the settle waits; then its task and its database session are killed.
+async fn die_before_settling(
+    pool: &sqlx::PgPool,
+    ctx: &Arc<worker::WorkerContext>,
+    job: &ChunkJob,
+) {
+    let mut hold = pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE loansync_delivered IN EXCLUSIVE MODE")
         .execute(&mut *hold)
         .await
@@ -349,7 +315,7 @@ async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_recor
             "SELECT pid FROM pg_stat_activity \
              WHERE datname = current_database() AND wait_event_type = 'Lock'",
         )
-        .fetch_optional(&db.pool)
+        .fetch_optional(pool)
         .await
         .unwrap()
     };
@@ -363,23 +329,209 @@ async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_recor
     first.abort();
     sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(pid)
-        .execute(&db.pool)
+        .execute(pool)
         .await
         .unwrap();
     hold.rollback().await.unwrap();
+}
+
+/// Whether the loan chunk 0 of `sync_id` is settled.
+async fn chunk_settled(pool: &sqlx::PgPool, sync_id: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT settled_at IS NOT NULL FROM loansync_chunk \
+         WHERE sync_id = $1 AND entity = 'loan' AND seq = 0",
+    )
+    .bind(sync_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Plans a full sync of the loans (8 a chunk) on `queue`; returns its id and the ids of
+/// its chunk 0.
+async fn plan_loans(
+    db: &crate::harness::TestApp,
+    settings: &loansync::config::Settings,
+    queue: &MemoryQueue,
+) -> (String, Vec<i64>) {
+    loansync::planner::plan_sync(
+        &db.pool,
+        settings,
+        &PlanRequest {
+            sync_type: SyncType::Full,
+            entities: Some(vec![EntityKind::Loan]),
+            request_id: None,
+            since: None,
+            until: None,
+            sweep: false,
+        },
+        queue,
+    )
+    .await
+    .unwrap();
+    let (sync_id, ids): (String, Vec<i64>) =
+        sqlx::query_as("SELECT sync_id, ids FROM loansync_chunk WHERE entity = 'loan' AND seq = 0")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ids.len(), 8);
+    (sync_id, ids)
+}
+
+/// A chunk POSTed and accepted, whose settle never committed, comes back after one of
+/// its rows changed behind the timestamps (an UPDATE that leaves `date_modified`
+/// alone). Its body now carries other content, so it carries another
+/// `Idempotency-Key`: an API that replays the answer it gave a key (the stub does)
+/// takes the new record, instead of answering with the old record's answer while the
+/// worker writes the new fingerprint as delivered, which would hide the change from
+/// every later sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_changed_between_two_attempts_is_sent_under_a_new_key() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    stub.keep_records();
+    let settings = settings_for(&db, &stub.url(), &[("ETL_BATCH_SIZE_LOANS", "8")]);
+    let queue = MemoryQueue::new();
+    let (sync_id, ids) = plan_loans(&db, &settings, &queue).await;
+    let job = ChunkJob {
+        sync_id: sync_id.clone(),
+        entity: EntityKind::Loan,
+        seq: 0,
+    };
+    let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
+
+    die_before_settling(&db.pool, &ctx, &job).await;
+    let after_first = stub.received();
+    assert_eq!(
+        (after_first.status_count(200), after_first.requests()),
+        (1, 1)
+    );
+    assert!(!chunk_settled(&db.pool, &sync_id).await);
+    let changed = ids[3];
+    assert_ne!(
+        after_first.latest(EntityKind::Loan)[&changed]["status"],
+        "RESTRUCTURED"
+    );
+
+    // The row changes; its timestamps do not.
+    let stamp = "SELECT date_modified FROM loans_ajoloan WHERE id = $1::int4";
+    let modified: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(stamp)
+        .bind(changed)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let done = sqlx::query("UPDATE loans_ajoloan SET status = 'RESTRUCTURED' WHERE id = $1::int4")
+        .bind(changed)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+    let still: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(stamp)
+        .bind(changed)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(modified, still, "no trigger moved the timestamp");
+
+    // The chunk is redelivered.
+    let outcome = worker::process_chunk(&ctx, &job).await.unwrap();
+    assert!(
+        matches!(
+            outcome,
+            ChunkOutcome::Settled {
+                succeeded: 8,
+                failed: 0,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    let got = stub.received();
+    assert_eq!(
+        got.keys_reused_for_other_content, 0,
+        "the changed body went under the key of the old one, and got its answer"
+    );
+    assert_eq!(got.keys_reused_for_other_records, 0);
+    let keys = &got.idempotency_keys;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_ne!(keys[0], keys[1]);
+    assert!(
+        keys[1].starts_with(&format!("{sync_id}:loan:{}-{}:8:", ids[0], ids[7])),
+        "{}",
+        keys[1]
+    );
+    // The platform holds the new record.
+    assert_eq!(
+        got.latest(EntityKind::Loan)[&changed]["status"],
+        "RESTRUCTURED"
+    );
+    assert_eq!(got.accepted[&EntityKind::Loan][&changed], 2);
+
+    // The sync finishes (chunk 0's job, still queued, is a duplicate now), then a sweep
+    // finds that what was delivered is what the source holds: nothing to send.
+    worker::run_memory(ctx.clone(), queue, 2).await;
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM etl_folder_etlsynchistory WHERE sync_id = $1")
+            .bind(&sync_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "completed");
+    let before = stub.received();
+    let sweep = loansync::app::sync_in_process(
+        &db.pool,
+        &settings,
+        &PlanRequest {
+            sync_type: SyncType::Incremental,
+            entities: Some(vec![EntityKind::Loan]),
+            request_id: None,
+            since: None,
+            until: None,
+            sweep: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(sweep.status.is_some(), "{}", sweep.render());
+    let resent = stub.received().ids_sent_since(&before, EntityKind::Loan);
+    assert!(resent.is_empty(), "the sweep found differences: {resent:?}");
+    assert_eq!(
+        stub.received().latest(EntityKind::Loan)[&changed]["status"],
+        "RESTRUCTURED"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_deleted_between_two_attempts_never_gets_the_answer_of_other_records() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let settings = settings_for(&db, &stub.url(), &[("ETL_BATCH_SIZE_LOANS", "8")]);
+    let queue = MemoryQueue::new();
+    let (sync_id, ids) = plan_loans(&db, &settings, &queue).await;
+    // The API refuses the chunk's last record: the chunk is halved, and the parts
+    // without it are accepted (and their answers cached by key, as the stub does).
+    stub.set_faults(Faults {
+        refuse_ids: vec![ids[7]],
+        ..Default::default()
+    });
+    let job = ChunkJob {
+        sync_id: sync_id.clone(),
+        entity: EntityKind::Loan,
+        seq: 0,
+    };
+    let ctx = Arc::new(loansync::app::worker_context(&settings, db.pool.clone()).unwrap());
+
+    die_before_settling(&db.pool, &ctx, &job).await;
     let after_first = stub.received();
     // 8 → 422; 0..4 → 200; 4..8 → 422; 4..6 → 200; 6..8 → 422; 6 → 200; 7 → 422.
     assert_eq!(
         (after_first.status_count(200), after_first.status_count(422)),
         (3, 4)
     );
-    let settled: bool =
-        sqlx::query_scalar("SELECT settled_at IS NOT NULL FROM loansync_chunk WHERE sync_id = $1 AND entity = 'loan' AND seq = 0")
-            .bind(&sync_id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert!(!settled, "the first attempt must not have settled");
+    assert!(
+        !chunk_settled(&db.pool, &sync_id).await,
+        "the first attempt must not have settled"
+    );
 
     // The chunk's first row is deleted; the second attempt sends 7 records, so every
     // position names other records than in the first attempt.
@@ -593,6 +745,123 @@ async fn huge_api_messages_are_bounded_in_error_rows() {
         assert!(*message <= MAX_API_TEXT as i64 + 64, "{rows:?}");
         assert!(*details <= 12 * 1024, "{rows:?}");
     }
+}
+
+/// NUL characters (which PostgreSQL's `text` and `jsonb` refuse) in everything the API
+/// writes: rejections' messages and details (a key too), a refused batch's message, the
+/// `200` bodies kept as `api_response`. They are stored with U+FFFD instead: the records
+/// the API accepted are counted succeeded, the rejected and refused ones failed with
+/// the API's code, and none as unreadable. A body that is not JSON, holding a NUL
+/// byte, bytes that are not UTF-8 and a lone surrogate escape, fails its records with
+/// a clear code and an excerpt that stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nul_characters_in_api_text_are_stored_replaced() {
+    use std::collections::BTreeSet;
+    let db = seeded_db(small()).await;
+    let loans = crate::harness::expected_full(&db.pool).await[&EntityKind::Loan].clone();
+    let refused = *loans.iter().find(|id| *id % 7 != 0).unwrap();
+    let stub = stub(Faults {
+        reject_every_nth: 7,
+        refuse_ids: vec![refused],
+        nul_text: true,
+        ..Default::default()
+    })
+    .await;
+    let settings = settings_for(&db, &stub.url(), &[("ETL_BATCH_SIZE_LOANS", "20")]);
+    let request = |entity| PlanRequest {
+        sync_type: SyncType::Full,
+        entities: Some(vec![entity]),
+        request_id: None,
+        since: None,
+        until: None,
+        sweep: false,
+    };
+    let report = loansync::app::sync_in_process(&db.pool, &settings, &request(EntityKind::Loan))
+        .await
+        .unwrap();
+    let failed: BTreeSet<i64> = loans
+        .iter()
+        .copied()
+        .filter(|id| id % 7 == 0 || *id == refused)
+        .collect();
+    let h = crate::harness::history(&db.pool).await;
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].status, "partial_success", "{}", report.render());
+    assert_eq!(
+        h[0].counts(EntityKind::Loan),
+        (
+            loans.len() as i32,
+            (loans.len() - failed.len()) as i32,
+            failed.len() as i32
+        )
+    );
+    assert_eq!(
+        stub.received().ids(EntityKind::Loan),
+        loans.difference(&failed).copied().collect()
+    );
+    let rows: Vec<(String, String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT entity_id, error_code, error_message, error_details \
+         FROM etl_folder_etlsyncerror ORDER BY entity_id::int8",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let ids: BTreeSet<i64> = rows.iter().map(|r| r.0.parse().unwrap()).collect();
+    assert_eq!(ids, failed);
+    for (id, code, message, details) in &rows {
+        if id.parse::<i64>().unwrap() == refused {
+            assert_eq!(code, "RECORD_REFUSED");
+            assert_eq!(message, &format!("\u{FFFD}record {id} is refused\u{FFFD}"));
+            assert_eq!(details["http_status"], 422);
+        } else {
+            assert_eq!(code, "VALIDATION_FAILED", "{id}: {message}");
+            assert_eq!(
+                message,
+                &format!("\u{FFFD}record {id} failed validation\u{FFFD}")
+            );
+            assert_eq!(
+                details["api_details"]["\u{FFFD}field\u{FFFD}"], "\u{FFFD}value\u{FFFD}",
+                "{details}"
+            );
+        }
+    }
+    let kept: String =
+        sqlx::query_scalar("SELECT api_response::text FROM etl_folder_etlsynchistory")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(kept.contains('\u{FFFD}'), "{kept}");
+    crate::harness::assert_books_balance(&db.pool).await;
+
+    // Every answer is a body that is not JSON, with a NUL byte in it.
+    stub.set_faults(Faults {
+        garbage_next: 1_000_000,
+        nul_text: true,
+        ..Default::default()
+    });
+    loansync::app::sync_in_process(&db.pool, &settings, &request(EntityKind::Officer))
+        .await
+        .unwrap();
+    let codes: Vec<(String, i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT error_code, count(*), min(error_details::text)::jsonb FROM etl_folder_etlsyncerror \
+         WHERE entity_type = 'officer' GROUP BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(codes.len(), 1, "{codes:?}");
+    let (code, n, details) = &codes[0];
+    assert_eq!(code, "INVALID_RESPONSE");
+    assert_eq!(
+        *n as usize,
+        crate::harness::expected_full(&db.pool).await[&EntityKind::Officer].len()
+    );
+    let excerpt = details["response_excerpt"].as_str().unwrap();
+    assert!(
+        excerpt.contains("\u{FFFD}not json \u{FFFD}\u{FFFD}") && excerpt.contains("ud800"),
+        "{excerpt}"
+    );
+    crate::harness::assert_books_balance(&db.pool).await;
 }
 
 #[tokio::test]
