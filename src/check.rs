@@ -1,6 +1,6 @@
 //! `loansync check`: can this installation work? The settings, PostgreSQL and the grants
-//! of `deploy/sql/grants.sql`, the embedded migrations, invalid indexes, the broker's
-//! queues and the analytics API's key, each ok / failed / skipped with a line a person
+//! of `deploy/sql/grants.sql`, the embedded migrations, invalid indexes, how the sync
+//! window's end is capped, the broker's queues and the analytics API's key, each ok / failed / skipped with a line a person
 //! can act on. And `loansync probe`: one GET, for healthchecks in an image without curl.
 //!
 //! Every check has a deadline, so a dependency that hangs fails its check instead of
@@ -19,6 +19,7 @@ pub enum CheckName {
     Database,
     Migrations,
     Indexes,
+    Window,
     Broker,
     Api,
 }
@@ -95,13 +96,22 @@ impl Report {
     }
 }
 
-const ALL: [(&str, Option<CheckName>); 6] = [
+const ALL: [(&str, Option<CheckName>); 7] = [
     ("config", None),
     ("database", Some(CheckName::Database)),
     ("migrations", Some(CheckName::Migrations)),
     ("indexes", Some(CheckName::Indexes)),
+    ("window", Some(CheckName::Window)),
     ("broker", Some(CheckName::Broker)),
     ("api", Some(CheckName::Api)),
+];
+
+/// The checks that need PostgreSQL, in order.
+const DB_CHECKS: [(&str, CheckName); 4] = [
+    ("database", CheckName::Database),
+    ("migrations", CheckName::Migrations),
+    ("indexes", CheckName::Indexes),
+    ("window", CheckName::Window),
 ];
 
 /// The report when the settings did not load: `config` failed, every other skipped.
@@ -126,13 +136,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
     )];
     let by_flag = || "skipped (--skip)".to_string();
 
-    let needs_db = [
-        CheckName::Database,
-        CheckName::Migrations,
-        CheckName::Indexes,
-    ]
-    .iter()
-    .any(|c| !skipped(*c));
+    let needs_db = DB_CHECKS.iter().any(|(_, c)| !skipped(*c));
     let pool = if needs_db {
         Some(connect(settings, timeout).await)
     } else {
@@ -141,11 +145,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
     let db_at = settings.database_url_redacted();
     match &pool {
         Some(Ok(pool)) => {
-            for (name, check) in [
-                ("database", CheckName::Database),
-                ("migrations", CheckName::Migrations),
-                ("indexes", CheckName::Indexes),
-            ] {
+            for (name, check) in DB_CHECKS {
                 if skipped(check) {
                     out.push(CheckResult::new(name, Outcome::Skipped, by_flag()));
                     continue;
@@ -153,6 +153,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
                 let ran = match check {
                     CheckName::Database => bounded(timeout, database(pool, &db_at)).await,
                     CheckName::Migrations => bounded(timeout, migrations(pool)).await,
+                    CheckName::Window => bounded(timeout, window(pool)).await,
                     _ => bounded(timeout, indexes(pool)).await,
                 };
                 out.push(match ran {
@@ -166,11 +167,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
                 Some(Err(e)) => e.clone(),
                 _ => String::new(),
             };
-            for (name, check) in [
-                ("database", CheckName::Database),
-                ("migrations", CheckName::Migrations),
-                ("indexes", CheckName::Indexes),
-            ] {
+            for (name, check) in DB_CHECKS {
                 out.push(if skipped(check) {
                     CheckResult::new(name, Outcome::Skipped, by_flag())
                 } else if check == CheckName::Database || skipped(CheckName::Database) {
@@ -527,6 +524,18 @@ async fn indexes(pool: &sqlx::PgPool) -> Result<String, String> {
     ))
 }
 
+/// How the sync window's end is capped for this role (SPEC.md section 2): at each open
+/// transaction's start, or, when the role cannot read other roles' `xact_start`, at
+/// their first write. Ok either way; the second with a warning naming the grant that
+/// closes the case it leaves open.
+async fn window(pool: &sqlx::PgPool) -> Result<String, String> {
+    use crate::ledger::clock::{WindowCap, window_cap};
+    match window_cap(pool).await.map_err(|e| e.to_string())? {
+        cap @ WindowCap::TransactionStart => Ok(cap.to_string()),
+        cap @ WindowCap::FirstWrite { .. } => Ok(format!("warning: {cap}")),
+    }
+}
+
 /// Connects and declares the topology exactly as a planner does.
 async fn broker(settings: &Settings) -> Result<String, String> {
     let broker = crate::app::connect_broker_with(
@@ -705,11 +714,11 @@ mod tests {
         assert_eq!(r.0[0].name, "config");
         assert_eq!(r.0[0].result, Outcome::Failed);
         assert!(r.0[0].detail.starts_with("ETL_BATCH_SIZE_LOANS: "));
-        assert_eq!(r.0.len(), 6);
+        assert_eq!(r.0.len(), 7);
         assert!(r.0[1..].iter().all(|c| c.result == Outcome::Skipped));
         let json: serde_json::Value = serde_json::from_str(&r.render_json()).unwrap();
         assert_eq!(json[0]["result"], "failed");
-        assert_eq!(json[5]["name"], "api");
+        assert_eq!(json[6]["name"], "api");
         assert!(r.render_table().starts_with("check"));
     }
 }

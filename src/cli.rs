@@ -179,13 +179,14 @@ pub enum Command {
     /// e.g. `loansync completions bash > /etc/bash_completion.d/loansync`.
     Completions { shell: clap_complete::Shell },
     /// Check that this installation can work: the settings, PostgreSQL and the grants of
-    /// deploy/sql/grants.sql, the migrations, invalid indexes, the broker's queues, the
-    /// analytics API's key. Exit 0 when nothing failed, 1 otherwise.
+    /// deploy/sql/grants.sql, the migrations, invalid indexes, how the sync window's end
+    /// is capped, the broker's queues, the analytics API's key. Exit 0 when nothing failed, 1 otherwise.
     Check {
         /// Print a JSON array of `{name, result, detail}` instead of a table.
         #[arg(long)]
         json: bool,
-        /// Skip these checks (comma-separated): database, migrations, indexes, broker, api.
+        /// Skip these checks (comma-separated): database, migrations, indexes, window, broker,
+        /// api.
         #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
         skip: Vec<crate::check::CheckName>,
         /// Longest wait of each check (e.g. 5s, 30s); a dependency that does not answer

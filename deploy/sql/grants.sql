@@ -7,9 +7,23 @@
 --   psql "$OWNER_DATABASE_URL" -v ON_ERROR_STOP=1 -f deploy/sql/grants.sql
 --
 -- then set DATABASE_URL of the planner and workers to this role. The role name is
--- `loansync`; change it below if yours differs. Nothing more is needed: no superuser,
--- no pg_read_all_stats (the window cap reads only what every role may read: other
--- sessions' backend_xid, see SPEC.md section 2 and migrations/20261127000001).
+-- `loansync`; change it below if yours differs. No superuser is needed.
+--
+-- The sync window's end (SPEC.md section 2, README "Window") is capped at the start of
+-- every open transaction whose pg_stat_activity.xact_start the role can read. With the
+-- grants below alone it reads only its own sessions'; other roles' transactions are
+-- then capped at their first write (through backend_xid, which every role reads, and
+-- loansync's xid clock), and one case stays open: a row stamped with a time taken
+-- before its transaction's first write (now() in a transaction that read first) and
+-- committed after a sync was planned can be missed. `loansync check` (`window`) and the
+-- planner's start-up log say so. To close it, also run, as a superuser or another role
+-- that may grant it (the tables' owner usually may not, so it is not among the GRANTs
+-- below):
+--
+--   GRANT pg_read_all_stats TO loansync;
+--
+-- It lets the role read every session's statistics, other sessions' query text included
+-- (loansync reads only xact_start, state and backend_type of pg_stat_activity).
 -- CREATE ROLE loansync LOGIN PASSWORD '…';   -- or however your roles are managed
 
 GRANT USAGE ON SCHEMA public TO loansync;

@@ -3,8 +3,9 @@
 
 use super::{connect_broker_with, on_shutdown_signal, worker_context};
 use crate::config::Settings;
+use crate::ledger::clock::WindowCap;
 use crate::queue::amqp::{self, BrokerHealth};
-use crate::{db, http, planner, worker};
+use crate::{db, http, ledger, planner, worker};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +54,7 @@ pub async fn run_planner_with(
     health: BrokerHealth,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    log_window_cap(&pool).await;
     amqp::with_reconnect(
         "planner",
         &consuming,
@@ -70,6 +72,24 @@ pub async fn run_planner_with(
         },
     )
     .await
+}
+
+/// Says once, at the planner's start, how the sync window's end is capped for its role
+/// (SPEC.md section 2): a warning, with the grant, when open transactions of other roles
+/// cap it at their first write rather than their start.
+async fn log_window_cap(pool: &sqlx::PgPool) {
+    match ledger::clock::window_cap(pool).await {
+        Ok(cap @ WindowCap::TransactionStart) => {
+            tracing::info!(window_cap = "transaction_start", "{cap}")
+        }
+        Ok(cap @ WindowCap::FirstWrite { .. }) => {
+            tracing::warn!(window_cap = "first_write", "{cap}")
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not tell how the sync window's end is capped (see `loansync check`)"
+        ),
+    }
 }
 
 /// The worker: consumes chunk jobs until `shutdown`, reconnecting.

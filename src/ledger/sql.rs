@@ -7,6 +7,7 @@ pub(crate) const RETRY_ERRORS: &str = include_str!("sql/retry_errors.sql");
 pub(crate) const RESOLVE_ERRORS: &str = include_str!("sql/resolve_errors.sql");
 pub(crate) const UPSERT_WATERMARK: &str = include_str!("sql/upsert_watermark.sql");
 pub(crate) const WINDOW_HI: &str = include_str!("sql/window_hi.sql");
+pub(crate) const WINDOW_CAP: &str = include_str!("sql/window_cap.sql");
 pub(crate) const SAMPLE_XID_CLOCK: &str = include_str!("sql/sample_xid_clock.sql");
 pub(crate) const LAST_SYNC_PER_TYPE: &str = include_str!("sql/last_sync_per_type.sql");
 pub(crate) const LAST_SUCCESS_PER_TYPE: &str = include_str!("sql/last_success_per_type.sql");

@@ -71,6 +71,7 @@ async fn check(
             "database",
             "migrations",
             "indexes",
+            "window",
             "broker",
             "api"
         ]
@@ -120,7 +121,7 @@ async fn every_check_passes_on_a_working_installation() {
     assert!(text.starts_with("check"), "{text}");
     assert_eq!(
         text.lines().filter(|l| l.contains(" ok ")).count(),
-        6,
+        7,
         "{text}"
     );
 }
@@ -234,6 +235,71 @@ impl Drop for Role {
             }
         });
     }
+}
+
+/// SPEC.md section 2: without `pg_read_all_stats` the window is capped at a transaction's
+/// first write, and `check` says so (ok, with a warning naming the grant and the case it
+/// leaves open); with it, at the transaction's start.
+#[tokio::test]
+async fn the_window_check_says_how_the_window_is_capped_and_names_the_grant() {
+    use loansync::ledger::clock::{WindowCap, window_cap};
+    let role = Role::new();
+    let db = TestApp::migrated().await;
+    role.create(&db, &[]).await;
+    let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
+    let skip = ["--skip", "api,broker"];
+    let url = role.url(&db);
+    let env = [("DATABASE_URL", Some(url.as_str()))];
+    let pool = loansync::db::connect_url(&url, 2).await.unwrap();
+
+    let grant = format!("GRANT pg_read_all_stats TO {};", role.0);
+    assert_eq!(
+        window_cap(&pool).await.unwrap(),
+        WindowCap::FirstWrite {
+            grant: grant.clone()
+        }
+    );
+    let out = check(&db, &settings, "http://127.0.0.1:9", &skip, &env).await;
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    assert_eq!(out.result("window"), "ok", "{}", out.stdout);
+    let detail = out.detail("window");
+    assert!(detail.starts_with("warning: "), "{detail}");
+    assert!(
+        detail.contains("first write, not transaction start"),
+        "{detail}"
+    );
+    assert!(detail.contains(&grant), "{detail}");
+    assert!(
+        detail.contains("a time taken before its transaction's first write"),
+        "{detail}"
+    );
+
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "GRANT pg_read_all_stats TO {}",
+        role.0
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        window_cap(&pool).await.unwrap(),
+        WindowCap::TransactionStart
+    );
+    let out = check(&db, &settings, "http://127.0.0.1:9", &skip, &env).await;
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+    assert_eq!(out.result("window"), "ok", "{}", out.stdout);
+    let detail = out.detail("window");
+    assert!(
+        detail.starts_with("capped at transaction start"),
+        "{detail}"
+    );
+    assert!(!detail.contains("GRANT"), "{detail}");
+    // A superuser (the test database's own role) reads every xact_start.
+    assert_eq!(
+        window_cap(&db.pool).await.unwrap(),
+        WindowCap::TransactionStart
+    );
+    pool.close().await;
 }
 
 #[tokio::test]
@@ -464,7 +530,7 @@ async fn a_bad_setting_fails_config_and_skips_the_rest() {
         .skip(1)
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows.len(), 6, "{text}");
+    assert_eq!(rows.len(), 7, "{text}");
     assert_eq!(
         &rows[0][..3],
         ["config", "failed", "ETL_WORKER_CONCURRENCY:"]

@@ -183,6 +183,111 @@ async fn a_row_committed_late_is_caught_when_loansync_runs_as_a_least_privilege_
     django.close().await;
 }
 
+/// SPEC.md section 2 with `pg_read_all_stats`: a Django transaction that reads first,
+/// stays open longer than the overlap without writing (no transaction id yet: the xid
+/// clock cannot see it), and only after a sync was planned saves a loan stamped with its
+/// `now()` (its start). The window ends at or before that start, so the next sync
+/// sends the loan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_reads_first_and_writes_its_start_later_is_caught_with_pg_read_all_stats()
+ {
+    let roles = Roles::new();
+    let db = seeded_db(small()).await;
+    roles.create(&db).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "GRANT pg_read_all_stats TO {}",
+        roles.app
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let stub = stub(Faults::default()).await;
+    let settings = settings_for(&db, &stub.url(), &[("ETL_INCREMENTAL_OVERLAP_SECS", "1")]);
+    let app = loansync::db::connect_url(&Roles::url(&db, &roles.app), 6)
+        .await
+        .unwrap();
+    let django = loansync::db::connect_url(&Roles::url(&db, &roles.django), 2)
+        .await
+        .unwrap();
+    let first = loansync::app::sync_in_process(&app, &settings, &loans_only(SyncType::Full))
+        .await
+        .unwrap();
+    assert_eq!(first.exit_code(), 0, "{}", first.render());
+
+    // Django's transaction reads, and has written nothing yet.
+    let mut writer = django.begin().await.unwrap();
+    let (loan, started): (i32, DateTime<Utc>) =
+        sqlx::query_as("SELECT min(id), now() FROM loans_ajoloan WHERE is_disbursed")
+            .fetch_one(&mut *writer)
+            .await
+            .unwrap();
+    let without_xid: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE usename = $1 AND state = 'idle in transaction' AND backend_xid IS NULL",
+    )
+    .bind(&roles.django)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(without_xid, 1, "the reader has a transaction id already");
+    wait_for(
+        "the reader's transaction to be older than the overlap",
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar::<_, bool>("SELECT now() > $1 + interval '2 seconds'")
+                .bind(started)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+        },
+    )
+    .await;
+
+    let second =
+        loansync::app::sync_in_process(&app, &settings, &loans_only(SyncType::Incremental))
+            .await
+            .unwrap();
+    assert_eq!(second.exit_code(), 0, "{}", second.render());
+    let hi: DateTime<Utc> = sqlx::query_scalar(
+        "SELECT sync_end_date FROM etl_folder_etlsynchistory WHERE sync_id = $1",
+    )
+    .bind(second.sync_id.as_deref().unwrap())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+
+    // Only now does it write: the loan carries the transaction's start.
+    let stamped: DateTime<Utc> = sqlx::query_scalar(
+        "UPDATE loans_ajoloan SET date_modified = now() WHERE id = $1 RETURNING date_modified",
+    )
+    .bind(loan)
+    .fetch_one(&mut *writer)
+    .await
+    .unwrap();
+    assert_eq!(stamped, started);
+    let before = stub.received();
+    writer.commit().await.unwrap();
+
+    let third = loansync::app::sync_in_process(&app, &settings, &loans_only(SyncType::Incremental))
+        .await
+        .unwrap();
+    assert_eq!(third.exit_code(), 0, "{}", third.render());
+    assert!(
+        stub.received()
+            .ids_sent_since(&before, EntityKind::Loan)
+            .contains(&i64::from(loan)),
+        "the row stamped before its transaction's first write was lost (window end {hi}, \
+         transaction start {started})"
+    );
+    assert!(
+        hi <= started,
+        "window end {hi} not capped at the open transaction's start {started}"
+    );
+    assert_books_balance(&db.pool).await;
+    app.close().await;
+    django.close().await;
+}
+
 /// A session that holds `loansync_sync_entity` exclusively: a planner that claimed its
 /// sync stops there, inside the plan, holding the planning lock.
 async fn hold_plans(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {

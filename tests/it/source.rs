@@ -1143,6 +1143,127 @@ async fn a_row_committed_late_by_an_open_transaction_arrives_in_the_next_sync() 
     );
 }
 
+/// The newest sample of the xid clock, taken now, and the 32-bit id of a transaction
+/// that wrote after it and committed.
+async fn sample_then_write(pool: &sqlx::PgPool) -> (DateTime<Utc>, i64) {
+    loansync::ledger::clock::sample_now(pool).await.unwrap();
+    let sampled: DateTime<Utc> =
+        sqlx::query_scalar("SELECT at FROM loansync_xid_clock ORDER BY xid DESC LIMIT 1")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint % 4294967296")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    (sampled, xid)
+}
+
+/// SPEC.md section 2: a prepared transaction (`PREPARE TRANSACTION`) is no session, yet it
+/// may commit at any time: it caps the window, at its first write (the xid clock: its
+/// start is recorded nowhere, and `prepared` is later than its writes).
+///
+/// The test server runs with `max_prepared_transactions = 0` (no PREPARE possible, and
+/// its configuration is not the tests' to change), so the planner's connection is shown
+/// a `pg_prepared_xacts` of the test's own: a view of the same columns in `public`, put
+/// first on that connection's search_path. Where the server allows PREPARE, a real
+/// prepared transaction is tested as well.
+#[tokio::test]
+async fn a_prepared_transaction_caps_the_window_at_its_first_write() {
+    use loansync::ledger::clock::window_hi;
+    use sqlx::Connection;
+    let db = TestApp::migrated().await;
+    let mut planner = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let (sampled, xid) = sample_then_write(&db.pool).await;
+    let hi = window_hi(&mut planner).await.unwrap().unwrap();
+    assert!(hi > sampled, "nothing is open: the window ends now");
+
+    let prepared = |xid: i64, database: &str| {
+        sqlx::AssertSqlSafe(format!(
+            "CREATE OR REPLACE VIEW public.pg_prepared_xacts AS \
+             SELECT '{xid}'::xid AS transaction, 'ls_test'::text AS gid, now() AS prepared, \
+                    current_user::name AS owner, {database}::name AS database"
+        ))
+    };
+    sqlx::query(prepared(xid, "current_database()"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("SET search_path = public, pg_catalog")
+        .execute(&mut planner)
+        .await
+        .unwrap();
+    assert_eq!(
+        window_hi(&mut planner).await.unwrap().unwrap(),
+        sampled,
+        "the window ends at the newest sample before the prepared transaction's id"
+    );
+
+    // One prepared in another database does not count.
+    sqlx::query(prepared(xid, "'elsewhere'"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(window_hi(&mut planner).await.unwrap().unwrap() > sampled);
+
+    // One older than the clock's first sample cannot be bounded: nothing is planned, and
+    // the error says where to look.
+    let first: i64 = sqlx::query_scalar(
+        "SELECT xid32::text::bigint FROM loansync_xid_clock ORDER BY xid LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(prepared(first - 1, "current_database()"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let unbounded = window_hi(&mut planner).await.unwrap().unwrap_err();
+    assert!(
+        unbounded.to_string().contains("pg_prepared_xacts"),
+        "{unbounded}"
+    );
+    sqlx::query("DROP VIEW public.pg_prepared_xacts")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    planner.close().await.unwrap();
+
+    let max: String = sqlx::query_scalar("SHOW max_prepared_transactions")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    if max == "0" {
+        eprintln!("max_prepared_transactions = 0: no real PREPARE TRANSACTION tested");
+        return;
+    }
+    let (sampled, _) = sample_then_write(&db.pool).await;
+    let gid = format!("ls_{}", uuid::Uuid::new_v4().simple());
+    let mut preparer = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; SELECT pg_current_xact_id(); PREPARE TRANSACTION '{gid}'"
+    )))
+    .execute(&mut preparer)
+    .await
+    .unwrap();
+    preparer.close().await.unwrap();
+    let mut planner = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let hi = window_hi(&mut planner).await.unwrap();
+    // Ended before asserting: a prepared transaction outlives its session, and would keep
+    // the test's database from being dropped.
+    sqlx::query(sqlx::AssertSqlSafe(format!("ROLLBACK PREPARED '{gid}'")))
+        .execute(&mut planner)
+        .await
+        .unwrap();
+    assert_eq!(
+        hi,
+        Ok(sampled),
+        "a real prepared transaction caps the window"
+    );
+}
+
 /// An HTTP server on a loopback port in front of the stub API: forwards every request
 /// as it came and keeps each JSON body the stub accepted (`2xx`), so a test can read the
 /// records that were actually sent.
