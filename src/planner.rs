@@ -111,7 +111,8 @@ pub async fn plan_pending(
     if !ledger::pending_ready(pool).await? {
         return Ok(None);
     }
-    let lock = ledger::PlanningLock::acquire(pool).await?;
+    let mut lock = ledger::PlanningLock::acquire(pool).await?;
+    lock.verify(pool).await?;
     let outcome = async {
         let Some((spec, served, begin)) = ledger::begin_pending(pool, &lock).await? else {
             return Ok(None);
@@ -165,7 +166,9 @@ async fn plan(
     }
     // Held until the plan is committed and published: a planner that dies meanwhile
     // releases it with its session, and the next one takes its claim over.
-    let lock = ledger::PlanningLock::acquire(pool).await?;
+    let mut lock = ledger::PlanningLock::acquire(pool).await?;
+    // Never behind a transaction pooler: the lock would not be this session's.
+    lock.verify(pool).await?;
     // A running sync whose last settler died before finalizing it would hold the slot
     // for nothing: finalized first.
     finalize_settled(pool, &settings.telemetry).await;

@@ -45,6 +45,8 @@ pub const PLANNING_LOCK_KEY: i64 = 0x4C53_504C;
 #[derive(Debug)]
 pub struct PlanningLock {
     conn: Option<sqlx::PgConnection>,
+    /// The backend (`pg_backend_pid()`) the lock was granted to.
+    backend_pid: i32,
 }
 
 impl PlanningLock {
@@ -52,11 +54,23 @@ impl PlanningLock {
     /// the connection's `lock_timeout` is an error, and the request is tried again).
     pub async fn acquire(pool: &PgPool) -> sqlx::Result<PlanningLock> {
         let mut conn = pool.acquire().await?.detach();
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(PLANNING_LOCK_KEY)
-            .execute(&mut conn)
-            .await?;
-        Ok(PlanningLock { conn: Some(conn) })
+        let backend_pid = crate::db::pooling::advisory_lock(&mut conn, PLANNING_LOCK_KEY).await?;
+        Ok(PlanningLock {
+            conn: Some(conn),
+            backend_pid,
+        })
+    }
+
+    /// Whether the lock is still this session's: fails, fatally, behind a transaction
+    /// pooler ([`crate::db::pooling::verify_session_lock`]). The planner calls it before
+    /// it claims anything.
+    pub async fn verify(&mut self, pool: &PgPool) -> anyhow::Result<()> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("the planning lock was released"))?;
+        crate::db::pooling::verify_session_lock(conn, self.backend_pid, PLANNING_LOCK_KEY, pool)
+            .await
     }
 
     /// Releases the lock and closes its connection.
