@@ -1,6 +1,6 @@
 //! `loansync check`: can this installation work? The settings, PostgreSQL and the grants
-//! of `deploy/sql/grants.sql`, the embedded migrations, invalid indexes, the broker's
-//! queues and the analytics API's key, each ok / failed / skipped with a line a person
+//! of `deploy/sql/grants.sql`, no transaction pooler in the way, the embedded migrations,
+//! invalid indexes, the broker's queues and the analytics API's key, each ok / failed / skipped with a line a person
 //! can act on. And `loansync probe`: one GET, for healthchecks in an image without curl.
 //!
 //! Every check has a deadline, so a dependency that hangs fails its check instead of
@@ -17,6 +17,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CheckName {
     Database,
+    Pooling,
     Migrations,
     Indexes,
     Broker,
@@ -95,9 +96,10 @@ impl Report {
     }
 }
 
-const ALL: [(&str, Option<CheckName>); 6] = [
+const ALL: [(&str, Option<CheckName>); 7] = [
     ("config", None),
     ("database", Some(CheckName::Database)),
+    ("pooling", Some(CheckName::Pooling)),
     ("migrations", Some(CheckName::Migrations)),
     ("indexes", Some(CheckName::Indexes)),
     ("broker", Some(CheckName::Broker)),
@@ -128,6 +130,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
 
     let needs_db = [
         CheckName::Database,
+        CheckName::Pooling,
         CheckName::Migrations,
         CheckName::Indexes,
     ]
@@ -143,6 +146,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
         Some(Ok(pool)) => {
             for (name, check) in [
                 ("database", CheckName::Database),
+                ("pooling", CheckName::Pooling),
                 ("migrations", CheckName::Migrations),
                 ("indexes", CheckName::Indexes),
             ] {
@@ -152,6 +156,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
                 }
                 let ran = match check {
                     CheckName::Database => bounded(timeout, database(pool, &db_at)).await,
+                    CheckName::Pooling => bounded(timeout, pooling(pool)).await,
                     CheckName::Migrations => bounded(timeout, migrations(pool)).await,
                     _ => bounded(timeout, indexes(pool)).await,
                 };
@@ -168,6 +173,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
             };
             for (name, check) in [
                 ("database", CheckName::Database),
+                ("pooling", CheckName::Pooling),
                 ("migrations", CheckName::Migrations),
                 ("indexes", CheckName::Indexes),
             ] {
@@ -417,6 +423,21 @@ async fn database(pool: &sqlx::PgPool, at: &str) -> Result<String, String> {
     Ok(format!(
         "{at} as {role}{}: {checked} privileges of deploy/sql/grants.sql held",
         if superuser { " (superuser)" } else { "" }
+    ))
+}
+
+/// Each connection keeps a server session of its own: no transaction pooler between
+/// loansync and PostgreSQL ([`crate::db::pooling::detect`]), which the planning lock
+/// cannot work through.
+async fn pooling(pool: &sqlx::PgPool) -> Result<String, String> {
+    let seen = crate::db::pooling::detect(pool)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let [a, b] = seen.backends;
+    Ok(format!(
+        "two connections kept their own server sessions (backends {a} and {b}) over {} \
+         transactions: no transaction pooler",
+        seen.transactions
     ))
 }
 
@@ -705,11 +726,11 @@ mod tests {
         assert_eq!(r.0[0].name, "config");
         assert_eq!(r.0[0].result, Outcome::Failed);
         assert!(r.0[0].detail.starts_with("ETL_BATCH_SIZE_LOANS: "));
-        assert_eq!(r.0.len(), 6);
+        assert_eq!(r.0.len(), 7);
         assert!(r.0[1..].iter().all(|c| c.result == Outcome::Skipped));
         let json: serde_json::Value = serde_json::from_str(&r.render_json()).unwrap();
         assert_eq!(json[0]["result"], "failed");
-        assert_eq!(json[5]["name"], "api");
+        assert_eq!(json[6]["name"], "api");
         assert!(r.render_table().starts_with("check"));
     }
 }
