@@ -1,7 +1,7 @@
 //! `loansync check`: can this installation work? The settings, PostgreSQL and the grants
-//! of `deploy/sql/grants.sql`, the embedded migrations, invalid indexes, how the sync
-//! window's end is capped, the broker's queues and the analytics API's key, each ok / failed / skipped with a line a person
-//! can act on. And `loansync probe`: one GET, for healthchecks in an image without curl.
+//! of `deploy/sql/grants.sql`, no transaction pooler in the way, the embedded
+//! migrations, invalid indexes, how the sync window's end is capped, the broker's queues
+//! and the analytics API's key, each ok / failed / skipped with a line a person can act on. And `loansync probe`: one GET, for healthchecks in an image without curl.
 //!
 //! Every check has a deadline, so a dependency that hangs fails its check instead of
 //! hanging the command. Nothing here prints a secret: URLs are redacted, keys never shown.
@@ -17,6 +17,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CheckName {
     Database,
+    Pooling,
     Migrations,
     Indexes,
     Window,
@@ -96,9 +97,10 @@ impl Report {
     }
 }
 
-const ALL: [(&str, Option<CheckName>); 7] = [
+const ALL: [(&str, Option<CheckName>); 8] = [
     ("config", None),
     ("database", Some(CheckName::Database)),
+    ("pooling", Some(CheckName::Pooling)),
     ("migrations", Some(CheckName::Migrations)),
     ("indexes", Some(CheckName::Indexes)),
     ("window", Some(CheckName::Window)),
@@ -107,8 +109,9 @@ const ALL: [(&str, Option<CheckName>); 7] = [
 ];
 
 /// The checks that need PostgreSQL, in order.
-const DB_CHECKS: [(&str, CheckName); 4] = [
+const DB_CHECKS: [(&str, CheckName); 5] = [
     ("database", CheckName::Database),
+    ("pooling", CheckName::Pooling),
     ("migrations", CheckName::Migrations),
     ("indexes", CheckName::Indexes),
     ("window", CheckName::Window),
@@ -152,6 +155,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
                 }
                 let ran = match check {
                     CheckName::Database => bounded(timeout, database(pool, &db_at)).await,
+                    CheckName::Pooling => bounded(timeout, pooling(pool)).await,
                     CheckName::Migrations => bounded(timeout, migrations(pool)).await,
                     CheckName::Window => bounded(timeout, window(pool)).await,
                     _ => bounded(timeout, indexes(pool)).await,
@@ -414,6 +418,21 @@ async fn database(pool: &sqlx::PgPool, at: &str) -> Result<String, String> {
     Ok(format!(
         "{at} as {role}{}: {checked} privileges of deploy/sql/grants.sql held",
         if superuser { " (superuser)" } else { "" }
+    ))
+}
+
+/// Each connection keeps a server session of its own: no transaction pooler between
+/// loansync and PostgreSQL ([`crate::db::pooling::detect`]), which the planning lock
+/// cannot work through.
+async fn pooling(pool: &sqlx::PgPool) -> Result<String, String> {
+    let seen = crate::db::pooling::detect(pool)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let [a, b] = seen.backends;
+    Ok(format!(
+        "two connections kept their own server sessions (backends {a} and {b}) over {} \
+         transactions: no transaction pooler",
+        seen.transactions
     ))
 }
 
@@ -714,11 +733,11 @@ mod tests {
         assert_eq!(r.0[0].name, "config");
         assert_eq!(r.0[0].result, Outcome::Failed);
         assert!(r.0[0].detail.starts_with("ETL_BATCH_SIZE_LOANS: "));
-        assert_eq!(r.0.len(), 7);
+        assert_eq!(r.0.len(), 8);
         assert!(r.0[1..].iter().all(|c| c.result == Outcome::Skipped));
         let json: serde_json::Value = serde_json::from_str(&r.render_json()).unwrap();
         assert_eq!(json[0]["result"], "failed");
-        assert_eq!(json[6]["name"], "api");
+        assert_eq!(json[7]["name"], "api");
         assert!(r.render_table().starts_with("check"));
     }
 }

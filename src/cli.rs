@@ -541,7 +541,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             // A live planner holds the lock while it plans: abandon waits for it, so it
             // never ends a sync that is being planned right now.
             let done = ledger::lifecycle::with_planning_lock(&pool, async |lock| {
-                ledger::abandon_sync(&pool, lock, &sync_id, &reason).await
+                anyhow::Ok(ledger::abandon_sync(&pool, lock, &sync_id, &reason).await?)
             })
             .await;
             match done? {
@@ -827,7 +827,7 @@ async fn watermark(cmd: WatermarkCommand, settings: &Settings) -> anyhow::Result
         }
         WatermarkCommand::Set { entity, to, reason } => {
             let set = ledger::lifecycle::with_planning_lock(&pool, async |lock| {
-                ledger::set_watermark(&pool, lock, entity, to, &reason).await
+                anyhow::Ok(ledger::set_watermark(&pool, lock, entity, to, &reason).await?)
             })
             .await;
             match set? {

@@ -1,4 +1,7 @@
-//! The connection pool and the embedded migrations.
+//! The connection pool and the embedded migrations; [`pooling`]: transaction poolers
+//! told apart from sessions.
+
+pub mod pooling;
 
 use crate::config::{DbTimeouts, Settings};
 use secrecy::ExposeSecret;
@@ -94,14 +97,18 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// True when PostgreSQL answers `SELECT 1` within two seconds.
+/// True when PostgreSQL answers `SELECT 1` within two seconds. A simple query (one
+/// message, no statement prepared), so that it answers through any pooler.
 pub async fn is_reachable(pool: &PgPool) -> bool {
+    use sqlx::Row;
+    let probe = async {
+        sqlx::raw_sql("SELECT 1")
+            .fetch_one(pool)
+            .await?
+            .try_get::<i32, _>(0)
+    };
     matches!(
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool),
-        )
-        .await,
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
         Ok(Ok(1))
     )
 }

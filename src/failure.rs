@@ -63,8 +63,8 @@ impl Failure {
     }
 
     /// Classifies an error of any layer by the first cause it knows in its chain
-    /// (database errors, the ledger's unknown values, an unbounded window); anything
-    /// else is transient, as before.
+    /// (database errors, the ledger's unknown values, a transaction pooler in the
+    /// planning lock's way, an unbounded window); anything else is transient, as before.
     pub fn of(e: &anyhow::Error) -> Failure {
         for cause in e.chain() {
             if let Some(sql) = cause.downcast_ref::<sqlx::Error>() {
@@ -72,6 +72,12 @@ impl Failure {
             }
             if cause.is::<crate::ledger::UnknownValue>() {
                 return Failure::Permanent;
+            }
+            if cause.is::<crate::db::pooling::TransactionPooling>() {
+                return Failure::Fatal;
+            }
+            if let Some(l) = cause.downcast_ref::<crate::db::pooling::SessionLockError>() {
+                return l.failure();
             }
             if let Some(c) = cause.downcast_ref::<Classified>() {
                 return c.failure;
@@ -236,5 +242,10 @@ mod tests {
         let classified =
             anyhow::Error::from(Classified::permanent("never plannable")).context("planning");
         assert_eq!(Failure::of(&classified), Failure::Permanent);
+        let pooled = anyhow::Error::from(crate::db::pooling::TransactionPooling {
+            evidence: "two client connections ran on the same backend 7".into(),
+        })
+        .context("planning");
+        assert_eq!(Failure::of(&pooled), Failure::Fatal);
     }
 }

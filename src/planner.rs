@@ -218,6 +218,9 @@ async fn plan_now(
     if spec.entities.is_empty() {
         return Err(Classified::permanent("the planning request names no entity").into());
     }
+    // Held from the claim to the last confirm: a planner that dies meanwhile releases it
+    // with its session, and the next one takes its claim over. Never behind a
+    // transaction pooler: taking it verifies it is this session's.
     lifecycle::with_planning_lock(pool, async |lock| {
         lifecycle::take_over_orphans(pool, lock).await?;
         // A running sync whose last settler died before finalizing it would hold the

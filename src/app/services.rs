@@ -54,6 +54,17 @@ pub async fn run_planner_with(
     health: BrokerHealth,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Behind a transaction pooler the planning lock would not be this session's: refuse
+    // before taking any message (taking the lock verifies it again, every time).
+    match crate::db::pooling::detect(&pool).await {
+        Err(e) if crate::failure::Failure::of(&e) == crate::failure::Failure::Fatal => {
+            return Err(e.context("the planner refuses to start"));
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "could not tell whether a transaction pooler is in the way; the planning lock checks each time it is taken")
+        }
+        Ok(_) => {}
+    }
     log_window_cap(&pool).await;
     amqp::with_reconnect(
         "planner",

@@ -69,6 +69,7 @@ async fn check(
         [
             "config",
             "database",
+            "pooling",
             "migrations",
             "indexes",
             "window",
@@ -104,6 +105,11 @@ async fn every_check_passes_on_a_working_installation() {
         out.detail("broker")
             .contains(&format!("{}.chunks", settings.queue_prefix))
     );
+    assert!(
+        out.detail("pooling").contains("no transaction pooler"),
+        "{}",
+        out.stdout
+    );
     // The API saw one request, its contract's own empty batch, and answered 200.
     assert_eq!(api.received().requests(), 1);
     assert_eq!(api.received().status_count(200), 1);
@@ -121,7 +127,7 @@ async fn every_check_passes_on_a_working_installation() {
     assert!(text.starts_with("check"), "{text}");
     assert_eq!(
         text.lines().filter(|l| l.contains(" ok ")).count(),
-        7,
+        8,
         "{text}"
     );
 }
@@ -530,7 +536,7 @@ async fn a_bad_setting_fails_config_and_skips_the_rest() {
         .skip(1)
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows.len(), 7, "{text}");
+    assert_eq!(rows.len(), 8, "{text}");
     assert_eq!(
         &rows[0][..3],
         ["config", "failed", "ETL_WORKER_CONCURRENCY:"]

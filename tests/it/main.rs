@@ -14,6 +14,7 @@ mod metrics;
 mod migrations;
 mod pipeline;
 mod poison;
+mod pooler;
 mod proxy;
 mod queues;
 mod reconnect;

@@ -2,6 +2,7 @@
 //! so that at most one process plans at a time, and so that a `planning` sync nobody
 //! holds the lock for is known to have lost its planner.
 
+use crate::db::pooling::{self, SessionLockError};
 use sqlx::PgPool;
 use std::sync::LazyLock;
 
@@ -28,46 +29,71 @@ pub static PLANNER_GONE_SQL: LazyLock<String> = LazyLock::new(|| {
 /// own, taken out of the pool. [`PlanningLock::release`] unlocks it and closes that
 /// connection; the death of the process releases it too, since PostgreSQL ends the
 /// session with its socket.
+///
+/// Taking it verifies that the lock is this session's ([`pooling::verify_session_lock`]):
+/// behind a transaction pooler it would be taken on whatever backend the statement landed
+/// on, and two planners could plan at once. That is refused, fatally, before anything is
+/// claimed.
 #[derive(Debug)]
 pub struct PlanningLock {
     conn: Option<sqlx::PgConnection>,
+    /// The backend (`pg_backend_pid()`) the lock was granted to.
+    backend_pid: i32,
 }
 
 impl PlanningLock {
     /// Waits until no other session plans (planning takes seconds; a wait longer than
     /// the connection's `lock_timeout` is an error, and the caller tries again later).
-    pub async fn acquire(pool: &PgPool) -> sqlx::Result<PlanningLock> {
+    pub async fn acquire(pool: &PgPool) -> Result<PlanningLock, SessionLockError> {
         let mut conn = pool.acquire().await?.detach();
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(PLANNING_LOCK_KEY)
-            .execute(&mut conn)
-            .await?;
-        Ok(PlanningLock { conn: Some(conn) })
+        let backend_pid = pooling::advisory_lock(&mut conn, PLANNING_LOCK_KEY).await?;
+        Self::verified(conn, backend_pid, pool).await
     }
 
     /// Takes the lock if no other session holds it; `None` when one does (it is
     /// planning, and sees what this caller would have seen).
-    pub async fn try_acquire(pool: &PgPool) -> sqlx::Result<Option<PlanningLock>> {
+    pub async fn try_acquire(pool: &PgPool) -> Result<Option<PlanningLock>, SessionLockError> {
         let mut conn = pool.acquire().await?.detach();
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(PLANNING_LOCK_KEY)
-            .fetch_one(&mut conn)
-            .await?;
-        if got {
-            Ok(Some(PlanningLock { conn: Some(conn) }))
-        } else {
-            let _ = sqlx::Connection::close(conn).await;
-            Ok(None)
+        match pooling::try_advisory_lock(&mut conn, PLANNING_LOCK_KEY).await? {
+            Some(backend_pid) => Self::verified(conn, backend_pid, pool).await.map(Some),
+            None => {
+                let _ = sqlx::Connection::close(conn).await;
+                Ok(None)
+            }
         }
+    }
+
+    /// The lock just granted on `conn`, once verified to be this session's; dropped (its
+    /// connection closed) when it is not.
+    async fn verified(
+        mut conn: sqlx::PgConnection,
+        backend_pid: i32,
+        pool: &PgPool,
+    ) -> Result<PlanningLock, SessionLockError> {
+        pooling::verify_session_lock(&mut conn, backend_pid, PLANNING_LOCK_KEY, pool).await?;
+        Ok(PlanningLock {
+            conn: Some(conn),
+            backend_pid,
+        })
+    }
+
+    /// Whether the lock is still this session's (see [`PlanningLock::acquire`]).
+    pub async fn verify(&mut self, pool: &PgPool) -> Result<(), SessionLockError> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or(SessionLockError::Db(sqlx::Error::PoolClosed))?;
+        pooling::verify_session_lock(conn, self.backend_pid, PLANNING_LOCK_KEY, pool).await
     }
 
     /// Releases the lock and closes its connection.
     pub async fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
-            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(PLANNING_LOCK_KEY)
-                .execute(&mut conn)
-                .await;
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_advisory_unlock({PLANNING_LOCK_KEY})"
+            )))
+            .execute(&mut conn)
+            .await;
             let _ = sqlx::Connection::close(conn).await;
         }
     }
@@ -80,7 +106,7 @@ pub async fn with_planning_lock<T, E>(
     f: impl AsyncFnOnce(&PlanningLock) -> Result<T, E>,
 ) -> Result<T, E>
 where
-    E: From<sqlx::Error>,
+    E: From<SessionLockError>,
 {
     let lock = PlanningLock::acquire(pool).await?;
     let result = f(&lock).await;
