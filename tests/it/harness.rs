@@ -493,3 +493,41 @@ impl Drop for InProcess {
         self.stop.cancel();
     }
 }
+
+/// A session that holds `loansync_sync_entity` exclusively: a planner that claimed its
+/// sync stops there, inside the plan, holding the planning lock.
+pub async fn hold_plans(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE loansync_sync_entity IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+/// Sessions of this test's database waiting on a lock of `locktype` (`relation`,
+/// `advisory`, `transactionid`, … or `any`).
+pub async fn waiting(pool: &sqlx::PgPool, locktype: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE NOT l.granted AND a.datname = current_database() AND ($1 = 'any' OR l.locktype = $1)",
+    )
+    .bind(locktype)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+pub async fn planning_syncs(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM loansync_sync WHERE state = 'planning'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+pub async fn wait_planner_held(db: &TestDb) {
+    wait_for("a planner held inside its plan", DEADLINE, || async {
+        planning_syncs(&db.pool).await == 1 && waiting(&db.pool, "relation").await >= 1
+    })
+    .await;
+}

@@ -10,6 +10,7 @@ mod faults;
 mod fixtures;
 mod harness;
 mod ledger;
+mod lifecycle;
 mod metrics;
 mod migrations;
 mod pipeline;

@@ -3,8 +3,9 @@
 //! does not grow forever. Races are forced with held locks, never with timing.
 
 use crate::harness::{
-    InProcess, assert_books_balance, assert_delivered_all, expected_full, history,
-    loansync_process, seeded_db, settings_for, small, stub, wait_syncs_finished,
+    InProcess, assert_books_balance, assert_delivered_all, expected_full, history, hold_plans,
+    loansync_process, planning_syncs, seeded_db, settings_for, small, stub, wait_planner_held,
+    wait_syncs_finished, waiting,
 };
 use crate::support::{TestDb, admin_url, amqp_url, run_detached, wait_for};
 use chrono::{DateTime, Utc};
@@ -286,44 +287,6 @@ async fn a_transaction_that_reads_first_and_writes_its_start_later_is_caught_wit
     assert_books_balance(&db.pool).await;
     app.close().await;
     django.close().await;
-}
-
-/// A session that holds `loansync_sync_entity` exclusively: a planner that claimed its
-/// sync stops there, inside the plan, holding the planning lock.
-async fn hold_plans(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE loansync_sync_entity IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx
-}
-
-/// Sessions of this test's database waiting on a lock of `locktype` (`relation`,
-/// `advisory`, `transactionid`, … or `any`).
-async fn waiting(pool: &PgPool, locktype: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE NOT l.granted AND a.datname = current_database() AND ($1 = 'any' OR l.locktype = $1)",
-    )
-    .bind(locktype)
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
-async fn planning_syncs(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM loansync_sync WHERE state = 'planning'")
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-async fn wait_planner_held(db: &TestDb) {
-    wait_for("a planner held inside its plan", DEADLINE, || async {
-        planning_syncs(&db.pool).await == 1 && waiting(&db.pool, "relation").await >= 1
-    })
-    .await;
 }
 
 async fn status_json(db: &TestDb, settings: &loansync::config::Settings) -> serde_json::Value {
