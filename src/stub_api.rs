@@ -93,6 +93,10 @@ pub struct Received {
     /// holds. Kept only after [`StubHandle::keep_records`] (it costs memory and CPU).
     #[serde(skip)]
     pub records: BTreeMap<EntityKind, BTreeMap<i64, String>>,
+    /// Every (sync id, entity, id) accepted, kept with [`Received::records`]: what the
+    /// platform took in each sync, to check that loansync counts none of it as failed.
+    #[serde(skip)]
+    pub accepted_in: BTreeSet<(String, EntityKind, i64)>,
 }
 
 impl Received {
@@ -567,20 +571,13 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
             "the body is not JSON",
         );
     };
-    let (
-        Some(_sync_id),
-        Some(sync_type),
-        Some(entity),
-        Some(_chunk),
-        scan::Records::Array(records),
-    ) = (
+    let (Some(sync_id), Some(sync_type), Some(entity), Some(_chunk), scan::Records::Array(records)) = (
         v.sync_id.as_str(),
         v.sync_type.as_str(),
         v.entity_type.as_str(),
         v.chunk.as_i64(),
         &v.records,
-    )
-    else {
+    ) else {
         return error(
             StatusCode::BAD_REQUEST,
             "INVALID_BODY",
@@ -648,7 +645,10 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
     let huge = s.faults.huge_text_bytes;
     let nul_text = s.faults.nul_text;
     let mut rejected = Vec::new();
-    let accepted_map = s.received.accepted.entry(entity).or_default();
+    let keep = s.keep_records;
+    let sync_id = sync_id.to_string();
+    let received = &mut s.received;
+    let accepted_map = received.accepted.entry(entity).or_default();
     for id in &ids {
         if nth > 0 && id.rem_euclid(nth as i64) == 0 {
             let mut details = json!({"rule": "reject_every_nth", "n": nth});
@@ -666,6 +666,9 @@ fn answer(state: &AppState, headers: &HeaderMap, body: &[u8], endpoint: Endpoint
             }));
         } else {
             *accepted_map.entry(*id).or_default() += 1;
+            if keep {
+                received.accepted_in.insert((sync_id.clone(), entity, *id));
+            }
         }
     }
     if s.keep_records {

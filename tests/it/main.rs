@@ -32,3 +32,4 @@ mod source;
 mod support;
 mod sweep;
 mod tls;
+mod torture;
