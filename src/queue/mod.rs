@@ -1,5 +1,6 @@
-//! Queues: the RabbitMQ topology, confirmed publishing and consuming with ack after
-//! commit ([`amqp`]), and the in-memory queue of single-process mode ([`memory`]).
+//! Queues: RabbitMQ ([`amqp`]: the topology, confirmed publishing, consuming with ack
+//! after commit, reconnecting, the connection's health, a file each), and the in-memory
+//! queue of single-process mode ([`memory`]).
 //!
 //! The planner publishes through [`ChunkPublisher`]; the planner's and the workers' loops
 //! take messages from a [`Consumer`] and settle each [`Delivery`] with a [`Disposition`],
