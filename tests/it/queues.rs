@@ -231,7 +231,7 @@ async fn a_queue_made_with_other_arguments_is_used_and_every_difference_reported
     );
 
     broker.publish_bytes(&chunks, b"still works").await.unwrap();
-    let mut consumer = broker.consume(&chunks, 1, "test").await.unwrap();
+    let mut consumer = broker.raw_consumer(&chunks, 1, "test").await.unwrap();
     let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
         .await
         .expect("a delivery")

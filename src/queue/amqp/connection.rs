@@ -40,7 +40,7 @@ impl Default for BrokerOptions {
 pub struct Broker {
     pub(super) conn: Arc<Connection>,
     /// Confirm-mode channel used only for publishing.
-    pub(super) publish: Channel,
+    pub(super) publish_channel: Channel,
     pub topology: Topology,
     pub(super) confirm_timeout: Duration,
     pub(super) health: BrokerHealth,
@@ -120,8 +120,8 @@ impl Broker {
         let topology = Topology::new(prefix);
         let mismatches =
             declare_topology(&conn, &topology, delivery_limit, health.telemetry()).await?;
-        let publish = conn.create_channel().await?;
-        publish
+        let publish_channel = conn.create_channel().await?;
+        publish_channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         health.set_connected(true);
@@ -129,7 +129,7 @@ impl Broker {
         health.set_current(&conn, &topology.dead);
         Ok(Broker {
             conn,
-            publish,
+            publish_channel,
             topology,
             confirm_timeout: opts.confirm_timeout,
             health,

@@ -1,4 +1,10 @@
 //! Consuming with `basic_qos`, and settling each delivery with a [`Disposition`].
+//!
+//! Two layers: a [`RawConsumer`] yields [`RawDelivery`]s, lapin's messages, which the
+//! caller settles naming the broker and the queue they came from (tools and tests that
+//! read a queue, the dead-letter queue say); a [`BrokerConsumer`] is the queue layer's
+//! [`crate::queue::Consumer`] over one, whose deliveries know their connection and queue
+//! and pause before a message goes back, as the planner's and workers' loops need.
 
 use super::connection::Broker;
 use crate::queue::Disposition;
@@ -9,8 +15,14 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use std::time::Duration;
 
 impl Broker {
-    /// Starts consuming `queue` with at most `prefetch` unacknowledged messages.
-    pub async fn consume(&self, queue: &str, prefetch: u16, tag: &str) -> anyhow::Result<Consumer> {
+    /// Starts consuming `queue` with at most `prefetch` unacknowledged messages, on a
+    /// channel of its own.
+    pub async fn raw_consumer(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+    ) -> anyhow::Result<RawConsumer> {
         let channel = self.conn.create_channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -23,7 +35,7 @@ impl Broker {
                 FieldTable::default(),
             )
             .await?;
-        Ok(Consumer {
+        Ok(RawConsumer {
             inner: consumer,
             channel,
         })
@@ -38,9 +50,9 @@ impl Broker {
         prefetch: u16,
         tag: &str,
         requeue_pause: Duration,
-    ) -> anyhow::Result<QueueConsumer> {
-        Ok(QueueConsumer {
-            consumer: self.consume(queue, prefetch, tag).await?,
+    ) -> anyhow::Result<BrokerConsumer> {
+        Ok(BrokerConsumer {
+            raw: self.raw_consumer(queue, prefetch, tag).await?,
             broker: self.clone(),
             queue: queue.to_string(),
             requeue_pause,
@@ -48,14 +60,15 @@ impl Broker {
     }
 }
 
-/// A consumer of one queue; yields [`AmqpDelivery`]s.
-pub struct Consumer {
+/// A lapin consumer of one queue on its channel ([`Broker::raw_consumer`]); yields
+/// [`RawDelivery`]s.
+pub struct RawConsumer {
     inner: lapin::Consumer,
     /// Kept alive for as long as the consumer: closing it would cancel consumption.
     channel: Channel,
 }
 
-impl Consumer {
+impl RawConsumer {
     /// Cancels consumption by closing its channel; unacknowledged messages go back to
     /// the queue.
     pub async fn close(&self) {
@@ -66,20 +79,21 @@ impl Consumer {
     }
 
     /// The next delivery, or `None` when the consumer was cancelled or the connection lost.
-    pub async fn next(&mut self) -> Option<anyhow::Result<AmqpDelivery>> {
+    pub async fn next(&mut self) -> Option<anyhow::Result<RawDelivery>> {
         self.inner.next().await.map(|r| {
-            r.map(|d| AmqpDelivery { inner: d })
+            r.map(|d| RawDelivery { inner: d })
                 .map_err(anyhow::Error::from)
         })
     }
 }
 
-/// One message received from RabbitMQ, settled with [`AmqpDelivery::settle`].
-pub struct AmqpDelivery {
+/// One message received from RabbitMQ, settled with [`RawDelivery::settle`] on the
+/// connection it came from.
+pub struct RawDelivery {
     inner: lapin::message::Delivery,
 }
 
-impl AmqpDelivery {
+impl RawDelivery {
     pub fn body(&self) -> &[u8] {
         &self.inner.data
     }
@@ -158,23 +172,24 @@ impl AmqpDelivery {
     }
 }
 
-/// The queue layer's consumer of one RabbitMQ queue ([`Broker::consumer`]).
-pub struct QueueConsumer {
-    consumer: Consumer,
+/// The queue layer's consumer of one RabbitMQ queue ([`Broker::consumer`]), as
+/// [`crate::queue::memory::MemoryConsumer`] is of the in-memory queue.
+pub struct BrokerConsumer {
+    raw: RawConsumer,
     broker: Broker,
     queue: String,
     requeue_pause: Duration,
 }
 
-impl std::fmt::Debug for QueueConsumer {
+impl std::fmt::Debug for BrokerConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueueConsumer")
+        f.debug_struct("BrokerConsumer")
             .field("queue", &self.queue)
             .finish_non_exhaustive()
     }
 }
 
-impl QueueConsumer {
+impl BrokerConsumer {
     /// The connection this consumer settles on (and publishes on).
     pub fn broker(&self) -> &Broker {
         &self.broker
@@ -182,11 +197,11 @@ impl QueueConsumer {
 }
 
 #[async_trait::async_trait]
-impl crate::queue::Consumer for QueueConsumer {
+impl crate::queue::Consumer for BrokerConsumer {
     async fn next(&mut self) -> Option<anyhow::Result<Box<dyn crate::queue::Delivery>>> {
-        Some(match self.consumer.next().await {
-            Some(Ok(delivery)) => Ok(Box::new(QueueDelivery {
-                delivery,
+        Some(match self.raw.next().await {
+            Some(Ok(raw)) => Ok(Box::new(BrokerDelivery {
+                raw,
                 broker: self.broker.clone(),
                 queue: self.queue.clone(),
                 requeue_pause: self.requeue_pause,
@@ -201,22 +216,22 @@ impl crate::queue::Consumer for QueueConsumer {
     }
 
     async fn close(&mut self) {
-        self.consumer.close().await;
+        self.raw.close().await;
     }
 }
 
-/// A message of a [`QueueConsumer`], settled on its connection.
-struct QueueDelivery {
-    delivery: AmqpDelivery,
+/// A message of a [`BrokerConsumer`], settled on its connection.
+struct BrokerDelivery {
+    raw: RawDelivery,
     broker: Broker,
     queue: String,
     requeue_pause: Duration,
 }
 
 #[async_trait::async_trait]
-impl crate::queue::Delivery for QueueDelivery {
+impl crate::queue::Delivery for BrokerDelivery {
     fn body(&self) -> &[u8] {
-        self.delivery.body()
+        self.raw.body()
     }
 
     async fn settle(self: Box<Self>, disposition: Disposition) -> anyhow::Result<()> {
@@ -226,20 +241,20 @@ impl crate::queue::Delivery for QueueDelivery {
         ) {
             tokio::time::sleep(self.requeue_pause).await;
         }
-        self.delivery
+        self.raw
             .settle(&self.broker, &self.queue, disposition)
             .await
     }
 }
 
-impl std::fmt::Debug for Consumer {
+impl std::fmt::Debug for RawConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Consumer").finish_non_exhaustive()
+        f.debug_struct("RawConsumer").finish_non_exhaustive()
     }
 }
 
-impl std::fmt::Debug for AmqpDelivery {
+impl std::fmt::Debug for RawDelivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpDelivery").finish_non_exhaustive()
+        f.debug_struct("RawDelivery").finish_non_exhaustive()
     }
 }

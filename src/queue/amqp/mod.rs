@@ -15,7 +15,8 @@
 //! * `topology`: declaring the queues and adopting the arguments of existing ones
 //!   ([`ArgumentMismatch`], [`broker_delivery_limit`]), their depth, deleting them.
 //! * `publish`: publishing with confirms: chunk jobs, republished and dead-lettered messages.
-//! * `consume`: consumers and their deliveries, settled with a
+//! * `consume`: [`BrokerConsumer`], the [`Consumer`](super::Consumer) of a queue, over
+//!   a [`RawConsumer`] whose [`RawDelivery`]s settle with a
 //!   [`Disposition`](super::Disposition).
 //! * `health`: [`BrokerHealth`], what `/readyz` and the metrics know of the connection.
 
@@ -28,6 +29,6 @@ mod topology;
 pub use connection::{
     Broker, BrokerOptions, RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY, with_reconnect,
 };
-pub use consume::{AmqpDelivery, Consumer, QueueConsumer};
+pub use consume::{BrokerConsumer, RawConsumer, RawDelivery};
 pub use health::BrokerHealth;
 pub use topology::{ArgumentMismatch, broker_delivery_limit};

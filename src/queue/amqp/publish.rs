@@ -121,7 +121,7 @@ impl Broker {
         props: BasicProperties,
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         Ok(self
-            .publish
+            .publish_channel
             .basic_publish(
                 ShortString::from(""),
                 ShortString::from(queue),
@@ -149,7 +149,7 @@ impl Broker {
         );
         self.bounded("dead-lettering", async {
             let confirm = self
-                .publish
+                .publish_channel
                 .basic_publish(
                     ShortString::from(""),
                     ShortString::from(self.topology.dead.as_str()),
