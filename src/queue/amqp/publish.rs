@@ -1,4 +1,8 @@
 //! Publishing with publisher confirms: chunk jobs, republished and dead-lettered messages.
+//!
+//! Every publish is mandatory and waits for its confirm through [`confirmed`]: taken
+//! (acked) and routed to a queue (a mandatory publish that no queue takes comes back,
+//! returned), or an error.
 
 use super::connection::Broker;
 use crate::domain::ChunkJob;
@@ -27,12 +31,12 @@ fn properties() -> BasicProperties {
 impl Broker {
     /// Publishes persistent JSON messages to `queue` and waits for every confirm.
     ///
-    /// Up to [`PUBLISHES_IN_FLIGHT`] publishes are handed to the connection at once, in
+    /// Up to `PUBLISHES_IN_FLIGHT` publishes are handed to the connection at once, in
     /// order. lapin's `basic_publish` returns once the connection's I/O thread has
     /// written the message; awaited one by one, every message cost two wake-ups across
     /// threads and a write of its own, and the planner's publishing of dataset M's 6,664
     /// chunk jobs slowed down most when the workers took the CPU. Their confirms are
-    /// awaited 1,024 at a time, as before.
+    /// awaited 1,024 at a time.
     pub async fn publish_json<T: serde::Serialize + Sync>(
         &self,
         queue: &str,
@@ -62,16 +66,13 @@ impl Broker {
 
     /// Publishes one message as it is (any bytes) and waits for its confirm.
     pub async fn publish_bytes(&self, queue: &str, body: &[u8]) -> anyhow::Result<()> {
-        self.bounded("publishing", async {
-            let confirm = self.start_publish(queue, body, properties()).await?;
-            await_confirms(&mut vec![confirm]).await
-        })
-        .await
+        self.publish_one("publishing", queue, body, properties())
+            .await
     }
 
-    /// Publishes a received message again to `queue` (its body and headers, less those
-    /// the broker adds on delivery, plus `x-loansync-republished` counting how often)
-    /// and waits for the confirm.
+    /// Publishes `body` to `queue` in a received message's place: with its headers, less
+    /// those the broker adds on delivery, plus `x-loansync-republished` counting how
+    /// often; and waits for the confirm.
     pub async fn republish(
         &self,
         queue: &str,
@@ -97,11 +98,25 @@ impl Broker {
             ShortString::from("x-loansync-republished"),
             AMQPValue::LongLongInt(times + 1),
         );
-        self.bounded("republishing", async {
-            let confirm = self
-                .start_publish(queue, body, properties().with_headers(headers))
-                .await?;
-            await_confirms(&mut vec![confirm]).await
+        self.publish_one(
+            "republishing",
+            queue,
+            body,
+            properties().with_headers(headers),
+        )
+        .await
+    }
+
+    /// Publishes one message and waits for its confirm, within the confirm timeout.
+    async fn publish_one(
+        &self,
+        what: &str,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> anyhow::Result<()> {
+        self.bounded(what, async {
+            confirmed(self.start_publish(queue, body, props).await?).await
         })
         .await
     }
@@ -147,21 +162,12 @@ impl Broker {
             ShortString::from("x-loansync-source"),
             AMQPValue::LongString(LongString::from(source)),
         );
-        self.bounded("dead-lettering", async {
-            let confirm = self
-                .publish_channel
-                .basic_publish(
-                    ShortString::from(""),
-                    ShortString::from(self.topology.dead.as_str()),
-                    BasicPublishOptions::default(),
-                    body,
-                    properties().with_headers(headers),
-                )
-                .await?
-                .await?;
-            anyhow::ensure!(confirm.is_ack(), "the broker refused the dead letter");
-            Ok(())
-        })
+        self.publish_one(
+            "dead-lettering",
+            &self.topology.dead,
+            body,
+            properties().with_headers(headers),
+        )
         .await
     }
 }
@@ -169,19 +175,27 @@ impl Broker {
 /// How many publishes [`Broker::publish_json`] hands to the connection at once.
 const PUBLISHES_IN_FLIGHT: usize = 128;
 
+/// Waits for the confirms of `pending`, in order (it is left empty).
 async fn await_confirms(pending: &mut Vec<lapin::PublisherConfirm>) -> anyhow::Result<()> {
     for confirm in pending.drain(..) {
-        let c = confirm.await?;
-        anyhow::ensure!(
-            c.is_ack(),
-            "the broker did not confirm a published message ({c:?})"
+        confirmed(confirm).await?;
+    }
+    Ok(())
+}
+
+/// Waits for a publish's confirm: an error unless the broker took the message and a
+/// queue did (a mandatory publish that no queue takes is returned, then acked).
+async fn confirmed(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
+    let c = confirm.await?;
+    anyhow::ensure!(
+        c.is_ack(),
+        "the broker did not confirm a published message ({c:?})"
+    );
+    if let Some(returned) = c.take_message() {
+        anyhow::bail!(
+            "the broker could not route a message (reply {}): is the queue declared?",
+            returned.reply_code
         );
-        if let Some(returned) = c.take_message() {
-            anyhow::bail!(
-                "the broker could not route a message (reply {}): is the queue declared?",
-                returned.reply_code
-            );
-        }
     }
     Ok(())
 }

@@ -124,7 +124,8 @@ fn plain_value(v: &str) -> String {
         .to_string()
 }
 
-/// Messages waiting in `queue` (a passive declare on a channel of its own).
+/// Messages waiting in `queue` (a passive declare on a channel of its own); an error
+/// when there is no such queue.
 pub(super) async fn queue_depth_on(conn: &Connection, queue: &str) -> anyhow::Result<u32> {
     let channel = conn.create_channel().await?;
     let q = channel
@@ -307,21 +308,9 @@ async fn declare_accepting(
             continue;
         }
         // The queue's other differences cannot be adopted: use it as it is if it exists.
-        let channel = conn.create_channel().await?;
-        let passive = channel
-            .queue_declare(
-                ShortString::from(name),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        if passive.is_err() {
+        if queue_depth_on(conn, name).await.is_err() {
             return Err(anyhow::Error::new(e).context(format!("queue {name} refused")));
         }
-        let _ = channel.close(200, ShortString::from("declared")).await;
         found.push(m.unwrap_or_else(|| ArgumentMismatch {
             queue: name.to_string(),
             argument: "?".into(),
