@@ -77,8 +77,8 @@ pub trait Delivery: Send {
     /// The message as published (a JSON document).
     fn body(&self) -> &[u8];
 
-    /// Acks, requeues (after [`REQUEUE_PAUSE`] or the consumer's own pause), republishes
-    /// or dead-letters the message.
+    /// Settles the message as `disposition` says. One that goes back (requeued,
+    /// republished, replaced) waits [`REQUEUE_PAUSE`] or the consumer's own pause first.
     async fn settle(self: Box<Self>, disposition: Disposition) -> anyhow::Result<()>;
 }
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 /// How a [`Broker`] behaves beyond its URL.
 #[derive(Clone, Debug)]
 pub struct BrokerOptions {
-    /// Longest wait for a publish (or an ack) to be taken and confirmed
+    /// Longest wait for the broker to confirm a publish, or to take an ack or a requeue
     /// (`ETL_PUBLISH_CONFIRM_TIMEOUT_SECS`).
     pub confirm_timeout: Duration,
     /// Where this connection reports its state (shared with `/readyz`).
@@ -143,11 +143,6 @@ impl Broker {
         &self.mismatches
     }
 
-    /// True while the connection is usable and not blocked (for `/readyz`).
-    pub fn is_connected(&self) -> bool {
-        self.conn.status().connected() && !self.conn.status().blocked()
-    }
-
     /// The state this connection reports to.
     pub fn health(&self) -> &BrokerHealth {
         &self.health
@@ -190,7 +185,8 @@ pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// Runs `consume` on a connection from `connect`, and again on a new one whenever the
 /// connection is lost (broker restart, network), with exponential backoff (backon),
-/// until `shutdown` is cancelled or `consume` ends without an error. While disconnected
+/// until `shutdown` is cancelled or `consume` ends without an error, or with a fatal one
+/// (a wrong installation, which reconnecting cannot mend). While disconnected
 /// the `consuming` flag is down and `health` says so, so that `/readyz` reports the
 /// outage. Messages in flight on a lost connection are redelivered by the broker.
 pub async fn with_reconnect<C, CF, F, Fut>(

@@ -114,14 +114,11 @@ impl RawDelivery {
         }
     }
 
-    pub fn redelivered(&self) -> bool {
-        self.inner.redelivered
-    }
-
-    /// Acks, requeues, republishes (publish again to `source`, confirmed, then ack), or
-    /// dead-letters (publish to `<prefix>.dead` with the reason, then ack). Each step
-    /// gives up after the broker's confirm timeout; the message is then redelivered
-    /// when the connection goes.
+    /// Acks, requeues, republishes (publish again to `source`, confirmed, then ack),
+    /// replaces (the same with the new body), or dead-letters (publish to
+    /// `<prefix>.dead` with the reason, confirmed, then ack). Each step gives up after
+    /// the broker's confirm timeout; the message, not acked, is then redelivered when
+    /// its channel closes.
     pub async fn settle(
         &self,
         broker: &Broker,
@@ -186,13 +183,6 @@ impl std::fmt::Debug for BrokerConsumer {
         f.debug_struct("BrokerConsumer")
             .field("queue", &self.queue)
             .finish_non_exhaustive()
-    }
-}
-
-impl BrokerConsumer {
-    /// The connection this consumer settles on (and publishes on).
-    pub fn broker(&self) -> &Broker {
-        &self.broker
     }
 }
 

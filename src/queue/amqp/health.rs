@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What `/readyz` knows of a process's broker connection, kept across reconnections:
 /// connected or not, and blocked or not (RabbitMQ sends `connection.blocked` while a
-/// memory or disk alarm holds publishers).
+/// memory or disk alarm holds publishers); and the current connection, for the
+/// dead-letter depth the metrics read.
 #[derive(Clone, Debug, Default)]
 pub struct BrokerHealth(Arc<HealthInner>);
 
