@@ -20,8 +20,9 @@
 //!   halving of refused batches.
 //! * [`queue`]: the queue seam: [`queue::ChunkPublisher`] to publish, [`queue::Consumer`]
 //!   and [`queue::Delivery`] to consume and settle with a [`queue::Disposition`];
-//!   RabbitMQ ([`queue::amqp`]: topology, confirms, reconnecting with backoff) and the
-//!   in-memory queue of single-process mode ([`queue::memory`]) implement both.
+//!   RabbitMQ ([`queue::amqp`], a file per concern: connecting and reconnecting with
+//!   backoff, topology, publishing with confirms, consuming, health) and the in-memory
+//!   queue of single-process mode ([`queue::memory`]) implement both.
 //! * [`ledger`]: every query on the ETL (`etl_folder_*`) and `loansync_*` tables, split by
 //!   concern: sync lifecycle, the plan, settling, error rows, watermarks, read models;
 //!   states and outcomes as enums, the entity→history-column mapping, SQL in `ledger/sql/`.

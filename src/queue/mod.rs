@@ -1,5 +1,6 @@
-//! Queues: the RabbitMQ topology, confirmed publishing and consuming with ack after
-//! commit ([`amqp`]), and the in-memory queue of single-process mode ([`memory`]).
+//! Queues: RabbitMQ ([`amqp`]: the topology, confirmed publishing, consuming with ack
+//! after commit, reconnecting, the connection's health, a file each), and the in-memory
+//! queue of single-process mode ([`memory`]).
 //!
 //! The planner publishes through [`ChunkPublisher`]; the planner's and the workers' loops
 //! take messages from a [`Consumer`] and settle each [`Delivery`] with a [`Disposition`],
@@ -76,8 +77,8 @@ pub trait Delivery: Send {
     /// The message as published (a JSON document).
     fn body(&self) -> &[u8];
 
-    /// Acks, requeues (after [`REQUEUE_PAUSE`] or the consumer's own pause), republishes
-    /// or dead-letters the message.
+    /// Settles the message as `disposition` says. One that goes back (requeued,
+    /// republished, replaced) waits [`REQUEUE_PAUSE`] or the consumer's own pause first.
     async fn settle(self: Box<Self>, disposition: Disposition) -> anyhow::Result<()>;
 }
 

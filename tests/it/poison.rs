@@ -40,7 +40,11 @@ async fn poison_messages_are_dead_lettered_with_a_reason() {
         .await
         .unwrap();
 
-    let mut dead = p.admin.consume(&t.dead, 10, "test-dead").await.unwrap();
+    let mut dead = p
+        .admin
+        .raw_consumer(&t.dead, 10, "test-dead")
+        .await
+        .unwrap();
     let mut reasons = Vec::new();
     while reasons.len() < 5 {
         let d = tokio::time::timeout(Duration::from_secs(30), dead.next())

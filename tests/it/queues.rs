@@ -231,7 +231,7 @@ async fn a_queue_made_with_other_arguments_is_used_and_every_difference_reported
     );
 
     broker.publish_bytes(&chunks, b"still works").await.unwrap();
-    let mut consumer = broker.consume(&chunks, 1, "test").await.unwrap();
+    let mut consumer = broker.raw_consumer(&chunks, 1, "test").await.unwrap();
     let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
         .await
         .expect("a delivery")
@@ -292,6 +292,60 @@ async fn thousands_of_chunk_jobs_published_at_once_arrive_once_each_in_order() {
     wait_for("the queue to be empty", Duration::from_secs(30), || async {
         broker.queue_depth(&t.chunks).await.unwrap() == 0
     })
+    .await;
+    broker.close().await;
+}
+
+/// A dead letter that no queue takes (the dead-letter queue deleted by hand) is an
+/// error, as any other publish the broker cannot route: the message it stands for is
+/// not acked and goes back to its queue, instead of being acked and dropped unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_no_queue_takes_is_an_error_and_its_message_stays() {
+    use lapin::options::QueueDeleteOptions;
+    use lapin::types::ShortString;
+    use loansync::queue::Disposition;
+
+    let db = TestApp::migrated().await;
+    let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
+    let broker = connect_broker_with(&settings, BrokerHealth::default())
+        .await
+        .unwrap();
+    let t = broker.topology.clone();
+    broker
+        .publish_bytes(&t.chunks, b"never works")
+        .await
+        .unwrap();
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            ShortString::from(t.dead.as_str()),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, ShortString::from("bye")).await;
+
+    let mut consumer = broker.raw_consumer(&t.chunks, 1, "test").await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("a delivery")
+        .expect("consumer open")
+        .unwrap();
+    let err = d
+        .settle(&broker, &t.chunks, Disposition::DeadLetter("test".into()))
+        .await
+        .expect_err("a dead letter no queue takes must not settle the message");
+    assert!(format!("{err:#}").contains("could not route"), "{err:#}");
+    // Never acked: closing the consumer puts it back.
+    consumer.close().await;
+    wait_for(
+        "the message back in its queue",
+        Duration::from_secs(20),
+        || async { broker.queue_depth(&t.chunks).await.unwrap() == 1 },
+    )
     .await;
     broker.close().await;
 }
