@@ -1,6 +1,10 @@
-//! The label values of loansync's metrics, one enum per label. Each has `ALL` (the
-//! registry pre-creates a series for every value, so dashboards and alerts see it at
-//! zero before its first event) and `as_str` (the value exported).
+//! The labels of loansync's metrics: each a [`Label`] (its name and every value it
+//! takes, which the registry's table names), the values an enum with `ALL` (the registry
+//! pre-creates a series for every value, so dashboards and alerts see it at zero before
+//! its first event) and `as_str` (the value exported).
+
+use crate::domain::{EntityKind, SyncType};
+use crate::ledger::FinalStatus;
 
 /// The `outcome` of a settled record (`etl_records_total`, `etl_last_sync_records`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +51,7 @@ impl ChunkOutcome {
         ChunkOutcome::DeadLetter,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             ChunkOutcome::Settled => "settled",
             ChunkOutcome::Duplicate => "duplicate",
@@ -182,11 +186,84 @@ pub fn endpoints() -> Vec<&'static str> {
     all
 }
 
+/// A label of loansync's metrics, as a row of the registry's table names it.
+#[derive(Debug, Clone, Copy)]
+pub struct Label {
+    /// The label's name in the exposition.
+    pub name: &'static str,
+    /// Every value it takes; `None` when they are known only at run time (queue names).
+    pub values: Option<fn() -> Vec<&'static str>>,
+}
+
+/// The entity of a record or chunk.
+pub const ENTITY: Label = Label {
+    name: "entity",
+    values: Some(|| EntityKind::ALL.map(EntityKind::as_str).to_vec()),
+};
+
+/// The outcome of a settled record.
+pub const RECORD_OUTCOME: Label = Label {
+    name: "outcome",
+    values: Some(|| RecordOutcome::ALL.map(RecordOutcome::as_str).to_vec()),
+};
+
+/// The outcome of a chunk job handled by a worker.
+pub const CHUNK_OUTCOME: Label = Label {
+    name: "outcome",
+    values: Some(|| ChunkOutcome::ALL.map(ChunkOutcome::as_str).to_vec()),
+};
+
+/// The analytics API's endpoint.
+pub const ENDPOINT: Label = Label {
+    name: "endpoint",
+    values: Some(endpoints),
+};
+
+/// The class of an answer of the analytics API.
+pub const STATUS_CLASS: Label = Label {
+    name: "status_class",
+    values: Some(|| HttpClass::ALL.map(HttpClass::as_str).to_vec()),
+};
+
+/// Why a request was retried.
+pub const RETRY_REASON: Label = Label {
+    name: "reason",
+    values: Some(|| RetryReason::ALL.map(RetryReason::as_str).to_vec()),
+};
+
+/// Why a planning message planned nothing.
+pub const SKIP_REASON: Label = Label {
+    name: "reason",
+    values: Some(|| SkipReason::ALL.map(SkipReason::as_str).to_vec()),
+};
+
+/// The type of a sync.
+pub const SYNC_TYPE: Label = Label {
+    name: "sync_type",
+    values: Some(|| SyncType::ALL.map(SyncType::as_str).to_vec()),
+};
+
+/// The final status of a sync.
+pub const STATUS: Label = Label {
+    name: "status",
+    values: Some(|| FinalStatus::ALL.iter().map(|s| s.as_str()).collect()),
+};
+
+/// A queue's name (`<prefix>.plan`, `.chunks`, `.dead`: the prefix is a setting).
+pub const QUEUE: Label = Label {
+    name: "queue",
+    values: None,
+};
+
+/// The running loansync's version.
+pub const VERSION: Label = Label {
+    name: "version",
+    values: Some(|| vec![env!("CARGO_PKG_VERSION")]),
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{EntityKind, SyncType};
-    use crate::ledger::FinalStatus;
 
     /// A match with no wildcard: adding a variant without adding it to `ALL` fails to
     /// compile here first, then the length check below.

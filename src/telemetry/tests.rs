@@ -1,6 +1,8 @@
-//! Each event updates exactly its metric; every series exists at zero from the start.
+//! Each event updates exactly its metric; every series exists at zero from the start;
+//! the table is what is exported, and README documents it.
 
 use super::labels::{self, ChunkOutcome, HttpClass, RecordOutcome, RetryReason, SkipReason};
+use super::registry::{Series, TABLE};
 use super::{Event, Metrics, Requeue};
 use crate::domain::{EntityKind, SyncType};
 use crate::ledger::FinalStatus;
@@ -377,4 +379,70 @@ fn every_series_exists_at_zero_from_the_start() {
     ] {
         zero(name.into());
     }
+}
+
+#[test]
+fn the_table_is_what_is_exported() {
+    let m = Metrics::new();
+    let text = m.render();
+    let mut names: Vec<&str> = TABLE.iter().map(|row| row.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), TABLE.len(), "a name defined twice");
+    for row in TABLE {
+        let help = format!("# HELP {} {}\n", row.name, row.help);
+        match row.series {
+            Series::AtZero { .. } => {
+                assert!(text.contains(&help), "{help}");
+                let histogram = text.contains(&format!("# TYPE {} histogram\n", row.name));
+                assert_eq!(histogram, !row.buckets.is_empty(), "{}", row.name);
+                assert!(
+                    row.labels.iter().all(|l| l.values.is_some()),
+                    "{}: a series at zero for every value needs every value",
+                    row.name
+                );
+            }
+            // Nothing until first set.
+            Series::WhenSet => assert!(!text.contains(&help), "{}", row.name),
+        }
+    }
+    // Every family exported (but the process's own) is a row.
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split(' ').nth(2).unwrap_or_default();
+        assert!(
+            name.starts_with("process_") || names.contains(&name),
+            "{name} is not in the table"
+        );
+    }
+}
+
+#[test]
+fn the_readme_documents_every_metric_with_its_labels() {
+    // README's metrics table: `name{label,label}` (or `name`) in its first column.
+    let readme = include_str!("../../README.md");
+    let mut documented = BTreeMap::new();
+    for line in readme.lines().filter(|l| l.starts_with("| `")) {
+        let cell = line.split(" | ").next().unwrap_or_default();
+        for item in cell.split('`').skip(1).step_by(2) {
+            let (name, labels) = item.split_once('{').unwrap_or((item, "}"));
+            if !(name.starts_with("etl_") || name.starts_with("loansync_")) || name.contains(' ') {
+                continue;
+            }
+            let labels: Vec<String> = labels
+                .trim_end_matches('}')
+                .split(',')
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect();
+            documented.insert(name.to_string(), labels);
+        }
+    }
+    let defined: BTreeMap<String, Vec<String>> = TABLE
+        .iter()
+        .map(|row| {
+            let labels = row.labels.iter().map(|l| l.name.to_string()).collect();
+            (row.name.to_string(), labels)
+        })
+        .collect();
+    assert_eq!(documented, defined);
 }
