@@ -836,10 +836,11 @@ static REPORTED: std::sync::LazyLock<
 > = std::sync::LazyLock::new(Default::default);
 
 fn report_mismatches(queue: &str, differs: &[ArgumentMismatch], metrics: &Metrics) {
-    metrics
-        .queue_arguments_mismatch
-        .with_label_values(&[queue])
-        .set(differs.len() as i64);
+    Event::QueueArgumentsChecked {
+        queue,
+        differing: differs.len(),
+    }
+    .emit(metrics);
     let Ok(mut reported) = REPORTED.lock() else {
         return;
     };

@@ -1,30 +1,40 @@
-//! The state gauges: what PostgreSQL holds, read when `/metrics` is scraped.
+//! The state gauges: what PostgreSQL (and the broker) hold, read when `/metrics` is
+//! scraped, so that every process shows the same and a new pod shows it at once.
 
 use super::Metrics;
 use super::labels::RecordOutcome;
-use crate::domain::SyncType;
+use crate::domain::{EntityKind, SyncType};
 use crate::ledger::FinalStatus;
+use crate::queue::amqp::BrokerHealth;
 use sqlx::PgPool;
 
 impl Metrics {
-    /// Refreshes the gauges that are state in PostgreSQL, read at scrape time so that
-    /// every process shows the same and a new pod shows it at once: watermark ages,
-    /// stalled syncs, the last sync of each type, pending planning requests. A query
-    /// that fails leaves its gauges as they were (and `/readyz` says why).
-    pub async fn refresh_state(&self, pool: &PgPool, stale_after_secs: f64) {
-        if let Ok(ages) = crate::ledger::watermark_ages(pool).await {
+    /// Sets every state gauge from where it is kept: watermark ages, stalled syncs,
+    /// the last and the last successful sync of each type, pending planning requests,
+    /// records found deleted (PostgreSQL), and the dead letters waiting (`broker`'s
+    /// current connection, if any). A read that fails leaves its gauges at their last
+    /// values; it is logged at debug level, and a database that does not answer shows
+    /// on `/readyz` as `database: false`.
+    pub async fn refresh_state(
+        &self,
+        pool: &PgPool,
+        stale_after_secs: f64,
+        broker: Option<&BrokerHealth>,
+    ) {
+        if let Some(ages) = read("watermark ages", crate::ledger::watermark_ages(pool).await) {
             for w in ages {
-                if w.entity.parse::<crate::domain::EntityKind>().is_ok() {
+                if w.entity.parse::<EntityKind>().is_ok() {
                     self.watermark_age
                         .with_label_values(&[&w.entity])
                         .set(w.age_seconds);
                 }
             }
         }
-        if let Ok(stalled) = crate::ledger::stalled_count(pool, stale_after_secs).await {
+        let stalled = crate::ledger::stalled_count(pool, stale_after_secs).await;
+        if let Some(stalled) = read("stalled syncs", stalled) {
             self.stalled_syncs.set(stalled);
         }
-        if let Ok(rows) = crate::ledger::last_syncs(pool).await {
+        if let Some(rows) = read("last syncs", crate::ledger::last_syncs(pool).await) {
             // A type with no finished sync yet shows zeros.
             for t in SyncType::ALL.map(SyncType::as_str) {
                 let (status, at, ok, failed) = rows
@@ -49,7 +59,8 @@ impl Metrics {
                     .set(failed);
             }
         }
-        if let Ok(rows) = crate::ledger::last_successes(pool).await {
+        let successes = crate::ledger::last_successes(pool).await;
+        if let Some(rows) = read("last successful syncs", successes) {
             for t in SyncType::ALL.map(SyncType::as_str) {
                 let at = rows
                     .iter()
@@ -62,14 +73,7 @@ impl Metrics {
         }
         // The table comes with the pending-request migration; before it, nothing waits.
         let pending = crate::ledger::pending_counts(pool).await;
-        let pending = match pending {
-            Ok(rows) => Some(rows),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
-                Some(Vec::new())
-            }
-            Err(_) => None,
-        };
-        if let Some(rows) = pending {
+        if let Some(rows) = read("pending requests", missing_table_is_empty(pending)) {
             for t in SyncType::ALL.map(SyncType::as_str) {
                 let n = rows
                     .iter()
@@ -79,15 +83,9 @@ impl Metrics {
             }
         }
         // The table comes with the sweep migration; before it, nothing was found deleted.
-        let deleted = match crate::ledger::deleted_counts(pool).await {
-            Ok(rows) => Some(rows),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
-                Some(Vec::new())
-            }
-            Err(_) => None,
-        };
-        if let Some(rows) = deleted {
-            for e in crate::domain::EntityKind::ALL {
+        let deleted = crate::ledger::deleted_counts(pool).await;
+        if let Some(rows) = read("deleted records", missing_table_is_empty(deleted)) {
+            for e in EntityKind::ALL {
                 let n = rows
                     .iter()
                     .find(|r| r.entity == e.as_str())
@@ -95,5 +93,25 @@ impl Metrics {
                 self.deleted_records.with_label_values(&[e.as_str()]).set(n);
             }
         }
+        if let Some(n) = match broker {
+            Some(b) => b.dead_letter_depth().await,
+            None => None,
+        } {
+            self.dead_letters.set(i64::from(n));
+        }
+    }
+}
+
+/// The rows read, or `None` (logged) when the read failed.
+fn read<T>(what: &str, rows: sqlx::Result<T>) -> Option<T> {
+    rows.map_err(|e| tracing::debug!(error = %e, "cannot read the {what} gauge at scrape time"))
+        .ok()
+}
+
+/// No rows when the table does not exist yet (`42P01`: a migration not applied yet).
+fn missing_table_is_empty<T>(rows: sqlx::Result<Vec<T>>) -> sqlx::Result<Vec<T>> {
+    match rows {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+        other => other,
     }
 }

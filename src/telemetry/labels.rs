@@ -24,9 +24,11 @@ impl RecordOutcome {
     }
 }
 
-/// The `outcome` of a chunk job handled by a worker (`etl_chunks_total`).
+/// The `outcome` label of a chunk job handled by a worker (`etl_chunks_total`): what
+/// became of its message (the worker's [`crate::worker::ChunkOutcome`] is what processing
+/// it gave).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChunkOutcome {
+pub enum ChunkOutcomeLabel {
     /// Sent and settled by this worker.
     Settled,
     /// Settled before: acked without sending.
@@ -41,24 +43,24 @@ pub enum ChunkOutcome {
     DeadLetter,
 }
 
-impl ChunkOutcome {
-    pub const ALL: [ChunkOutcome; 6] = [
-        ChunkOutcome::Settled,
-        ChunkOutcome::Duplicate,
-        ChunkOutcome::Aborted,
-        ChunkOutcome::Requeued,
-        ChunkOutcome::Republished,
-        ChunkOutcome::DeadLetter,
+impl ChunkOutcomeLabel {
+    pub const ALL: [ChunkOutcomeLabel; 6] = [
+        ChunkOutcomeLabel::Settled,
+        ChunkOutcomeLabel::Duplicate,
+        ChunkOutcomeLabel::Aborted,
+        ChunkOutcomeLabel::Requeued,
+        ChunkOutcomeLabel::Republished,
+        ChunkOutcomeLabel::DeadLetter,
     ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
-            ChunkOutcome::Settled => "settled",
-            ChunkOutcome::Duplicate => "duplicate",
-            ChunkOutcome::Aborted => "aborted",
-            ChunkOutcome::Requeued => "requeued",
-            ChunkOutcome::Republished => "republished",
-            ChunkOutcome::DeadLetter => "dead_letter",
+            ChunkOutcomeLabel::Settled => "settled",
+            ChunkOutcomeLabel::Duplicate => "duplicate",
+            ChunkOutcomeLabel::Aborted => "aborted",
+            ChunkOutcomeLabel::Requeued => "requeued",
+            ChunkOutcomeLabel::Republished => "republished",
+            ChunkOutcomeLabel::DeadLetter => "dead_letter",
         }
     }
 }
@@ -210,7 +212,11 @@ pub const RECORD_OUTCOME: Label = Label {
 /// The outcome of a chunk job handled by a worker.
 pub const CHUNK_OUTCOME: Label = Label {
     name: "outcome",
-    values: Some(|| ChunkOutcome::ALL.map(ChunkOutcome::as_str).to_vec()),
+    values: Some(|| {
+        ChunkOutcomeLabel::ALL
+            .map(ChunkOutcomeLabel::as_str)
+            .to_vec()
+    }),
 };
 
 /// The analytics API's endpoint.
@@ -276,23 +282,23 @@ mod tests {
 
     #[test]
     fn every_label_list_covers_every_value_once() {
-        let chunk = |o: ChunkOutcome| match o {
-            ChunkOutcome::Settled
-            | ChunkOutcome::Duplicate
-            | ChunkOutcome::Aborted
-            | ChunkOutcome::Requeued
-            | ChunkOutcome::Republished
-            | ChunkOutcome::DeadLetter => o,
+        let chunk = |o: ChunkOutcomeLabel| match o {
+            ChunkOutcomeLabel::Settled
+            | ChunkOutcomeLabel::Duplicate
+            | ChunkOutcomeLabel::Aborted
+            | ChunkOutcomeLabel::Requeued
+            | ChunkOutcomeLabel::Republished
+            | ChunkOutcomeLabel::DeadLetter => o,
         };
         covered(
-            &ChunkOutcome::ALL,
+            &ChunkOutcomeLabel::ALL,
             &[
-                chunk(ChunkOutcome::Settled),
-                ChunkOutcome::Duplicate,
-                ChunkOutcome::Aborted,
-                ChunkOutcome::Requeued,
-                ChunkOutcome::Republished,
-                ChunkOutcome::DeadLetter,
+                chunk(ChunkOutcomeLabel::Settled),
+                ChunkOutcomeLabel::Duplicate,
+                ChunkOutcomeLabel::Aborted,
+                ChunkOutcomeLabel::Requeued,
+                ChunkOutcomeLabel::Republished,
+                ChunkOutcomeLabel::DeadLetter,
             ],
         );
         let record = |o: RecordOutcome| match o {
@@ -385,7 +391,9 @@ mod tests {
     fn label_values_are_the_exported_strings() {
         let s = |v: Vec<&'static str>| v.join(",");
         assert_eq!(
-            s(ChunkOutcome::ALL.map(ChunkOutcome::as_str).to_vec()),
+            s(ChunkOutcomeLabel::ALL
+                .map(ChunkOutcomeLabel::as_str)
+                .to_vec()),
             "settled,duplicate,aborted,requeued,republished,dead_letter"
         );
         assert_eq!(

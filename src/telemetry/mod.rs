@@ -2,9 +2,11 @@
 //! metric, defined once, in [`events`]) into a [`Metrics`] registry carried by the
 //! components that emit as a [`Telemetry`] handle: the process-wide one
 //! ([`Telemetry::global`]) in the binary, a fresh one ([`Telemetry::fresh`]) in a test
-//! that asserts exact values. Labels are of low cardinality only (entity, outcome,
-//! status: never a sync or record id), each an enum of [`labels`] whose values are all
-//! pre-created at zero.
+//! that asserts exact values. Each metric is defined once, as a row of the table in
+//! `registry.rs` the registry is built from; the state gauges are set when `/metrics`
+//! is scraped ([`Metrics::refresh_state`], in `gauges.rs`). Labels are of low
+//! cardinality only (entity, outcome, status: never a sync or record id), each a
+//! [`labels::Label`] whose values are all pre-created at zero.
 
 pub mod events;
 mod gauges;

@@ -2,8 +2,9 @@
 //! metric, and the only place it is defined: the [`Metrics`] field events update, its
 //! kind (the field's type), its name, help, labels, buckets and series as exported.
 
-use super::labels::{self, ChunkOutcome, Label};
+use super::labels::{self, ChunkOutcomeLabel, Label};
 use prometheus::core::Collector;
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -46,10 +47,12 @@ macro_rules! metrics {
             $(series: $series:expr,)?
         }
     )*) => {
-        /// Every metric loansync exports.
+        /// Every metric loansync exports. Events update them ([`super::Event`]); the
+        /// state gauges are set at scrape time ([`Metrics::refresh_state`]); nothing
+        /// else does.
         pub struct Metrics {
-            pub registry: Registry,
-            $($(#[doc = $doc])* pub $field: $ty,)*
+            registry: Registry,
+            $($(#[doc = $doc])* pub(super) $field: $ty,)*
         }
 
         /// Every metric loansync exports, a row each, in the order of [`Metrics`]'s fields.
@@ -99,7 +102,7 @@ metrics! {
         help: "Chunk jobs handled, by entity and outcome.",
         labels: [ENTITY, CHUNK_OUTCOME],
         series: Series::AtZero {
-            also: &[&[labels::UNKNOWN_ENTITY, ChunkOutcome::DeadLetter.as_str()]],
+            also: &[&[labels::UNKNOWN_ENTITY, ChunkOutcomeLabel::DeadLetter.as_str()]],
         },
     }
     /// Time from receiving a chunk to its commit, by entity.
@@ -290,6 +293,29 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The value of one series as `/metrics` exports it: the metric's `name` and every
+    /// label of the series (in any order). `None` when there is no such series, or it
+    /// is a histogram's.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let family = self
+            .registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == name)?;
+        let series = family.get_metric().iter().find(|m| {
+            let pairs = m.get_label();
+            pairs.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| pairs.iter().any(|p| p.name() == *k && p.value() == *v))
+        })?;
+        match family.get_field_type() {
+            MetricType::COUNTER => Some(series.get_counter().get_value()),
+            MetricType::GAUGE => Some(series.get_gauge().get_value()),
+            _ => None,
+        }
     }
 }
 

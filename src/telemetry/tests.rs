@@ -1,7 +1,7 @@
 //! Each event updates exactly its metric; every series exists at zero from the start;
 //! the table is what is exported, and README documents it.
 
-use super::labels::{self, ChunkOutcome, HttpClass, RecordOutcome, RetryReason, SkipReason};
+use super::labels::{self, ChunkOutcomeLabel, HttpClass, RecordOutcome, RetryReason, SkipReason};
 use super::registry::{Series, TABLE};
 use super::{Event, Metrics, Requeue};
 use crate::domain::{EntityKind, SyncType};
@@ -313,7 +313,7 @@ fn every_series_exists_at_zero_from_the_start() {
                 "etl_records_total{{entity=\"{e}\",outcome=\"{o}\"}}"
             ));
         }
-        for o in ChunkOutcome::ALL.map(ChunkOutcome::as_str) {
+        for o in ChunkOutcomeLabel::ALL.map(ChunkOutcomeLabel::as_str) {
             zero(format!(
                 "etl_chunks_total{{entity=\"{e}\",outcome=\"{o}\"}}"
             ));
@@ -379,6 +379,26 @@ fn every_series_exists_at_zero_from_the_start() {
     ] {
         zero(name.into());
     }
+}
+
+#[test]
+fn the_queue_arguments_gauge_has_a_series_per_queue_declared() {
+    let m = Metrics::new();
+    let gauge = |queue| m.value("etl_queue_arguments_mismatch", &[("queue", queue)]);
+    assert_eq!(
+        gauge("p.chunks"),
+        None,
+        "queue names are known only once declared"
+    );
+    for (differing, expected) in [(2, 2.0), (0, 0.0)] {
+        Event::QueueArgumentsChecked {
+            queue: "p.chunks",
+            differing,
+        }
+        .emit(&m);
+        assert_eq!(gauge("p.chunks"), Some(expected));
+    }
+    assert_eq!(gauge("p.plan"), None);
 }
 
 #[test]
