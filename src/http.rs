@@ -31,17 +31,12 @@ pub struct Readiness {
 async fn metrics(
     State(r): State<Readiness>,
 ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
-    // State gauges are read from the database (and the dead-letter depth from the
-    // broker) at scrape time; if they do not answer, the last values stay (and /readyz
-    // says why).
-    let read = async {
-        r.telemetry.refresh_state(&r.pool, r.stale_after_secs).await;
-        if let Some(b) = &r.broker
-            && let Some(n) = b.dead_letter_depth().await
-        {
-            r.telemetry.dead_letters.set(i64::from(n));
-        }
-    };
+    // The state gauges are read from the database (and the dead-letter depth from the
+    // broker) at scrape time; what does not answer within two seconds keeps its last
+    // value (a database that does not answer shows on /readyz).
+    let read = r
+        .telemetry
+        .refresh_state(&r.pool, r.stale_after_secs, r.broker.as_ref());
     let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
     (
         StatusCode::OK,
@@ -51,13 +46,7 @@ async fn metrics(
 }
 
 async fn readyz(State(r): State<Readiness>) -> (StatusCode, String) {
-    let db = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&r.pool),
-    )
-    .await
-    .map(|x| x.is_ok())
-    .unwrap_or(false);
+    let db = crate::db::is_reachable(&r.pool).await;
     let consuming = r.consuming.load(Ordering::SeqCst);
     readiness_report(db, r.broker.as_ref(), consuming)
 }
@@ -132,17 +121,17 @@ mod tests {
         let (code, body) = readiness_report(true, Some(&health), true);
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(body.contains("broker: false (blocked)"), "{body}");
-        assert_eq!(telemetry.broker_blocked_total.get(), 1);
-        assert_eq!(telemetry.broker_blocked.get(), 1);
+        assert_eq!(telemetry.value("etl_broker_blocked_total", &[]), Some(1.0));
+        assert_eq!(telemetry.value("etl_broker_blocked", &[]), Some(1.0));
         assert!(telemetry.render().contains("etl_broker_blocked_total 1"));
 
         // A repeated notice is the same episode.
         health.on_event(&lapin::Event::ConnectionBlocked("low on memory".into()));
-        assert_eq!(telemetry.broker_blocked_total.get(), 1);
-        assert_eq!(telemetry.broker_blocked.get(), 1);
+        assert_eq!(telemetry.value("etl_broker_blocked_total", &[]), Some(1.0));
+        assert_eq!(telemetry.value("etl_broker_blocked", &[]), Some(1.0));
 
         health.on_event(&lapin::Event::ConnectionUnblocked);
-        assert_eq!(telemetry.broker_blocked.get(), 0);
+        assert_eq!(telemetry.value("etl_broker_blocked", &[]), Some(0.0));
         let (code, body) = readiness_report(true, Some(&health), true);
         assert_eq!(code, StatusCode::OK, "{body}");
 
@@ -150,8 +139,8 @@ mod tests {
         health.on_event(&lapin::Event::ConnectionBlocked("disk".into()));
         health.set_connected(false);
         assert!(!health.is_blocked());
-        assert_eq!(telemetry.broker_blocked.get(), 0);
-        assert_eq!(telemetry.broker_blocked_total.get(), 2);
+        assert_eq!(telemetry.value("etl_broker_blocked", &[]), Some(0.0));
+        assert_eq!(telemetry.value("etl_broker_blocked_total", &[]), Some(2.0));
         let (code, _) = readiness_report(true, Some(&health), true);
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     }

@@ -29,10 +29,15 @@
 //! * [`planner`]: plan one sync, and the planner loop over a consumer; [`worker`]:
 //!   process one chunk into an outcome, and the worker loop over a consumer.
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).
-//! * [`telemetry`]: logging and metrics: each [`telemetry::Event`] writes its log line and
-//!   its metric; label enums pre-create the series; the registry is a
-//!   [`telemetry::Telemetry`] handle (the process's, or a test's own).
-//!   [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! * [`telemetry`]: logging and metrics, a file per concern: `registry.rs` defines each
+//!   metric once, as a row of one table (field, kind, name, help, labels, buckets) the
+//!   registry is built from; `events.rs` each [`telemetry::Event`] with its log line and
+//!   its metric; `labels.rs` the labels and their values (every series pre-created at
+//!   zero); `gauges.rs` the state gauges, read from PostgreSQL and the broker when
+//!   `/metrics` is scraped ([`telemetry::Metrics::refresh_state`]); `mod.rs` logging and
+//!   the [`telemetry::Telemetry`] handle (the process's, or a test's own).
+//!   [`http`]: `/metrics` (the state gauges refreshed, then every metric), `/healthz`,
+//!   `/readyz` (database, broker and consumer, each with its state).
 //! * [`tls`]: extra CA files (`ANALYTICS_CA_FILE`, `AMQP_CA_FILE`) and refused certificates.
 //! * [`app`]: the application layer: run a planner or a worker process (reconnect,
 //!   metrics server, signals), run a sync in this process, wait for a request's sync,

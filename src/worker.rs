@@ -848,7 +848,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(metrics.chunk_panics.get(), 1);
+        assert_eq!(metrics.value("etl_chunk_panics_total", &[]), Some(1.0));
         let ok: Result<u8, ChunkError> = contain_panic(&metrics, async { Ok(7) }).await;
         assert_eq!(ok.unwrap(), 7);
     }

@@ -7,7 +7,7 @@
 //! ```
 
 use super::Metrics;
-use super::labels::{ChunkOutcome, HttpClass, RecordOutcome, RetryReason, SkipReason};
+use super::labels::{ChunkOutcomeLabel, HttpClass, RecordOutcome, RetryReason, SkipReason};
 use crate::domain::{EntityKind, SyncType};
 use crate::ledger::FinalStatus;
 use std::fmt::Display;
@@ -150,6 +150,10 @@ pub enum Event<'a> {
     BrokerUnblocked,
     /// A publish, confirm or ack got no answer within the confirm timeout.
     BrokerTimeout,
+    /// `queue` was declared, and `differing` of its arguments differ on the broker
+    /// (`etl_queue_arguments_mismatch`; each difference is logged where it is found,
+    /// once per process).
+    QueueArgumentsChecked { queue: &'a str, differing: usize },
 }
 
 impl Event<'_> {
@@ -193,15 +197,15 @@ impl Event<'_> {
                 seconds,
             } => {
                 tracing::debug!(target: WORKER, succeeded, failed, "chunk settled");
-                m.chunk_handled(entity, ChunkOutcome::Settled, seconds);
+                m.chunk_handled(entity, ChunkOutcomeLabel::Settled, seconds);
             }
             Event::ChunkDuplicate { entity, seconds } => {
                 tracing::info!(target: WORKER, "chunk already settled: acked without sending");
-                m.chunk_handled(entity, ChunkOutcome::Duplicate, seconds);
+                m.chunk_handled(entity, ChunkOutcomeLabel::Duplicate, seconds);
             }
             Event::ChunkAborted { entity, seconds } => {
                 // Logged where the credentials were refused, with the status.
-                m.chunk_handled(entity, ChunkOutcome::Aborted, seconds);
+                m.chunk_handled(entity, ChunkOutcomeLabel::Aborted, seconds);
             }
             Event::ChunkDeadLettered {
                 entity,
@@ -215,14 +219,14 @@ impl Event<'_> {
                 } else {
                     tracing::error!(target: WORKER, code, %reason, "dead-lettering a chunk message");
                 }
-                m.chunk_handled(entity, ChunkOutcome::DeadLetter, seconds);
+                m.chunk_handled(entity, ChunkOutcomeLabel::DeadLetter, seconds);
             }
             Event::ChunkUnparsable { reason } => {
                 tracing::error!(target: WORKER, %reason, "dead-lettering a chunk message");
                 m.chunks
                     .with_label_values(&[
                         super::labels::UNKNOWN_ENTITY,
-                        ChunkOutcome::DeadLetter.as_str(),
+                        ChunkOutcomeLabel::DeadLetter.as_str(),
                     ])
                     .inc();
             }
@@ -246,7 +250,7 @@ impl Event<'_> {
                         tracing::warn!(target: WORKER, code, %reason, error = %format!("{error:#}"), "a chunk that cannot succeed could not be settled as failed: it will be delivered again");
                     }
                 }
-                m.chunk_handled(entity, ChunkOutcome::Requeued, seconds);
+                m.chunk_handled(entity, ChunkOutcomeLabel::Requeued, seconds);
             }
             Event::ChunkRepublished {
                 entity,
@@ -255,7 +259,7 @@ impl Event<'_> {
                 seconds,
             } => {
                 tracing::warn!(target: WORKER, error = %format!("{error:#}"), wait_secs, "PostgreSQL is still unreachable: the chunk is put back in the queue");
-                m.chunk_handled(entity, ChunkOutcome::Republished, seconds);
+                m.chunk_handled(entity, ChunkOutcomeLabel::Republished, seconds);
             }
             Event::ChunkFatal {
                 entity,
@@ -264,7 +268,7 @@ impl Event<'_> {
                 seconds,
             } => {
                 tracing::error!(target: WORKER, code, error = %format!("{error:#}"), "fatal: the installation must be fixed (credentials, privileges, migrations); the chunk is put back in the queue");
-                m.chunk_handled(entity, ChunkOutcome::Republished, seconds);
+                m.chunk_handled(entity, ChunkOutcomeLabel::Republished, seconds);
             }
             Event::ChunkPanicked => {
                 // The panic's message is logged with the failure it becomes.
@@ -356,6 +360,11 @@ impl Event<'_> {
                 // The error it becomes says so.
                 m.broker_timeouts.inc();
             }
+            Event::QueueArgumentsChecked { queue, differing } => {
+                m.queue_arguments_mismatch
+                    .with_label_values(&[queue])
+                    .set(i64::try_from(differing).unwrap_or(i64::MAX));
+            }
         }
     }
 }
@@ -367,7 +376,7 @@ impl Metrics {
     }
 
     /// A chunk handled by a worker: its outcome and its time from delivery to the end.
-    fn chunk_handled(&self, entity: EntityKind, outcome: ChunkOutcome, seconds: f64) {
+    fn chunk_handled(&self, entity: EntityKind, outcome: ChunkOutcomeLabel, seconds: f64) {
         self.chunks
             .with_label_values(&[entity.as_str(), outcome.as_str()])
             .inc();

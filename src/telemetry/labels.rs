@@ -1,6 +1,10 @@
-//! The label values of loansync's metrics, one enum per label. Each has `ALL` (the
-//! registry pre-creates a series for every value, so dashboards and alerts see it at
-//! zero before its first event) and `as_str` (the value exported).
+//! The labels of loansync's metrics: each a [`Label`] (its name and every value it
+//! takes, which the registry's table names), the values an enum with `ALL` (the registry
+//! pre-creates a series for every value, so dashboards and alerts see it at zero before
+//! its first event) and `as_str` (the value exported).
+
+use crate::domain::{EntityKind, SyncType};
+use crate::ledger::FinalStatus;
 
 /// The `outcome` of a settled record (`etl_records_total`, `etl_last_sync_records`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,9 +24,11 @@ impl RecordOutcome {
     }
 }
 
-/// The `outcome` of a chunk job handled by a worker (`etl_chunks_total`).
+/// The `outcome` label of a chunk job handled by a worker (`etl_chunks_total`): what
+/// became of its message (the worker's [`crate::worker::ChunkOutcome`] is what processing
+/// it gave).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChunkOutcome {
+pub enum ChunkOutcomeLabel {
     /// Sent and settled by this worker.
     Settled,
     /// Settled before: acked without sending.
@@ -37,24 +43,24 @@ pub enum ChunkOutcome {
     DeadLetter,
 }
 
-impl ChunkOutcome {
-    pub const ALL: [ChunkOutcome; 6] = [
-        ChunkOutcome::Settled,
-        ChunkOutcome::Duplicate,
-        ChunkOutcome::Aborted,
-        ChunkOutcome::Requeued,
-        ChunkOutcome::Republished,
-        ChunkOutcome::DeadLetter,
+impl ChunkOutcomeLabel {
+    pub const ALL: [ChunkOutcomeLabel; 6] = [
+        ChunkOutcomeLabel::Settled,
+        ChunkOutcomeLabel::Duplicate,
+        ChunkOutcomeLabel::Aborted,
+        ChunkOutcomeLabel::Requeued,
+        ChunkOutcomeLabel::Republished,
+        ChunkOutcomeLabel::DeadLetter,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
-            ChunkOutcome::Settled => "settled",
-            ChunkOutcome::Duplicate => "duplicate",
-            ChunkOutcome::Aborted => "aborted",
-            ChunkOutcome::Requeued => "requeued",
-            ChunkOutcome::Republished => "republished",
-            ChunkOutcome::DeadLetter => "dead_letter",
+            ChunkOutcomeLabel::Settled => "settled",
+            ChunkOutcomeLabel::Duplicate => "duplicate",
+            ChunkOutcomeLabel::Aborted => "aborted",
+            ChunkOutcomeLabel::Requeued => "requeued",
+            ChunkOutcomeLabel::Republished => "republished",
+            ChunkOutcomeLabel::DeadLetter => "dead_letter",
         }
     }
 }
@@ -182,11 +188,88 @@ pub fn endpoints() -> Vec<&'static str> {
     all
 }
 
+/// A label of loansync's metrics, as a row of the registry's table names it.
+#[derive(Debug, Clone, Copy)]
+pub struct Label {
+    /// The label's name in the exposition.
+    pub name: &'static str,
+    /// Every value it takes; `None` when they are known only at run time (queue names).
+    pub values: Option<fn() -> Vec<&'static str>>,
+}
+
+/// The entity of a record or chunk.
+pub const ENTITY: Label = Label {
+    name: "entity",
+    values: Some(|| EntityKind::ALL.map(EntityKind::as_str).to_vec()),
+};
+
+/// The outcome of a settled record.
+pub const RECORD_OUTCOME: Label = Label {
+    name: "outcome",
+    values: Some(|| RecordOutcome::ALL.map(RecordOutcome::as_str).to_vec()),
+};
+
+/// The outcome of a chunk job handled by a worker.
+pub const CHUNK_OUTCOME: Label = Label {
+    name: "outcome",
+    values: Some(|| {
+        ChunkOutcomeLabel::ALL
+            .map(ChunkOutcomeLabel::as_str)
+            .to_vec()
+    }),
+};
+
+/// The analytics API's endpoint.
+pub const ENDPOINT: Label = Label {
+    name: "endpoint",
+    values: Some(endpoints),
+};
+
+/// The class of an answer of the analytics API.
+pub const STATUS_CLASS: Label = Label {
+    name: "status_class",
+    values: Some(|| HttpClass::ALL.map(HttpClass::as_str).to_vec()),
+};
+
+/// Why a request was retried.
+pub const RETRY_REASON: Label = Label {
+    name: "reason",
+    values: Some(|| RetryReason::ALL.map(RetryReason::as_str).to_vec()),
+};
+
+/// Why a planning message planned nothing.
+pub const SKIP_REASON: Label = Label {
+    name: "reason",
+    values: Some(|| SkipReason::ALL.map(SkipReason::as_str).to_vec()),
+};
+
+/// The type of a sync.
+pub const SYNC_TYPE: Label = Label {
+    name: "sync_type",
+    values: Some(|| SyncType::ALL.map(SyncType::as_str).to_vec()),
+};
+
+/// The final status of a sync.
+pub const STATUS: Label = Label {
+    name: "status",
+    values: Some(|| FinalStatus::ALL.iter().map(|s| s.as_str()).collect()),
+};
+
+/// A queue's name (`<prefix>.plan`, `.chunks`, `.dead`: the prefix is a setting).
+pub const QUEUE: Label = Label {
+    name: "queue",
+    values: None,
+};
+
+/// The running loansync's version.
+pub const VERSION: Label = Label {
+    name: "version",
+    values: Some(|| vec![env!("CARGO_PKG_VERSION")]),
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{EntityKind, SyncType};
-    use crate::ledger::FinalStatus;
 
     /// A match with no wildcard: adding a variant without adding it to `ALL` fails to
     /// compile here first, then the length check below.
@@ -199,23 +282,23 @@ mod tests {
 
     #[test]
     fn every_label_list_covers_every_value_once() {
-        let chunk = |o: ChunkOutcome| match o {
-            ChunkOutcome::Settled
-            | ChunkOutcome::Duplicate
-            | ChunkOutcome::Aborted
-            | ChunkOutcome::Requeued
-            | ChunkOutcome::Republished
-            | ChunkOutcome::DeadLetter => o,
+        let chunk = |o: ChunkOutcomeLabel| match o {
+            ChunkOutcomeLabel::Settled
+            | ChunkOutcomeLabel::Duplicate
+            | ChunkOutcomeLabel::Aborted
+            | ChunkOutcomeLabel::Requeued
+            | ChunkOutcomeLabel::Republished
+            | ChunkOutcomeLabel::DeadLetter => o,
         };
         covered(
-            &ChunkOutcome::ALL,
+            &ChunkOutcomeLabel::ALL,
             &[
-                chunk(ChunkOutcome::Settled),
-                ChunkOutcome::Duplicate,
-                ChunkOutcome::Aborted,
-                ChunkOutcome::Requeued,
-                ChunkOutcome::Republished,
-                ChunkOutcome::DeadLetter,
+                chunk(ChunkOutcomeLabel::Settled),
+                ChunkOutcomeLabel::Duplicate,
+                ChunkOutcomeLabel::Aborted,
+                ChunkOutcomeLabel::Requeued,
+                ChunkOutcomeLabel::Republished,
+                ChunkOutcomeLabel::DeadLetter,
             ],
         );
         let record = |o: RecordOutcome| match o {
@@ -308,7 +391,9 @@ mod tests {
     fn label_values_are_the_exported_strings() {
         let s = |v: Vec<&'static str>| v.join(",");
         assert_eq!(
-            s(ChunkOutcome::ALL.map(ChunkOutcome::as_str).to_vec()),
+            s(ChunkOutcomeLabel::ALL
+                .map(ChunkOutcomeLabel::as_str)
+                .to_vec()),
             "settled,duplicate,aborted,requeued,republished,dead_letter"
         );
         assert_eq!(

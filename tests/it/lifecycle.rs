@@ -486,7 +486,11 @@ async fn a_chunk_that_cannot_be_started_spends_no_delivery() {
     let back = || {
         ["requeued", "republished"]
             .iter()
-            .map(|o| telemetry.chunks.with_label_values(&["officer", o]).get())
+            .map(|o| {
+                telemetry
+                    .value("etl_chunks_total", &[("entity", "officer"), ("outcome", o)])
+                    .unwrap_or(0.0) as u64
+            })
             .sum::<u64>()
     };
     // More tries than the broker's delivery limit (1 + 2), or (as before) a dead letter.

@@ -191,7 +191,8 @@ async fn postgresql_restarted_mid_sync() {
     // PostgreSQL goes away mid-sync.
     // The in-process planner and workers count in the process-wide registry.
     let metrics = Telemetry::global();
-    let waits_before = metrics.db_outage_waits.get();
+    let waits = || metrics.value("etl_db_outage_waits_total", &[]);
+    let waits_before = waits();
     let stopped = PostgresStopped::stop();
     wait_for(
         "/readyz to report the database",
@@ -204,7 +205,7 @@ async fn postgresql_restarted_mid_sync() {
     .await;
     // A worker holding a chunk waits for the database rather than requeueing it.
     wait_for("a worker to hold a chunk", OUTAGE_DEADLINE, || async {
-        metrics.db_outage_waits.get() > waits_before
+        waits() > waits_before
     })
     .await;
     stopped.start().await;

@@ -199,10 +199,9 @@ async fn a_held_lock_times_out_the_settle_and_the_settle_comes_back_without_a_se
     let ctx = Arc::new(loansync::app::worker_context(&settings, pool.clone()).unwrap());
     let work = tokio::spawn(worker::run_memory(ctx, queue, 3));
     let chunks = |outcome: &str| {
-        telemetry
-            .chunks
-            .with_label_values(&["officer", outcome])
-            .get()
+        let series = [("entity", "officer"), ("outcome", outcome)];
+        let n = telemetry.value("etl_chunks_total", &series);
+        n.expect("every chunk outcome's series exists") as u64
     };
     let planned = u64::try_from(totals.chunks).unwrap();
     wait_for(
@@ -342,7 +341,10 @@ async fn unreadable_rows_fail_alone_in_single_process_mode() {
         summary.status,
         Some(loansync::ledger::FinalStatus::PartialSuccess)
     );
-    assert!(telemetry.chunk_panics.get() > 0, "the panics were caught");
+    assert!(
+        telemetry.value("etl_chunk_panics_total", &[]) > Some(0.0),
+        "the panics were caught"
+    );
     let sync_id = summary.sync_id.unwrap();
     assert_unreadable_rows_failed_alone(&db, &stub.received(), &sync_id, loan, customer, &expected)
         .await;
@@ -490,7 +492,7 @@ async fn a_publish_whose_confirm_never_comes_fails_after_the_timeout() {
     let plan = broker.topology.plan.clone();
     broker.publish_bytes(&plan, b"{}").await.unwrap();
 
-    assert_eq!(telemetry.broker_timeouts.get(), 0);
+    assert_eq!(telemetry.value("etl_broker_timeouts_total", &[]), Some(0.0));
     proxy.set(Mode::Paused);
     let err = tokio::time::timeout(DEADLINE, broker.publish_bytes(&plan, b"{}"))
         .await
@@ -500,7 +502,7 @@ async fn a_publish_whose_confirm_never_comes_fails_after_the_timeout() {
         err.to_string().contains("ETL_PUBLISH_CONFIRM_TIMEOUT_SECS"),
         "{err:#}"
     );
-    assert_eq!(telemetry.broker_timeouts.get(), 1);
+    assert_eq!(telemetry.value("etl_broker_timeouts_total", &[]), Some(1.0));
     proxy.set(Mode::Open);
     broker.publish_bytes(&plan, b"{}").await.unwrap();
     broker.close().await;
@@ -582,11 +584,14 @@ async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
         waiting > 0
     })
     .await;
-    assert_eq!(planner_telemetry.broker_timeouts.get(), 0);
+    assert_eq!(
+        planner_telemetry.value("etl_broker_timeouts_total", &[]),
+        Some(0.0)
+    );
     proxy.set(Mode::Paused);
     holder.rollback().await.unwrap();
     wait_for("the planner's publish to time out", DEADLINE, || async {
-        planner_telemetry.broker_timeouts.get() > 0
+        planner_telemetry.value("etl_broker_timeouts_total", &[]) > Some(0.0)
     })
     .await;
     proxy.set(Mode::Open);
@@ -660,14 +665,14 @@ async fn a_blocked_broker_connection_fails_readyz_and_is_counted() {
     .await;
     assert!(get("/readyz").await.1.contains("broker: true (connected)"));
 
-    assert_eq!(telemetry.broker_blocked_total.get(), 0);
+    assert_eq!(telemetry.value("etl_broker_blocked_total", &[]), Some(0.0));
     proxy.inject(proxy::connection_blocked("low on memory"));
     wait_for("/readyz to fail", DEADLINE, || async {
         let (code, body) = get("/readyz").await;
         code == 503 && body.contains("broker: false (blocked)")
     })
     .await;
-    assert_eq!(telemetry.broker_blocked_total.get(), 1);
+    assert_eq!(telemetry.value("etl_broker_blocked_total", &[]), Some(1.0));
     let metrics = get("/metrics").await.1;
     assert!(metrics.contains("etl_broker_blocked_total 1"), "{metrics}");
     assert!(metrics.contains("etl_broker_blocked 1"), "{metrics}");
@@ -769,10 +774,9 @@ async fn a_long_database_outage_spends_no_delivery() {
     let chunks = planned_chunks().await;
     assert!(chunks >= 2, "{chunks} chunks");
     let count = |outcome: &str| {
-        telemetry
-            .chunks
-            .with_label_values(&["officer", outcome])
-            .get()
+        let series = [("entity", "officer"), ("outcome", outcome)];
+        let n = telemetry.value("etl_chunks_total", &series);
+        n.expect("every chunk outcome's series exists") as u64
     };
     let republished = || count("republished");
     let requeued = || count("requeued");

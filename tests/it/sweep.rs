@@ -347,7 +347,7 @@ fn a_sweep_message_is_validated_like_the_others() {
 async fn deleted_records_are_a_gauge_read_at_scrape_time() {
     let db = TestApp::migrated().await;
     let metrics = loansync::telemetry::Metrics::new();
-    metrics.refresh_state(&db.pool, 3600.0).await;
+    metrics.refresh_state(&db.pool, 3600.0, None).await;
     assert!(
         metrics
             .render()
@@ -360,7 +360,7 @@ async fn deleted_records_are_a_gauge_read_at_scrape_time() {
     .execute(&db.pool)
     .await
     .unwrap();
-    metrics.refresh_state(&db.pool, 3600.0).await;
+    metrics.refresh_state(&db.pool, 3600.0, None).await;
     let text = metrics.render();
     for line in [
         "etl_deleted_records{entity=\"loan\"} 2",

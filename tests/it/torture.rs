@@ -812,7 +812,7 @@ async fn check(
     // Nothing dead-lettered but the poison sent.
     let mut dead: BTreeMap<String, u32> = BTreeMap::new();
     if let Ok(mut consumer) = admin
-        .consume(&admin.topology.dead, 50, "torture-dead")
+        .raw_consumer(&admin.topology.dead, 50, "torture-dead")
         .await
     {
         while let Ok(Some(Ok(d))) =

@@ -3,7 +3,7 @@
 
 use super::connection::Broker;
 use crate::queue::Topology;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Event, Metrics};
 use anyhow::Context;
 use lapin::Connection;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -328,10 +328,11 @@ static REPORTED: std::sync::LazyLock<
 > = std::sync::LazyLock::new(Default::default);
 
 fn report_mismatches(queue: &str, differs: &[ArgumentMismatch], metrics: &Metrics) {
-    metrics
-        .queue_arguments_mismatch
-        .with_label_values(&[queue])
-        .set(differs.len() as i64);
+    Event::QueueArgumentsChecked {
+        queue,
+        differing: differs.len(),
+    }
+    .emit(metrics);
     let Ok(mut reported) = REPORTED.lock() else {
         return;
     };
