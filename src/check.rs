@@ -6,8 +6,9 @@
 //! Every check has a deadline, so a dependency that hangs fails its check instead of
 //! hanging the command. Nothing here prints a secret: URLs are redacted, keys never shown.
 
-use crate::config::{ConfigError, DbTimeouts, Settings, redact_text, redact_url};
+use crate::config::{ConfigError, DbTimeouts, Settings};
 use crate::queue::amqp::BrokerHealth;
+use crate::redact::{redact_text, redact_url};
 use crate::sink::AnalyticsClient;
 use crate::sink::service::Answer;
 use secrecy::ExposeSecret;

@@ -22,7 +22,7 @@ use std::sync::Arc;
     name = "loansync",
     version,
     about = "Keeps the analytics platform in sync with the lending database.",
-    after_long_help = crate::config::env_help()
+    after_long_help = crate::config::env::env_help()
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -361,7 +361,7 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // Library errors may quote a URL: never print its credentials.
-            let e = crate::config::redact_text(&format!("{e:#}"));
+            let e = crate::redact::redact_text(&format!("{e:#}"));
             tracing::error!(error = %e, "loansync failed");
             eprintln!("loansync: {e}");
             ExitCode::from(1)

@@ -5,8 +5,9 @@
 //! over RabbitMQ (or single-process mode when RabbitMQ does not answer), triggers a full
 //! sync, changes some rows, triggers an incremental sync, and prints what happened.
 
-use crate::config::{Settings, redact_url};
+use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType};
+use crate::redact::redact_url;
 use crate::seed::{self, SeedSpec};
 use crate::stub_api::{self, Faults, StubConfig};
 use crate::{app, db};
