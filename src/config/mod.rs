@@ -1,6 +1,7 @@
 //! Every setting, typed and validated at start-up. Secrets are kept in
 //! [`SecretString`] and URLs are only ever printed through [`redact_url`](crate::redact::redact_url).
 
+mod api;
 pub mod env;
 mod urls;
 
@@ -8,14 +9,14 @@ use crate::domain::EntityKind;
 /// Also reachable here for `queue::amqp`, the one caller still naming it by this path;
 /// redaction lives in [`crate::redact`].
 pub use crate::redact::redact_url;
+pub use api::{ApiSettings, RetrySettings};
 use env::{
-    DEFAULT_AMQP_URL, DEFAULT_API_URL, DEFAULT_DATABASE_URL, DEFAULT_STUB_KEY, Lookup, boolean,
-    num, num_env, range_of, value_or_file,
+    DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, Lookup, boolean, num, num_env, range_of, value_or_file,
 };
 use secrecy::{ExposeSecret, SecretString};
 use std::net::SocketAddr;
 use std::time::Duration;
-use urls::{check_amqp_url, check_database_url, is_loopback};
+use urls::{check_amqp_url, check_database_url};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -28,35 +29,6 @@ fn invalid(name: &'static str, problem: impl Into<String>) -> ConfigError {
         name,
         problem: problem.into(),
     }
-}
-
-/// How the analytics client retries transient failures (SPEC.md section 4).
-#[derive(Debug, Clone)]
-pub struct RetrySettings {
-    /// First backoff delay (`ETL_RETRY_INITIAL_MS`).
-    pub initial: Duration,
-    /// Largest single delay (`ETL_RETRY_MAX_INTERVAL_SECS`).
-    pub max_interval: Duration,
-    /// The deadline of one chunk in the analytics client, for all its requests: retries,
-    /// `Retry-After` waits and the halving of refused batches (`ETL_RETRY_MAX_ELAPSED_SECS`).
-    pub max_elapsed: Duration,
-}
-
-/// Where and how to reach the analytics API.
-#[derive(Clone)]
-pub struct ApiSettings {
-    /// Base URL, without a trailing slash (`ANALYTICS_API_URL`).
-    pub base_url: url::Url,
-    /// Bearer key (`ANALYTICS_API_KEY` or the file named by `ANALYTICS_API_KEY_FILE`).
-    pub key: SecretString,
-    /// Per-request timeout (`ETL_HTTP_TIMEOUT_SECS`).
-    pub timeout: Duration,
-    /// Extra CA certificates (PEM text, read and checked at start-up from the file named
-    /// by `ANALYTICS_CA_FILE`) trusted besides the system roots.
-    pub ca_pem: Option<String>,
-    /// Gzip request bodies, with `Content-Encoding: gzip` (`ANALYTICS_GZIP`).
-    pub gzip: bool,
-    pub retry: RetrySettings,
 }
 
 /// Chunk sizes per entity (`ETL_BATCH_SIZE_*`).
@@ -192,38 +164,7 @@ impl Settings {
         };
         let g: &Lookup = &get;
 
-        let key = value_or_file(g, "ANALYTICS_API_KEY", "ANALYTICS_API_KEY_FILE")?
-            .map(|(k, _)| k)
-            .unwrap_or_else(|| DEFAULT_STUB_KEY.to_string());
-        if key.is_empty() {
-            return Err(invalid("ANALYTICS_API_KEY", "the key is empty"));
-        }
-        // It travels in an `Authorization` header: refuse what a header cannot carry now,
-        // rather than failing every request later. The key itself is never echoed.
-        if !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-            return Err(invalid(
-                "ANALYTICS_API_KEY",
-                "the key holds spaces, control or non-ASCII characters, which an HTTP header cannot carry",
-            ));
-        }
-        let api_url = get("ANALYTICS_API_URL")?.unwrap_or_else(|| DEFAULT_API_URL.into());
-        let base_url = url::Url::parse(api_url.trim().trim_end_matches('/'))
-            .map_err(|e| invalid("ANALYTICS_API_URL", format!("not a URL: {e}")))?;
-        if !matches!(base_url.scheme(), "http" | "https") {
-            return Err(invalid("ANALYTICS_API_URL", "must be http:// or https://"));
-        }
-        let allow_plaintext = boolean(g, "ANALYTICS_ALLOW_PLAINTEXT", false)?;
-        if base_url.scheme() == "http" && !is_loopback(&base_url) && !allow_plaintext {
-            return Err(invalid(
-                "ANALYTICS_API_URL",
-                format!(
-                    "{} is plain http:// to a host that is not loopback: the API key and every record \
-                     would cross the network unencrypted. Use https://, or set ANALYTICS_ALLOW_PLAINTEXT=true \
-                     if the network itself is trusted",
-                    redact_url(base_url.as_str())
-                ),
-            ));
-        }
+        let (base_url, key) = api::endpoint(g)?;
 
         let retry = RetrySettings {
             initial: Duration::from_millis(num_env(g, "ETL_RETRY_INITIAL_MS")?),
@@ -350,7 +291,7 @@ impl Settings {
             queue_prefix,
             api: ApiSettings {
                 base_url,
-                key: key.into(),
+                key,
                 timeout,
                 ca_pem: api_ca_pem,
                 gzip: boolean(g, "ANALYTICS_GZIP", false)?,
@@ -412,20 +353,6 @@ pub fn chunk_worst_case(
     db_outage_wait: Duration,
 ) -> Duration {
     db_outage_wait + retry.max_elapsed + timeout + CHUNK_DB_ALLOWANCE
-}
-
-impl std::fmt::Debug for ApiSettings {
-    /// The URL is printed redacted (it may carry credentials), the key not at all.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiSettings")
-            .field("base_url", &redact_url(self.base_url.as_str()))
-            .field("key", &self.key)
-            .field("timeout", &self.timeout)
-            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
-            .field("gzip", &self.gzip)
-            .field("retry", &self.retry)
-            .finish()
-    }
 }
 
 #[cfg(test)]
@@ -662,17 +589,5 @@ mod tests {
                 .checked_sub_signed(s.default_lookback)
                 .is_some()
         );
-    }
-
-    #[test]
-    fn the_api_url_never_shows_in_debug_with_its_credentials() {
-        let s = settings(&[(
-            "ANALYTICS_API_URL",
-            "https://u:hunter2@api.example.com/v1?key=hunter2",
-        )])
-        .unwrap();
-        let debug = format!("{s:?}");
-        assert!(!debug.contains("hunter2"), "{debug}");
-        assert!(debug.contains("api.example.com"), "{debug}");
     }
 }

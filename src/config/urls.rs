@@ -2,10 +2,30 @@
 //! `AMQP_URL` as lapin reads it, and which hosts are loopback (where the analytics API
 //! may be plain `http://`). Their errors never hold a password.
 
-use crate::redact::redact_text;
+use crate::redact::{redact_text, redact_url};
+
+/// `ANALYTICS_API_URL`, without its trailing slashes: `http://` or `https://`, and plain
+/// `http://` only to a loopback host unless `allow_plaintext`. The error shows the URL
+/// redacted.
+pub(super) fn check_api_url(raw: &str, allow_plaintext: bool) -> Result<url::Url, String> {
+    let base_url =
+        url::Url::parse(raw.trim().trim_end_matches('/')).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(base_url.scheme(), "http" | "https") {
+        return Err("must be http:// or https://".into());
+    }
+    if base_url.scheme() == "http" && !is_loopback(&base_url) && !allow_plaintext {
+        return Err(format!(
+            "{} is plain http:// to a host that is not loopback: the API key and every record \
+             would cross the network unencrypted. Use https://, or set ANALYTICS_ALLOW_PLAINTEXT=true \
+             if the network itself is trusted",
+            redact_url(base_url.as_str())
+        ));
+    }
+    Ok(base_url)
+}
 
 /// A host that never leaves the machine: 127.0.0.0/8, ::1, `localhost`.
-pub(super) fn is_loopback(u: &url::Url) -> bool {
+fn is_loopback(u: &url::Url) -> bool {
     match u.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => {
