@@ -13,8 +13,9 @@
 //!   torture run).
 //! * [`config`]: every setting, typed and validated at start-up ([`config::Settings`]);
 //!   [`config::env`]: the variables read (the [`config::env::ENV_VARS`] table behind
-//!   `--help` and README's configuration table) and their parsers; `config/urls.rs`: the
-//!   checks of the database, broker and API URLs.
+//!   `--help` and README's configuration table) and their parsers; `config/api.rs`: the
+//!   analytics API's settings, with the local stub's URL and key as defaults only in a
+//!   `dev-tools` build; `config/urls.rs`: the checks of the database, broker and API URLs.
 //! * [`redact`]: credentials hidden in URLs and free text before they are printed,
 //!   logged or stored.
 //! * [`db`]: the connection pool and the embedded migrations.

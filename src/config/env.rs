@@ -6,9 +6,17 @@ use super::{ConfigError, invalid};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/loansync";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const DEFAULT_API_URL: &str = "http://127.0.0.1:8088";
-/// The key the local stub API accepts by default; never a production secret.
-pub const DEFAULT_STUB_KEY: &str = "loansync-local-dev-key";
+
+/// The defaults `--help` and README show for the analytics API's URL and key: the local
+/// stub's in a `dev-tools` build, none in the production build (see [`super::api`]).
+#[cfg(feature = "dev-tools")]
+const API_URL_SHOWN: &str = super::api::DEFAULT_API_URL;
+#[cfg(feature = "dev-tools")]
+const API_KEY_SHOWN: &str = "the local stub's development key";
+#[cfg(not(feature = "dev-tools"))]
+const API_URL_SHOWN: &str = "none: required to call the API";
+#[cfg(not(feature = "dev-tools"))]
+const API_KEY_SHOWN: &str = API_URL_SHOWN;
 
 const DAY: i128 = 86_400;
 
@@ -80,7 +88,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     ),
     var(
         "ANALYTICS_API_URL",
-        DEFAULT_API_URL,
+        API_URL_SHOWN,
         "base URL of the analytics API",
     ),
     var(
@@ -88,11 +96,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         "false",
         "allow plain http:// to a host that is not loopback",
     ),
-    var(
-        "ANALYTICS_API_KEY",
-        "the local stub's development key",
-        "bearer key",
-    ),
+    var("ANALYTICS_API_KEY", API_KEY_SHOWN, "bearer key"),
     var(
         "ANALYTICS_API_KEY_FILE",
         "–",
@@ -398,6 +402,7 @@ mod tests {
     use crate::config::DbTimeouts;
     use crate::config::test_support::{TempFile, settings};
     use secrecy::ExposeSecret;
+    use std::time::Duration;
 
     #[test]
     fn env_vars_are_the_one_table_of_defaults_ranges_and_docs() {
@@ -488,7 +493,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("loansync-key-{}", uuid::Uuid::new_v4()));
         std::fs::write(&path, "s3cret\n").unwrap();
         let s = settings(&[("ANALYTICS_API_KEY_FILE", path.to_str().unwrap())]).unwrap();
-        assert_eq!(s.api.key.expose_secret(), "s3cret");
+        assert_eq!(s.api().unwrap().key.expose_secret(), "s3cret");
         std::fs::remove_file(path).unwrap();
     }
 
@@ -548,5 +553,38 @@ mod tests {
             assert!(err.starts_with(&format!("{var}: ")), "{err}");
             assert!(!err.contains("hunter2"), "{err}");
         }
+    }
+
+    /// Zero is accepted where it means something, and the bounds themselves are in range.
+    #[test]
+    fn zero_and_the_bounds_are_accepted_where_they_mean_something() {
+        let s = settings(&[
+            ("ETL_RETRY_MAX_ELAPSED_SECS", "0"),
+            ("ETL_DB_OUTAGE_WAIT_SECS", "0"),
+            ("ETL_INCREMENTAL_OVERLAP_SECS", "0"),
+            ("ETL_SHUTDOWN_GRACE_SECS", "0"),
+            ("ETL_DEFAULT_LOOKBACK_DAYS", "36500"),
+            ("ETL_WORKER_CONCURRENCY", "256"),
+            ("ETL_BATCH_SIZE_LOANS", "10000"),
+            ("ETL_DB_POOL_SIZE", " 2 "),
+            ("METRICS_ADDR", ""),
+            ("ANALYTICS_GZIP", "TRUE"),
+        ])
+        .unwrap();
+        assert_eq!(s.api().unwrap().retry.max_elapsed, Duration::ZERO);
+        assert_eq!(s.db_outage_wait, Duration::ZERO);
+        assert_eq!(s.incremental_overlap, chrono::Duration::zero());
+        assert_eq!(s.shutdown_grace, Duration::ZERO);
+        assert_eq!(s.default_lookback, chrono::Duration::days(36500));
+        assert_eq!(s.worker_concurrency, 256);
+        assert_eq!(s.db_pool_size, 2);
+        assert_eq!(s.metrics_addr, None);
+        assert!(s.api().unwrap().gzip);
+        // The largest lookback, from today, is still a date.
+        assert!(
+            chrono::Utc::now()
+                .checked_sub_signed(s.default_lookback)
+                .is_some()
+        );
     }
 }

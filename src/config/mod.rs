@@ -1,8 +1,15 @@
-//! Every setting, typed and validated at start-up. Secrets are kept in
-//! [`SecretString`] and URLs are only ever printed through [`redact_url`](crate::redact::redact_url).
+//! Every setting, typed and validated at start-up: [`Settings`], read from the
+//! environment by [`Settings::from_env`]. Secrets are kept in [`SecretString`] and URLs
+//! are only ever printed through [`crate::redact`].
+//!
+//! [`env`](mod@env) holds the table of variables and their parsers, `api.rs` the
+//! analytics API's settings (and the `dev-tools` build's defaults for them), `urls.rs`
+//! the URL checks.
 
 mod api;
 pub mod env;
+#[cfg(test)]
+mod test_support;
 mod urls;
 
 use crate::domain::EntityKind;
@@ -18,10 +25,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use urls::{check_amqp_url, check_database_url};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ConfigError {
+    /// A variable's value is refused.
     #[error("{name}: {problem}")]
     Invalid { name: &'static str, problem: String },
+    /// Variables a command needs are unset, and this build has no default for them: the
+    /// analytics API's URL and key without the `dev-tools` feature.
+    #[error(
+        "{} {} not set, and this build (without `dev-tools`) has no default for {}",
+        .names.join(" and "),
+        if .names.len() == 1 { "is" } else { "are" },
+        if .names.len() == 1 { "it" } else { "them" }
+    )]
+    Unset { names: Vec<&'static str> },
 }
 
 fn invalid(name: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -101,7 +118,9 @@ pub struct Settings {
     pub amqp_ca_pem: Option<String>,
     /// Queue name prefix, so tenants and tests share a broker (`ETL_QUEUE_PREFIX`).
     pub queue_prefix: String,
-    pub api: ApiSettings,
+    /// The analytics API, or why it is not configured ([`ConfigError::Unset`], only in a
+    /// build without `dev-tools`); read it through [`Settings::api()`].
+    pub api: Result<ApiSettings, ConfigError>,
     pub chunk_sizes: ChunkSizes,
     /// Watermark used when an entity has never been synced (`ETL_DEFAULT_LOOKBACK_DAYS`).
     pub default_lookback: chrono::Duration,
@@ -149,8 +168,18 @@ impl Settings {
     ///
     /// Every variable has a range; a value outside it, a value that does not parse, or a
     /// variable set to an empty string is refused with an error naming the variable (an
-    /// unset variable takes its default). Nothing here panics, whatever the input.
+    /// unset variable takes its default; the API URL and key have none without
+    /// `dev-tools`, see [`Settings::api()`]). Nothing here panics, whatever the input.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Self::from_lookup_with(get, api::DEV_DEFAULTS)
+    }
+
+    /// [`Settings::from_lookup`] with `api_defaults` for an unset API URL and key instead
+    /// of this build's, so that unit tests can read settings as either build does.
+    fn from_lookup_with(
+        get: impl Fn(&str) -> Option<String>,
+        api_defaults: Option<api::DevDefaults>,
+    ) -> Result<Self, ConfigError> {
         // A variable set but empty is a mistake (a template not filled in), not a request
         // for the default: refuse it. METRICS_ADDR alone documents empty as "off".
         let get = |k: &'static str| -> Result<Option<String>, ConfigError> {
@@ -164,7 +193,7 @@ impl Settings {
         };
         let g: &Lookup = &get;
 
-        let (base_url, key) = api::endpoint(g)?;
+        let endpoint = api::endpoint(g, api_defaults)?;
 
         let retry = RetrySettings {
             initial: Duration::from_millis(num_env(g, "ETL_RETRY_INITIAL_MS")?),
@@ -284,19 +313,21 @@ impl Settings {
         let publish_confirm_timeout =
             Duration::from_secs(num_env(g, "ETL_PUBLISH_CONFIRM_TIMEOUT_SECS")?);
 
+        let gzip = boolean(g, "ANALYTICS_GZIP", false)?;
+
         Ok(Settings {
             database_url: database_url.trim().to_string().into(),
             amqp_url: amqp_url.trim().to_string().into(),
             amqp_ca_pem,
             queue_prefix,
-            api: ApiSettings {
+            api: endpoint.map(|(base_url, key)| ApiSettings {
                 base_url,
                 key,
                 timeout,
                 ca_pem: api_ca_pem,
-                gzip: boolean(g, "ANALYTICS_GZIP", false)?,
+                gzip,
                 retry,
-            },
+            }),
             chunk_sizes,
             // 0 would make the first incremental sync of an entity send nothing; a full
             // sync is the way to send everything. 100 years keeps date arithmetic in range.
@@ -321,6 +352,15 @@ impl Settings {
             log_format,
             telemetry: crate::telemetry::Telemetry::global(),
         })
+    }
+
+    /// The analytics API's settings, or the error naming what is missing: only in a build
+    /// without `dev-tools` (no default URL or key), when `ANALYTICS_API_URL` or the key
+    /// is unset. Only what calls the API asks for them, so that the commands that never do
+    /// (`planner`, `status`, `trigger`, `migrate`, …) run without them; the command line
+    /// refuses a command that calls the API before it starts (`cli::calls_api`).
+    pub fn api(&self) -> Result<&ApiSettings, ConfigError> {
+        self.api.as_ref().map_err(Clone::clone)
     }
 
     /// The database URL with its password replaced, for logs and messages.
@@ -356,42 +396,6 @@ pub fn chunk_worst_case(
 }
 
 #[cfg(test)]
-mod test_support {
-    use super::*;
-    use std::collections::HashMap;
-
-    pub(super) fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let m: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Settings::from_lookup(|k| m.get(k).cloned())
-    }
-
-    /// A temporary file holding `text`, removed when dropped.
-    pub(super) struct TempFile(std::path::PathBuf);
-
-    impl TempFile {
-        pub(super) fn new(text: &str) -> TempFile {
-            let path =
-                std::env::temp_dir().join(format!("loansync-secret-{}", uuid::Uuid::new_v4()));
-            std::fs::write(&path, text).unwrap();
-            TempFile(path)
-        }
-
-        pub(super) fn path(&self) -> &str {
-            self.0.to_str().unwrap()
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::test_support::settings;
     use super::*;
@@ -404,9 +408,9 @@ mod tests {
         assert_eq!(s.chunk_sizes.repayments, 200);
         assert_eq!(s.chunk_sizes.customers, 500);
         assert_eq!(s.chunk_sizes.officers, 500);
-        assert_eq!(s.api.retry.initial, Duration::from_millis(500));
-        assert_eq!(s.api.retry.max_interval, Duration::from_secs(30));
-        assert_eq!(s.api.retry.max_elapsed, Duration::from_secs(300));
+        assert_eq!(s.api().unwrap().retry.initial, Duration::from_millis(500));
+        assert_eq!(s.api().unwrap().retry.max_interval, Duration::from_secs(30));
+        assert_eq!(s.api().unwrap().retry.max_elapsed, Duration::from_secs(300));
         assert_eq!(s.incremental_overlap, chrono::Duration::seconds(120));
         assert_eq!(s.default_lookback, chrono::Duration::days(30));
         assert_eq!(s.queue_prefix, "etl");
@@ -442,7 +446,11 @@ mod tests {
         // costs one timeout, not one per level of halving.
         let s = settings(&[("ETL_HTTP_TIMEOUT_SECS", "100")]).unwrap();
         assert_eq!(
-            chunk_worst_case(&s.api.retry, s.api.timeout, s.db_outage_wait),
+            chunk_worst_case(
+                &s.api().unwrap().retry,
+                s.api().unwrap().timeout,
+                s.db_outage_wait
+            ),
             Duration::from_secs(300 + 100 + 300 + 30)
         );
         // Just under and just at the consumer timeout.
@@ -555,39 +563,6 @@ mod tests {
         assert!(
             err.to_string().starts_with("ETL_RETRY_INITIAL_MS: "),
             "{err}"
-        );
-    }
-
-    /// Zero is accepted where it means something, and the bounds themselves are in range.
-    #[test]
-    fn zero_and_the_bounds_are_accepted_where_they_mean_something() {
-        let s = settings(&[
-            ("ETL_RETRY_MAX_ELAPSED_SECS", "0"),
-            ("ETL_DB_OUTAGE_WAIT_SECS", "0"),
-            ("ETL_INCREMENTAL_OVERLAP_SECS", "0"),
-            ("ETL_SHUTDOWN_GRACE_SECS", "0"),
-            ("ETL_DEFAULT_LOOKBACK_DAYS", "36500"),
-            ("ETL_WORKER_CONCURRENCY", "256"),
-            ("ETL_BATCH_SIZE_LOANS", "10000"),
-            ("ETL_DB_POOL_SIZE", " 2 "),
-            ("METRICS_ADDR", ""),
-            ("ANALYTICS_GZIP", "TRUE"),
-        ])
-        .unwrap();
-        assert_eq!(s.api.retry.max_elapsed, Duration::ZERO);
-        assert_eq!(s.db_outage_wait, Duration::ZERO);
-        assert_eq!(s.incremental_overlap, chrono::Duration::zero());
-        assert_eq!(s.shutdown_grace, Duration::ZERO);
-        assert_eq!(s.default_lookback, chrono::Duration::days(36500));
-        assert_eq!(s.worker_concurrency, 256);
-        assert_eq!(s.db_pool_size, 2);
-        assert_eq!(s.metrics_addr, None);
-        assert!(s.api.gzip);
-        // The largest lookback, from today, is still a date.
-        assert!(
-            chrono::Utc::now()
-                .checked_sub_signed(s.default_lookback)
-                .is_some()
         );
     }
 }

@@ -151,7 +151,7 @@ mod tests {
                 ("ANALYTICS_ALLOW_PLAINTEXT", "true"),
             ])
             .unwrap();
-            assert_eq!(s.api.base_url.scheme(), "http");
+            assert_eq!(s.api().unwrap().base_url.scheme(), "http");
             assert!(!format!("{s:?}").contains("hunter2"));
         }
         let err = settings(&[
