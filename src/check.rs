@@ -6,8 +6,9 @@
 //! Every check has a deadline, so a dependency that hangs fails its check instead of
 //! hanging the command. Nothing here prints a secret: URLs are redacted, keys never shown.
 
-use crate::config::{ConfigError, DbTimeouts, Settings, redact_text, redact_url};
+use crate::config::{ConfigError, DbTimeouts, Settings};
 use crate::queue::amqp::BrokerHealth;
+use crate::redact::{redact_text, redact_url};
 use crate::sink::AnalyticsClient;
 use crate::sink::service::Answer;
 use secrecy::ExposeSecret;
@@ -613,8 +614,9 @@ async fn broker(settings: &Settings) -> Result<String, String> {
 
 /// The key is accepted: a batch of no records, as the contract allows.
 async fn api(settings: &Settings) -> Result<String, String> {
-    let at = redact_url(settings.api.base_url.as_str());
-    let client = AnalyticsClient::new(&settings.api).map_err(|e| e.to_string())?;
+    let api = settings.api().map_err(|e| e.to_string())?;
+    let at = redact_url(api.base_url.as_str());
+    let client = AnalyticsClient::new(api).map_err(|e| e.to_string())?;
     let status = |s: Option<u16>| s.map_or_else(String::new, |s| format!("HTTP {s}: "));
     match client.check_key().await {
         Ok(Answer::Accepted { .. }) => Ok(format!(

@@ -22,7 +22,7 @@ use std::sync::Arc;
     name = "loansync",
     version,
     about = "Keeps the analytics platform in sync with the lending database.",
-    after_long_help = crate::config::env_help()
+    after_long_help = crate::config::env::env_help()
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -341,6 +341,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // A build without `dev-tools` has no default API URL or key: a command that calls the
+    // API refuses to start without them, before it touches anything.
+    if let (Some(command), Err(e)) = (calls_api(&cli.command), settings.api()) {
+        eprintln!(
+            "loansync: configuration error: {e}; `loansync {command}` calls the analytics API"
+        );
+        return ExitCode::from(1);
+    }
     // The demo prints its own progress, and `check` its report: their logs only speak
     // of trouble unless asked.
     let default_filter = if quiet_logs(&cli.command) {
@@ -361,11 +369,47 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // Library errors may quote a URL: never print its credentials.
-            let e = crate::config::redact_text(&format!("{e:#}"));
+            let e = crate::redact::redact_text(&format!("{e:#}"));
             tracing::error!(error = %e, "loansync failed");
             eprintln!("loansync: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// The command as written, when it sends records to the analytics API and so needs its
+/// settings ([`Settings::api`]) before it starts. `check` is not one: it reports a missing
+/// API setting on its `api` line, which `--skip api` skips.
+fn calls_api(command: &Command) -> Option<&'static str> {
+    match command {
+        Command::Worker => Some("worker"),
+        Command::Sync { .. } => Some("sync"),
+        Command::Resume {
+            in_process: true, ..
+        } => Some("resume --in-process"),
+        Command::Errors(ErrorsCommand::Retry {
+            in_process: true, ..
+        }) => Some("errors retry --in-process"),
+        #[cfg(feature = "dev-tools")]
+        Command::Demo(_) => Some("demo"),
+        // The stub takes the key it accepts from the settings, and has no URL to call.
+        #[cfg(feature = "dev-tools")]
+        Command::StubApi(_) => None,
+        #[cfg(feature = "dev-tools")]
+        Command::Seed { .. } => None,
+        Command::Migrate
+        | Command::Planner
+        | Command::Trigger { .. }
+        | Command::Status { .. }
+        | Command::Resume { .. }
+        | Command::Abandon { .. }
+        | Command::Errors(ErrorsCommand::List { .. } | ErrorsCommand::Resolve { .. })
+        | Command::Errors(ErrorsCommand::Retry { .. })
+        | Command::Watermark(_)
+        | Command::Deletes(_)
+        | Command::Completions { .. }
+        | Command::Check { .. }
+        | Command::Probe { .. } => None,
     }
 }
 
@@ -609,9 +653,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             use crate::stub_api;
             use secrecy::ExposeSecret;
             let cfg = stub_api::StubConfig {
-                api_key: args
-                    .key
-                    .unwrap_or_else(|| settings.api.key.expose_secret().to_string()),
+                api_key: match args.key {
+                    Some(key) => key,
+                    None => settings.api()?.key.expose_secret().to_string(),
+                },
                 faults: stub_api::Faults {
                     error_5xx_rate: args.error_5xx_rate,
                     rate_429: args.rate_429,

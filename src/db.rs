@@ -68,7 +68,7 @@ pub async fn connect_url_with(url: &str, size: u32, t: &DbTimeouts) -> anyhow::R
         .map_err(|e| {
             anyhow::anyhow!(
                 "cannot connect to PostgreSQL at {}: {e}",
-                crate::config::redact_url(url)
+                crate::redact::redact_url(url)
             )
         })?;
     Ok(pool)
@@ -132,7 +132,7 @@ pub async fn wait_until_reachable(pool: &PgPool, max_wait: Duration) -> bool {
             .without_max_times(),
     );
     // The backoff counts only its delays, not the probes (up to 2 s each): the timeout
-    // makes `max_wait` a bound (config::chunk_worst_case counts on it).
+    // makes `max_wait` a bound (`config::chunk_worst_case` counts on it).
     matches!(tokio::time::timeout(max_wait, probing).await, Ok(Ok(())))
 }
 

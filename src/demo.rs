@@ -5,8 +5,9 @@
 //! over RabbitMQ (or single-process mode when RabbitMQ does not answer), triggers a full
 //! sync, changes some rows, triggers an incremental sync, and prints what happened.
 
-use crate::config::{Settings, redact_url};
+use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType};
+use crate::redact::redact_url;
 use crate::seed::{self, SeedSpec};
 use crate::stub_api::{self, Faults, StubConfig};
 use crate::{app, db};
@@ -91,7 +92,7 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
 
     let stub = stub_api::spawn(
         StubConfig {
-            api_key: base.api.key.expose_secret().to_string(),
+            api_key: base.api()?.key.expose_secret().to_string(),
             faults: Faults {
                 reject_every_nth: args.reject_every_nth,
                 ..Default::default()
@@ -104,7 +105,9 @@ pub async fn run(args: DemoArgs, base: &Settings) -> anyhow::Result<u8> {
 
     let mut settings = base.clone();
     settings.database_url = args.database_url.clone().into();
-    settings.api.base_url = url::Url::parse(&stub.url())?;
+    let mut api = base.api()?.clone();
+    api.base_url = url::Url::parse(&stub.url())?;
+    settings.api = Ok(api);
     settings.queue_prefix = format!("loansync-demo-{}", std::process::id());
     let settings = Arc::new(settings);
 

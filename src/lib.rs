@@ -11,7 +11,13 @@
 //!   fatal ([`failure::Failure`]), decided by type at the database, planner and worker.
 //! * [`failpoints`]: named fault points armed by `LOANSYNC_FAILPOINTS` (tests, the
 //!   torture run).
-//! * [`config`]: every setting, typed and validated at start-up; secrets redacted.
+//! * [`config`]: every setting, typed and validated at start-up ([`config::Settings`]);
+//!   [`config::env`]: the variables read (the [`config::env::ENV_VARS`] table behind
+//!   `--help` and README's configuration table) and their parsers; `config/api.rs`: the
+//!   analytics API's settings, with the local stub's URL and key as defaults only in a
+//!   `dev-tools` build; `config/urls.rs`: the checks of the database, broker and API URLs.
+//! * [`redact`]: credentials hidden in URLs and free text before they are printed,
+//!   logged or stored.
 //! * [`db`]: the connection pool and the embedded migrations.
 //! * [`source`]: reading the Django tables: id enumeration for a window, loading one
 //!   chunk with its related rows. SQL lives beside the code in `.sql` files.
@@ -70,6 +76,7 @@ pub mod ledger;
 pub mod planner;
 pub mod progress;
 pub mod queue;
+pub mod redact;
 #[cfg(feature = "dev-tools")]
 pub mod seed;
 pub mod sink;

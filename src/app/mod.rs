@@ -66,7 +66,7 @@ pub async fn connect_broker_with(
 pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> anyhow::Result<WorkerContext> {
     Ok(WorkerContext {
         pool,
-        client: AnalyticsClient::new(&settings.api)
+        client: AnalyticsClient::new(settings.api()?)
             .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?
             .with_telemetry(settings.telemetry.clone()),
         delivery_limit: settings.delivery_limit,

@@ -188,7 +188,7 @@ fn certificate_refused(e: &reqwest::Error) -> Option<Answer> {
 
 /// A transport failure, described without anything secret: reqwest's own text quotes the
 /// request URL (query string included), so the URL is dropped from it and named here
-/// through [`redact_url`](crate::config::redact_url); the rest of the chain says why.
+/// through [`redact_url`](crate::redact::redact_url); the rest of the chain says why.
 fn network(e: reqwest::Error, url: &str) -> Transient {
     let what = if e.is_timeout() {
         "the request timed out"
@@ -208,9 +208,9 @@ fn network(e: reqwest::Error, url: &str) -> Transient {
     Transient {
         status: None,
         error_code: "NETWORK_ERROR".into(),
-        message: crate::config::redact_text(&format!(
+        message: crate::redact::redact_text(&format!(
             "{what} ({}): {why}",
-            crate::config::redact_url(url)
+            crate::redact::redact_url(url)
         )),
         retry_after: None,
         body: serde_json::Value::Null,

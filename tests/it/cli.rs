@@ -13,7 +13,7 @@ async fn help_lists_every_setting_and_completions_are_generated() {
         .unwrap();
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
-    for v in loansync::config::ENV_VARS {
+    for v in loansync::config::env::ENV_VARS {
         assert!(text.contains(v.name), "--help does not show {}", v.name);
     }
     assert!(text.contains("ETL_BATCH_SIZE_LOANS") && text.contains("[default: 100, 1..=10000]"));

@@ -1,11 +1,15 @@
 //! Configuration and secrets: a bad setting stops the binary before it touches anything,
-//! transport errors carry no credential, and `seed --reset` cannot empty a real database.
+//! the production build has no development API URL or key, transport errors carry no
+//! credential, and `seed --reset` cannot empty a real database.
 
 use crate::harness::TestApp;
 use crate::harness::{KEY, seeded_db, settings_for, small, stub};
 use crate::support::{TestDb, amqp_url};
 use loansync::seed::SeedSpec;
 use loansync::stub_api::Faults;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
@@ -76,6 +80,189 @@ async fn a_bad_setting_stops_sync_before_anything_is_written() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(history().await, 1);
+}
+
+/// The production image's binary (`cargo build --no-default-features`), built once per
+/// test process into `<target>/no-dev-tools/<profile>/loansync`.
+///
+/// Cheap because it shares the test build's intermediate artefacts
+/// (`CARGO_BUILD_BUILD_DIR` is the test build's target directory): only `fail` (without
+/// its fault points) and loansync itself compile again. An example is built beside the
+/// binary so that the dev-dependencies' features (tokio's `process`, …) are unified as
+/// in the test build; without it every crate depending on tokio would be built anew.
+/// Test processes that build at once wait for each other on cargo's own lock.
+fn production_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let test_binary = Path::new(env!("CARGO_BIN_EXE_loansync"));
+            let profile_dir = test_binary.parent().expect("<target>/<profile>/loansync");
+            let target = profile_dir.parent().expect("<target>/<profile>");
+            let dir_name = profile_dir.file_name().expect("a profile directory");
+            // The dev profile's directory is `debug`; any other profile's is its name.
+            let profile = match dir_name.to_str() {
+                Some("debug") => "dev",
+                Some(other) => other,
+                None => panic!("profile directory {profile_dir:?} is not UTF-8"),
+            };
+            let artifacts = target.join("no-dev-tools");
+            let started = std::time::Instant::now();
+            let out = std::process::Command::new(env!("CARGO"))
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .args(["build", "--no-default-features", "--locked", "--offline"])
+                .args(["--profile", profile, "--bin", "loansync"])
+                .args(["--example", "publish_bench"])
+                .env("CARGO_TARGET_DIR", &artifacts)
+                .env("CARGO_BUILD_BUILD_DIR", target)
+                .output()
+                .expect("run cargo build --no-default-features");
+            assert!(
+                out.status.success(),
+                "cargo build --no-default-features failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!(
+                "built the production binary in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            artifacts.join(dir_name).join("loansync")
+        })
+        .clone()
+}
+
+/// Runs the production binary with `args` on `db`, with nothing in its environment but
+/// the database, the broker, `env` and a log filter: exit code and stderr.
+async fn run_production(
+    binary: &Path,
+    db: &TestApp,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(args)
+        .env_clear()
+        .env("DATABASE_URL", &db.url)
+        .env("AMQP_URL", amqp_url())
+        .env("ETL_QUEUE_PREFIX", &db.queue_prefix)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("loansync {args:?} was still running after 60s"))
+        .expect("run the production binary");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The production build has no development API URL or key: every command that calls
+/// the API refuses to start without them, naming what is missing, before it touches
+/// anything; the commands that never call the API run without them, and `check` names
+/// them on its `api` line.
+#[tokio::test]
+async fn the_production_build_refuses_to_call_the_api_without_its_url_and_key() {
+    let binary = tokio::task::spawn_blocking(production_binary)
+        .await
+        .unwrap();
+    let db = TestApp::migrated().await;
+    let url = ("ANALYTICS_API_URL", "https://analytics.example.com");
+    let key = ("ANALYTICS_API_KEY", "production-key");
+    for args in [
+        &["worker"][..],
+        &["sync", "--full"],
+        &["errors", "retry", "--in-process"],
+        &[
+            "resume",
+            "00000000-0000-0000-0000-000000000000",
+            "--in-process",
+        ],
+    ] {
+        for (env, named, unnamed) in [
+            (
+                &[][..],
+                "ANALYTICS_API_URL and ANALYTICS_API_KEY (or ANALYTICS_API_KEY_FILE) are not set",
+                None,
+            ),
+            (
+                &[url][..],
+                "ANALYTICS_API_KEY (or ANALYTICS_API_KEY_FILE) is not set",
+                Some("ANALYTICS_API_URL"),
+            ),
+            (
+                &[key][..],
+                "ANALYTICS_API_URL is not set",
+                Some("ANALYTICS_API_KEY"),
+            ),
+        ] {
+            let (code, _, stderr) = run_production(&binary, &db, args, env).await;
+            assert_eq!(code, Some(1), "{args:?} {env:?}: {stderr}");
+            assert!(
+                stderr.starts_with(&format!("loansync: configuration error: {named}")),
+                "{args:?} {env:?}: {stderr}"
+            );
+            assert!(
+                stderr.contains(&format!("`loansync {}", args[0])),
+                "{args:?}: {stderr}"
+            );
+            if let Some(unnamed) = unnamed {
+                assert!(!stderr.contains(unnamed), "{args:?} {env:?}: {stderr}");
+            }
+        }
+    }
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM loansync_sync").await,
+        0,
+        "a refused command claimed a sync"
+    );
+
+    // With both, the command runs: this database has no source rows, so the sync
+    // completes without a request (nothing listens at that address).
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let closed_url = format!("http://127.0.0.1:{closed}");
+    let configured = [("ANALYTICS_API_URL", closed_url.as_str()), key];
+    let (code, stdout, stderr) =
+        run_production(&binary, &db, &["sync", "--full"], &configured).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+
+    // The commands that never call the API need neither.
+    for args in [
+        &["migrate"][..],
+        &["status"],
+        &["check", "--skip", "api,broker"],
+    ] {
+        let (code, stdout, stderr) = run_production(&binary, &db, args, &[]).await;
+        assert_eq!(code, Some(0), "{args:?}: {stdout}{stderr}");
+    }
+    // `check` names them on its `api` line.
+    let (code, stdout, _) = run_production(
+        &binary,
+        &db,
+        &["check", "--json", "--skip", "broker"],
+        &[url],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stdout}");
+    let checks: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let api = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "api")
+        .unwrap();
+    assert_eq!(api["result"], "failed", "{stdout}");
+    assert!(
+        api["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("ANALYTICS_API_KEY (or ANALYTICS_API_KEY_FILE) is not set"),
+        "{stdout}"
+    );
 }
 
 /// An API URL carrying credentials (user info, `?key=`), at a port nobody listens on:

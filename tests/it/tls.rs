@@ -452,7 +452,7 @@ async fn an_unreadable_or_garbage_ca_file_is_a_clear_start_up_error() {
 
     // The client, given settings that skipped that check, refuses text without a
     // certificate too.
-    let mut api = settings(&[]).unwrap().api;
+    let mut api = settings(&[]).unwrap().api().unwrap().clone();
     api.ca_pem = Some("this is not a certificate\n".into());
     let err = match AnalyticsClient::new(&api) {
         Ok(_) => panic!("a client was built without a CA certificate"),
