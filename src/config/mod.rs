@@ -13,9 +13,7 @@ mod test_support;
 mod urls;
 
 use crate::domain::EntityKind;
-/// Also reachable here for `queue::amqp`, the one caller still naming it by this path;
-/// redaction lives in [`crate::redact`].
-pub use crate::redact::redact_url;
+use crate::redact::redact_url;
 pub use api::{ApiSettings, RetrySettings};
 use env::{
     DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, Lookup, boolean, num, num_env, range_of, value_or_file,

@@ -95,7 +95,7 @@ impl Broker {
         )
         .await
         .map_err(|e| {
-            let at = crate::config::redact_url(url);
+            let at = crate::redact::redact_url(url);
             match crate::tls::certificate_refused(&e) {
                 // The reason is all the chain below would say (three times over).
                 Some(reason) => anyhow::anyhow!(
