@@ -355,9 +355,21 @@ async fn settle(
     answer: ChunkAnswer,
 ) -> Result<ChunkOutcome, ChunkError> {
     use backon::Retryable;
+    // While PostgreSQL is unreachable, wait for it (counted as an outage wait, as a
+    // chunk's processing does); while it answers but the settle fails (a lock timeout,
+    // a serialization failure), try again with a backoff.
     let attempt = |answer: &ChunkAnswer| {
         let answer = answer.clone();
-        async move { settle_once(ctx, job, state, &answer).await }
+        async move {
+            crate::db::through_outage(
+                &ctx.pool,
+                ctx.db_outage_wait,
+                "the settle",
+                &ctx.telemetry,
+                || settle_once(ctx, job, state, &answer),
+            )
+            .await
+        }
     };
     let policy = backon::ExponentialBuilder::default()
         .with_min_delay(SETTLE_RETRY_FIRST_DELAY)
