@@ -170,7 +170,8 @@ mod tests {
     #[test]
     fn every_fault_point_named_here_is_in_the_code() {
         let sources = [
-            include_str!("planner.rs"),
+            include_str!("planner/plan.rs"),
+            include_str!("planner/run.rs"),
             include_str!("worker.rs"),
             include_str!("ledger/mod.rs"),
             include_str!("ledger/lifecycle/syncs.rs"),

@@ -62,30 +62,6 @@ impl Failure {
         }
     }
 
-    /// Classifies an error of any layer by the first cause it knows in its chain
-    /// (database errors, the ledger's unknown values, a transaction pooler in the
-    /// planning lock's way, an unbounded window); anything else is transient, as before.
-    pub fn of(e: &anyhow::Error) -> Failure {
-        for cause in e.chain() {
-            if let Some(sql) = cause.downcast_ref::<sqlx::Error>() {
-                return Failure::of_sqlx(sql);
-            }
-            if cause.is::<crate::ledger::UnknownValue>() {
-                return Failure::Permanent;
-            }
-            if cause.is::<crate::db::pooling::TransactionPooling>() {
-                return Failure::Fatal;
-            }
-            if let Some(l) = cause.downcast_ref::<crate::db::pooling::SessionLockError>() {
-                return l.failure();
-            }
-            if let Some(c) = cause.downcast_ref::<Classified>() {
-                return c.failure;
-            }
-        }
-        Failure::Transient
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Failure::Permanent => "permanent",
@@ -95,27 +71,20 @@ impl Failure {
     }
 }
 
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+/// An error type that says what it means for the work that met it.
+pub trait Classify {
+    fn failure(&self) -> Failure;
+}
+
+impl Classify for sqlx::Error {
+    fn failure(&self) -> Failure {
+        Failure::of_sqlx(self)
     }
 }
 
-/// An error with its classification attached, for a layer that knows better than the
-/// default (e.g. a planning request that can never be planned is permanent).
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Classified {
-    pub failure: Failure,
-    pub message: String,
-}
-
-impl Classified {
-    pub fn permanent(message: impl Into<String>) -> Classified {
-        Classified {
-            failure: Failure::Permanent,
-            message: message.into(),
-        }
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -224,28 +193,7 @@ mod tests {
         ];
         for (what, e, want) in cases {
             assert_eq!(Failure::of_sqlx(&e), want, "{what}: {e}");
-            // The same through anyhow, with context on top.
-            let wrapped = anyhow::Error::from(e).context("settling a chunk");
-            assert_eq!(Failure::of(&wrapped), want, "{what} (wrapped)");
+            assert_eq!(e.failure(), want, "{what} (Classify)");
         }
-    }
-
-    #[test]
-    fn other_errors_are_transient_unless_classified() {
-        let plain = anyhow::anyhow!("the broker went away");
-        assert_eq!(Failure::of(&plain), Failure::Transient);
-        let unknown = anyhow::Error::from(crate::ledger::UnknownValue {
-            what: "sync state",
-            value: "weird".into(),
-        });
-        assert_eq!(Failure::of(&unknown), Failure::Permanent);
-        let classified =
-            anyhow::Error::from(Classified::permanent("never plannable")).context("planning");
-        assert_eq!(Failure::of(&classified), Failure::Permanent);
-        let pooled = anyhow::Error::from(crate::db::pooling::TransactionPooling {
-            evidence: "two client connections ran on the same backend 7".into(),
-        })
-        .context("planning");
-        assert_eq!(Failure::of(&pooled), Failure::Fatal);
     }
 }

@@ -10,11 +10,11 @@
 //! answer ([`crate::domain::SettleJob`]): it is retried as a settle, never as a chunk.
 
 use crate::domain::{ChunkAnswer, ChunkJob, SettleJob, WorkerMessage};
-use crate::failure::Failure;
+use crate::failure::{Classify, Failure};
 use crate::ledger::{self, Attempt, ChunkResult, FailedRecord, FinalStatus, Settled};
 use crate::queue::amqp::Broker;
 use crate::queue::memory::MemoryQueue;
-use crate::queue::{Consumer, Disposition, REQUEUE_PAUSE};
+use crate::queue::{Consumer, Disposition, QueueError, REQUEUE_PAUSE};
 use crate::sink::{AnalyticsClient, Batch, FatalError};
 use crate::source;
 use crate::telemetry::{Event, Metrics, Requeue, Telemetry};
@@ -85,9 +85,9 @@ pub enum ChunkError {
     Ledger(#[source] sqlx::Error),
 }
 
-impl ChunkError {
+impl Classify for ChunkError {
     /// What this error means for the chunk: decided by type, never by text.
-    pub fn failure(&self) -> Failure {
+    fn failure(&self) -> Failure {
         match self {
             ChunkError::Unknown(_) | ChunkError::Permanent { .. } => Failure::Permanent,
             ChunkError::NotStarted(e) | ChunkError::Ledger(e) => Failure::of_sqlx(e),
@@ -734,7 +734,7 @@ pub async fn run(
     grace: Duration,
     consuming: &AtomicBool,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), QueueError> {
     let concurrency = usize::from(concurrency.max(1));
     consuming.store(true, Ordering::SeqCst);
     let mut in_flight = tokio::task::JoinSet::new();
@@ -756,7 +756,7 @@ pub async fn run(
                             }
                         });
                     }
-                    Some(Err(e)) => break Err(e.context("chunk consumer failed")),
+                    Some(Err(e)) => break Err(e),
                     // The queue's work is over; nothing is in flight any more.
                     None => break Ok(()),
                 }
@@ -799,7 +799,7 @@ pub async fn run_amqp(
     grace: Duration,
     consuming: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), QueueError> {
     let queue = broker.topology.chunks.clone();
     let tag = format!("loansync-worker-{}", uuid::Uuid::new_v4().simple());
     let mut consumer = broker

@@ -34,7 +34,7 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 /// Connects to the broker of `settings`.
-pub async fn connect_broker(settings: &Settings) -> anyhow::Result<Broker> {
+pub async fn connect_broker(settings: &Settings) -> Result<Broker, crate::queue::QueueError> {
     connect_broker_with(
         settings,
         BrokerHealth::with_telemetry(settings.telemetry.clone()),
@@ -46,7 +46,7 @@ pub async fn connect_broker(settings: &Settings) -> anyhow::Result<Broker> {
 pub async fn connect_broker_with(
     settings: &Settings,
     health: BrokerHealth,
-) -> anyhow::Result<Broker> {
+) -> Result<Broker, crate::queue::QueueError> {
     Broker::connect_with(
         settings.amqp_url.expose_secret(),
         &settings.queue_prefix,

@@ -57,8 +57,8 @@ pub async fn run_planner_with(
     // Behind a transaction pooler the planning lock would not be this session's: refuse
     // before taking any message (taking the lock verifies it again, every time).
     match crate::db::pooling::detect(&pool).await {
-        Err(e) if crate::failure::Failure::of(&e) == crate::failure::Failure::Fatal => {
-            return Err(e.context("the planner refuses to start"));
+        Err(e @ crate::db::pooling::SessionLockError::Pooling(_)) => {
+            return Err(anyhow::Error::from(e).context("the planner refuses to start"));
         }
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "could not tell whether a transaction pooler is in the way; the planning lock checks each time it is taken")
@@ -83,6 +83,7 @@ pub async fn run_planner_with(
         },
     )
     .await
+    .map_err(anyhow::Error::from)
 }
 
 /// Says once, at the planner's start, how the sync window's end is capped for its role
@@ -141,6 +142,7 @@ pub async fn run_worker_with(
         },
     )
     .await
+    .map_err(anyhow::Error::from)
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `METRICS_ADDR`, when set.

@@ -51,9 +51,9 @@ pub enum SessionLockError {
     Pooling(#[from] TransactionPooling),
 }
 
-impl SessionLockError {
+impl crate::failure::Classify for SessionLockError {
     /// What the error means for the work that met it.
-    pub fn failure(&self) -> crate::failure::Failure {
+    fn failure(&self) -> crate::failure::Failure {
         match self {
             SessionLockError::Db(e) => crate::failure::Failure::of_sqlx(e),
             SessionLockError::Pooling(_) => crate::failure::Failure::Fatal,
@@ -159,7 +159,7 @@ pub struct Sessions {
 /// `loansync check`'s test: two connections of `pool` (so with loansync's connect
 /// options) ask for their backend in separate transactions, interleaved ([`TURNS`]).
 /// [`TransactionPooling`] when one connection saw two backends or two connections one.
-pub async fn detect(pool: &PgPool) -> anyhow::Result<Sessions> {
+pub async fn detect(pool: &PgPool) -> Result<Sessions, SessionLockError> {
     let mut conns = [pool.acquire().await?, pool.acquire().await?];
     let mut seen = Vec::with_capacity(TURNS.len());
     for &c in &TURNS {

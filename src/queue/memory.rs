@@ -6,7 +6,7 @@
 //! [`Consumer`] can say when the work is over: the queue is empty and nothing in flight
 //! can come back. Consumers wait on a [`Notify`], never by polling.
 
-use super::{ChunkPublisher, Consumer, Delivery, Disposition, REQUEUE_PAUSE};
+use super::{ChunkPublisher, Consumer, Delivery, Disposition, QueueError, REQUEUE_PAUSE};
 use crate::domain::ChunkJob;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -169,7 +169,7 @@ impl MemoryQueue {
 
 #[async_trait::async_trait]
 impl ChunkPublisher for MemoryQueue {
-    async fn publish_chunks(&self, jobs: &[ChunkJob]) -> anyhow::Result<()> {
+    async fn publish_chunks(&self, jobs: &[ChunkJob]) -> Result<(), QueueError> {
         {
             let mut s = self.state();
             s.jobs.extend(jobs.iter().map(body_of));
@@ -188,7 +188,7 @@ pub struct MemoryConsumer {
 
 #[async_trait::async_trait]
 impl Consumer for MemoryConsumer {
-    async fn next(&mut self) -> Option<anyhow::Result<Box<dyn Delivery>>> {
+    async fn next(&mut self) -> Option<Result<Box<dyn Delivery>, QueueError>> {
         loop {
             // Registered before looking, so that a change between the look and the wait
             // is not missed.
@@ -226,7 +226,7 @@ impl Delivery for MemoryDelivery {
         self.body.as_deref().unwrap_or_default()
     }
 
-    async fn settle(mut self: Box<Self>, disposition: Disposition) -> anyhow::Result<()> {
+    async fn settle(mut self: Box<Self>, disposition: Disposition) -> Result<(), QueueError> {
         let Some(body) = self.body.take() else {
             return Ok(());
         };

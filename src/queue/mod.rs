@@ -12,7 +12,64 @@ pub mod amqp;
 pub mod memory;
 
 use crate::domain::ChunkJob;
+use crate::failure::{Classify, Failure};
 use std::time::Duration;
+
+/// What went wrong with the queue: for the work at hand, transient (the message comes
+/// back, the caller reconnects), except a broker that refuses the installation's
+/// connection ([`QueueError::Refused`]), which is fatal.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Connecting failed (a broker down, a network); `at` is the redacted URL.
+    #[error("cannot connect to RabbitMQ at {at}: {source}")]
+    Connect {
+        at: String,
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker refused the connection as configured (its TLS certificate): someone
+    /// must fix the installation.
+    #[error("cannot connect to RabbitMQ at {at}: {reason}")]
+    Refused { at: String, reason: String },
+    /// The connection or a channel failed.
+    #[error("RabbitMQ: {0}")]
+    Broker(#[from] lapin::Error),
+    /// A queue could not be declared as loansync declares it.
+    #[error("queue {queue} refused: {source}")]
+    Queue {
+        queue: String,
+        #[source]
+        source: lapin::Error,
+    },
+    /// No answer within the confirm timeout (`ETL_PUBLISH_CONFIRM_TIMEOUT_SECS`).
+    #[error(
+        "{what}: no answer from RabbitMQ within {secs}s (ETL_PUBLISH_CONFIRM_TIMEOUT_SECS){blocked}"
+    )]
+    Timeout {
+        what: String,
+        secs: f64,
+        /// Why, when the broker says: it has blocked the connection.
+        blocked: &'static str,
+    },
+    /// A publish the broker did not take (nacked) or could not route (returned).
+    #[error("{0}")]
+    NotConfirmed(String),
+    /// The broker cancelled a consumer, or the connection ended under it.
+    #[error("the consumer of {0} was cancelled or lost its connection")]
+    ConsumerLost(String),
+    /// A message could not be encoded.
+    #[error("encoding a message: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Classify for QueueError {
+    fn failure(&self) -> Failure {
+        match self {
+            QueueError::Refused { .. } => Failure::Fatal,
+            _ => Failure::Transient,
+        }
+    }
+}
 
 /// How long a message that failed transiently waits before it goes back to its queue
 /// ([`Disposition::Requeue`], [`Disposition::Republish`]): a failing dependency gets room
@@ -45,7 +102,7 @@ impl Topology {
 pub trait ChunkPublisher: Send + Sync {
     /// Publishes every job; returns only once the queue has accepted them all
     /// (publisher confirms on RabbitMQ).
-    async fn publish_chunks(&self, jobs: &[ChunkJob]) -> anyhow::Result<()>;
+    async fn publish_chunks(&self, jobs: &[ChunkJob]) -> Result<(), QueueError>;
 }
 
 /// What to do with a message once its work is done (or cannot be done).
@@ -79,7 +136,7 @@ pub trait Delivery: Send {
 
     /// Settles the message as `disposition` says. One that goes back (requeued,
     /// republished, replaced) waits [`REQUEUE_PAUSE`] or the consumer's own pause first.
-    async fn settle(self: Box<Self>, disposition: Disposition) -> anyhow::Result<()>;
+    async fn settle(self: Box<Self>, disposition: Disposition) -> Result<(), QueueError>;
 }
 
 /// Where a consuming loop takes its messages from.
@@ -89,7 +146,7 @@ pub trait Consumer: Send {
     /// closed, consumer cancelled by the broker): the loop ends with that error and the
     /// caller reconnects. `None`: there is no more work and there will be none (the
     /// in-memory queue is empty and no delivery is in flight); RabbitMQ never says so.
-    async fn next(&mut self) -> Option<anyhow::Result<Box<dyn Delivery>>>;
+    async fn next(&mut self) -> Option<Result<Box<dyn Delivery>, QueueError>>;
 
     /// Stops consuming; unsettled messages go back to the queue.
     async fn close(&mut self);

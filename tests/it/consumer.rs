@@ -34,7 +34,7 @@ async fn work_until_empty(
     ctx: Arc<worker::WorkerContext>,
     queue: &MemoryQueue,
     concurrency: u16,
-) -> anyhow::Result<()> {
+) -> Result<(), loansync::queue::QueueError> {
     let mut consumer = queue.consumer();
     let consuming = AtomicBool::new(false);
     worker::run(

@@ -19,9 +19,9 @@ use crate::support::{TestDb, amqp_url, wait_for};
 use loansync::config::Settings;
 use loansync::domain::{ChunkJob, EntityKind, PlanRequest, SyncType};
 use loansync::planner::{self, PlanOutcome};
-use loansync::queue::ChunkPublisher;
 use loansync::queue::amqp::Broker;
 use loansync::queue::memory::MemoryQueue;
+use loansync::queue::{ChunkPublisher, QueueError};
 use loansync::stub_api::{Faults, StubHandle};
 use loansync::telemetry::Telemetry;
 use std::sync::Arc;
@@ -297,8 +297,10 @@ struct LostBroker;
 
 #[async_trait::async_trait]
 impl ChunkPublisher for LostBroker {
-    async fn publish_chunks(&self, _jobs: &[ChunkJob]) -> anyhow::Result<()> {
-        anyhow::bail!("connection to the broker lost")
+    async fn publish_chunks(&self, _jobs: &[ChunkJob]) -> Result<(), QueueError> {
+        Err(QueueError::ConsumerLost(
+            "connection to the broker lost".into(),
+        ))
     }
 }
 

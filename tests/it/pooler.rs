@@ -17,7 +17,7 @@
 use crate::harness::{TestApp, settings_for};
 use crate::support::{amqp_url, wait_for};
 use bytes::{Buf, Bytes, BytesMut};
-use loansync::failure::Failure;
+use loansync::failure::{Classify, Failure};
 use loansync::ledger::PlanningLock;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -387,8 +387,6 @@ async fn the_planning_lock_refuses_a_transaction_pooler_and_verifies_directly() 
         let err = PlanningLock::acquire(&pool).await.unwrap_err();
         assert_eq!(err.failure(), Failure::Fatal, "{order:?}: {err:#}");
         let text = err.to_string();
-        let err = anyhow::Error::from(err).context("planning");
-        assert_eq!(Failure::of(&err), Failure::Fatal, "{order:?}: {err:#}");
         // Most recently used first, another connection lands on the lock's backend; in
         // turn, the lock's own connection moves.
         let evidence = match order {
@@ -497,7 +495,10 @@ async fn a_planner_behind_a_transaction_pooler_plans_nothing_and_stops() {
         .await
         .expect("the planner stops by itself")
         .unwrap_err();
-    assert_eq!(Failure::of(&err), Failure::Fatal, "{err:#}");
+    let refused = err
+        .downcast_ref::<loansync::db::pooling::SessionLockError>()
+        .expect("the planning lock's error");
+    assert_eq!(refused.failure(), Failure::Fatal, "{err:#}");
     assert!(
         format!("{err:#}").contains("transaction pooling detected"),
         "{err:#}"

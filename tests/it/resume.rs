@@ -12,8 +12,8 @@ use crate::support::{TestDb, amqp_url, wait_for};
 use loansync::config::Settings;
 use loansync::domain::{ChunkJob, EntityKind, PlanRequest, SyncType};
 use loansync::http::{self, Readiness};
-use loansync::queue::ChunkPublisher;
 use loansync::queue::amqp::Broker;
+use loansync::queue::{ChunkPublisher, QueueError};
 use loansync::stub_api::Faults;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -25,8 +25,10 @@ struct LostBroker;
 
 #[async_trait::async_trait]
 impl ChunkPublisher for LostBroker {
-    async fn publish_chunks(&self, _jobs: &[ChunkJob]) -> anyhow::Result<()> {
-        anyhow::bail!("connection to the broker lost")
+    async fn publish_chunks(&self, _jobs: &[ChunkJob]) -> Result<(), QueueError> {
+        Err(QueueError::ConsumerLost(
+            "connection to the broker lost".into(),
+        ))
     }
 }
 

@@ -4,7 +4,8 @@
 
 use super::health::BrokerHealth;
 use super::topology::{ArgumentMismatch, declare_topology};
-use crate::queue::Topology;
+use crate::failure::Classify;
+use crate::queue::{QueueError, Topology};
 use crate::telemetry::Event;
 use futures::StreamExt;
 use lapin::options::ConfirmSelectOptions;
@@ -50,7 +51,11 @@ pub struct Broker {
 
 impl Broker {
     /// Connects, declares the three queues and opens the publish channel.
-    pub async fn connect(url: &str, prefix: &str, delivery_limit: u32) -> anyhow::Result<Broker> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        delivery_limit: u32,
+    ) -> Result<Broker, QueueError> {
         Self::connect_with_ca(url, prefix, delivery_limit, None).await
     }
 
@@ -62,7 +67,7 @@ impl Broker {
         prefix: &str,
         delivery_limit: u32,
         ca_pem: Option<&str>,
-    ) -> anyhow::Result<Broker> {
+    ) -> Result<Broker, QueueError> {
         Self::connect_with(
             url,
             prefix,
@@ -81,7 +86,7 @@ impl Broker {
         delivery_limit: u32,
         ca_pem: Option<&str>,
         opts: BrokerOptions,
-    ) -> anyhow::Result<Broker> {
+    ) -> Result<Broker, QueueError> {
         let tls = OwnedTLSConfig {
             cert_chain: ca_pem.map(str::to_owned),
             ..OwnedTLSConfig::default()
@@ -98,13 +103,14 @@ impl Broker {
             let at = crate::redact::redact_url(url);
             match crate::tls::certificate_refused(&e) {
                 // The reason is all the chain below would say (three times over).
-                Some(reason) => anyhow::anyhow!(
-                    "cannot connect to RabbitMQ at {at}: the broker's TLS certificate was refused \
-                     ({reason}); if a private CA signed it, name that CA's PEM file in AMQP_CA_FILE"
-                ),
-                None => {
-                    anyhow::Error::new(e).context(format!("cannot connect to RabbitMQ at {at}"))
-                }
+                Some(reason) => QueueError::Refused {
+                    at,
+                    reason: format!(
+                        "the broker's TLS certificate was refused ({reason}); if a private CA \
+                         signed it, name that CA's PEM file in AMQP_CA_FILE"
+                    ),
+                },
+                None => QueueError::Connect { at, source: e },
             }
         })?;
         let health = opts.health;
@@ -153,21 +159,21 @@ impl Broker {
     pub(super) async fn bounded<T>(
         &self,
         what: &str,
-        op: impl std::future::Future<Output = anyhow::Result<T>>,
-    ) -> anyhow::Result<T> {
+        op: impl std::future::Future<Output = Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
         match tokio::time::timeout(self.confirm_timeout, op).await {
             Ok(r) => r,
             Err(_) => {
                 self.health.telemetry().emit(Event::BrokerTimeout);
-                Err(anyhow::anyhow!(
-                    "{what}: no answer from RabbitMQ within {}s (ETL_PUBLISH_CONFIRM_TIMEOUT_SECS){}",
-                    self.confirm_timeout.as_secs_f64(),
-                    if self.conn.status().blocked() {
+                Err(QueueError::Timeout {
+                    what: what.to_string(),
+                    secs: self.confirm_timeout.as_secs_f64(),
+                    blocked: if self.conn.status().blocked() {
                         "; the broker has blocked this connection (memory or disk alarm)"
                     } else {
                         ""
-                    }
-                ))
+                    },
+                })
             }
         }
     }
@@ -189,19 +195,20 @@ pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 /// (a wrong installation, which reconnecting cannot mend). While disconnected
 /// the `consuming` flag is down and `health` says so, so that `/readyz` reports the
 /// outage. Messages in flight on a lost connection are redelivered by the broker.
-pub async fn with_reconnect<C, CF, F, Fut>(
+pub async fn with_reconnect<C, CF, F, Fut, E>(
     what: &str,
     consuming: &AtomicBool,
     health: &BrokerHealth,
     shutdown: CancellationToken,
     mut connect: C,
     mut consume: F,
-) -> anyhow::Result<()>
+) -> Result<(), E>
 where
     C: FnMut() -> CF,
-    CF: std::future::Future<Output = anyhow::Result<Broker>>,
+    CF: std::future::Future<Output = Result<Broker, QueueError>>,
     F: FnMut(Broker, CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: From<QueueError> + Classify + std::fmt::Display,
 {
     use backon::Retryable;
     loop {
@@ -227,7 +234,7 @@ where
         match ended {
             Ok(()) => return Ok(()),
             // A wrong installation: reconnecting cannot help, stop.
-            Err(e) if crate::failure::Failure::of(&e) == crate::failure::Failure::Fatal => {
+            Err(e) if e.failure() == crate::failure::Failure::Fatal => {
                 return Err(e);
             }
             Err(e) => {

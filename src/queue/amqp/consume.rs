@@ -7,7 +7,7 @@
 //! and pause before a message goes back, as the planner's and workers' loops need.
 
 use super::connection::Broker;
-use crate::queue::Disposition;
+use crate::queue::{Disposition, QueueError};
 use futures::StreamExt;
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -22,7 +22,7 @@ impl Broker {
         queue: &str,
         prefetch: u16,
         tag: &str,
-    ) -> anyhow::Result<RawConsumer> {
+    ) -> Result<RawConsumer, QueueError> {
         let channel = self.conn.create_channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -50,7 +50,7 @@ impl Broker {
         prefetch: u16,
         tag: &str,
         requeue_pause: Duration,
-    ) -> anyhow::Result<BrokerConsumer> {
+    ) -> Result<BrokerConsumer, QueueError> {
         Ok(BrokerConsumer {
             raw: self.raw_consumer(queue, prefetch, tag).await?,
             broker: self.clone(),
@@ -79,10 +79,10 @@ impl RawConsumer {
     }
 
     /// The next delivery, or `None` when the consumer was cancelled or the connection lost.
-    pub async fn next(&mut self) -> Option<anyhow::Result<RawDelivery>> {
+    pub async fn next(&mut self) -> Option<Result<RawDelivery, QueueError>> {
         self.inner.next().await.map(|r| {
             r.map(|d| RawDelivery { inner: d })
-                .map_err(anyhow::Error::from)
+                .map_err(QueueError::from)
         })
     }
 }
@@ -124,7 +124,7 @@ impl RawDelivery {
         broker: &Broker,
         source: &str,
         d: Disposition,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), QueueError> {
         let ack = || async {
             broker
                 .bounded("acking", async {
@@ -188,7 +188,7 @@ impl std::fmt::Debug for BrokerConsumer {
 
 #[async_trait::async_trait]
 impl crate::queue::Consumer for BrokerConsumer {
-    async fn next(&mut self) -> Option<anyhow::Result<Box<dyn crate::queue::Delivery>>> {
+    async fn next(&mut self) -> Option<Result<Box<dyn crate::queue::Delivery>, QueueError>> {
         Some(match self.raw.next().await {
             Some(Ok(raw)) => Ok(Box::new(BrokerDelivery {
                 raw,
@@ -198,10 +198,7 @@ impl crate::queue::Consumer for BrokerConsumer {
             })),
             Some(Err(e)) => Err(e),
             // RabbitMQ's work never ends: a consumer that stops was cancelled or lost.
-            None => Err(anyhow::anyhow!(
-                "the broker cancelled the consumer of {}",
-                self.queue
-            )),
+            None => Err(QueueError::ConsumerLost(self.queue.clone())),
         })
     }
 
@@ -224,7 +221,7 @@ impl crate::queue::Delivery for BrokerDelivery {
         self.raw.body()
     }
 
-    async fn settle(self: Box<Self>, disposition: Disposition) -> anyhow::Result<()> {
+    async fn settle(self: Box<Self>, disposition: Disposition) -> Result<(), QueueError> {
         if matches!(
             disposition,
             Disposition::Requeue | Disposition::Republish | Disposition::Replace(_)

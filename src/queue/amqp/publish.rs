@@ -6,7 +6,7 @@
 
 use super::connection::Broker;
 use crate::domain::ChunkJob;
-use crate::queue::ChunkPublisher;
+use crate::queue::{ChunkPublisher, QueueError};
 use futures::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
@@ -41,7 +41,7 @@ impl Broker {
         &self,
         queue: &str,
         messages: &[T],
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), QueueError> {
         self.bounded("publishing", async {
             let mut pending = Vec::with_capacity(messages.len().min(1024));
             let mut started = futures::stream::FuturesOrdered::new();
@@ -65,7 +65,7 @@ impl Broker {
     }
 
     /// Publishes one message as it is (any bytes) and waits for its confirm.
-    pub async fn publish_bytes(&self, queue: &str, body: &[u8]) -> anyhow::Result<()> {
+    pub async fn publish_bytes(&self, queue: &str, body: &[u8]) -> Result<(), QueueError> {
         self.publish_one("publishing", queue, body, properties())
             .await
     }
@@ -78,7 +78,7 @@ impl Broker {
         queue: &str,
         body: &[u8],
         received: &BasicProperties,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), QueueError> {
         let mut headers = FieldTable::default();
         let mut times = 0i64;
         if let Some(h) = received.headers() {
@@ -114,7 +114,7 @@ impl Broker {
         queue: &str,
         body: &[u8],
         props: BasicProperties,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), QueueError> {
         self.bounded(what, async {
             confirmed(self.start_publish(queue, body, props).await?).await
         })
@@ -125,7 +125,7 @@ impl Broker {
         &self,
         queue: &str,
         body: Vec<u8>,
-    ) -> anyhow::Result<lapin::PublisherConfirm> {
+    ) -> Result<lapin::PublisherConfirm, QueueError> {
         self.start_publish(queue, &body, properties()).await
     }
 
@@ -134,7 +134,7 @@ impl Broker {
         queue: &str,
         body: &[u8],
         props: BasicProperties,
-    ) -> anyhow::Result<lapin::PublisherConfirm> {
+    ) -> Result<lapin::PublisherConfirm, QueueError> {
         Ok(self
             .publish_channel
             .basic_publish(
@@ -152,7 +152,12 @@ impl Broker {
 
     /// Moves a message to the dead-letter queue with `reason` in its `x-loansync-reason`
     /// header and the queue it came from in `x-loansync-source`.
-    pub async fn dead_letter(&self, body: &[u8], source: &str, reason: &str) -> anyhow::Result<()> {
+    pub async fn dead_letter(
+        &self,
+        body: &[u8],
+        source: &str,
+        reason: &str,
+    ) -> Result<(), QueueError> {
         let mut headers = FieldTable::default();
         headers.insert(
             ShortString::from("x-loansync-reason"),
@@ -176,7 +181,7 @@ impl Broker {
 const PUBLISHES_IN_FLIGHT: usize = 128;
 
 /// Waits for the confirms of `pending`, in order (it is left empty).
-async fn await_confirms(pending: &mut Vec<lapin::PublisherConfirm>) -> anyhow::Result<()> {
+async fn await_confirms(pending: &mut Vec<lapin::PublisherConfirm>) -> Result<(), QueueError> {
     for confirm in pending.drain(..) {
         confirmed(confirm).await?;
     }
@@ -185,24 +190,25 @@ async fn await_confirms(pending: &mut Vec<lapin::PublisherConfirm>) -> anyhow::R
 
 /// Waits for a publish's confirm: an error unless the broker took the message and a
 /// queue did (a mandatory publish that no queue takes is returned, then acked).
-async fn confirmed(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
+async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<(), QueueError> {
     let c = confirm.await?;
-    anyhow::ensure!(
-        c.is_ack(),
-        "the broker did not confirm a published message ({c:?})"
-    );
+    if !c.is_ack() {
+        return Err(QueueError::NotConfirmed(format!(
+            "the broker did not confirm a published message ({c:?})"
+        )));
+    }
     if let Some(returned) = c.take_message() {
-        anyhow::bail!(
+        return Err(QueueError::NotConfirmed(format!(
             "the broker could not route a message (reply {}): is the queue declared?",
             returned.reply_code
-        );
+        )));
     }
     Ok(())
 }
 
 #[async_trait::async_trait]
 impl ChunkPublisher for Broker {
-    async fn publish_chunks(&self, jobs: &[ChunkJob]) -> anyhow::Result<()> {
+    async fn publish_chunks(&self, jobs: &[ChunkJob]) -> Result<(), QueueError> {
         self.publish_json(&self.topology.chunks, jobs).await
     }
 }

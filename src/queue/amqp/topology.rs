@@ -2,9 +2,8 @@
 //! that exist with other ones, their depth, deleting them.
 
 use super::connection::Broker;
-use crate::queue::Topology;
+use crate::queue::{QueueError, Topology};
 use crate::telemetry::{Event, Metrics};
-use anyhow::Context;
 use lapin::Connection;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -126,7 +125,7 @@ fn plain_value(v: &str) -> String {
 
 /// Messages waiting in `queue` (a passive declare on a channel of its own); an error
 /// when there is no such queue.
-pub(super) async fn queue_depth_on(conn: &Connection, queue: &str) -> anyhow::Result<u32> {
+pub(super) async fn queue_depth_on(conn: &Connection, queue: &str) -> Result<u32, QueueError> {
     let channel = conn.create_channel().await?;
     let q = channel
         .queue_declare(
@@ -144,12 +143,12 @@ pub(super) async fn queue_depth_on(conn: &Connection, queue: &str) -> anyhow::Re
 
 impl Broker {
     /// Messages waiting in `queue` (not counting unacknowledged ones).
-    pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, QueueError> {
         queue_depth_on(&self.conn, queue).await
     }
 
     /// Deletes this prefix's queues (tests and tenants that leave).
-    pub async fn delete_topology(&self) -> anyhow::Result<()> {
+    pub async fn delete_topology(&self) -> Result<(), QueueError> {
         let channel = self.conn.create_channel().await?;
         for q in [
             &self.topology.plan,
@@ -199,7 +198,7 @@ pub(super) async fn declare_topology(
     t: &Topology,
     delivery_limit: u32,
     metrics: &Metrics,
-) -> anyhow::Result<Vec<ArgumentMismatch>> {
+) -> Result<Vec<ArgumentMismatch>, QueueError> {
     'kinds: for kind in ["quorum", "classic"] {
         let mut found = Vec::new();
         let mut per_queue = Vec::new();
@@ -217,7 +216,13 @@ pub(super) async fn declare_topology(
                     tracing::warn!(queue = %name, error = %format!("{e:#}"), "quorum queue refused; falling back to classic queues");
                     continue 'kinds;
                 }
-                Err(e) => return Err(e).with_context(|| format!("cannot declare queue {name}")),
+                Err(QueueError::Broker(source)) => {
+                    return Err(QueueError::Queue {
+                        queue: name.to_string(),
+                        source,
+                    });
+                }
+                Err(e) => return Err(e),
             }
         }
         for (name, differs) in per_queue {
@@ -280,7 +285,7 @@ async fn declare_accepting(
     conn: &Connection,
     name: &str,
     wanted: FieldTable,
-) -> anyhow::Result<Vec<ArgumentMismatch>> {
+) -> Result<Vec<ArgumentMismatch>, QueueError> {
     let mut args = wanted;
     let mut found: Vec<ArgumentMismatch> = Vec::new();
     loop {
@@ -309,7 +314,10 @@ async fn declare_accepting(
         }
         // The queue's other differences cannot be adopted: use it as it is if it exists.
         if queue_depth_on(conn, name).await.is_err() {
-            return Err(anyhow::Error::new(e).context(format!("queue {name} refused")));
+            return Err(QueueError::Queue {
+                queue: name.to_string(),
+                source: e,
+            });
         }
         found.push(m.unwrap_or_else(|| ArgumentMismatch {
             queue: name.to_string(),
