@@ -16,7 +16,13 @@
 
 use loansync::domain::{EntityKind, SyncType};
 use loansync::ledger::lifecycle::{self, Claim};
-use loansync::ledger::{self, ChunkResult, PlanTotals, Purpose, RowLock, SyncSpec};
+use loansync::ledger::{
+    self,
+    lifecycle::{RowLock, SyncSpec},
+    plan::PlanTotals,
+    settle::ChunkResult,
+    states::Purpose,
+};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -129,7 +135,7 @@ async fn bench(
 
 /// A running sync of `chunks` loan chunks of `chunk_ids` ids each, ids from `base + 1`.
 async fn plan(pool: &PgPool, chunks: i64, chunk_ids: i64, base: i64) -> anyhow::Result<String> {
-    let lock = ledger::PlanningLock::acquire(pool).await?;
+    let lock = ledger::lifecycle::PlanningLock::acquire(pool).await?;
     let spec = SyncSpec {
         sync_type: SyncType::Full,
         entities: vec![EntityKind::Loan],
@@ -159,7 +165,7 @@ async fn plan(pool: &PgPool, chunks: i64, chunk_ids: i64, base: i64) -> anyhow::
         records: vec![(EntityKind::Loan, chunks * chunk_ids)],
         chunks,
     };
-    ledger::write_plan(&mut tx, &sync_id, &totals, None, window_hi).await?;
+    ledger::plan::write_plan(&mut tx, &sync_id, &totals, None, window_hi).await?;
     tx.commit().await?;
     lock.release().await;
     sqlx::query("VACUUM ANALYZE loansync_chunk")
@@ -225,9 +231,9 @@ async fn settle_for(
                     delivered: &delivered,
                     failed: &[],
                     api_response: None,
-                    upsert: ledger::FingerprintUpsert::plain(),
+                    upsert: ledger::settle::FingerprintUpsert::plain(),
                 };
-                ledger::settle_chunk(&p, &r).await?;
+                ledger::settle::settle_chunk(&p, &r).await?;
                 settled.fetch_add(1, Ordering::Relaxed);
             }
             p.close().await;

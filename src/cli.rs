@@ -585,17 +585,19 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             // A live planner holds the lock while it plans: abandon waits for it, so it
             // never ends a sync that is being planned right now.
             let done = ledger::lifecycle::with_planning_lock(&pool, async |lock| {
-                anyhow::Ok(ledger::abandon_sync(&pool, lock, &sync_id, &reason).await?)
+                anyhow::Ok(ledger::end::abandon_sync(&pool, lock, &sync_id, &reason).await?)
             })
             .await;
             match done? {
-                ledger::Abandoned::NotActive { state } => anyhow::bail!(
+                ledger::end::Abandoned::NotActive { state } => anyhow::bail!(
                     "sync {sync_id} is not planning or running ({}): nothing to abandon",
                     state.map_or("no such sync", |s| s.as_str())
                 ),
                 how => {
                     let what = match how {
-                        ledger::Abandoned::Planning => "it had not been planned: nothing was sent",
+                        ledger::end::Abandoned::Planning => {
+                            "it had not been planned: nothing was sent"
+                        }
                         _ => {
                             "its unsettled records failed with SYNC_ABANDONED; `loansync errors retry` delivers them"
                         }
@@ -678,11 +680,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
 }
 
 /// What `status` says after a stalled sync, and what to do about it.
-fn stalled_hint(s: &ledger::SyncSummary) -> &'static str {
+fn stalled_hint(s: &ledger::reads::SyncSummary) -> &'static str {
     let state = s.state.as_deref().and_then(|st| st.parse().ok());
     match (s.stalled, state) {
         (false, _) => "",
-        (true, Some(ledger::SyncState::Planning)) => {
+        (true, Some(ledger::states::SyncState::Planning)) => {
             "  (STALLED: its planner is gone; the next sync abandons it, or run `loansync abandon`)"
         }
         (true, _) => "  (STALLED: run `loansync resume`, or `loansync abandon` to end it)",
@@ -697,12 +699,12 @@ async fn status(
     limit: i64,
 ) -> anyhow::Result<()> {
     let stale = settings.stale_sync_after.as_secs() as i64;
-    let syncs = ledger::recent_syncs(pool, sync_id, limit, stale).await?;
+    let syncs = ledger::reads::recent_syncs(pool, sync_id, limit, stale).await?;
     if let Some(id) = sync_id {
         let Some(s) = syncs.first() else {
             anyhow::bail!("no sync {id}");
         };
-        let progress = ledger::entity_progress(pool, id).await?;
+        let progress = ledger::reads::entity_progress(pool, id).await?;
         if json {
             println!(
                 "{}",
@@ -775,7 +777,7 @@ async fn status(
                     .unwrap_or_else(|| "-".into())
             );
         }
-        let deleted = ledger::deleted_counts(pool).await?;
+        let deleted = ledger::reads::deleted_counts(pool).await?;
         if !deleted.is_empty() {
             let per: Vec<String> = deleted
                 .iter()
@@ -817,7 +819,7 @@ async fn deletes(cmd: DeletesCommand, settings: &Settings) -> anyhow::Result<u8>
             limit,
             json,
         } => {
-            let rows = ledger::list_deleted(&pool, entity, limit).await?;
+            let rows = ledger::reads::list_deleted(&pool, entity, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -845,7 +847,7 @@ async fn watermark(cmd: WatermarkCommand, settings: &Settings) -> anyhow::Result
     let pool = db::connect(settings).await?;
     match cmd {
         WatermarkCommand::Show { json } => {
-            let marks = ledger::watermarks(&pool).await?;
+            let marks = ledger::watermarks::all(&pool).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&marks)?);
             } else {
@@ -872,11 +874,13 @@ async fn watermark(cmd: WatermarkCommand, settings: &Settings) -> anyhow::Result
         }
         WatermarkCommand::Set { entity, to, reason } => {
             let set = ledger::lifecycle::with_planning_lock(&pool, async |lock| {
-                anyhow::Ok(ledger::set_watermark(&pool, lock, entity, to, &reason).await?)
+                anyhow::Ok(
+                    ledger::watermarks::set_watermark(&pool, lock, entity, to, &reason).await?,
+                )
             })
             .await;
             match set? {
-                ledger::WatermarkSet::Moved {
+                ledger::watermarks::WatermarkSet::Moved {
                     from,
                     audit_sync_id,
                 } => {
@@ -887,7 +891,7 @@ async fn watermark(cmd: WatermarkCommand, settings: &Settings) -> anyhow::Result
                     );
                     Ok(0)
                 }
-                ledger::WatermarkSet::Busy { active_sync_id } => {
+                ledger::watermarks::WatermarkSet::Busy { active_sync_id } => {
                     eprintln!(
                         "sync {active_sync_id} is in progress: its end would overwrite the watermark; \
                          set it once `loansync status` shows no sync running"
@@ -910,7 +914,8 @@ async fn errors(cmd: ErrorsCommand, settings: &Arc<Settings>) -> anyhow::Result<
             json,
         } => {
             let rows =
-                ledger::list_errors(&pool, sync_id.as_deref(), entity, unresolved, limit).await?;
+                ledger::errors::list_errors(&pool, sync_id.as_deref(), entity, unresolved, limit)
+                    .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -934,7 +939,7 @@ async fn errors(cmd: ErrorsCommand, settings: &Arc<Settings>) -> anyhow::Result<
             Ok(0)
         }
         ErrorsCommand::Resolve { ids } => {
-            let n = ledger::resolve_errors(&pool, &ids).await?;
+            let n = ledger::errors::resolve_errors(&pool, &ids).await?;
             println!(
                 "resolved {n} of {} error rows (the others were already resolved or do not exist)",
                 ids.len()

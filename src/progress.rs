@@ -25,7 +25,7 @@ async fn bars(pool: PgPool, sync_id: String, mut done: tokio::sync::watch::Recei
     .progress_chars("=> ");
     let mut bars = Vec::new();
     loop {
-        if let Ok(progress) = ledger::entity_progress(&pool, &sync_id).await {
+        if let Ok(progress) = ledger::reads::entity_progress(&pool, &sync_id).await {
             if bars.is_empty() {
                 for p in &progress {
                     let b = multi.add(ProgressBar::new(p.total.max(0) as u64));
@@ -62,7 +62,7 @@ async fn lines(pool: PgPool, sync_id: String, mut done: tokio::sync::watch::Rece
             _ = done.changed() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
-        if let Ok(progress) = ledger::entity_progress(&pool, &sync_id).await {
+        if let Ok(progress) = ledger::reads::entity_progress(&pool, &sync_id).await {
             let parts: Vec<String> = progress
                 .iter()
                 .map(|p| format!("{} {}/{}", p.entity.plural(), p.success + p.failed, p.total))

@@ -9,9 +9,13 @@
 //! after the POST succeeded goes back to the queue as a settle job carrying the API's
 //! answer ([`crate::domain::SettleJob`]): it is retried as a settle, never as a chunk.
 
+use crate::domain::FailedRecord;
 use crate::domain::{ChunkAnswer, ChunkJob, SettleJob, WorkerMessage};
 use crate::failure::{Classify, Failure};
-use crate::ledger::{self, Attempt, ChunkResult, FailedRecord, FinalStatus, Settled};
+use crate::ledger::plan::Attempt;
+use crate::ledger::settle::{ChunkResult, Settled};
+use crate::ledger::states::FinalStatus;
+use crate::ledger::{self};
 use crate::queue::amqp::Broker;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::{Consumer, Disposition, QueueError, REQUEUE_PAUSE};
@@ -37,7 +41,7 @@ pub struct WorkerContext {
     /// The registry this worker counts in.
     pub telemetry: Telemetry,
     /// The form of the fingerprint upsert its settles use, learned per entity.
-    pub upsert: ledger::FingerprintUpsert,
+    pub upsert: ledger::settle::FingerprintUpsert,
 }
 
 /// How one chunk ended.
@@ -215,15 +219,15 @@ async fn read_chunk(
     ctx: &WorkerContext,
     job: &ChunkJob,
     attempt: Attempt,
-) -> Result<Option<ledger::ChunkState>, ChunkError> {
-    let state = ledger::start_chunk(&ctx.pool, &job.sync_id, job.entity, job.seq, attempt)
+) -> Result<Option<ledger::plan::ChunkState>, ChunkError> {
+    let state = ledger::plan::start_chunk(&ctx.pool, &job.sync_id, job.entity, job.seq, attempt)
         .await
         .map_err(ChunkError::NotStarted)?;
     match state {
         Some(state) if state.settled => Ok(None),
         Some(state) => Ok(Some(state)),
         // A late copy of a chunk of a finished sync whose ledger was pruned: counted once.
-        None => match ledger::sync_finished(&ctx.pool, &job.sync_id).await {
+        None => match ledger::lifecycle::sync_finished(&ctx.pool, &job.sync_id).await {
             Ok(true) => Ok(None),
             Ok(false) => Err(ChunkError::Unknown(format!(
                 "{}/{}/{}",
@@ -305,7 +309,7 @@ pub async fn process_chunk(
                     "analytics API refused the credentials: failing the sync"
                 );
                 let body = serde_json::json!({ "http_status": status, "message": message });
-                ledger::abort_sync(&ctx.pool, &job.sync_id, &reason, Some(&body))
+                ledger::end::abort_sync(&ctx.pool, &job.sync_id, &reason, Some(&body))
                     .await
                     .map_err(ChunkError::Ledger)?;
                 return Ok(ChunkOutcome::Aborted);
@@ -351,7 +355,7 @@ const SETTLE_RETRY_MAX_DELAY: Duration = Duration::from_secs(5);
 async fn settle(
     ctx: &WorkerContext,
     job: &ChunkJob,
-    state: &ledger::ChunkState,
+    state: &ledger::plan::ChunkState,
     answer: ChunkAnswer,
 ) -> Result<ChunkOutcome, ChunkError> {
     use backon::Retryable;
@@ -428,7 +432,7 @@ fn without_api_text(answer: &ChunkAnswer) -> ChunkAnswer {
 async fn settle_once(
     ctx: &WorkerContext,
     job: &ChunkJob,
-    state: &ledger::ChunkState,
+    state: &ledger::plan::ChunkState,
     answer: &ChunkAnswer,
 ) -> sqlx::Result<ChunkOutcome> {
     let result = ChunkResult {
@@ -443,7 +447,7 @@ async fn settle_once(
         api_response: answer.api_response.as_ref(),
         upsert: &ctx.upsert,
     };
-    match ledger::settle_chunk(&ctx.pool, &result).await? {
+    match ledger::settle::settle_chunk(&ctx.pool, &result).await? {
         Settled::Already => Ok(ChunkOutcome::Duplicate),
         Settled::Now(finished) => {
             ctx.telemetry.emit(Event::RecordsSettled {
@@ -452,7 +456,7 @@ async fn settle_once(
                 failed: answer.failed.len(),
             });
             if let Some(status) = finished {
-                let seconds = ledger::history_outcome(&ctx.pool, &job.sync_id)
+                let seconds = ledger::reads::history_outcome(&ctx.pool, &job.sync_id)
                     .await
                     .ok()
                     .and_then(|o| o.duration_seconds);

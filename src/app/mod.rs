@@ -72,7 +72,7 @@ pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> anyhow::Result
         delivery_limit: settings.delivery_limit,
         db_outage_wait: settings.db_outage_wait,
         telemetry: settings.telemetry.clone(),
-        upsert: crate::ledger::FingerprintUpsert::adaptive(),
+        upsert: crate::ledger::settle::FingerprintUpsert::adaptive(),
     })
 }
 

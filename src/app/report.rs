@@ -1,7 +1,7 @@
 //! What a sync run in this process ([`SyncReport`]) and a wait for a request
 //! ([`RequestReport`]) report: rendered as text or JSON, and mapped to exit codes.
 
-use crate::ledger::{self, FinalStatus};
+use crate::ledger::{self, states::FinalStatus};
 
 // Exit codes (README "Exit codes"): 0 success, 1 an error, 2 a usage error (clap's);
 // the outcomes of a sync are above 9 so that no script mistakes one for the other.
@@ -22,7 +22,7 @@ pub struct SyncReport {
     pub sync_id: Option<String>,
     pub status: Option<FinalStatus>,
     pub busy_with: Option<String>,
-    pub progress: Vec<ledger::EntityProgress>,
+    pub progress: Vec<ledger::reads::EntityProgress>,
     pub seconds: f64,
     /// The history row's status as it stands (`in_progress` while it runs).
     #[serde(skip)]
@@ -162,15 +162,17 @@ impl RequestReport {
 
 /// A sync's outcome, read back from the history table (its duration is the history's).
 pub async fn summarize(pool: &sqlx::PgPool, sync_id: String) -> anyhow::Result<SyncReport> {
-    let outcome = ledger::history_outcome(pool, &sync_id).await?;
+    let outcome = ledger::reads::history_outcome(pool, &sync_id).await?;
     let history_status = outcome
         .status
-        .map_or("?", ledger::HistoryStatus::as_str)
+        .map_or("?", ledger::states::HistoryStatus::as_str)
         .to_string();
-    let status = outcome.status.and_then(ledger::HistoryStatus::final_status);
+    let status = outcome
+        .status
+        .and_then(ledger::states::HistoryStatus::final_status);
     let seconds = outcome.duration_seconds;
     Ok(SyncReport {
-        progress: ledger::entity_progress(pool, &sync_id).await?,
+        progress: ledger::reads::entity_progress(pool, &sync_id).await?,
         sync_id: Some(sync_id),
         status,
         busy_with: None,

@@ -24,7 +24,7 @@ pub const FIX: &str = "use a session-mode pool (PgBouncer pool_mode = session) o
      pooler (deploy/README.md, \"Connection poolers\")";
 
 /// Statements in a transaction pooler's place: a client connection's backend changed, or
-/// two client connections ran on one backend. Fatal ([`crate::failure::Failure::of`]):
+/// two client connections ran on one backend. Fatal ([`SessionLockError`]'s classification):
 /// nothing can be planned safely until the installation changes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("transaction pooling detected: {evidence}; {FIX}")]

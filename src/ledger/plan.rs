@@ -1,8 +1,9 @@
 //! Writing a sync's plan: the chunk ledger, the per-entity windows, the totals, and a
 //! chunk's start by a worker.
 
+use super::finalize::finalize;
 use super::sql::*;
-use super::{FinalStatus, HistoryStatus, Purpose, finalize};
+use super::states::{FinalStatus, HistoryStatus, Purpose};
 use crate::domain::{EntityKind, SyncType, SyncWindow};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -362,6 +363,45 @@ struct StartedChunk {
     purpose: String,
     history_id: i32,
     attempts: i32,
+}
+
+/// A page of the chunks of a sync that are not settled yet, in publishing order (entity,
+/// then seq), after the key `after` (a keyset on the primary key; `None`: from the
+/// first): at most `limit`, and the key to read the next page after (`None` when this
+/// page was the last).
+pub async fn unsettled_chunks_page(
+    pool: &PgPool,
+    sync_id: &str,
+    after: Option<&(String, i32)>,
+    limit: i64,
+) -> sqlx::Result<(Vec<crate::domain::ChunkJob>, Option<(String, i32)>)> {
+    let (after_entity, after_seq) = after.map_or(("", -1), |(e, s)| (e.as_str(), *s));
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT entity::text, seq FROM loansync_chunk \
+         WHERE sync_id = $1 AND (entity, seq) > ($2::varchar, $3) AND settled_at IS NULL \
+         ORDER BY entity, seq LIMIT $4",
+    )
+    .bind(sync_id)
+    .bind(after_entity)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let next = match rows.last() {
+        Some(last) if rows.len() as i64 >= limit => Some(last.clone()),
+        _ => None,
+    };
+    let jobs = rows
+        .into_iter()
+        .filter_map(|(e, seq)| {
+            e.parse().ok().map(|entity| crate::domain::ChunkJob {
+                sync_id: sync_id.to_string(),
+                entity,
+                seq,
+            })
+        })
+        .collect();
+    Ok((jobs, next))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Watermarks (`etl_folder_etllastsync`): read, listed, set by hand.
 
-use super::PlanningLock;
+use super::lifecycle::PlanningLock;
 use super::sql::*;
 use crate::domain::{EntityKind, SyncType};
 use chrono::{DateTime, Utc};
@@ -30,7 +30,7 @@ pub struct Watermark {
 }
 
 /// Every entity's watermark (entities never synced have none).
-pub async fn watermarks(pool: &PgPool) -> sqlx::Result<Vec<Watermark>> {
+pub async fn all(pool: &PgPool) -> sqlx::Result<Vec<Watermark>> {
     sqlx::query_as(LIST_WATERMARKS).fetch_all(pool).await
 }
 

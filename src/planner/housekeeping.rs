@@ -6,7 +6,7 @@ use super::PlanError;
 use super::plan::publish_unsettled;
 use crate::config::Settings;
 use crate::ledger::lifecycle::{self, PlanningLock};
-use crate::ledger::{self, SyncState};
+use crate::ledger::{self, states::SyncState};
 use crate::queue::ChunkPublisher;
 use crate::telemetry::{Event, Telemetry};
 use sqlx::PgPool;
@@ -52,9 +52,9 @@ pub(super) async fn heal(
 
 /// Finalizes the running syncs whose chunks are all settled (their last settler died
 /// between its commit and its finalize) and rolls up the others' history counters
-/// ([`ledger::finalize_settled`]); failures are logged and tried again later.
+/// ([`ledger::finalize::finalize_settled`]); failures are logged and tried again later.
 pub async fn finalize_settled(pool: &PgPool, telemetry: &Telemetry) {
-    match ledger::finalize_settled(pool).await {
+    match ledger::finalize::finalize_settled(pool).await {
         Ok(finalized) => {
             for f in finalized {
                 telemetry.emit(Event::SyncFinished {
@@ -70,7 +70,7 @@ pub async fn finalize_settled(pool: &PgPool, telemetry: &Telemetry) {
 
 /// Deletes the chunk id lists of syncs finished longer than `ETL_CHUNK_RETENTION_DAYS` ago.
 pub async fn prune(pool: &PgPool, settings: &Settings) {
-    match ledger::prune_chunks(pool, settings.chunk_retention).await {
+    match ledger::end::prune_chunks(pool, settings.chunk_retention).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(chunks = n, "pruned the chunk ledger of old finished syncs"),
         Err(e) => tracing::warn!(error = %e, "could not prune the chunk ledger"),

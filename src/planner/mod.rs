@@ -25,7 +25,11 @@ pub use run::{PLAN_REQUEUE_PAUSE, run, run_amqp};
 use crate::db::pooling::SessionLockError;
 use crate::domain::{PlanRequest, SyncType};
 use crate::failure::{Classify, Failure};
-use crate::ledger::{self, FinalStatus, PlanTotals, Purpose, clock};
+use crate::ledger::{
+    self, clock,
+    plan::PlanTotals,
+    states::{FinalStatus, Purpose},
+};
 use crate::queue::QueueError;
 
 /// Why planning failed, and what the caller does about it ([`Classify::failure`]):
@@ -91,9 +95,9 @@ pub enum PlanOutcome {
 }
 
 /// What a planning request asks for.
-pub fn spec_of(req: &PlanRequest) -> ledger::SyncSpec {
+pub fn spec_of(req: &PlanRequest) -> ledger::lifecycle::SyncSpec {
     let backfill = req.since.is_some();
-    ledger::SyncSpec {
+    ledger::lifecycle::SyncSpec {
         sync_type: if backfill || req.sweep {
             SyncType::Incremental
         } else {

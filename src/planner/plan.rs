@@ -9,7 +9,12 @@ use crate::config::Settings;
 use crate::domain::{EntityKind, PlanRequest, SyncType, SyncWindow};
 use crate::failure::{Classify, Failure};
 use crate::ledger::lifecycle::{self, Claim, PendingClaim, PlanningLock, SyncRow};
-use crate::ledger::{self, FinalStatus, PlanTotals, Purpose, RowLock};
+use crate::ledger::{
+    self,
+    lifecycle::RowLock,
+    plan::PlanTotals,
+    states::{FinalStatus, Purpose},
+};
 use crate::queue::ChunkPublisher;
 use crate::source;
 use crate::telemetry::Event;
@@ -97,7 +102,7 @@ pub async fn plan_retry(
             .filter(|e| entities.contains(e))
             .collect()
     };
-    let spec = ledger::SyncSpec {
+    let spec = ledger::lifecycle::SyncSpec {
         sync_type: SyncType::Incremental,
         entities,
         purpose: Purpose::Retry,
@@ -113,7 +118,7 @@ pub async fn plan_retry(
 async fn plan_now(
     pool: &PgPool,
     settings: &Settings,
-    spec: &ledger::SyncSpec,
+    spec: &ledger::lifecycle::SyncSpec,
     request_id: Option<&str>,
     publisher: &dyn ChunkPublisher,
 ) -> Result<PlanOutcome, PlanError> {
@@ -159,7 +164,7 @@ async fn plan_now(
 /// chunk jobs. A failure that planning again cannot cure (permanent or fatal) fails the
 /// sync, which answers its requests; any other leaves it `planning`, to the next
 /// takeover, which puts its requests back. A failure to publish leaves it `running`
-/// and not published, to the planner's housekeeping ([`plan_pending`]).
+/// and not published, to the planner's housekeeping ([`super::plan_pending`]).
 async fn plan_claimed(
     pool: &PgPool,
     settings: &Settings,
@@ -171,7 +176,7 @@ async fn plan_claimed(
     let mut conn = pool.acquire().await?;
     let sync = lifecycle::load_sync(&mut conn, sync_id, RowLock::None)
         .await?
-        .filter(|s| s.state == ledger::SyncState::Planning)
+        .filter(|s| s.state == ledger::states::SyncState::Planning)
         .ok_or_else(|| PlanError::Superseded(sync_id.to_string()))?;
     drop(conn);
     let started = std::time::Instant::now();
@@ -303,17 +308,17 @@ async fn write_ledger(
                 }
                 let size = i64::from(settings.chunk_sizes.for_entity(entity));
                 let (page_sql, windowed) = match spec.purpose {
-                    Purpose::Retry => (ledger::UNRESOLVED_PAGE_SQL, false),
+                    Purpose::Retry => (ledger::plan::UNRESOLVED_PAGE_SQL, false),
                     _ => source::ids_sql(entity, spec.sync_type),
                 };
                 // A window's or a retry's selection is read once a statement; a full
                 // selection walks its id index page after page.
                 let paging = if windowed || spec.purpose == Purpose::Retry {
-                    ledger::Paging::OnePass
+                    ledger::plan::Paging::OnePass
                 } else {
-                    ledger::Paging::Keyset
+                    ledger::plan::Paging::Keyset
                 };
-                let (chunks, records) = ledger::insert_chunks(
+                let (chunks, records) = ledger::plan::insert_chunks(
                     &mut tx, sync_id, entity, page_sql, size, &window, windowed, paging, part,
                 )
                 .await?;
@@ -338,12 +343,12 @@ async fn write_ledger(
     }
     let mut totals = PlanTotals::default();
     for p in &planned {
-        ledger::insert_sync_entity(&mut tx, sync_id, p.entity, &p.window, p.records).await?;
+        ledger::plan::insert_sync_entity(&mut tx, sync_id, p.entity, &p.window, p.records).await?;
         totals.records.push((p.entity, p.records));
         totals.chunks += i64::from(p.chunks);
     }
     let earliest_lo = planned.iter().filter_map(|p| p.window.lo).min();
-    let finished = ledger::write_plan(&mut tx, sync_id, &totals, earliest_lo, hi).await?;
+    let finished = ledger::plan::write_plan(&mut tx, sync_id, &totals, earliest_lo, hi).await?;
     fail::fail_point!("planner::totals_before_commit");
     tx.commit().await?;
     Ok((totals, finished))
@@ -359,7 +364,7 @@ fn plan_parallelism(pool: &PgPool) -> usize {
 }
 
 /// About how many chunks a part of a full selection holds at least: a part is a few
-/// statements of [`ledger::insert_chunks`]. Debug builds (every test) take 4, so that
+/// statements of [`ledger::plan::insert_chunks`]. Debug builds (every test) take 4, so that
 /// the tests' small full syncs are written in parts too.
 const CHUNKS_PER_PART: i64 = if cfg!(debug_assertions) { 4 } else { 1_000 };
 
@@ -378,20 +383,20 @@ const MAX_PARTS: usize = 2;
 async fn parts_of(
     conn: &mut sqlx::PgConnection,
     settings: &Settings,
-    spec: &ledger::SyncSpec,
+    spec: &ledger::lifecycle::SyncSpec,
     entity: EntityKind,
     parallelism: usize,
-) -> Result<Vec<(ledger::Part, i64)>, PlanError> {
+) -> Result<Vec<(ledger::plan::Part, i64)>, PlanError> {
     if spec.purpose != Purpose::Sync || spec.sync_type != SyncType::Full {
-        return Ok(vec![(ledger::Part::WHOLE, 0)]);
+        return Ok(vec![(ledger::plan::Part::WHOLE, 0)]);
     }
     let Some((min, max)) = source::id_span(conn, entity).await? else {
-        return Ok(vec![(ledger::Part::WHOLE, 0)]);
+        return Ok(vec![(ledger::plan::Part::WHOLE, 0)]);
     };
     let size = i128::from(settings.chunk_sizes.for_entity(entity).max(1));
     let chunks = (i128::from(max) - i128::from(min) + 1) / size;
     let parts = (chunks / i128::from(CHUNKS_PER_PART)).clamp(1, parallelism.min(MAX_PARTS) as i128);
-    Ok(ledger::Part::split(min, max, parts as i32)
+    Ok(ledger::plan::Part::split(min, max, parts as i32)
         .into_iter()
         .map(|p| {
             // The part's ids within the span: the last part's bound is open.
@@ -420,13 +425,13 @@ struct EntityPlan {
 async fn window_of(
     conn: &mut sqlx::PgConnection,
     settings: &Settings,
-    spec: &ledger::SyncSpec,
+    spec: &ledger::lifecycle::SyncSpec,
     entity: EntityKind,
     hi: DateTime<Utc>,
 ) -> Result<SyncWindow, PlanError> {
     Ok(match spec.purpose {
         Purpose::Sync => {
-            let watermark = ledger::watermark(&mut *conn, entity).await?;
+            let watermark = ledger::watermarks::watermark(&mut *conn, entity).await?;
             window_for(settings, spec.sync_type, watermark, hi)
         }
         Purpose::Retry | Purpose::Sweep => SyncWindow { lo: None, hi },
@@ -448,7 +453,8 @@ pub(super) async fn publish_unsettled(
     let (mut after, mut published) = (None, 0);
     loop {
         let (jobs, next) =
-            ledger::unsettled_chunks_page(pool, sync_id, after.as_ref(), PUBLISH_PAGE).await?;
+            ledger::plan::unsettled_chunks_page(pool, sync_id, after.as_ref(), PUBLISH_PAGE)
+                .await?;
         publisher
             .publish_chunks(&jobs)
             .await

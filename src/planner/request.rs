@@ -17,7 +17,7 @@ pub fn request_id_of(req: &PlanRequest) -> String {
 
 /// Records a planning message as a pending request ([`lifecycle::record_request`]):
 /// nothing waits on a lock or a clock, so the message is acked at once; the planner then
-/// plans what is pending ([`plan_pending`]).
+/// plans what is pending ([`super::plan_pending`]).
 pub async fn record_message(
     pool: &PgPool,
     telemetry: &Telemetry,

@@ -85,7 +85,7 @@ async fn run_pending(
 /// clock: no broker delivery is spent by waiting. One that cannot be parsed is
 /// dead-lettered with the reason; one that cannot be recorded now (database down) is
 /// published again (a delivery is not spent either). After each message, and every
-/// [`PENDING_EVERY`], it plans what is pending ([`plan_pending`]); every
+/// [`PENDING_EVERY`], it plans what is pending ([`super::plan_pending`]); every
 /// [`HOUSEKEEPING_EVERY`] it keeps house.
 pub async fn run(
     pool: &PgPool,

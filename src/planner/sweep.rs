@@ -29,12 +29,12 @@ pub(super) async fn plan_sweep(
     let mut pending: Vec<i64> = Vec::with_capacity(size);
     loop {
         let page = source::sweep_page(&mut *tx, entity, window, after, SWEEP_PAGE).await?;
-        gone += ledger::record_deleted(&mut *tx, sync_id, entity, &page.gone).await?;
+        gone += ledger::plan::record_deleted(&mut *tx, sync_id, entity, &page.gone).await?;
         send_deletes(entity, &page.gone);
         for id in page.changed {
             pending.push(id);
             if pending.len() == size {
-                ledger::insert_chunk(&mut *tx, sync_id, entity, seq, &pending).await?;
+                ledger::plan::insert_chunk(&mut *tx, sync_id, entity, seq, &pending).await?;
                 planned += pending.len() as i64;
                 seq += 1;
                 pending.clear();
@@ -46,7 +46,7 @@ pub(super) async fn plan_sweep(
         }
     }
     if !pending.is_empty() {
-        ledger::insert_chunk(&mut *tx, sync_id, entity, seq, &pending).await?;
+        ledger::plan::insert_chunk(&mut *tx, sync_id, entity, seq, &pending).await?;
         planned += pending.len() as i64;
         seq += 1;
     }

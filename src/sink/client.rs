@@ -43,7 +43,7 @@ pub struct Batch<'a> {
     pub records: &'a [Record],
 }
 
-pub use crate::domain::FailedRecord;
+use crate::domain::FailedRecord;
 
 /// How a chunk's delivery went. Every record of the batch is in exactly one list.
 #[derive(Debug, Clone, Default)]

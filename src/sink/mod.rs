@@ -11,4 +11,4 @@ pub mod encoder;
 pub mod retry;
 pub mod service;
 
-pub use client::{AnalyticsClient, Batch, DeliveryReport, FailedRecord, FatalError, SinkError};
+pub use client::{AnalyticsClient, Batch, DeliveryReport, FatalError, SinkError};

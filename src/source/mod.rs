@@ -108,7 +108,7 @@ const SWEEP_REPAYMENT: &str = sweep_sql!("sql/rows_repayment.sql", "p");
 /// window (`$3` = lo, NULL for no lower bound; `$4` = hi) after `$1` = after, `$2` = limit;
 /// `$5` is the last id it may select (the upper end of a part of the plan).
 /// One keyset page; the planner writes the chunks of a sync from it, page after page in
-/// one statement (`ledger::insert_chunks`).
+/// one statement (`ledger::plan::insert_chunks`).
 pub fn ids_sql(entity: EntityKind, sync_type: SyncType) -> (&'static str, bool) {
     match (entity, sync_type) {
         // Officers have no modification time: incremental selects the same set as full.
@@ -124,7 +124,7 @@ pub fn ids_sql(entity: EntityKind, sync_type: SyncType) -> (&'static str, bool) 
 
 /// The lowest and highest id in an entity's source table (`None` when it is empty): the
 /// planner splits a large full selection into parts of about equal id width
-/// (`ledger::Part::split`). Two reads of the primary key index.
+/// (`ledger::plan::Part::split`). Two reads of the primary key index.
 pub async fn id_span(
     conn: &mut PgConnection,
     entity: EntityKind,

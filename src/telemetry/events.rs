@@ -9,7 +9,7 @@
 use super::Metrics;
 use super::labels::{ChunkOutcomeLabel, HttpClass, RecordOutcome, RetryReason, SkipReason};
 use crate::domain::{EntityKind, SyncType};
-use crate::ledger::FinalStatus;
+use crate::ledger::states::FinalStatus;
 use std::fmt::Display;
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 use super::Metrics;
 use super::labels::RecordOutcome;
 use crate::domain::{EntityKind, SyncType};
-use crate::ledger::FinalStatus;
+use crate::ledger::states::FinalStatus;
 use crate::queue::amqp::BrokerHealth;
 use sqlx::PgPool;
 
@@ -21,7 +21,10 @@ impl Metrics {
         stale_after_secs: f64,
         broker: Option<&BrokerHealth>,
     ) {
-        if let Some(ages) = read("watermark ages", crate::ledger::watermark_ages(pool).await) {
+        if let Some(ages) = read(
+            "watermark ages",
+            crate::ledger::reads::watermark_ages(pool).await,
+        ) {
             for w in ages {
                 if w.entity.parse::<EntityKind>().is_ok() {
                     self.watermark_age
@@ -30,11 +33,11 @@ impl Metrics {
                 }
             }
         }
-        let stalled = crate::ledger::stalled_count(pool, stale_after_secs).await;
+        let stalled = crate::ledger::reads::stalled_count(pool, stale_after_secs).await;
         if let Some(stalled) = read("stalled syncs", stalled) {
             self.stalled_syncs.set(stalled);
         }
-        if let Some(rows) = read("last syncs", crate::ledger::last_syncs(pool).await) {
+        if let Some(rows) = read("last syncs", crate::ledger::reads::last_syncs(pool).await) {
             // A type with no finished sync yet shows zeros.
             for t in SyncType::ALL.map(SyncType::as_str) {
                 let (status, at, ok, failed) = rows
@@ -59,7 +62,7 @@ impl Metrics {
                     .set(failed);
             }
         }
-        let successes = crate::ledger::last_successes(pool).await;
+        let successes = crate::ledger::reads::last_successes(pool).await;
         if let Some(rows) = read("last successful syncs", successes) {
             for t in SyncType::ALL.map(SyncType::as_str) {
                 let at = rows
@@ -72,7 +75,7 @@ impl Metrics {
             }
         }
         // The table comes with the pending-request migration; before it, nothing waits.
-        let pending = crate::ledger::pending_counts(pool).await;
+        let pending = crate::ledger::reads::pending_counts(pool).await;
         if let Some(rows) = read("pending requests", missing_table_is_empty(pending)) {
             for t in SyncType::ALL.map(SyncType::as_str) {
                 let n = rows
@@ -83,7 +86,7 @@ impl Metrics {
             }
         }
         // The table comes with the sweep migration; before it, nothing was found deleted.
-        let deleted = crate::ledger::deleted_counts(pool).await;
+        let deleted = crate::ledger::reads::deleted_counts(pool).await;
         if let Some(rows) = read("deleted records", missing_table_is_empty(deleted)) {
             for e in EntityKind::ALL {
                 let n = rows

@@ -4,7 +4,7 @@
 //! its first event) and `as_str` (the value exported).
 
 use crate::domain::{EntityKind, SyncType};
-use crate::ledger::FinalStatus;
+use crate::ledger::states::FinalStatus;
 
 /// The `outcome` of a settled record (`etl_records_total`, `etl_last_sync_records`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use super::labels::{self, ChunkOutcomeLabel, HttpClass, RecordOutcome, RetryReas
 use super::registry::{Series, TABLE};
 use super::{Event, Metrics, Requeue};
 use crate::domain::{EntityKind, SyncType};
-use crate::ledger::FinalStatus;
+use crate::ledger::states::FinalStatus;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

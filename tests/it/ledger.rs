@@ -113,7 +113,7 @@ async fn a_permanent_database_error_in_a_chunk_is_dead_lettered_not_requeued() {
 async fn a_large_full_selection_is_planned_in_parts_that_hold_every_id_once() {
     use crate::harness::{assert_books_balance, assert_delivered_all, expected_full, history};
     use loansync::domain::EntityKind;
-    use loansync::ledger::PART_SEQ_STRIDE;
+    use loansync::ledger::plan::PART_SEQ_STRIDE;
     use std::collections::{BTreeMap, BTreeSet};
 
     let spec = loansync::seed::SeedSpec {

@@ -18,7 +18,7 @@ use crate::harness::{TestApp, settings_for};
 use crate::support::{amqp_url, wait_for};
 use bytes::{Buf, Bytes, BytesMut};
 use loansync::failure::{Classify, Failure};
-use loansync::ledger::PlanningLock;
+use loansync::ledger::lifecycle::PlanningLock;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;

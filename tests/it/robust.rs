@@ -155,12 +155,12 @@ async fn a_held_lock_times_out_the_settle_and_the_settle_comes_back_without_a_se
         .unwrap();
 
     // The settle itself fails with lock_not_available.
-    let state = loansync::ledger::start_chunk(
+    let state = loansync::ledger::plan::start_chunk(
         &pool,
         &sync_id,
         EntityKind::Officer,
         0,
-        loansync::ledger::Attempt::Read,
+        loansync::ledger::plan::Attempt::Read,
     )
     .await
     .unwrap()
@@ -170,9 +170,9 @@ async fn a_held_lock_times_out_the_settle_and_the_settle_comes_back_without_a_se
         .iter()
         .map(|&id| (id, uuid::Uuid::new_v4()))
         .collect();
-    let err = loansync::ledger::settle_chunk(
+    let err = loansync::ledger::settle::settle_chunk(
         &pool,
-        &loansync::ledger::ChunkResult {
+        &loansync::ledger::settle::ChunkResult {
             sync_id: &sync_id,
             entity: EntityKind::Officer,
             seq: 0,
@@ -182,7 +182,7 @@ async fn a_held_lock_times_out_the_settle_and_the_settle_comes_back_without_a_se
             failed: &[],
             api_response: None,
             delivered: &delivered,
-            upsert: loansync::ledger::FingerprintUpsert::plain(),
+            upsert: loansync::ledger::settle::FingerprintUpsert::plain(),
         },
     )
     .await
@@ -339,7 +339,7 @@ async fn unreadable_rows_fail_alone_in_single_process_mode() {
             .unwrap();
     assert_eq!(
         summary.status,
-        Some(loansync::ledger::FinalStatus::PartialSuccess)
+        Some(loansync::ledger::states::FinalStatus::PartialSuccess)
     );
     assert!(
         telemetry.value("etl_chunk_panics_total", &[]) > Some(0.0),

@@ -10,7 +10,10 @@ use crate::harness::{
 use crate::support::{TestDb, admin_url, amqp_url, run_detached, wait_for};
 use chrono::{DateTime, Utc};
 use loansync::domain::{ChunkJob, EntityKind, PlanRequest, SyncType};
-use loansync::ledger::{self, ChunkResult, Settled};
+use loansync::ledger::{
+    self,
+    settle::{ChunkResult, Settled},
+};
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::amqp::Broker;
 use loansync::queue::memory::MemoryQueue;
@@ -324,7 +327,10 @@ async fn a_sync_killed_while_planning_blocks_nothing_in_single_process_mode() {
     .await;
     let shown = status_json(&db, &settings).await;
     assert_eq!(shown[0]["state"], "planning", "{shown}");
-    assert_eq!(ledger::stalled_count(&db.pool, 900.0).await.unwrap(), 1);
+    assert_eq!(
+        ledger::reads::stalled_count(&db.pool, 900.0).await.unwrap(),
+        1
+    );
 
     // The next sync runs at once, taking the dead claim over.
     let next = loansync_process(&db, &settings, &stub.url())
@@ -348,7 +354,10 @@ async fn a_sync_killed_while_planning_blocks_nothing_in_single_process_mode() {
     );
     assert!(h.iter().any(|h| h.status == "completed"));
     assert_delivered_all(&stub.received(), &expected);
-    assert_eq!(ledger::stalled_count(&db.pool, 900.0).await.unwrap(), 0);
+    assert_eq!(
+        ledger::reads::stalled_count(&db.pool, 900.0).await.unwrap(),
+        0
+    );
     assert_books_balance(&db.pool).await;
 }
 
@@ -641,12 +650,12 @@ async fn a_settle_and_an_abort_at_once_take_their_locks_in_one_order() {
     let settings = settings_for(&db, "http://127.0.0.1:9", &[]);
     let (sync_id, jobs) = planned_loans(&db, &settings).await;
     let job = jobs[0].clone();
-    let state = ledger::start_chunk(
+    let state = ledger::plan::start_chunk(
         &db.pool,
         &sync_id,
         job.entity,
         job.seq,
-        ledger::Attempt::Count,
+        ledger::plan::Attempt::Count,
     )
     .await
     .unwrap()
@@ -665,7 +674,7 @@ async fn a_settle_and_an_abort_at_once_take_their_locks_in_one_order() {
         let (pool, sync_id, ids) = (db.pool.clone(), sync_id.clone(), state.ids.clone());
         let (history_id, purpose) = (state.history_id, state.purpose);
         tokio::spawn(async move {
-            ledger::settle_chunk(
+            ledger::settle::settle_chunk(
                 &pool,
                 &ChunkResult {
                     sync_id: &sync_id,
@@ -677,7 +686,7 @@ async fn a_settle_and_an_abort_at_once_take_their_locks_in_one_order() {
                     failed: &[],
                     api_response: None,
                     delivered: &[],
-                    upsert: ledger::FingerprintUpsert::plain(),
+                    upsert: ledger::settle::FingerprintUpsert::plain(),
                 },
             )
             .await
@@ -694,7 +703,7 @@ async fn a_settle_and_an_abort_at_once_take_their_locks_in_one_order() {
     let abort = {
         let (pool, sync_id) = (db.pool.clone(), sync_id.clone());
         tokio::spawn(async move {
-            ledger::abort_sync(
+            ledger::end::abort_sync(
                 &pool,
                 &sync_id,
                 "the analytics API refused the credentials (HTTP 401): test",
@@ -758,7 +767,7 @@ async fn an_operator_abandons_a_running_sync_and_retries_its_records() {
     let abandoned: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM etl_folder_etlsyncerror WHERE error_code = $1 AND NOT resolved",
     )
-    .bind(ledger::ABANDONED_CODE)
+    .bind(ledger::end::ABANDONED_CODE)
     .fetch_one(&db.pool)
     .await
     .unwrap();
@@ -835,7 +844,7 @@ async fn finished_syncs_lose_their_chunk_lists_after_the_retention_and_nothing_e
 
     // Within the retention nothing goes; past it, only the old sync's chunk lists.
     let week = Duration::from_secs(7 * 86_400);
-    assert_eq!(ledger::prune_chunks(&db.pool, week).await.unwrap(), 0);
+    assert_eq!(ledger::end::prune_chunks(&db.pool, week).await.unwrap(), 0);
     sqlx::query(
         "UPDATE loansync_sync SET finished_at = now() - interval '8 days' WHERE sync_id = $1",
     )
@@ -844,13 +853,13 @@ async fn finished_syncs_lose_their_chunk_lists_after_the_retention_and_nothing_e
     .await
     .unwrap();
     assert_eq!(
-        ledger::prune_chunks(&db.pool, week).await.unwrap(),
+        ledger::end::prune_chunks(&db.pool, week).await.unwrap(),
         old_chunks as u64
     );
     assert_eq!(count(CHUNKS, old_id.clone()).await, 0);
     assert!(count(CHUNKS, new_id.clone()).await > 0);
     assert_eq!(count(ERRORS, old_id.clone()).await, old_errors);
-    assert_eq!(ledger::prune_chunks(&db.pool, week).await.unwrap(), 0);
+    assert_eq!(ledger::end::prune_chunks(&db.pool, week).await.unwrap(), 0);
     // The pruned sync still reads the same, and a late copy of one of its chunk jobs
     // counts as the duplicate it is, not as an unknown chunk.
     let again = loansync::app::summarize(&db.pool, old_id.clone())

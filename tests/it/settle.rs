@@ -7,7 +7,11 @@
 use crate::harness::{assert_books_balance, history, seeded_db, settings_for, small};
 use crate::support::{TestDb, wait_for};
 use loansync::domain::{ChunkJob, EntityKind, PlanRequest, SyncType};
-use loansync::ledger::{self, ChunkResult, FinalStatus, Settled};
+use loansync::ledger::{
+    self,
+    settle::{ChunkResult, Settled},
+    states::FinalStatus,
+};
 use loansync::planner::{self, PlanOutcome};
 use loansync::queue::memory::MemoryQueue;
 use sqlx::PgPool;
@@ -48,9 +52,9 @@ async fn planned(db: &TestDb) -> (String, Vec<ChunkJob>) {
 /// which fails; the API's answer names the chunk.
 struct Outcome {
     succeeded: Vec<i64>,
-    failed: Vec<ledger::FailedRecord>,
+    failed: Vec<loansync::domain::FailedRecord>,
     history_id: i32,
-    purpose: ledger::Purpose,
+    purpose: ledger::states::Purpose,
     answer: serde_json::Value,
 }
 
@@ -61,12 +65,12 @@ async fn outcome_of(pool: &PgPool, job: &ChunkJob) -> Outcome {
 
 /// [`outcome_of`]; without `failures`, every record is accepted.
 async fn outcome_with(pool: &PgPool, job: &ChunkJob, failures: bool) -> Outcome {
-    let state = ledger::start_chunk(
+    let state = ledger::plan::start_chunk(
         pool,
         &job.sync_id,
         job.entity,
         job.seq,
-        ledger::Attempt::Count,
+        ledger::plan::Attempt::Count,
     )
     .await
     .unwrap()
@@ -74,7 +78,7 @@ async fn outcome_with(pool: &PgPool, job: &ChunkJob, failures: bool) -> Outcome 
     let (mut succeeded, mut failed) = (Vec::new(), Vec::new());
     for (i, &id) in state.ids.iter().enumerate() {
         if failures && i % 10 == 9 {
-            failed.push(ledger::FailedRecord {
+            failed.push(loansync::domain::FailedRecord {
                 id,
                 error_code: "INVALID".into(),
                 message: "refused by the test".into(),
@@ -104,20 +108,22 @@ fn result<'a>(job: &'a ChunkJob, o: &'a Outcome) -> ChunkResult<'a> {
         delivered: &[],
         failed: &o.failed,
         api_response: Some(&o.answer),
-        upsert: ledger::FingerprintUpsert::plain(),
+        upsert: ledger::settle::FingerprintUpsert::plain(),
     }
 }
 
 async fn settle(pool: &PgPool, job: &ChunkJob) -> Settled {
     let o = outcome_of(pool, job).await;
-    ledger::settle_chunk(pool, &result(job, &o)).await.unwrap()
+    ledger::settle::settle_chunk(pool, &result(job, &o))
+        .await
+        .unwrap()
 }
 
 /// The settle transaction of a started chunk, run on its own task, as a worker's.
 fn spawn_settle(pool: &PgPool, job: &ChunkJob, o: Outcome) -> tokio::task::JoinHandle<Settled> {
     let (pool, job) = (pool.clone(), job.clone());
     tokio::spawn(async move {
-        ledger::settle_chunk(&pool, &result(&job, &o))
+        ledger::settle::settle_chunk(&pool, &result(&job, &o))
             .await
             .unwrap()
     })
@@ -256,7 +262,9 @@ async fn settles_of_two_chunks_commit_while_the_history_and_sync_rows_are_held()
     // (from the chunk rows) is exact.
     let (_, ok, failed, _) = history_loans(&db.pool, &sync_id).await;
     assert_eq!((ok, failed), (0, 0));
-    let live = ledger::entity_progress(&db.pool, &sync_id).await.unwrap();
+    let live = ledger::reads::entity_progress(&db.pool, &sync_id)
+        .await
+        .unwrap();
     let loans = live.iter().find(|p| p.entity == EntityKind::Loan).unwrap();
     assert_eq!(
         (loans.success, loans.failed),
@@ -319,7 +327,7 @@ async fn two_settlers_that_both_see_every_chunk_settled_finalize_once() {
     for job in &jobs {
         let o = outcome_of(&db.pool, job).await;
         assert!(
-            ledger::settle_chunk_only(&db.pool, &result(job, &o))
+            ledger::settle::settle_chunk_only(&db.pool, &result(job, &o))
                 .await
                 .unwrap()
         );
@@ -333,7 +341,7 @@ async fn two_settlers_that_both_see_every_chunk_settled_finalize_once() {
         .unwrap();
     let after = || {
         let (pool, sync_id) = (db.pool.clone(), sync_id.clone());
-        tokio::spawn(async move { ledger::after_settle(&pool, &sync_id).await })
+        tokio::spawn(async move { ledger::finalize::after_settle(&pool, &sync_id).await })
     };
     let (a, b) = (after(), after());
     wait_for(
@@ -371,7 +379,7 @@ async fn a_settler_that_dies_before_finalizing_is_caught_up_by_housekeeping_and_
     for job in &jobs {
         let o = outcome_of(&db.pool, job).await;
         assert!(
-            ledger::settle_chunk_only(&db.pool, &result(job, &o))
+            ledger::settle::settle_chunk_only(&db.pool, &result(job, &o))
                 .await
                 .unwrap()
         );
@@ -388,7 +396,7 @@ async fn a_settler_that_dies_before_finalizing_is_caught_up_by_housekeeping_and_
     for job in &jobs {
         let o = outcome_of(&db.pool, job).await;
         assert!(
-            ledger::settle_chunk_only(&db.pool, &result(job, &o))
+            ledger::settle::settle_chunk_only(&db.pool, &result(job, &o))
                 .await
                 .unwrap()
         );
@@ -433,7 +441,7 @@ async fn the_history_counters_catch_up_while_a_sync_runs_and_are_exact_at_the_en
     // What a settler does after its commit, tried until a roll-up is due (at most a
     // second after the last one): the history catches up with the chunk rows.
     wait_for("the history counters to catch up", DEADLINE, || async {
-        ledger::roll_up(&db.pool, &sync_id).await.unwrap();
+        ledger::rollup::roll_up(&db.pool, &sync_id).await.unwrap();
         let (_, ok, failed, _) = history_loans(&db.pool, &sync_id).await;
         (ok, failed) == expected
     })
@@ -502,7 +510,7 @@ async fn a_slow_roll_up_puts_the_next_one_further_off() {
         .unwrap();
     let slow = tokio::spawn({
         let (pool, sync_id) = (db.pool.clone(), sync_id.clone());
-        async move { ledger::roll_up_now(&pool, &sync_id).await.unwrap() }
+        async move { ledger::rollup::roll_up_now(&pool, &sync_id).await.unwrap() }
     });
     wait_for("the roll-up to wait 200 ms on the lock", DEADLINE, || async {
         sqlx::query_scalar::<_, bool>(
@@ -520,12 +528,12 @@ async fn a_slow_roll_up_puts_the_next_one_further_off() {
     assert!(gap >= 4.0, "next roll-up {gap} s after one of over 200 ms");
     assert!(pending);
     assert!(
-        !ledger::roll_up(&db.pool, &sync_id).await.unwrap(),
+        !ledger::rollup::roll_up(&db.pool, &sync_id).await.unwrap(),
         "no roll-up before it is due"
     );
 }
 
-/// The two forms of the fingerprint upsert ([`ledger::FingerprintUpsert`]) write the same
+/// The two forms of the fingerprint upsert ([`ledger::settle::FingerprintUpsert`]) write the same
 /// rows; the skipping one does not even lock the row of a record delivered again
 /// unchanged, where the plain one does (it writes a WAL record and dirties the page);
 /// and a worker's adaptive form skips after a settle that found most records unchanged
@@ -552,7 +560,7 @@ async fn unchanged_fingerprints_are_skipped_once_a_settle_finds_most_unchanged()
                 ..result(&job, &o)
             };
             assert_ne!(
-                ledger::settle_chunk(&pool, &r).await.unwrap(),
+                ledger::settle::settle_chunk(&pool, &r).await.unwrap(),
                 Settled::Already
             );
             o.succeeded
@@ -576,12 +584,18 @@ async fn unchanged_fingerprints_are_skipped_once_a_settle_finds_most_unchanged()
     let none = |_: usize| false;
 
     // A first sync, every record new: plain, and a worker's form stays plain.
-    let learner = ledger::FingerprintUpsert::adaptive();
+    let learner = ledger::settle::FingerprintUpsert::adaptive();
     let (first, jobs) = planned(&db).await;
     deliver(jobs[0].clone(), 0, none, &learner).await;
     assert!(!learner.skips(EntityKind::Loan), "all new: plain");
     for job in &jobs[1..] {
-        deliver(job.clone(), 0, none, ledger::FingerprintUpsert::skipping()).await;
+        deliver(
+            job.clone(),
+            0,
+            none,
+            ledger::settle::FingerprintUpsert::skipping(),
+        )
+        .await;
     }
     assert_eq!(sync_state(&db.pool, &first).await, "done");
     let all: Vec<i64> =

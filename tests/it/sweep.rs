@@ -488,7 +488,7 @@ async fn a_pending_sweep_runs_alone_after_the_running_sync() {
 }
 
 async fn ledger_finished(pool: &sqlx::PgPool, sync_id: &str) -> bool {
-    loansync::ledger::sync_finished(pool, sync_id)
+    loansync::ledger::lifecycle::sync_finished(pool, sync_id)
         .await
         .unwrap()
 }

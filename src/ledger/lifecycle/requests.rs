@@ -5,7 +5,7 @@ use super::syncs::{SyncSpec, decode_entities};
 use crate::domain::{EntityKind, SyncType};
 use crate::ledger::reads::decode_error;
 use crate::ledger::sql::{INSERT_REQUEST, KNOWN_REQUEST, PENDING_FOR_UPDATE, PENDING_REQUESTS};
-use crate::ledger::{Purpose, RequestStatus, SyncState};
+use crate::ledger::states::{Purpose, RequestStatus, SyncState};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 

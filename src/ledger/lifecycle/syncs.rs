@@ -9,7 +9,10 @@ use crate::ledger::sql::{
     FAIL_ORPHAN_HISTORY, INSERT_HISTORY, INSERT_SYNC, LOAD_SYNC, MARK_PLANNED,
     REQUEUE_ORPHAN_REQUESTS,
 };
-use crate::ledger::{Purpose, RequestStatus, SyncState, clock};
+use crate::ledger::{
+    clock,
+    states::{Purpose, RequestStatus, SyncState},
+};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
