@@ -172,8 +172,10 @@ mod tests {
         let sources = [
             include_str!("planner/plan.rs"),
             include_str!("planner/run.rs"),
-            include_str!("worker.rs"),
-            include_str!("ledger/mod.rs"),
+            include_str!("worker/chunk.rs"),
+            include_str!("worker/handle.rs"),
+            include_str!("ledger/settle.rs"),
+            include_str!("ledger/finalize.rs"),
             include_str!("ledger/lifecycle/syncs.rs"),
             include_str!("ledger/lifecycle/requests.rs"),
         ];
