@@ -276,7 +276,48 @@ pub struct PlanRequest {
     pub sweep: bool,
 }
 
+/// Why a planning request cannot be planned ([`PlanRequest::validate`]): each variant is
+/// one rule of SPEC.md section 6 that serde cannot check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidPlanRequest {
+    #[error("`entities` is empty")]
+    NoEntities,
+    #[error("`until` without `since`")]
+    UntilWithoutSince,
+    #[error("a backfill (`since`) is incremental, not full")]
+    FullBackfill,
+    #[error("a sweep is incremental, not full")]
+    FullSweep,
+    #[error("a sweep compares every record, it takes no `since`")]
+    SweepWithSince,
+    #[error("`since` is not before `until`")]
+    EmptyWindow,
+}
+
 impl PlanRequest {
+    /// Checks the rules a request must keep beyond its shape: the one check of a planning
+    /// request, whether it arrives as a message or is built from `loansync trigger`'s flags.
+    pub fn validate(&self) -> Result<(), InvalidPlanRequest> {
+        let full = self.sync_type == SyncType::Full;
+        if self.entities.as_ref().is_some_and(|e| e.is_empty()) {
+            Err(InvalidPlanRequest::NoEntities)
+        } else if self.until.is_some() && self.since.is_none() {
+            Err(InvalidPlanRequest::UntilWithoutSince)
+        } else if self.since.is_some() && full {
+            Err(InvalidPlanRequest::FullBackfill)
+        } else if self.sweep && full {
+            Err(InvalidPlanRequest::FullSweep)
+        } else if self.sweep && self.since.is_some() {
+            Err(InvalidPlanRequest::SweepWithSince)
+        } else if let (Some(since), Some(until)) = (self.since, self.until)
+            && since >= until
+        {
+            Err(InvalidPlanRequest::EmptyWindow)
+        } else {
+            Ok(())
+        }
+    }
+
     /// The entities to sync, deduplicated, in [`EntityKind::ALL`] order.
     pub fn entity_set(&self) -> Vec<EntityKind> {
         match &self.entities {
@@ -312,6 +353,49 @@ mod tests {
                 .is_err()
         );
         assert!(serde_json::from_str::<PlanRequest>(r#"{"sync_type":"full","extra":1}"#).is_err());
+    }
+
+    #[test]
+    fn a_request_breaking_a_rule_is_invalid() {
+        let parse = |json: &str| {
+            serde_json::from_str::<PlanRequest>(json)
+                .unwrap()
+                .validate()
+        };
+        for (json, why) in [
+            (r#"{"sync_type":"full"}"#, Ok(())),
+            (
+                r#"{"sync_type":"incremental","since":"2026-01-01T00:00:00Z","until":"2026-01-02T00:00:00Z"}"#,
+                Ok(()),
+            ),
+            (r#"{"sync_type":"incremental","sweep":true}"#, Ok(())),
+            (
+                r#"{"sync_type":"full","entities":[]}"#,
+                Err(InvalidPlanRequest::NoEntities),
+            ),
+            (
+                r#"{"sync_type":"incremental","until":"2026-01-02T00:00:00Z"}"#,
+                Err(InvalidPlanRequest::UntilWithoutSince),
+            ),
+            (
+                r#"{"sync_type":"full","since":"2026-01-01T00:00:00Z"}"#,
+                Err(InvalidPlanRequest::FullBackfill),
+            ),
+            (
+                r#"{"sync_type":"full","sweep":true}"#,
+                Err(InvalidPlanRequest::FullSweep),
+            ),
+            (
+                r#"{"sync_type":"incremental","sweep":true,"since":"2026-01-01T00:00:00Z"}"#,
+                Err(InvalidPlanRequest::SweepWithSince),
+            ),
+            (
+                r#"{"sync_type":"incremental","since":"2026-01-02T00:00:00Z","until":"2026-01-02T00:00:00Z"}"#,
+                Err(InvalidPlanRequest::EmptyWindow),
+            ),
+        ] {
+            assert_eq!(parse(json), why, "{json}");
+        }
     }
 
     #[test]

@@ -45,12 +45,16 @@
 //!   [`http`]: `/metrics` (the state gauges refreshed, then every metric), `/healthz`,
 //!   `/readyz` (database, broker and consumer, each with its state).
 //! * [`tls`]: extra CA files (`ANALYTICS_CA_FILE`, `AMQP_CA_FILE`) and refused certificates.
-//! * [`app`]: the application layer: run a planner or a worker process (reconnect,
-//!   metrics server, signals), run a sync in this process, wait for a request's sync,
-//!   and the [`app::SyncReport`] that renders itself and knows its exit code.
+//! * [`app`]: the application layer, a file per concern: run a planner or a worker
+//!   process (reconnect, metrics server, signals), run a sync in this process, wait for a
+//!   request's sync, and what each command does (trigger, status, errors, watermarks,
+//!   abandon, resume, deletes), each returning a report ([`app::SyncReport`],
+//!   [`app::status::StatusReport`], ...) that renders itself as text and JSON and knows
+//!   its exit code. Abandon and watermark set hold the planning lock as a planner does.
 //! * [`check`]: `loansync check` (can this installation work?) and `loansync probe`.
-//! * [`cli`]: the `loansync` command line: parses, calls [`app`], prints; `main.rs`
-//!   only calls [`cli::main`].
+//! * [`cli`]: the `loansync` command line: [`cli::args`] defines the commands and flags
+//!   (clap); `cli/mod.rs` parses, calls [`app`], prints the report and maps it to an exit
+//!   code; `main.rs` only calls [`cli::main`].
 //! * Behind the `dev-tools` feature (default; not in the production image):
 //!   `stub_api` (a faithful local analytics API with fault injection, for tests and
 //!   demos), `seed` (deterministic synthetic source data, generated set-based in

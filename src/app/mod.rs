@@ -1,23 +1,49 @@
-//! The application layer: what the commands, the demo and the tests run.
+//! The application layer: what the commands, the demo and the tests run. A file a
+//! concern; each command's outcome is a report type that renders itself as text and
+//! JSON and knows its exit code, so the command line only parses, calls, and prints.
 //!
 //! * [`services`]: "run a planner", "run a worker": connect, reconnect with backoff,
 //!   the metrics/health server, shutdown signals.
 //! * [`sync`]: "run a sync in this process" (`sync`, `resume --in-process`,
 //!   `errors retry --in-process`, the demo, the tests), returning a [`SyncReport`].
 //! * [`wait`]: "wait for a request's sync to finish" (`trigger --wait`, the demo).
-//! * [`report`]: [`SyncReport`] and [`RequestReport`], which render themselves (text and
-//!   JSON) and know their exit codes.
+//! * [`report`]: [`Report`] (text, JSON, exit code: what every command prints),
+//!   [`SyncReport`] and [`RequestReport`], the exit codes of outcomes, and the per-entity
+//!   progress table ([`report::progress_table`]) every report of a sync prints.
+//! * [`trigger`]: a planning request built from `trigger`'s flags, checked as a planner
+//!   checks one ([`crate::domain::PlanRequest::validate`]), and published.
+//! * [`status`]: [`status::StatusReport`], the recent syncs with the deleted records and
+//!   pending requests beside them, or one sync's per-entity progress.
+//! * [`errors`]: error rows listed ([`errors::ErrorsReport`]), resolved, and retried in
+//!   a new sync, published or worked here ([`errors::RetryReport`]).
+//! * [`watermarks`]: the watermarks shown ([`watermarks::WatermarkReport`]) and one moved
+//!   by hand ([`watermarks::WatermarkSetReport`]).
+//! * [`abandon`]: a sync ended by hand ([`abandon::AbandonReport`]).
+//! * [`resume`]: a stalled sync's chunks published again ([`resume::ResumeReport`]).
+//! * [`deletes`]: the records sweeps found deleted ([`deletes::DeletesReport`]).
+//!
+//! Abandoning a sync and moving a watermark hold the planning lock
+//! ([`crate::ledger::lifecycle::with_planning_lock`]) as a planner does, so neither
+//! races a sync being planned.
 //!
 //! It uses the domain modules (planner, worker, queue, ledger, ...) and is used by the
 //! command line and the demo; it uses neither.
 
+pub mod abandon;
+pub mod deletes;
+pub mod errors;
 pub mod report;
+pub mod resume;
 pub mod services;
+pub mod status;
 pub mod sync;
+pub mod trigger;
 pub mod wait;
+pub mod watermarks;
 
 pub use report::{
-    EXIT_BUSY, EXIT_FAILED, EXIT_PARTIAL, EXIT_TIMEOUT, RequestReport, SyncReport, summarize,
+    EXIT_BUSY, EXIT_FAILED, EXIT_PARTIAL, EXIT_TIMEOUT, Report, RequestReport, SyncReport,
+    summarize,
 };
 pub use services::{
     run_planner, run_planner_process, run_planner_with, run_worker, run_worker_process,

@@ -1,5 +1,7 @@
-//! What a sync run in this process ([`SyncReport`]) and a wait for a request
-//! ([`RequestReport`]) report: rendered as text or JSON, and mapped to exit codes.
+//! What a command reports ([`Report`]: text, JSON and an exit code); what a sync run in
+//! this process ([`SyncReport`]) and a wait for a request ([`RequestReport`]) report; the
+//! exit codes of outcomes; the per-entity progress table ([`progress_table`]) every
+//! report of a sync prints.
 
 use crate::ledger::{self, states::FinalStatus};
 
@@ -15,6 +17,31 @@ pub const EXIT_FAILED: u8 = 11;
 pub const EXIT_BUSY: u8 = 12;
 /// `trigger --wait`: the sync had not finished when `--timeout` ran out (it goes on).
 pub const EXIT_TIMEOUT: u8 = 13;
+
+/// What a command reports: text for people, JSON for scripts (`--json`), and the exit
+/// code the command ends with. The command line prints every outcome through this.
+pub trait Report: serde::Serialize {
+    /// The report as text.
+    fn render(&self) -> String;
+
+    /// The exit code of the command that reports this.
+    fn exit_code(&self) -> u8;
+
+    /// The report as pretty-printed JSON.
+    fn json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(self)
+    }
+
+    /// Prints the report: its text on stdout, or, with `json`, its JSON.
+    fn print(&self, json: bool) -> anyhow::Result<()> {
+        if json {
+            println!("{}", self.json()?);
+        } else {
+            print!("{}", self.render());
+        }
+        Ok(())
+    }
+}
 
 /// What a sync reports (`loansync sync` and the other in-process runs).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -40,21 +67,6 @@ impl SyncReport {
             seconds,
             history_status: String::new(),
         }
-    }
-
-    /// Prints the report as text, or as JSON with `json`.
-    pub fn print(&self, json: bool) -> anyhow::Result<()> {
-        if json {
-            println!("{}", self.json()?);
-        } else {
-            print!("{}", self.render());
-        }
-        Ok(())
-    }
-
-    /// The report as pretty-printed JSON.
-    pub fn json(&self) -> serde_json::Result<String> {
-        serde_json::to_string_pretty(self)
     }
 
     /// 0 completed, [`EXIT_PARTIAL`], [`EXIT_FAILED`], [`EXIT_BUSY`] when it did not run,
@@ -92,21 +104,30 @@ impl SyncReport {
             self.seconds,
             sent as f64 / self.seconds.max(1e-9)
         ));
-        out.push_str(&format!(
-            "{:<10} {:>10} {:>10} {:>10}\n",
-            "entity", "planned", "sent", "failed"
+        out.push_str(&progress_table(
+            &self.progress,
+            ["planned", "sent", "failed"],
         ));
-        for p in &self.progress {
-            out.push_str(&format!(
-                "{:<10} {:>10} {:>10} {:>10}\n",
-                p.entity.as_str(),
-                p.total,
-                p.success,
-                p.failed
-            ));
-        }
         out
     }
+}
+
+/// A sync's per-entity counters as a table, one line an entity, under `headings` for
+/// the total, success and failed columns: a sync's report calls them planned, sent and
+/// failed, `loansync status SYNC_ID` total, success and failed.
+pub fn progress_table(progress: &[ledger::reads::EntityProgress], headings: [&str; 3]) -> String {
+    let [total, success, failed] = headings;
+    let mut out = format!("{:<10} {total:>10} {success:>10} {failed:>10}\n", "entity");
+    for p in progress {
+        out.push_str(&format!(
+            "{:<10} {:>10} {:>10} {:>10}\n",
+            p.entity.as_str(),
+            p.total,
+            p.success,
+            p.failed
+        ));
+    }
+    out
 }
 
 /// What `trigger --wait` saw of its request.
@@ -120,16 +141,6 @@ pub struct RequestReport {
 }
 
 impl RequestReport {
-    /// Prints the report as text, or as JSON with `json`.
-    pub fn print(&self, json: bool) -> anyhow::Result<()> {
-        if json {
-            println!("{}", serde_json::to_string_pretty(self)?);
-        } else {
-            print!("{}", self.render());
-        }
-        Ok(())
-    }
-
     /// The sync's exit code once it finished; [`EXIT_TIMEOUT`] when the wait ran out
     /// first; 1 otherwise.
     pub fn exit_code(&self) -> u8 {
@@ -157,6 +168,28 @@ impl RequestReport {
                 self.request_id, self.request_state
             ),
         }
+    }
+}
+
+// The library's callers (the demo, the tests) use these reports' own methods; the
+// command line prints them as every other report.
+impl Report for SyncReport {
+    fn render(&self) -> String {
+        SyncReport::render(self)
+    }
+
+    fn exit_code(&self) -> u8 {
+        SyncReport::exit_code(self)
+    }
+}
+
+impl Report for RequestReport {
+    fn render(&self) -> String {
+        RequestReport::render(self)
+    }
+
+    fn exit_code(&self) -> u8 {
+        RequestReport::exit_code(self)
     }
 }
 

@@ -2,7 +2,7 @@
 //! request ([`record_message`]) before anything waits on a lock or a clock.
 
 use super::{PlanError, spec_of};
-use crate::domain::{PlanRequest, SyncType};
+use crate::domain::PlanRequest;
 use crate::ledger::lifecycle::{self, Recorded};
 use crate::telemetry::{Event, Telemetry};
 use sqlx::PgPool;
@@ -43,41 +43,20 @@ pub async fn record_message(
     Ok(recorded)
 }
 
-/// Parses a planning message body; `Err` carries a reason fit for the dead-letter header.
+/// Parses a planning message body and checks its rules ([`PlanRequest::validate`]);
+/// `Err` carries a reason fit for the dead-letter header.
 pub fn parse_plan(body: &[u8]) -> Result<PlanRequest, String> {
-    serde_json::from_slice::<PlanRequest>(body)
-        .map_err(|e| format!("invalid planning message: {e}"))
-        .and_then(|r| {
-            if r.entities.as_ref().is_some_and(|e| e.is_empty()) {
-                Err("invalid planning message: `entities` is empty".to_string())
-            } else if r.until.is_some() && r.since.is_none() {
-                Err("invalid planning message: `until` without `since`".to_string())
-            } else if r.since.is_some() && r.sync_type == SyncType::Full {
-                Err(
-                    "invalid planning message: a backfill (`since`) is incremental, not full"
-                        .to_string(),
-                )
-            } else if r.sweep && r.sync_type == SyncType::Full {
-                Err("invalid planning message: a sweep is incremental, not full".to_string())
-            } else if r.sweep && r.since.is_some() {
-                Err(
-                    "invalid planning message: a sweep compares every record, it takes no `since`"
-                        .to_string(),
-                )
-            } else if let (Some(since), Some(until)) = (r.since, r.until)
-                && since >= until
-            {
-                Err("invalid planning message: `since` is not before `until`".to_string())
-            } else {
-                Ok(r)
-            }
-        })
+    let req = serde_json::from_slice::<PlanRequest>(body)
+        .map_err(|e| format!("invalid planning message: {e}"))?;
+    req.validate()
+        .map_err(|e| format!("invalid planning message: {e}"))?;
+    Ok(req)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::EntityKind;
+    use crate::domain::{EntityKind, SyncType};
     use chrono::{DateTime, TimeZone, Utc};
 
     fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {

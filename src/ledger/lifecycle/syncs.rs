@@ -11,7 +11,8 @@ use crate::ledger::sql::{
 };
 use crate::ledger::{
     clock,
-    states::{Purpose, RequestStatus, SyncState},
+    states::RequestStatus,
+    states::{Purpose, SyncState},
 };
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};

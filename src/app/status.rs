@@ -1,0 +1,284 @@
+//! `loansync status`: the recent syncs with what else waits (deleted records sweeps
+//! found, pending planning requests), or one sync with its per-entity progress.
+
+use super::report::{Report, progress_table};
+use crate::ledger::lifecycle::PendingEntry;
+use crate::ledger::{
+    self,
+    reads::{DeletedCount, EntityProgress, SyncSummary},
+    states::SyncState,
+};
+use sqlx::PgPool;
+use std::time::Duration;
+
+/// What `loansync status` shows.
+#[derive(Debug, Clone)]
+pub enum StatusReport {
+    /// `status SYNC_ID`: one sync and its per-entity counters.
+    Sync {
+        sync: SyncSummary,
+        entities: Vec<EntityProgress>,
+    },
+    /// `status`: the recent syncs, newest first, and the facts of the installation an
+    /// operator looks at beside them.
+    Recent {
+        syncs: Vec<SyncSummary>,
+        /// Deleted records sweeps found, per entity (not sent: the API has no delete).
+        deleted: Vec<DeletedCount>,
+        /// Planning requests waiting for the active sync to end.
+        pending: Vec<PendingEntry>,
+    },
+}
+
+/// The status of the sync `sync_id` (an error when there is none), or of the `limit`
+/// most recent syncs; a sync counts as stalled after `stale_after` without progress.
+pub async fn status(
+    pool: &PgPool,
+    stale_after: Duration,
+    sync_id: Option<&str>,
+    limit: i64,
+) -> anyhow::Result<StatusReport> {
+    let stale = stale_after.as_secs() as i64;
+    let mut syncs = ledger::reads::recent_syncs(pool, sync_id, limit, stale).await?;
+    let Some(id) = sync_id else {
+        return Ok(StatusReport::Recent {
+            syncs,
+            deleted: ledger::reads::deleted_counts(pool).await?,
+            pending: ledger::lifecycle::pending_requests(pool).await?,
+        });
+    };
+    if syncs.is_empty() {
+        anyhow::bail!("no sync {id}");
+    }
+    Ok(StatusReport::Sync {
+        sync: syncs.swap_remove(0),
+        entities: ledger::reads::entity_progress(pool, id).await?,
+    })
+}
+
+/// As JSON, `{sync, entities}` for one sync (through a [`serde_json::Value`], so with its
+/// keys sorted, as it has always been printed), the array of syncs for the recent ones.
+impl serde::Serialize for StatusReport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct One<'a> {
+            sync: &'a SyncSummary,
+            entities: &'a [EntityProgress],
+        }
+        match self {
+            StatusReport::Sync { sync, entities } => serde_json::to_value(One { sync, entities })
+                .map_err(serde::ser::Error::custom)?
+                .serialize(serializer),
+            StatusReport::Recent { syncs, .. } => syncs.serialize(serializer),
+        }
+    }
+}
+
+impl Report for StatusReport {
+    /// 0: a status is shown whatever the syncs' outcomes.
+    fn exit_code(&self) -> u8 {
+        0
+    }
+
+    fn render(&self) -> String {
+        match self {
+            StatusReport::Sync { sync, entities } => render_sync(sync, entities),
+            StatusReport::Recent {
+                syncs,
+                deleted,
+                pending,
+            } => render_recent(syncs, deleted, pending),
+        }
+    }
+}
+
+fn render_sync(s: &SyncSummary, entities: &[EntityProgress]) -> String {
+    let date = |d: Option<chrono::DateTime<chrono::Utc>>| {
+        d.map(|d| d.to_rfc3339()).unwrap_or_else(|| "-".into())
+    };
+    let mut out = format!(
+        "sync {}  {}  {}{}\n",
+        s.sync_id,
+        s.sync_type,
+        s.status,
+        stalled_hint(s)
+    );
+    out.push_str(&format!(
+        "window   {} .. {}\n",
+        date(s.sync_start_date),
+        date(s.sync_end_date)
+    ));
+    if let (Some(t), Some(r)) = (s.chunks_total, s.chunks_remaining) {
+        out.push_str(&format!("chunks   {} of {} settled\n", t - r, t));
+    }
+    if let Some(d) = s.duration_seconds {
+        out.push_str(&format!("duration {d:.2}s\n"));
+    }
+    if let Some(m) = &s.error_message {
+        out.push_str(&format!("error    {m}\n"));
+    }
+    out.push_str(&progress_table(entities, ["total", "success", "failed"]));
+    out
+}
+
+/// What `status` says after a stalled sync, and what to do about it.
+fn stalled_hint(s: &SyncSummary) -> &'static str {
+    let state = s.state.as_deref().and_then(|st| st.parse().ok());
+    match (s.stalled, state) {
+        (false, _) => "",
+        (true, Some(SyncState::Planning)) => {
+            "  (STALLED: its planner is gone; the next sync abandons it, or run `loansync abandon`)"
+        }
+        (true, _) => "  (STALLED: run `loansync resume`, or `loansync abandon` to end it)",
+    }
+}
+
+fn render_recent(
+    syncs: &[SyncSummary],
+    deleted: &[DeletedCount],
+    pending: &[PendingEntry],
+) -> String {
+    let mut out = format!(
+        "{:<36}  {:<11}  {:<15}  {:<20}  {:>9}\n",
+        "sync_id", "type", "status", "started", "seconds"
+    );
+    for s in syncs {
+        out.push_str(&format!(
+            "{:<36}  {:<11}  {:<15}  {:<20}  {:>9}\n",
+            s.sync_id,
+            s.sync_type,
+            if s.stalled {
+                "STALLED"
+            } else {
+                s.status.as_str()
+            },
+            s.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            s.duration_seconds
+                .map(|d| format!("{d:.2}"))
+                .unwrap_or_else(|| "-".into())
+        ));
+    }
+    if !deleted.is_empty() {
+        let per: Vec<String> = deleted
+            .iter()
+            .map(|d| format!("{}: {}", d.entity, d.count))
+            .collect();
+        out.push_str(&format!(
+            "\ndeleted records found by sweeps (not sent, the API has no delete): {} (`loansync deletes list`)\n",
+            per.join(", ")
+        ));
+    }
+    if !pending.is_empty() {
+        out.push_str(&format!(
+            "\n{} planning request(s) pending, run when the current sync ends (coalesced):\n",
+            pending.len()
+        ));
+        for p in pending {
+            let kind = if p.since.is_some() {
+                "backfill"
+            } else {
+                p.kind.as_str()
+            };
+            out.push_str(&format!(
+                "  {:<36}  {kind:<11}  received {}\n",
+                p.request_id,
+                p.received_at.format("%Y-%m-%d %H:%M:%S")
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::EntityKind;
+
+    fn summary(state: &str, stalled: bool) -> SyncSummary {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        SyncSummary {
+            sync_id: "s1".into(),
+            sync_type: "full".into(),
+            status: "in_progress".into(),
+            started_at: at,
+            completed_at: None,
+            duration_seconds: None,
+            sync_start_date: None,
+            sync_end_date: Some(at),
+            error_message: None,
+            chunks_total: Some(4),
+            chunks_remaining: Some(1),
+            state: Some(state.into()),
+            stalled,
+        }
+    }
+
+    fn one(state: &str, stalled: bool) -> StatusReport {
+        StatusReport::Sync {
+            sync: summary(state, stalled),
+            entities: vec![EntityProgress {
+                entity: EntityKind::Loan,
+                total: 30,
+                success: 27,
+                failed: 3,
+            }],
+        }
+    }
+
+    #[test]
+    fn one_sync_shows_its_progress_and_what_to_do_when_stalled() {
+        let text = one("running", false).render();
+        assert!(text.starts_with("sync s1  full  in_progress\n"), "{text}");
+        assert!(text.contains("chunks   3 of 4 settled\n"), "{text}");
+        assert!(
+            text.contains("entity          total    success     failed\nloan               30         27          3\n"),
+            "{text}"
+        );
+        assert!(
+            one("running", true)
+                .render()
+                .contains("(STALLED: run `loansync resume`")
+        );
+        assert!(
+            one("planning", true)
+                .render()
+                .contains("(STALLED: its planner is gone")
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&one("running", false).json().unwrap()).unwrap();
+        assert_eq!(json["sync"]["sync_id"], "s1");
+        assert_eq!(json["entities"][0]["entity"], "loan");
+    }
+
+    #[test]
+    fn recent_syncs_show_the_deleted_records_and_pending_requests_beside_them() {
+        let received = summary("running", true).started_at;
+        let report = StatusReport::Recent {
+            syncs: vec![summary("running", true)],
+            deleted: vec![DeletedCount {
+                entity: "repayment".into(),
+                count: 3,
+            }],
+            pending: vec![PendingEntry {
+                request_id: "r1".into(),
+                kind: "incremental".into(),
+                received_at: received,
+                since: Some(received),
+            }],
+        };
+        let text = report.render();
+        assert!(text.contains("s1  "), "{text}");
+        assert!(text.contains("  STALLED  "), "{text}");
+        assert!(text.contains("sweeps (not sent, the API has no delete): repayment: 3"));
+        assert!(text.contains("1 planning request(s) pending"), "{text}");
+        assert!(
+            text.contains("  r1 ") && text.contains("backfill"),
+            "{text}"
+        );
+        // Scripts get the syncs only.
+        let json: serde_json::Value = serde_json::from_str(&report.json().unwrap()).unwrap();
+        assert_eq!(json.as_array().map(Vec::len), Some(1), "{json}");
+    }
+}
