@@ -3,12 +3,13 @@
 //! the chunk rows, the status, the duration and the watermarks of a successful regular
 //! sync.
 
+use super::history::sum_of;
 use super::lifecycle::{self, RowLock};
 use super::reads::decode_error;
 use super::rollup::{ROLL_UP_DUE_SQL, roll_up, roll_up_counters, roll_up_now};
 use super::sql::UPSERT_WATERMARK;
 use super::states::{FinalStatus, HistoryStatus, Purpose, SyncState};
-use crate::domain::SyncType;
+use crate::domain::{EntityKind, SyncType};
 use sqlx::{PgConnection, PgPool, Row};
 use std::sync::LazyLock;
 
@@ -154,16 +155,30 @@ pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<Fi
     let sync = lifecycle::load_sync(&mut *conn, sync_id, RowLock::None)
         .await?
         .ok_or(sqlx::Error::RowNotFound)?;
-    let row = sqlx::query(
-        "SELECT h.loans_success + h.repayments_success + h.customers_success + h.officers_success, \
-                h.loans_failed + h.repayments_failed + h.customers_failed + h.officers_failed, \
-                h.loans_failed, h.repayments_failed, h.customers_failed, h.officers_failed, \
-                h.status::text \
-         FROM etl_folder_etlsynchistory h WHERE sync_id = $1",
-    )
-    .bind(sync_id)
-    .fetch_one(&mut *conn)
-    .await?;
+    // The records succeeded and failed, then each entity's failed, in the message's
+    // order; the column names come from the one mapping.
+    const MESSAGE_ORDER: [EntityKind; 4] = [
+        EntityKind::Loan,
+        EntityKind::Repayment,
+        EntityKind::Customer,
+        EntityKind::Officer,
+    ];
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let failed: Vec<&str> = MESSAGE_ORDER
+            .iter()
+            .map(|e| e.history_columns().failed)
+            .collect();
+        format!(
+            "SELECT {}, {}, {}, status::text FROM etl_folder_etlsynchistory WHERE sync_id = $1",
+            sum_of(|c| c.success),
+            sum_of(|c| c.failed),
+            failed.join(", ")
+        )
+    });
+    let row = sqlx::query(SQL.as_str())
+        .bind(sync_id)
+        .fetch_one(&mut *conn)
+        .await?;
     let succeeded: i32 = row.get(0);
     let failed: i32 = row.get(1);
     let current: HistoryStatus = row.get::<String, _>(6).parse().map_err(decode_error)?;
@@ -171,16 +186,13 @@ pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<Fi
     let already_failed = current == HistoryStatus::Failed;
     let status = final_status(succeeded, failed, already_failed);
     let message = (!already_failed && failed > 0).then(|| {
-        let per_entity: Vec<String> = [
-            ("loan", row.get::<i32, _>(2)),
-            ("repayment", row.get::<i32, _>(3)),
-            ("customer", row.get::<i32, _>(4)),
-            ("officer", row.get::<i32, _>(5)),
-        ]
-        .into_iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(e, n)| format!("{e}: {n}"))
-        .collect();
+        let per_entity: Vec<String> = MESSAGE_ORDER
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e, row.get::<i32, _>(2 + i)))
+            .filter(|(_, n)| *n > 0)
+            .map(|(e, n)| format!("{e}: {n}"))
+            .collect();
         format!(
             "{failed} of {} records failed ({}); see etl_folder_etlsyncerror for each record's error, \
              and `loansync errors retry` to deliver them again",

@@ -1,8 +1,9 @@
 //! The one mapping from an entity to its counter columns in `etl_folder_etlsynchistory`
-//! (Django's `total_loans`, `loans_success`, `loans_failed`, ...). Rust code that names
-//! these columns builds the names from here; the `.sql` files that name them by hand are
-//! `roll_up_counters.sql` (a `FILTER` per entity), `insert_history.sql` (every column zero) and
-//! `last_sync_per_type.sql` (the sums), checked against this mapping by a unit test.
+//! (Django's `total_loans`, `loans_success`, `loans_failed`, ...). The plan's totals and
+//! the finalizer build the names from here; the statements that name them by hand are
+//! `roll_up_counters.sql` (a `FILTER` per entity), `insert_history.sql` (every column
+//! zero), `last_sync_per_type.sql` (the sums), checked against this mapping by a unit
+//! test, and `reads::entity_progress` (a column each, in one statement).
 
 use crate::domain::EntityKind;
 

@@ -8,7 +8,7 @@
 //! `id::int8` output column: ordering by the cast would defeat the primary key index and
 //! sort the whole selection on every keyset page.
 //!
-//! Never-send columns (SPEC.md section 5) are never selected: the `load_*.sql`
+//! Never-send columns (SPEC.md section 5) are never selected: the `rows_*.sql`
 //! statements name their columns one by one, and customers' BVN / NIN only leave the
 //! database as the booleans `has_bvn` / `has_nin`.
 

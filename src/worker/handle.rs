@@ -73,6 +73,17 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob, message: &WorkerMessage
     let entity = job.entity;
     let seconds = || started.elapsed().as_secs_f64();
     let emit = |event| ctx.telemetry.emit(event);
+    // Dead-lettered, with its records settled as failed (`settled`) or left unsettled.
+    let dead_letter = |code: Option<&str>, reason: String, settled: bool| {
+        ctx.telemetry.emit(Event::ChunkDeadLettered {
+            entity,
+            code,
+            reason: &reason,
+            settled,
+            seconds: seconds(),
+        });
+        Disposition::DeadLetter(reason)
+    };
     match result {
         Ok(ChunkOutcome::Settled {
             succeeded, failed, ..
@@ -99,16 +110,7 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob, message: &WorkerMessage
             });
             Disposition::Ack
         }
-        Ok(ChunkOutcome::GaveUp { reason }) => {
-            emit(Event::ChunkDeadLettered {
-                entity,
-                code: Some(CHUNK_GAVE_UP),
-                reason: &reason,
-                settled: true,
-                seconds: seconds(),
-            });
-            Disposition::DeadLetter(reason)
-        }
+        Ok(ChunkOutcome::GaveUp { reason }) => dead_letter(Some(CHUNK_GAVE_UP), reason, true),
         Ok(ChunkOutcome::SettleDeferred { job, error }) => match serde_json::to_vec(&job) {
             Ok(body) => {
                 emit(Event::ChunkRequeued {
@@ -128,42 +130,23 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob, message: &WorkerMessage
                 Disposition::Republish
             }
         },
-        Err(ChunkError::Unknown(what)) => {
-            let reason = format!("chunk job names no chunk of the ledger: {what}");
-            emit(Event::ChunkDeadLettered {
-                entity,
-                code: None,
-                reason: &reason,
-                settled: false,
-                seconds: seconds(),
-            });
-            Disposition::DeadLetter(reason)
-        }
+        Err(ChunkError::Unknown(what)) => dead_letter(
+            None,
+            format!("chunk job names no chunk of the ledger: {what}"),
+            false,
+        ),
         Err(ChunkError::Permanent { code, reason }) => {
             match fail_chunk(ctx, job, code, &reason).await {
-                Ok(()) => {
-                    emit(Event::ChunkDeadLettered {
-                        entity,
-                        code: Some(code),
-                        reason: &reason,
-                        settled: true,
-                        seconds: seconds(),
-                    });
-                    Disposition::DeadLetter(format!("{code}: {reason}"))
-                }
+                Ok(()) => dead_letter(Some(code), format!("{code}: {reason}"), true),
                 Err(e) if e.failure() == Failure::Permanent => {
                     // Settling it as failed cannot succeed either: requeued, it would
                     // come back forever. Its sync stays unfinished (stalled) until an
                     // operator abandons it.
-                    let reason = format!("{code}: {reason}; not settled: {e}");
-                    emit(Event::ChunkDeadLettered {
-                        entity,
-                        code: Some(code),
-                        reason: &reason,
-                        settled: false,
-                        seconds: seconds(),
-                    });
-                    Disposition::DeadLetter(reason)
+                    dead_letter(
+                        Some(code),
+                        format!("{code}: {reason}; not settled: {e}"),
+                        false,
+                    )
                 }
                 Err(e) if e.failure() == Failure::Fatal => {
                     emit(Event::ChunkFatal {
@@ -193,15 +176,7 @@ async fn handle_job(ctx: &WorkerContext, job: &ChunkJob, message: &WorkerMessage
                 // The ledger's own rows cannot be read or written as they are: no retry
                 // can help, and the records are not at fault. Left unsettled: the sync
                 // shows stalled until an operator abandons it.
-                let reason = format!("the ledger refuses this chunk: {e}");
-                emit(Event::ChunkDeadLettered {
-                    entity,
-                    code: None,
-                    reason: &reason,
-                    settled: false,
-                    seconds: seconds(),
-                });
-                Disposition::DeadLetter(reason)
+                dead_letter(None, format!("the ledger refuses this chunk: {e}"), false)
             }
             Failure::Fatal => {
                 // Not the chunk's fault: put back without spending a delivery.
