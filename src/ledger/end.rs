@@ -2,9 +2,11 @@
 //! credentials ([`abort_sync`]), or by hand ([`abandon_sync`]); and pruning the chunk id
 //! lists of finished syncs ([`prune_chunks`]).
 
+use super::errors::write_error_rows;
 use super::finalize::finalize;
 use super::lifecycle::{self, PlanningLock, RowLock};
-use super::states::{ChunkSettlement, SyncState};
+use super::states::{ChunkSettlement, Purpose, SyncState};
+use crate::domain::{EntityKind, FailedRecord};
 use sqlx::PgPool;
 
 /// Fails a sync fast (the API refused the credentials): its unsettled chunks are settled
@@ -71,22 +73,7 @@ async fn fail_unsettled(
     .execute(&mut *tx)
     .await?;
     if how == Unsettled::Abandoned {
-        sqlx::query(
-            "INSERT INTO etl_folder_etlsyncerror ( \
-                 entity_type, entity_id, error_code, error_message, error_details, \
-                 created_at, retry_count, last_retry_at, resolved, resolved_at, sync_history_id) \
-             SELECT c.entity, u.id::text, $2, $3, jsonb_build_object('abandoned', true), \
-                    now(), 0, NULL, false, NULL, h.id \
-             FROM loansync_chunk c CROSS JOIN LATERAL unnest(c.ids) AS u(id) \
-             JOIN etl_folder_etlsynchistory h ON h.sync_id = c.sync_id \
-             JOIN loansync_sync s ON s.sync_id = c.sync_id \
-             WHERE c.sync_id = $1 AND c.outcome = 'abandoned' AND s.purpose <> 'retry'",
-        )
-        .bind(sync_id)
-        .bind(ABANDONED_CODE)
-        .bind(reason)
-        .execute(&mut *tx)
-        .await?;
+        abandoned_error_rows(&mut tx, sync_id, reason).await?;
     }
     // The sync row, then the history row. A settler that finalized the sync meanwhile
     // (every chunk was settled already) has left it 'done'.
@@ -177,4 +164,62 @@ pub async fn prune_chunks(pool: &PgPool, retention: std::time::Duration) -> sqlx
     .rows_affected();
     tx.commit().await?;
     Ok(deleted)
+}
+
+/// The error rows of a sync ended by hand: one per record of its abandoned chunks, with
+/// [`ABANDONED_CODE`], so that `errors retry` can deliver them later (a retry sync's own
+/// records keep their original rows). Chunk after chunk, a page at a time: memory stays
+/// bounded whatever the sync's size.
+async fn abandoned_error_rows(
+    conn: &mut sqlx::PgConnection,
+    sync_id: &str,
+    reason: &str,
+) -> sqlx::Result<()> {
+    let retry_sync: Option<(String, i32)> = sqlx::query_as(
+        "SELECT s.purpose, h.id FROM loansync_sync s \
+         JOIN etl_folder_etlsynchistory h USING (sync_id) WHERE s.sync_id = $1",
+    )
+    .bind(sync_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((purpose, history_id)) = retry_sync else {
+        return Ok(());
+    };
+    if purpose == Purpose::Retry.as_str() {
+        return Ok(());
+    }
+    let details = serde_json::json!({ "abandoned": true });
+    let mut after = (String::new(), -1i32);
+    loop {
+        let page: Vec<(String, i32, Vec<i64>)> = sqlx::query_as(
+            "SELECT entity::text, seq, ids FROM loansync_chunk \
+             WHERE sync_id = $1 AND outcome = $2 AND (entity, seq) > ($3::varchar, $4) \
+             ORDER BY entity, seq LIMIT 100",
+        )
+        .bind(sync_id)
+        .bind(ChunkSettlement::Abandoned.as_str())
+        .bind(&after.0)
+        .bind(after.1)
+        .fetch_all(&mut *conn)
+        .await?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = (last.0.clone(), last.1);
+        for (entity, _, ids) in &page {
+            let entity: EntityKind = entity
+                .parse()
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            let failed: Vec<FailedRecord> = ids
+                .iter()
+                .map(|&id| FailedRecord {
+                    id,
+                    error_code: ABANDONED_CODE.into(),
+                    message: reason.into(),
+                    details: details.clone(),
+                })
+                .collect();
+            write_error_rows(&mut *conn, entity, &failed, history_id, false).await?;
+        }
+    }
 }

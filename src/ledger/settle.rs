@@ -4,7 +4,7 @@
 //! ([`crate::ledger::finalize::after_settle`]).
 
 use super::finalize::after_settle;
-use super::sql::{INSERT_ERRORS, RESOLVE_ERRORS, RETRY_ERRORS};
+use super::sql::RESOLVE_ERRORS;
 use super::states::{FinalStatus, Purpose};
 use crate::domain::{EntityKind, FailedRecord};
 use sqlx::{PgConnection, PgPool};
@@ -160,9 +160,14 @@ pub async fn settle_chunk_only(pool: &PgPool, r: &ChunkResult<'_>) -> sqlx::Resu
         tx.rollback().await?;
         return Ok(false);
     }
-    if !r.failed.is_empty() {
-        record_failures(&mut tx, r).await?;
-    }
+    super::errors::write_error_rows(
+        &mut tx,
+        r.entity,
+        r.failed,
+        r.history_id,
+        r.purpose == Purpose::Retry,
+    )
+    .await?;
     if !r.succeeded.is_empty() {
         let ids: Vec<String> = r.succeeded.iter().map(|i| i.to_string()).collect();
         sqlx::query(RESOLVE_ERRORS)
@@ -228,33 +233,4 @@ async fn record_delivered(conn: &mut PgConnection, r: &ChunkResult<'_>) -> sqlx:
         .execute(&mut *conn)
         .await?;
     Ok(())
-}
-
-async fn record_failures(conn: &mut PgConnection, r: &ChunkResult<'_>) -> sqlx::Result<()> {
-    let ids: Vec<String> = r.failed.iter().map(|f| f.id.to_string()).collect();
-    let codes: Vec<String> = r
-        .failed
-        .iter()
-        .map(|f| truncate(&f.error_code, 100))
-        .collect();
-    let messages: Vec<&str> = r.failed.iter().map(|f| f.message.as_str()).collect();
-    let details: Vec<&serde_json::Value> = r.failed.iter().map(|f| &f.details).collect();
-    let sql = match r.purpose {
-        Purpose::Sync | Purpose::Backfill | Purpose::Sweep => INSERT_ERRORS,
-        Purpose::Retry => RETRY_ERRORS,
-    };
-    sqlx::query(sql)
-        .bind(r.entity.as_str())
-        .bind(&ids)
-        .bind(&codes)
-        .bind(&messages)
-        .bind(sqlx::types::Json(&details))
-        .bind(r.history_id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-fn truncate(s: &str, max_chars: usize) -> String {
-    s.chars().take(max_chars).collect()
 }

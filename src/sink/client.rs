@@ -282,19 +282,20 @@ impl AnalyticsClient {
     /// officers endpoint, once, with the key and an `Idempotency-Key`: the contract's own
     /// request, which changes nothing on the API's side. No retries.
     pub async fn check_key(&self) -> Result<Answer, Transient> {
-        const SYNC_ID: &str = "loansync-check";
         let entity = EntityKind::Officer;
-        let json = encoder::body(SYNC_ID, SyncType::Incremental, entity, 0, &[]);
-        let body = Bytes::from(if self.inner.gzip {
-            encoder::gzip(&json)
-        } else {
-            json
-        });
+        let check = Batch {
+            sync_id: "loansync-check",
+            sync_type: SyncType::Incremental,
+            entity,
+            chunk: 0,
+            records: &[],
+        };
+        let (body, key) = self.request(&check, &[]);
         service::send(
             &self.inner.http,
             &endpoint_url(&self.inner.base, entity.endpoint()),
             self.inner.key.expose_secret(),
-            &encoder::idempotency_key(SYNC_ID, entity, &[]),
+            &key,
             body,
             entity.endpoint(),
             &self.telemetry,
@@ -302,16 +303,9 @@ impl AnalyticsClient {
         .await
     }
 
-    /// Sends one part of a chunk, retrying transient failures until the chunk's
-    /// `deadline` would pass before the next attempt. Returns the answer (or the last
-    /// transient failure) and the attempts made.
-    async fn send_part(
-        &self,
-        batch: &Batch<'_>,
-        url: &str,
-        part: &[Record],
-        deadline: tokio::time::Instant,
-    ) -> (Result<Answer, Transient>, u32) {
+    /// The request for `part` of `batch`: its body (gzipped with `ANALYTICS_GZIP`) and its
+    /// `Idempotency-Key`, the same on every retry of the same body.
+    fn request(&self, batch: &Batch<'_>, part: &[Record]) -> (Bytes, String) {
         let json = encoder::body(
             batch.sync_id,
             batch.sync_type,
@@ -324,7 +318,23 @@ impl AnalyticsClient {
         } else {
             json
         });
-        let key = encoder::idempotency_key(batch.sync_id, batch.entity, part);
+        (
+            body,
+            encoder::idempotency_key(batch.sync_id, batch.entity, part),
+        )
+    }
+
+    /// Sends one part of a chunk, retrying transient failures until the chunk's
+    /// `deadline` would pass before the next attempt. Returns the answer (or the last
+    /// transient failure) and the attempts made.
+    async fn send_part(
+        &self,
+        batch: &Batch<'_>,
+        url: &str,
+        part: &[Record],
+        deadline: tokio::time::Instant,
+    ) -> (Result<Answer, Transient>, u32) {
+        let (body, key) = self.request(batch, part);
         let attempts = AtomicU32::new(0);
         let max_interval = self.inner.retry.max_interval;
         let result = (|| {
