@@ -13,9 +13,40 @@ use std::time::Duration;
 /// loansync's migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Why the database could not be reached or prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL cannot be parsed: fix `DATABASE_URL`.
+    #[error("DATABASE_URL is not valid: {0}")]
+    InvalidUrl(String),
+    /// PostgreSQL refused or did not answer (`at`: the redacted URL).
+    #[error("cannot connect to PostgreSQL at {at}: {source}")]
+    Connect {
+        at: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A statement failed.
+    #[error(transparent)]
+    Query(#[from] sqlx::Error),
+    /// A migration failed or the database's migrations do not match the binary's.
+    #[error("migrating the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl crate::failure::Classify for DbError {
+    fn failure(&self) -> crate::failure::Failure {
+        use crate::failure::Failure;
+        match self {
+            DbError::InvalidUrl(_) | DbError::Migrate(_) => Failure::Fatal,
+            DbError::Connect { source, .. } | DbError::Query(source) => Failure::of_sqlx(source),
+        }
+    }
+}
+
 /// Opens a pool sized for this process. Connections lazily reconnect after an outage.
 /// Every connection carries the limits of `ETL_DB_*` ([`connect_options`]).
-pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+pub async fn connect(settings: &Settings) -> Result<PgPool, DbError> {
     connect_url_with(
         settings.database_url.expose_secret(),
         settings.db_pool_size,
@@ -25,7 +56,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 }
 
 /// [`connect`] for a URL, with the default [`DbTimeouts`].
-pub async fn connect_url(url: &str, size: u32) -> anyhow::Result<PgPool> {
+pub async fn connect_url(url: &str, size: u32) -> Result<PgPool, DbError> {
     connect_url_with(url, size, &DbTimeouts::default()).await
 }
 
@@ -39,10 +70,10 @@ pub async fn connect_url(url: &str, size: u32) -> anyhow::Result<PgPool> {
 /// without a FIN is noticed through these server-side limits and the server's
 /// keepalives (which end the session and free its locks), and on the client through
 /// the pool's acquire timeout and [`is_reachable`]'s two-second probe.
-pub fn connect_options(url: &str, t: &DbTimeouts) -> anyhow::Result<PgConnectOptions> {
+pub fn connect_options(url: &str, t: &DbTimeouts) -> Result<PgConnectOptions, DbError> {
     let ms = |d: std::time::Duration| d.as_millis().to_string();
     Ok(PgConnectOptions::from_str(url)
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL is not valid: {e}"))?
+        .map_err(|e| DbError::InvalidUrl(e.to_string()))?
         .application_name("loansync")
         .options([
             ("statement_timeout", ms(t.statement)),
@@ -58,18 +89,16 @@ pub fn connect_options(url: &str, t: &DbTimeouts) -> anyhow::Result<PgConnectOpt
 }
 
 /// A pool on `url` of `size` connections with the limits `t`.
-pub async fn connect_url_with(url: &str, size: u32, t: &DbTimeouts) -> anyhow::Result<PgPool> {
+pub async fn connect_url_with(url: &str, size: u32, t: &DbTimeouts) -> Result<PgPool, DbError> {
     let opts = connect_options(url, t)?;
     let pool = PgPoolOptions::new()
         .max_connections(size.max(2))
         .acquire_timeout(t.acquire)
         .connect_with(opts)
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to PostgreSQL at {}: {e}",
-                crate::redact::redact_url(url)
-            )
+        .map_err(|source| DbError::Connect {
+            at: crate::redact::redact_url(url),
+            source,
         })?;
     Ok(pool)
 }
@@ -80,7 +109,7 @@ pub async fn connect_url_with(url: &str, size: u32, t: &DbTimeouts) -> anyhow::R
 /// A migration may build an index on a big table or wait for Django's migrations: it
 /// runs without the statement and lock timeouts, on a connection that gets them back
 /// (`RESET`) before it returns to the pool.
-pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     let mut conn = pool.acquire().await?;
     sqlx::raw_sql("SET statement_timeout = 0; SET lock_timeout = 0")
         .execute(&mut *conn)

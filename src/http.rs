@@ -79,12 +79,20 @@ pub fn router(readiness: Readiness) -> Router {
         .with_state(readiness)
 }
 
+/// `METRICS_ADDR` cannot be served (taken, not this host's).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}")]
+pub struct ServeError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Binds `addr` and serves in a background task; returns the bound address.
-pub async fn serve(addr: SocketAddr, readiness: Readiness) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
-    let bound = listener.local_addr()?;
+pub async fn serve(addr: SocketAddr, readiness: Readiness) -> Result<SocketAddr, ServeError> {
+    let failed = |source| ServeError { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
     let app = router(readiness);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

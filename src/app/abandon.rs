@@ -1,5 +1,6 @@
 //! `loansync abandon`: a sync ended by hand, under the planning lock.
 
+use super::error::AppError;
 use super::report::{Report, SyncReport, summarize};
 use crate::ledger::lifecycle::with_planning_lock;
 use crate::ledger::{self, end::Abandoned};
@@ -20,16 +21,22 @@ pub struct AbandonReport {
 /// Ends the sync `sync_id` by hand with `reason` ([`ledger::end::abandon_sync`]); an error
 /// when it is not planning or running. Holds the planning lock: a live planner holds it
 /// while it plans, so abandon waits for it and never ends a sync being planned.
-pub async fn abandon(pool: &PgPool, sync_id: &str, reason: &str) -> anyhow::Result<AbandonReport> {
+pub async fn abandon(
+    pool: &PgPool,
+    sync_id: &str,
+    reason: &str,
+) -> Result<AbandonReport, AppError> {
     let abandoned = with_planning_lock(pool, async |lock| {
-        anyhow::Ok(ledger::end::abandon_sync(pool, lock, sync_id, reason).await?)
+        Ok::<_, AppError>(ledger::end::abandon_sync(pool, lock, sync_id, reason).await?)
     })
     .await?;
     let was_planning = match abandoned {
-        Abandoned::NotActive { state } => anyhow::bail!(
-            "sync {sync_id} is not planning or running ({}): nothing to abandon",
-            state.map_or("no such sync", |s| s.as_str())
-        ),
+        Abandoned::NotActive { state } => {
+            return Err(AppError::refused(format!(
+                "sync {sync_id} is not planning or running ({}): nothing to abandon",
+                state.map_or("no such sync", |s| s.as_str())
+            )));
+        }
         Abandoned::Planning => true,
         Abandoned::Running => false,
     };

@@ -1,6 +1,7 @@
 //! `loansync deletes list`: the records sweeps found deleted from the source (or no
 //! longer selected), which are not sent: the analytics API has no delete.
 
+use super::error::AppError;
 use super::report::Report;
 use crate::domain::EntityKind;
 use crate::ledger::{self, reads::DeletedRow};
@@ -19,7 +20,7 @@ pub async fn list(
     pool: &PgPool,
     entity: Option<EntityKind>,
     limit: i64,
-) -> anyhow::Result<DeletesReport> {
+) -> Result<DeletesReport, AppError> {
     Ok(DeletesReport {
         rows: ledger::reads::list_deleted(pool, entity, limit).await?,
     })
@@ -29,7 +30,7 @@ pub async fn list(
 impl Report for DeletesReport {
     /// With `json`, the JSON; otherwise the table on stdout and how many rows it holds on
     /// stderr, so that the table stays a table for scripts.
-    fn print(&self, json: bool) -> anyhow::Result<()> {
+    fn print(&self, json: bool) -> Result<(), AppError> {
         if json {
             println!("{}", self.json()?);
         } else {

@@ -1,6 +1,7 @@
 //! `loansync errors`: the per-record error rows (`etl_folder_etlsyncerror`) listed,
 //! resolved by hand, and retried in a new sync.
 
+use super::error::AppError;
 use super::report::{EXIT_BUSY, Report, SyncReport};
 use super::sync::{Started, Work};
 use crate::config::Settings;
@@ -25,7 +26,7 @@ pub async fn list(
     entity: Option<EntityKind>,
     unresolved_only: bool,
     limit: i64,
-) -> anyhow::Result<ErrorsReport> {
+) -> Result<ErrorsReport, AppError> {
     Ok(ErrorsReport {
         rows: ledger::errors::list_errors(pool, sync_id, entity, unresolved_only, limit).await?,
     })
@@ -66,7 +67,7 @@ pub struct ResolveReport {
 }
 
 /// Marks the error rows `ids` resolved by hand.
-pub async fn resolve(pool: &PgPool, ids: &[i32]) -> anyhow::Result<ResolveReport> {
+pub async fn resolve(pool: &PgPool, ids: &[i32]) -> Result<ResolveReport, AppError> {
     Ok(ResolveReport {
         resolved: ledger::errors::resolve_errors(pool, ids).await?,
         asked: ids.len(),
@@ -113,7 +114,7 @@ pub async fn retry(
     settings: &Settings,
     entities: Vec<EntityKind>,
     in_process: bool,
-) -> anyhow::Result<RetryReport> {
+) -> Result<RetryReport, AppError> {
     if in_process {
         return Ok(
             match super::sync::start(pool, settings, Work::Retry(entities)).await? {
@@ -136,9 +137,9 @@ pub async fn retry(
         }),
         PlanOutcome::Busy { active_sync_id } => Ok(RetryReport::Busy { active_sync_id }),
         PlanOutcome::Duplicate { sync_id, .. } => Ok(RetryReport::AlreadyPlanned { sync_id }),
-        PlanOutcome::Pending { request_id, .. } => {
-            anyhow::bail!("retry {request_id} was queued instead of planned")
-        }
+        PlanOutcome::Pending { request_id, .. } => Err(AppError::refused(format!(
+            "retry {request_id} was queued instead of planned"
+        ))),
     }
 }
 

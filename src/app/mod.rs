@@ -31,6 +31,7 @@
 
 pub mod abandon;
 pub mod deletes;
+pub mod error;
 pub mod errors;
 pub mod report;
 pub mod resume;
@@ -41,6 +42,7 @@ pub mod trigger;
 pub mod wait;
 pub mod watermarks;
 
+pub use error::AppError;
 pub use report::{
     EXIT_BUSY, EXIT_FAILED, EXIT_PARTIAL, EXIT_TIMEOUT, Report, RequestReport, SyncReport,
     summarize,
@@ -89,12 +91,10 @@ pub async fn connect_broker_with(
 }
 
 /// Builds a worker's context from the settings.
-pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> anyhow::Result<WorkerContext> {
+pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> Result<WorkerContext, AppError> {
     Ok(WorkerContext {
         pool,
-        client: AnalyticsClient::new(settings.api()?)
-            .map_err(|e| anyhow::anyhow!("cannot build the analytics client: {e}"))?
-            .with_telemetry(settings.telemetry.clone()),
+        client: AnalyticsClient::new(settings.api()?)?.with_telemetry(settings.telemetry.clone()),
         delivery_limit: settings.delivery_limit,
         db_outage_wait: settings.db_outage_wait,
         telemetry: settings.telemetry.clone(),

@@ -3,6 +3,7 @@
 //! exit codes of outcomes; the per-entity progress table ([`progress_table`]) every
 //! report of a sync prints.
 
+use super::error::AppError;
 use crate::ledger::{self, states::FinalStatus};
 
 // Exit codes (README "Exit codes"): 0 success, 1 an error, 2 a usage error (clap's);
@@ -33,7 +34,7 @@ pub trait Report: serde::Serialize {
     }
 
     /// Prints the report: its text on stdout, or, with `json`, its JSON.
-    fn print(&self, json: bool) -> anyhow::Result<()> {
+    fn print(&self, json: bool) -> Result<(), AppError> {
         if json {
             println!("{}", self.json()?);
         } else {
@@ -194,7 +195,7 @@ impl Report for RequestReport {
 }
 
 /// A sync's outcome, read back from the history table (its duration is the history's).
-pub async fn summarize(pool: &sqlx::PgPool, sync_id: String) -> anyhow::Result<SyncReport> {
+pub async fn summarize(pool: &sqlx::PgPool, sync_id: String) -> Result<SyncReport, AppError> {
     let outcome = ledger::reads::history_outcome(pool, &sync_id).await?;
     let history_status = outcome
         .status

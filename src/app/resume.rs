@@ -1,6 +1,7 @@
 //! `loansync resume`: a stalled sync's unsettled chunks published again from the chunk
 //! ledger (`resume --in-process` works them here instead: [`super::sync::Work::Resume`]).
 
+use super::error::AppError;
 use super::report::Report;
 use crate::config::Settings;
 use crate::planner;
@@ -20,7 +21,7 @@ pub async fn republish(
     pool: &PgPool,
     settings: &Settings,
     sync_id: String,
-) -> anyhow::Result<ResumeReport> {
+) -> Result<ResumeReport, AppError> {
     let broker = super::connect_broker(settings).await?;
     let republished = planner::resume(pool, &sync_id, &broker).await;
     broker.close().await;

@@ -1,6 +1,7 @@
 //! The long-running processes: a planner and a worker, each consuming its queue over a
 //! connection that is re-made with backoff when lost, with the metrics/health server.
 
+use super::error::AppError;
 use super::{connect_broker_with, on_shutdown_signal, worker_context};
 use crate::config::Settings;
 use crate::ledger::clock::WindowCap;
@@ -12,21 +13,21 @@ use tokio_util::sync::CancellationToken;
 
 /// `loansync planner`: connects to PostgreSQL, serves `/metrics` and the health checks,
 /// and plans until SIGTERM or Ctrl-C.
-pub async fn run_planner_process(settings: Arc<Settings>) -> anyhow::Result<()> {
+pub async fn run_planner_process(settings: Arc<Settings>) -> Result<(), AppError> {
     run_process(settings, run_planner_with).await
 }
 
 /// `loansync worker`: connects to PostgreSQL, serves `/metrics` and the health checks,
 /// and delivers chunks until SIGTERM or Ctrl-C.
-pub async fn run_worker_process(settings: Arc<Settings>) -> anyhow::Result<()> {
+pub async fn run_worker_process(settings: Arc<Settings>) -> Result<(), AppError> {
     run_process(settings, run_worker_with).await
 }
 
 /// A long-running process: the pool, the HTTP server, then `run` until a signal.
-async fn run_process<F, Fut>(settings: Arc<Settings>, run: F) -> anyhow::Result<()>
+async fn run_process<F, Fut>(settings: Arc<Settings>, run: F) -> Result<(), AppError>
 where
     F: FnOnce(sqlx::PgPool, Arc<Settings>, Arc<AtomicBool>, BrokerHealth, CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = Result<(), AppError>>,
 {
     let pool = db::connect(&settings).await?;
     let consuming = Arc::new(AtomicBool::new(false));
@@ -41,7 +42,7 @@ pub async fn run_planner(
     settings: Arc<Settings>,
     consuming: Arc<AtomicBool>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), AppError> {
     let health = BrokerHealth::with_telemetry(settings.telemetry.clone());
     run_planner_with(pool, settings, consuming, health, shutdown).await
 }
@@ -53,12 +54,13 @@ pub async fn run_planner_with(
     consuming: Arc<AtomicBool>,
     health: BrokerHealth,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), AppError> {
     // Behind a transaction pooler the planning lock would not be this session's: refuse
     // before taking any message (taking the lock verifies it again, every time).
     match crate::db::pooling::detect(&pool).await {
         Err(e @ crate::db::pooling::SessionLockError::Pooling(_)) => {
-            return Err(anyhow::Error::from(e).context("the planner refuses to start"));
+            tracing::error!(error = %e, "the planner refuses to start");
+            return Err(AppError::Lock(e));
         }
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "could not tell whether a transaction pooler is in the way; the planning lock checks each time it is taken")
@@ -83,7 +85,7 @@ pub async fn run_planner_with(
         },
     )
     .await
-    .map_err(anyhow::Error::from)
+    .map_err(AppError::from)
 }
 
 /// Says once, at the planner's start, how the sync window's end is capped for its role
@@ -110,7 +112,7 @@ pub async fn run_worker(
     settings: Arc<Settings>,
     consuming: Arc<AtomicBool>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), AppError> {
     let health = BrokerHealth::with_telemetry(settings.telemetry.clone());
     run_worker_with(pool, settings, consuming, health, shutdown).await
 }
@@ -122,7 +124,7 @@ pub async fn run_worker_with(
     consuming: Arc<AtomicBool>,
     health: BrokerHealth,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), AppError> {
     let ctx = Arc::new(worker_context(&settings, pool)?);
     amqp::with_reconnect(
         "worker",
@@ -142,7 +144,7 @@ pub async fn run_worker_with(
         },
     )
     .await
-    .map_err(anyhow::Error::from)
+    .map_err(AppError::from)
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `METRICS_ADDR`, when set.
@@ -151,7 +153,7 @@ async fn start_http(
     pool: &sqlx::PgPool,
     consuming: &Arc<AtomicBool>,
     health: &BrokerHealth,
-) -> anyhow::Result<()> {
+) -> Result<(), AppError> {
     if let Some(addr) = settings.metrics_addr {
         http::serve(
             addr,

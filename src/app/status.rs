@@ -1,6 +1,7 @@
 //! `loansync status`: the recent syncs with what else waits (deleted records sweeps
 //! found, pending planning requests), or one sync with its per-entity progress.
 
+use super::error::AppError;
 use super::report::{Report, progress_table};
 use crate::ledger::lifecycle::PendingEntry;
 use crate::ledger::{
@@ -37,7 +38,7 @@ pub async fn status(
     stale_after: Duration,
     sync_id: Option<&str>,
     limit: i64,
-) -> anyhow::Result<StatusReport> {
+) -> Result<StatusReport, AppError> {
     let stale = stale_after.as_secs() as i64;
     let mut syncs = ledger::reads::recent_syncs(pool, sync_id, limit, stale).await?;
     let Some(id) = sync_id else {
@@ -48,7 +49,7 @@ pub async fn status(
         });
     };
     if syncs.is_empty() {
-        anyhow::bail!("no sync {id}");
+        return Err(AppError::refused(format!("no sync {id}")));
     }
     Ok(StatusReport::Sync {
         sync: syncs.swap_remove(0),

@@ -2,6 +2,7 @@
 //! worker loop works it until it is empty (no broker). One path for `loansync sync`,
 //! `resume --in-process`, `errors retry --in-process`, the demo and the tests.
 
+use super::error::AppError;
 use super::report::{SyncReport, summarize};
 use super::worker_context;
 use crate::config::Settings;
@@ -59,7 +60,7 @@ pub enum Started {
 
 /// Plans (or resumes) `work` into an in-memory queue. The analytics client is built
 /// first, so that a client that cannot be built plans no sync.
-pub async fn start(pool: &PgPool, settings: &Settings, work: Work) -> anyhow::Result<Started> {
+pub async fn start(pool: &PgPool, settings: &Settings, work: Work) -> Result<Started, AppError> {
     let started = Instant::now();
     let ctx = Arc::new(worker_context(settings, pool.clone())?);
     let queue = MemoryQueue::new();
@@ -72,14 +73,14 @@ pub async fn start(pool: &PgPool, settings: &Settings, work: Work) -> anyhow::Re
             active_sync_id,
             started.elapsed().as_secs_f64(),
         ))),
-        PlanOutcome::Pending { request_id, .. } => Err(anyhow::anyhow!(
+        PlanOutcome::Pending { request_id, .. } => Err(AppError::refused(format!(
             "{what} {request_id} was queued instead of planned{}",
             if what == "request" {
                 " in this process"
             } else {
                 ""
             }
-        )),
+        ))),
     };
     let (planned, prune) = match work {
         Work::Plan(req) => (
@@ -129,7 +130,7 @@ impl InProcess {
 
     /// Works the queue until it is empty and nothing is in flight (showing progress bars
     /// on stderr with `progress`), then reads the sync's outcome back.
-    pub async fn run(self, progress: bool) -> anyhow::Result<SyncReport> {
+    pub async fn run(self, progress: bool) -> Result<SyncReport, AppError> {
         let (done, watching) = tokio::sync::watch::channel(false);
         let watcher = progress.then(|| {
             tokio::spawn(crate::progress::watch(
@@ -165,7 +166,7 @@ pub async fn run_in_process(
     settings: &Settings,
     work: Work,
     progress: bool,
-) -> anyhow::Result<SyncReport> {
+) -> Result<SyncReport, AppError> {
     match start(pool, settings, work).await? {
         Started::Busy(report) => Ok(report),
         Started::Running(sync) => sync.run(progress).await,
@@ -178,6 +179,6 @@ pub async fn sync_in_process(
     pool: &PgPool,
     settings: &Settings,
     req: &PlanRequest,
-) -> anyhow::Result<SyncReport> {
+) -> Result<SyncReport, AppError> {
     run_in_process(pool, settings, Work::Plan(req.clone()), false).await
 }

@@ -1,6 +1,7 @@
 //! `loansync trigger`: a planning request checked as a planner checks one, then
 //! published on `<prefix>.plan` (`trigger --wait` then follows it: [`super::wait`]).
 
+use super::error::AppError;
 use super::report::Report;
 use crate::config::Settings;
 use crate::domain::{InvalidPlanRequest, PlanRequest};
@@ -27,7 +28,7 @@ pub struct Published {
 }
 
 /// Publishes `req` (a request from [`request`]) on the planning queue, publisher-confirmed.
-pub async fn publish(settings: &Settings, req: &PlanRequest) -> anyhow::Result<Published> {
+pub async fn publish(settings: &Settings, req: &PlanRequest) -> Result<Published, AppError> {
     let broker = super::connect_broker(settings).await?;
     let published = broker
         .publish_json(&broker.topology.plan, std::slice::from_ref(req))

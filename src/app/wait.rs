@@ -1,6 +1,7 @@
 //! Waiting for the sync that serves a planning request to finish (`trigger --wait`, the
 //! demo): the one polling loop over the request and history tables.
 
+use super::error::AppError;
 use super::report::{RequestReport, summarize};
 use crate::ledger;
 use std::time::Duration;
@@ -18,7 +19,7 @@ pub async fn wait_for_request(
     timeout: Option<Duration>,
     every: Duration,
     mut watch: Option<&mut (dyn FnMut(&RequestReport) + Send)>,
-) -> anyhow::Result<RequestReport> {
+) -> Result<RequestReport, AppError> {
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut ticks = tokio::time::interval(every);
     loop {

@@ -1,6 +1,7 @@
 //! `loansync watermark`: the watermarks (`etl_folder_etllastsync`) shown, and one moved
 //! by hand under the planning lock.
 
+use super::error::AppError;
 use super::report::{EXIT_BUSY, Report};
 use crate::domain::EntityKind;
 use crate::ledger::lifecycle::with_planning_lock;
@@ -20,7 +21,7 @@ pub struct WatermarkReport {
 }
 
 /// Every entity's watermark.
-pub async fn show(pool: &PgPool) -> anyhow::Result<WatermarkReport> {
+pub async fn show(pool: &PgPool) -> Result<WatermarkReport, AppError> {
     Ok(WatermarkReport {
         marks: ledger::watermarks::all(pool).await?,
     })
@@ -80,9 +81,9 @@ pub async fn set(
     entity: EntityKind,
     to: DateTime<Utc>,
     reason: &str,
-) -> anyhow::Result<WatermarkSetReport> {
+) -> Result<WatermarkSetReport, AppError> {
     let set = with_planning_lock(pool, async |lock| {
-        anyhow::Ok(ledger::watermarks::set_watermark(pool, lock, entity, to, reason).await?)
+        Ok::<_, AppError>(ledger::watermarks::set_watermark(pool, lock, entity, to, reason).await?)
     })
     .await?;
     Ok(match set {
@@ -101,7 +102,7 @@ pub async fn set(
 
 impl Report for WatermarkSetReport {
     /// As text, a move on stdout, a refusal on stderr.
-    fn print(&self, json: bool) -> anyhow::Result<()> {
+    fn print(&self, json: bool) -> Result<(), AppError> {
         match self {
             _ if json => println!("{}", self.json()?),
             WatermarkSetReport::Moved { .. } => print!("{}", self.render()),

@@ -422,7 +422,7 @@ pub async fn wait_syncs_finished(pool: &sqlx::PgPool, n: usize) -> Vec<History> 
 /// `/readyz` of the first worker. Their queues go with the test's [`TestApp`].
 pub struct InProcess {
     stop: CancellationToken,
-    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    tasks: Vec<JoinHandle<Result<(), loansync::app::AppError>>>,
     /// Consumer flags: the planner's, then each worker's.
     pub consuming: Vec<Arc<AtomicBool>>,
     readyz: String,

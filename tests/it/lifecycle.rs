@@ -349,7 +349,7 @@ async fn services(
     workers: usize,
 ) -> (
     tokio_util::sync::CancellationToken,
-    Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    Vec<tokio::task::JoinHandle<Result<(), loansync::app::AppError>>>,
 ) {
     let stop = tokio_util::sync::CancellationToken::new();
     let mut tasks = Vec::new();
@@ -376,7 +376,7 @@ async fn services(
 async fn stop_services(
     (stop, tasks): (
         tokio_util::sync::CancellationToken,
-        Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+        Vec<tokio::task::JoinHandle<Result<(), loansync::app::AppError>>>,
     ),
 ) {
     stop.cancel();
