@@ -509,9 +509,11 @@ async fn a_publish_whose_confirm_never_comes_fails_after_the_timeout() {
 }
 
 /// The planner's connection goes through the proxy. While it plans (held on a lock),
-/// the proxy stops passing answers: its chunk publishes get no confirm, planning fails
-/// after the confirm timeout and the planning message goes back to the queue; once the
-/// proxy passes answers again the sync completes, with nothing lost or counted twice.
+/// the proxy stops passing answers: its chunk publishes get no confirm and publishing
+/// fails after the confirm timeout, the sync left `running` and not published (its
+/// request was recorded and its message acked before); once the proxy passes answers
+/// again the planner's housekeeping publishes its jobs again and the sync completes,
+/// with nothing lost or counted twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_planning_message_whose_confirms_never_come_is_planned_again() {
     let db = seeded_db(small()).await;
