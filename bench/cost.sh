@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The cost benchmark (issue 24): CPU per record of the whole system (loansync, PostgreSQL
-# with every one of its processes, the stub API in its own process) for a first full sync,
-# a re-sync of unchanged records and a no-change sweep, in single-process mode, against
+# The cost benchmark (issue 24): CPU per record of the whole system (loansync; PostgreSQL:
+# the benchmark database's backends and the writers every database shares; the stub API
+# in its own process) for a first full sync, a re-sync of unchanged records and a
+# no-change sweep, in single-process mode, against
 # PostgreSQL's own extraction of the same rows (bench/extract.sql) and its reading of the
 # rows alone, measured in the same run on this machine. With a revision, that revision is
 # built too and the builds are alternated run by run.
 #   usage: bash bench/cost.sh [--size S|M] [--runs N] [REVISION]
-# Prints a table (medians over the runs) and writes bench/report-cost-<size>.json. Needs a
-# machine where nothing else uses PostgreSQL meanwhile (its figures count every postgres
-# process); it warns when it sees other databases at work.
+# Prints a table (medians over the runs) and writes bench/report-cost-<size>.json. Best on a
+# quiet machine: PostgreSQL is counted per database (its backends) plus the writers every
+# database shares; it warns when other databases were at work meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=M runs=2 rev=
