@@ -29,11 +29,18 @@
 //!   RabbitMQ ([`queue::amqp`], a file per concern: connecting and reconnecting with
 //!   backoff, topology, publishing with confirms, consuming, health) and the in-memory
 //!   queue of single-process mode ([`queue::memory`]) implement both.
-//! * [`ledger`]: every query on the ETL (`etl_folder_*`) and `loansync_*` tables, split by
-//!   concern: sync lifecycle, the plan, settling, error rows, watermarks, read models;
-//!   states and outcomes as enums, the entity→history-column mapping, SQL in `ledger/sql/`.
-//! * [`planner`]: plan one sync, and the planner loop over a consumer; [`worker`]:
-//!   process one chunk into an outcome, and the worker loop over a consumer.
+//! * [`ledger`]: every query on the ETL (`etl_folder_*`) and `loansync_*` tables, a file
+//!   per concern, each path naming its file: [`ledger::lifecycle`] (the state machine of
+//!   requests and syncs, the only writer of their states, and the planning lock),
+//!   [`ledger::plan`], [`ledger::settle`], [`ledger::finalize`], [`ledger::rollup`],
+//!   [`ledger::end`], [`ledger::errors`], [`ledger::watermarks`], [`ledger::clock`],
+//!   [`ledger::reads`]; states and outcomes as enums ([`ledger::states`]), the
+//!   entity→history-column mapping ([`ledger::history`]), SQL in `ledger/sql/`.
+//! * [`planner`]: a planning message recorded, the pending requests claimed and planned,
+//!   sweeps, the housekeeping that heals what a dead planner left, the planner loop; its
+//!   errors typed ([`planner::PlanError`]). [`worker`]: one chunk processed into an
+//!   outcome (`chunk.rs`), its answer settled and retried as a settle (`settle.rs`), a
+//!   message turned into a disposition (`handle.rs`), the loop over a consumer (`run.rs`).
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).
 //! * [`telemetry`]: logging and metrics, a file per concern: `registry.rs` defines each
 //!   metric once, as a row of one table (field, kind, name, help, labels, buckets) the
@@ -51,13 +58,15 @@
 //!   abandon, resume, deletes), each returning a report ([`app::SyncReport`],
 //!   [`app::status::StatusReport`], ...) that renders itself as text and JSON and knows
 //!   its exit code. Abandon and watermark set hold the planning lock as a planner does.
-//! * [`check`]: `loansync check` (can this installation work?) and `loansync probe`.
+//! * [`check`]: `loansync check` (can this installation work?) and `loansync probe`: the
+//!   report in `mod.rs`, the PostgreSQL checks in `database.rs`, the broker's, the API's
+//!   and `probe` in `services.rs`.
 //! * [`cli`]: the `loansync` command line: [`cli::args`] defines the commands and flags
 //!   (clap); `cli/mod.rs` parses, calls [`app`], prints the report and maps it to an exit
 //!   code; `main.rs` only calls [`cli::main`].
 //! * Behind the `dev-tools` feature (default; not in the production image):
 //!   `stub_api` (a faithful local analytics API with fault injection, for tests and
-//!   demos), `seed` (deterministic synthetic source data, generated set-based in
+//!   demos: the running stub in `mod.rs`, one request answered in `ingest.rs`), `seed` (deterministic synthetic source data, generated set-based in
 //!   PostgreSQL) and `demo` (`loansync demo`, the whole system on local services).
 //!
 //! Dependencies point one way: `cli` → `demo` → `app` → `planner`/`worker` → `queue`,

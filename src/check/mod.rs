@@ -7,9 +7,9 @@
 //! Every check has a deadline, so a dependency that hangs fails its check instead of
 //! hanging the command. Nothing here prints a secret: URLs are redacted, keys never shown.
 //!
-//! The files: this one (the report and the order of the checks), [`database`] (the
+//! The files: this one (the report and the order of the checks), `database` (the
 //! checks of PostgreSQL: reachable with its grants, pooling, migrations, indexes, the
-//! window cap), [`services`] (the broker, the analytics API, `probe`).
+//! window cap), `services` (the broker, the analytics API, `probe`).
 
 mod database;
 mod services;

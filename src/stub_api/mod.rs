@@ -6,7 +6,7 @@
 //! `GET /healthz`.
 //!
 //! The files: this one (faults, what was received, the running stub and its control
-//! endpoints), [`ingest`] (one request answered: faults first, then the contract),
+//! endpoints), `ingest` (one request answered: faults first, then the contract),
 //! `scan` (reading a body's envelope without building it).
 
 mod ingest;

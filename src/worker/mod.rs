@@ -1,5 +1,5 @@
 //! Process one chunk into an outcome ([`process_chunk`]), and the one loop that feeds it
-//! from a [`Consumer`] ([`run`]): RabbitMQ's ([`run_amqp`]) or the in-memory queue's
+//! from a [`crate::queue::Consumer`] ([`run`]): RabbitMQ's ([`run_amqp`]) or the in-memory queue's
 //! ([`run_memory`]).
 //!
 //! Per chunk: read the ledger (a settled chunk is a duplicate and is only acked), load

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The worker loop: takes chunk jobs from `consumer` and works at most `concurrency` of
-/// them at once, settling each delivery with its [`Disposition`], until `shutdown`
+/// them at once, settling each delivery with its [`crate::queue::Disposition`], until `shutdown`
 /// resolves, the consumer is lost (an error: the caller reconnects) or its queue says
 /// the work is over (the in-memory queue, once empty with nothing in flight). On
 /// shutdown it stops taking chunks and gives the ones in flight `grace` to finish;
