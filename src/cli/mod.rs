@@ -111,6 +111,11 @@ fn run_app(command: AppCommand) -> ExitCode {
 fn calls_api(command: &AppCommand) -> Option<&'static str> {
     match command {
         AppCommand::Worker => Some("worker"),
+        // A dry run reads the database only.
+        AppCommand::Sync {
+            dry: args::DryRunArgs { dry_run: true, .. },
+            ..
+        } => None,
         AppCommand::Sync { .. } => Some("sync"),
         AppCommand::Resume {
             in_process: true, ..
@@ -206,6 +211,7 @@ async fn run(command: AppCommand, settings: Settings) -> anyhow::Result<u8> {
         }
         AppCommand::Trigger {
             selection,
+            dry,
             request_id,
             since,
             until,
@@ -215,6 +221,13 @@ async fn run(command: AppCommand, settings: Settings) -> anyhow::Result<u8> {
         } => {
             let req = app::trigger::request(selection.request(request_id, since, until))
                 .context("invalid planning message")?;
+            // Computed here, as `sync --dry-run` does: no message is published, no
+            // broker is connected to.
+            if dry.dry_run {
+                let pool = db::connect(&settings).await?;
+                let report = app::dryrun::dry_run(&pool, &settings, &req, dry.ids).await?;
+                return emit(&report, json);
+            }
             // Connect to the database first: a --wait that cannot follow its request
             // publishes nothing.
             let pool = if wait {
@@ -232,8 +245,17 @@ async fn run(command: AppCommand, settings: Settings) -> anyhow::Result<u8> {
                     .await?;
             emit(&waited, json)
         }
-        AppCommand::Sync { selection, json } => {
+        AppCommand::Sync {
+            selection,
+            dry,
+            json,
+        } => {
             let pool = db::connect(&settings).await?;
+            if dry.dry_run {
+                let req = selection.request(None, None, None);
+                let report = app::dryrun::dry_run(&pool, &settings, &req, dry.ids).await?;
+                return emit(&report, json);
+            }
             let work = Work::Plan(selection.request(None, None, None));
             let report = app::sync::run_in_process(&pool, &settings, work, !json).await?;
             emit(&report, json)

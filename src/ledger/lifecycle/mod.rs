@@ -45,7 +45,7 @@ pub use syncs::{
     fail_planning, hold_planning, load_sync, mark_published, sync_finished, sync_state,
     take_over_orphans, unpublished, window_end,
 };
-pub(crate) use syncs::{finish, start_running};
+pub(crate) use syncs::{active_sync, finish, start_running};
 
 use sqlx::PgPool;
 use std::sync::LazyLock;
