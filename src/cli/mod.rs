@@ -374,3 +374,35 @@ async fn errors(cmd: ErrorsCommand, settings: &Settings) -> anyhow::Result<u8> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(args: &[&str]) -> AppCommand {
+        match Cli::try_parse_from(args).expect("parses").command {
+            Command::App(command) => command,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_dry_run_needs_no_api_settings() {
+        let sync = app(&["loansync", "sync", "--full"]);
+        assert_eq!(calls_api(&sync), Some("sync"));
+        for dry in [
+            &["loansync", "sync", "--full", "--dry-run"][..],
+            &[
+                "loansync",
+                "sync",
+                "--sweep",
+                "--dry-run",
+                "--ids",
+                "--json",
+            ],
+            &["loansync", "trigger", "--dry-run"],
+        ] {
+            assert_eq!(calls_api(&app(dry)), None, "{dry:?}");
+        }
+    }
+}
