@@ -37,8 +37,9 @@
 //!   [`ledger::reads`]; states and outcomes as enums ([`ledger::states`]), the
 //!   entity→history-column mapping ([`ledger::history`]), SQL in `ledger/sql/`.
 //! * [`planner`]: a planning message recorded, the pending requests claimed and planned,
-//!   sweeps, the housekeeping that heals what a dead planner left, the planner loop; its
-//!   errors typed ([`planner::PlanError`]). [`worker`]: one chunk processed into an
+//!   sweeps, dry runs (what a sync would send, written nowhere), the housekeeping that
+//!   heals what a dead planner left, the planner loop; its errors typed
+//!   ([`planner::PlanError`]). [`worker`]: one chunk processed into an
 //!   outcome (`chunk.rs`), its answer settled and retried as a settle (`settle.rs`), a
 //!   message turned into a disposition (`handle.rs`), the loop over a consumer (`run.rs`).
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).

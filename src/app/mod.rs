@@ -7,6 +7,8 @@
 //! * [`sync`]: "run a sync in this process" (`sync`, `resume --in-process`,
 //!   `errors retry --in-process`, the demo, the tests), returning a [`SyncReport`].
 //! * [`wait`]: "wait for a request's sync to finish" (`trigger --wait`, the demo).
+//! * [`dryrun`]: "what would this sync send" (`sync --dry-run`, `trigger --dry-run`),
+//!   computed here in one read-only transaction; nothing published, sent or written.
 //! * [`report`]: [`Report`] (text, JSON, exit code: what every command prints),
 //!   [`SyncReport`] and [`RequestReport`], the exit codes of outcomes, and the per-entity
 //!   progress table ([`report::progress_table`]) every report of a sync prints.
@@ -31,6 +33,7 @@
 
 pub mod abandon;
 pub mod deletes;
+pub mod dryrun;
 pub mod error;
 pub mod errors;
 pub mod report;

@@ -59,6 +59,20 @@ impl SyncSelection {
     }
 }
 
+/// `--dry-run` and `--ids`, on `sync` and `trigger` alike (README "Dry run").
+#[derive(Args, Debug, Clone, Copy)]
+pub struct DryRunArgs {
+    /// Plan exactly what the real run would, and print per entity the records it would
+    /// send: new (never delivered), changed (fingerprint differs), unchanged (a sweep skips
+    /// them; any other sync sends them) and, for a sweep, deleted. Sends, publishes and
+    /// writes nothing (one read-only transaction; no history row, no watermark moved).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: list the ids of each kind.
+    #[arg(long, requires = "dry_run")]
+    pub ids: bool,
+}
+
 /// A command. Those that run with their settings loaded are [`AppCommand`]s; `main` runs
 /// the other three itself: `completions` and `probe` need no settings, and `check`
 /// reports settings that do not load as its first check. `--help` lists them in this
@@ -105,10 +119,14 @@ pub enum AppCommand {
     Planner,
     /// Consume chunk jobs and deliver them (long-running).
     Worker,
-    /// Publish a planning message (and, with --wait, wait for its sync's outcome).
+    /// Publish a planning message (and, with --wait, wait for its sync's outcome; with
+    /// --dry-run, publish nothing and print what the sync would send).
+    #[command(group(clap::ArgGroup::new("outcome").args(["wait", "dry_run"]).multiple(true)))]
     Trigger {
         #[command(flatten)]
         selection: SyncSelection,
+        #[command(flatten)]
+        dry: DryRunArgs,
         /// Idempotency of the trigger: a repeated id plans nothing new (default: a new
         /// UUID). In a Kubernetes Job, the Job's name (downward API), so that a retried
         /// pod never plans twice.
@@ -123,20 +141,22 @@ pub enum AppCommand {
         until: Option<DateTime<Utc>>,
         /// Wait until the sync that serves this request has finished, and exit with its
         /// outcome (0 completed, 10 partial_success, 11 failed, 13 timed out).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "dry_run")]
         wait: bool,
         /// With --wait: give up waiting after this long (e.g. 90s, 45m, 3h); the sync
         /// goes on.
         #[arg(long, value_name = "DURATION", requires = "wait", value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
-        /// With --wait: print the outcome as JSON.
-        #[arg(long, requires = "wait")]
+        /// With --wait or --dry-run: print the outcome as JSON.
+        #[arg(long, requires = "outcome")]
         json: bool,
     },
     /// Run one sync in this process (planner and workers over an in-memory queue; no broker).
     Sync {
         #[command(flatten)]
         selection: SyncSelection,
+        #[command(flatten)]
+        dry: DryRunArgs,
         /// Print the outcome as JSON (no progress bars).
         #[arg(long)]
         json: bool,

@@ -111,6 +111,11 @@ fn run_app(command: AppCommand) -> ExitCode {
 fn calls_api(command: &AppCommand) -> Option<&'static str> {
     match command {
         AppCommand::Worker => Some("worker"),
+        // A dry run reads the database only.
+        AppCommand::Sync {
+            dry: args::DryRunArgs { dry_run: true, .. },
+            ..
+        } => None,
         AppCommand::Sync { .. } => Some("sync"),
         AppCommand::Resume {
             in_process: true, ..
@@ -206,6 +211,7 @@ async fn run(command: AppCommand, settings: Settings) -> anyhow::Result<u8> {
         }
         AppCommand::Trigger {
             selection,
+            dry,
             request_id,
             since,
             until,
@@ -215,6 +221,13 @@ async fn run(command: AppCommand, settings: Settings) -> anyhow::Result<u8> {
         } => {
             let req = app::trigger::request(selection.request(request_id, since, until))
                 .context("invalid planning message")?;
+            // Computed here, as `sync --dry-run` does: no message is published, no
+            // broker is connected to.
+            if dry.dry_run {
+                let pool = db::connect(&settings).await?;
+                let report = app::dryrun::dry_run(&pool, &settings, &req, dry.ids).await?;
+                return emit(&report, json);
+            }
             // Connect to the database first: a --wait that cannot follow its request
             // publishes nothing.
             let pool = if wait {
@@ -232,8 +245,17 @@ async fn run(command: AppCommand, settings: Settings) -> anyhow::Result<u8> {
                     .await?;
             emit(&waited, json)
         }
-        AppCommand::Sync { selection, json } => {
+        AppCommand::Sync {
+            selection,
+            dry,
+            json,
+        } => {
             let pool = db::connect(&settings).await?;
+            if dry.dry_run {
+                let req = selection.request(None, None, None);
+                let report = app::dryrun::dry_run(&pool, &settings, &req, dry.ids).await?;
+                return emit(&report, json);
+            }
             let work = Work::Plan(selection.request(None, None, None));
             let report = app::sync::run_in_process(&pool, &settings, work, !json).await?;
             emit(&report, json)
@@ -349,6 +371,38 @@ async fn errors(cmd: ErrorsCommand, settings: &Settings) -> anyhow::Result<u8> {
         } => {
             let report = app::errors::retry(&pool, settings, entities, in_process).await?;
             emit(&report, false)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(args: &[&str]) -> AppCommand {
+        match Cli::try_parse_from(args).expect("parses").command {
+            Command::App(command) => command,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_dry_run_needs_no_api_settings() {
+        let sync = app(&["loansync", "sync", "--full"]);
+        assert_eq!(calls_api(&sync), Some("sync"));
+        for dry in [
+            &["loansync", "sync", "--full", "--dry-run"][..],
+            &[
+                "loansync",
+                "sync",
+                "--sweep",
+                "--dry-run",
+                "--ids",
+                "--json",
+            ],
+            &["loansync", "trigger", "--dry-run"],
+        ] {
+            assert_eq!(calls_api(&app(dry)), None, "{dry:?}");
         }
     }
 }

@@ -7,16 +7,19 @@
 //!
 //! The files, by concern: [`request`] (a planning message: parsed, validated, recorded),
 //! [`plan`] (claiming and planning a sync, publishing its jobs), [`sweep`] (a sweep's
-//! comparison of fingerprints), [`housekeeping`] (what a long-running planner does between
-//! messages: the clock, finalizing, pruning, healing a dead planner's syncs, `resume`),
-//! [`run`] (the planner loop over a consumer).
+//! comparison of fingerprints), [`dryrun`] (what a sync would send, computed with the
+//! same selection and written nowhere), [`housekeeping`] (what a long-running planner
+//! does between messages: the clock, finalizing, pruning, healing a dead planner's
+//! syncs, `resume`), [`run`] (the planner loop over a consumer).
 
+mod dryrun;
 mod housekeeping;
 mod plan;
 mod request;
 mod run;
 mod sweep;
 
+pub use dryrun::{DryRun, DryRunIds, EntityDryRun, dry_run};
 pub use housekeeping::{finalize_settled, housekeep, prune, resume};
 pub use plan::{plan_pending, plan_retry, plan_sync};
 pub use request::{parse_plan, record_message, request_id_of};

@@ -422,7 +422,7 @@ struct EntityPlan {
 
 /// One entity's window: for a regular sync from its watermark ([`window_for`]); a retry
 /// or a sweep has no lower bound, a backfill starts at its `since`.
-async fn window_of(
+pub(super) async fn window_of(
     conn: &mut sqlx::PgConnection,
     settings: &Settings,
     spec: &ledger::lifecycle::SyncSpec,

@@ -7,7 +7,7 @@ use crate::{ledger, source};
 
 /// How many ids of the source a sweep compares per statement: a keyset page of the full
 /// sync's selection (memory stays bounded whatever the table's size).
-const SWEEP_PAGE: i64 = 20_000;
+pub(super) const SWEEP_PAGE: i64 = 20_000;
 
 /// Plans one entity of a sweep, in the planning transaction: pages through the full
 /// sync's selection, plans chunks (of the usual size) of the ids whose fingerprint

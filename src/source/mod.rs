@@ -268,12 +268,18 @@ where
     Ok(collect(decoded, f))
 }
 
-/// What one page of a sweep found (see [`sweep_page`]).
+/// What one page of a sweep found (see [`sweep_page`]), or of any other selection
+/// compared with what was delivered ([`compare_page`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepPage {
     /// Selected ids whose fingerprint differs from the delivered one, or that were never
     /// delivered: to be sent. Ascending.
     pub changed: Vec<i64>,
+    /// Of [`SweepPage::changed`], the ids never delivered (no `loansync_delivered` row).
+    /// Ascending.
+    pub new: Vec<i64>,
+    /// Selected ids whose fingerprint is the delivered one: a sweep skips them. Ascending.
+    pub unchanged: Vec<i64>,
     /// Delivered ids that are gone from the source or no longer selected. Ascending.
     pub gone: Vec<i64>,
     /// Where the page ended (inclusive): the next page starts after it. `None` when this
@@ -283,8 +289,8 @@ pub struct SweepPage {
 
 /// One keyset page of a sweep: the next `limit` ids of the full sync's selection after
 /// `after`, their fingerprints computed now (set-based, one statement) and compared with
-/// `loansync_delivered` over the same id range. The last page's range is open above, so
-/// that delivered ids above the source's largest one are found gone too.
+/// `loansync_delivered` over the same id range ([`compare_page`]). The last page's range
+/// is open above, so that delivered ids above the source's largest one are found gone too.
 pub async fn sweep_page(
     conn: &mut PgConnection,
     entity: EntityKind,
@@ -292,8 +298,24 @@ pub async fn sweep_page(
     after: i64,
     limit: i64,
 ) -> Result<SweepPage, sqlx::Error> {
-    use sqlx::Row;
     let ids = next_ids(&mut *conn, entity, SyncType::Full, window, after, limit).await?;
+    compare_page(conn, entity, after, &ids, limit).await
+}
+
+/// Compares `ids`, one keyset page of a selection ([`next_ids`]: ascending, all above
+/// `after`, a full page when it holds `limit`), with `loansync_delivered`: the rows now,
+/// fingerprinted as the chunk loader does, fully joined with the delivered ids in the
+/// page's range (`(after, last]`; open above for the last page), in one statement (one
+/// snapshot). [`SweepPage::gone`] is meaningful for the full selection only (a sweep's):
+/// for a narrower one it also holds the delivered ids in the range it did not select.
+pub async fn compare_page(
+    conn: &mut PgConnection,
+    entity: EntityKind,
+    after: i64,
+    ids: &[i64],
+    limit: i64,
+) -> Result<SweepPage, sqlx::Error> {
+    use sqlx::Row;
     let last = match ids.last() {
         Some(&last) if ids.len() as i64 >= limit => Some(last),
         _ => None,
@@ -308,7 +330,7 @@ pub async fn sweep_page(
         .bind(after)
         .bind(last.unwrap_or(i64::MAX))
         .bind(entity.as_str())
-        .bind(&ids)
+        .bind(ids)
         .fetch_all(&mut *conn)
         .await?;
     let mut page = SweepPage {
@@ -322,8 +344,13 @@ pub async fn sweep_page(
         let delivered: Option<uuid::Uuid> = row.try_get(columns + 1)?;
         match id {
             None => page.gone.push(row.try_get(columns)?),
-            Some(id) if delivered != Some(fingerprint(&row, columns)?) => page.changed.push(id),
-            Some(_) => {}
+            Some(id) if delivered != Some(fingerprint(&row, columns)?) => {
+                page.changed.push(id);
+                if delivered.is_none() {
+                    page.new.push(id);
+                }
+            }
+            Some(id) => page.unchanged.push(id),
         }
     }
     Ok(page)

@@ -43,9 +43,9 @@ pub use requests::{
 pub use syncs::{
     Claim, MAX_PLAN_ATTEMPTS, PendingClaim, RowLock, SyncRow, SyncSpec, claim, claim_pending,
     fail_planning, hold_planning, load_sync, mark_published, sync_finished, sync_state,
-    take_over_orphans, unpublished,
+    take_over_orphans, unpublished, window_end,
 };
-pub(crate) use syncs::{finish, start_running};
+pub(crate) use syncs::{active_sync, finish, start_running};
 
 use sqlx::PgPool;
 use std::sync::LazyLock;

@@ -263,6 +263,18 @@ pub async fn claim_pending(
     Ok(Some(PendingClaim::Started { sync, served }))
 }
 
+/// The end of the window of a sync of `spec` claimed now: [`clock::window_hi`], and a
+/// backfill's `until` when it is earlier. What a claim stores and what a dry run
+/// (`planner::dry_run`) plans with. Reads only; run it before the transaction writes.
+pub async fn window_end(
+    conn: &mut PgConnection,
+    spec: &SyncSpec,
+) -> sqlx::Result<Result<DateTime<Utc>, clock::Unbounded>> {
+    Ok(clock::window_hi(conn)
+        .await?
+        .map(|hi| spec.until.map_or(hi, |until| until.min(hi))))
+}
+
 /// The claim itself, in the caller's transaction: the window's end, the history row
 /// (`pending`), a sample of the xid clock, the `planning` row holding the slot. Returns
 /// the sync as stored.
@@ -271,8 +283,8 @@ async fn insert_claim(
     spec: &SyncSpec,
     request_id: Option<&str>,
 ) -> sqlx::Result<Result<SyncRow, clock::Unbounded>> {
-    let window_hi = match clock::window_hi(&mut *tx).await? {
-        Ok(hi) => spec.until.map_or(hi, |until| until.min(hi)),
+    let window_hi = match window_end(&mut *tx, spec).await? {
+        Ok(hi) => hi,
         Err(unbounded) => return Ok(Err(unbounded)),
     };
     let sync_id = uuid::Uuid::new_v4().to_string();
