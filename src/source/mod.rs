@@ -12,6 +12,8 @@
 //! statements name their columns one by one, and customers' BVN / NIN only leave the
 //! database as the booleans `has_bvn` / `has_nin`.
 
+pub mod columns;
+
 use crate::domain::{EntityKind, Record, SyncType, SyncWindow};
 use crate::transform::{self, Transformed};
 use sqlx::postgres::PgRow;
@@ -104,6 +106,28 @@ const SWEEP_CUSTOMER: &str = sweep_sql!("sql/rows_customer.sql", "c");
 const SWEEP_LOAN: &str = sweep_sql!("sql/rows_loan.sql", "l");
 const SWEEP_REPAYMENT: &str = sweep_sql!("sql/rows_repayment.sql", "p");
 
+/// Every statement that reads the source tables, named: the id enumerations, the chunk
+/// loaders, the sweep's pages and the planner's id span. What `columns::SOURCE_COLUMNS`
+/// must cover (the integration tests prepare each against the fixture schema).
+pub fn statements() -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    for e in EntityKind::ALL {
+        for t in [SyncType::Full, SyncType::Incremental] {
+            out.push((format!("ids {e} {t}"), ids_sql(e, t).0));
+        }
+        let (load, sweep) = match e {
+            EntityKind::Officer => (LOAD_OFFICER, SWEEP_OFFICER),
+            EntityKind::Customer => (LOAD_CUSTOMER, SWEEP_CUSTOMER),
+            EntityKind::Loan => (LOAD_LOAN, SWEEP_LOAN),
+            EntityKind::Repayment => (LOAD_REPAYMENT, SWEEP_REPAYMENT),
+        };
+        out.push((format!("load {e}"), load));
+        out.push((format!("sweep {e}"), sweep));
+        out.push((format!("id span {e}"), id_span_sql(e)));
+    }
+    out
+}
+
 /// The id-enumeration statement of an entity and sync type, and whether it takes the
 /// window (`$3` = lo, NULL for no lower bound; `$4` = hi) after `$1` = after, `$2` = limit;
 /// `$5` is the last id it may select (the upper end of a part of the plan).
@@ -129,14 +153,18 @@ pub async fn id_span(
     conn: &mut PgConnection,
     entity: EntityKind,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
-    let sql = match entity {
+    let (min, max): (Option<i64>, Option<i64>) =
+        sqlx::query_as(id_span_sql(entity)).fetch_one(conn).await?;
+    Ok(min.zip(max))
+}
+
+fn id_span_sql(entity: EntityKind) -> &'static str {
+    match entity {
         EntityKind::Officer => "SELECT min(id)::int8, max(id)::int8 FROM accounts_customuser",
         EntityKind::Customer => "SELECT min(id)::int8, max(id)::int8 FROM ajo_ajouser",
         EntityKind::Loan => "SELECT min(id)::int8, max(id)::int8 FROM loans_ajoloan",
         EntityKind::Repayment => "SELECT min(id)::int8, max(id)::int8 FROM loans_ajoloanrepayment",
-    };
-    let (min, max): (Option<i64>, Option<i64>) = sqlx::query_as(sql).fetch_one(conn).await?;
-    Ok(min.zip(max))
+    }
 }
 
 /// Keyset page of ids in the sync's selection, ascending, ids > after.

@@ -202,6 +202,13 @@ metrics! {
         labels: [QUEUE],
         series: Series::WhenSet,
     }
+    /// Differences between the source schema and the columns loansync reads, found by
+    /// this process's last check before planning (0: none; a sync is refused otherwise).
+    source_schema_drift: IntGauge {
+        name: "etl_source_schema_drift",
+        help: "Differences between the source schema and the columns loansync reads, found by the last check before planning (0: none; syncs are refused otherwise).",
+        labels: [],
+    }
     /// The running loansync's version: always 1.
     build_info: IntGaugeVec {
         name: "loansync_build_info",

@@ -5,6 +5,7 @@ mod check;
 mod cli;
 mod config;
 mod consumer;
+mod drift;
 mod errors;
 mod faults;
 mod fixtures;
