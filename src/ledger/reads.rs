@@ -40,6 +40,18 @@ pub async fn deleted_counts(pool: &PgPool) -> sqlx::Result<Vec<DeletedCount>> {
     .await
 }
 
+/// How many finished syncs' books did not balance at finalize, per entity (entities with
+/// none are absent): `loansync_sync.books_unbalanced`, for `etl_books_unbalanced_total`.
+pub async fn books_unbalanced_counts(pool: &PgPool) -> sqlx::Result<Vec<DeletedCount>> {
+    sqlx::query_as(
+        "SELECT e.entity, count(*) AS count \
+         FROM loansync_sync s CROSS JOIN LATERAL unnest(s.books_unbalanced) AS e (entity) \
+         WHERE s.books_unbalanced IS NOT NULL GROUP BY e.entity ORDER BY e.entity",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// How many deleted records sweeps found for one entity.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct DeletedCount {

@@ -267,6 +267,16 @@ metrics! {
         help: "Messages waiting in the dead-letter queue <prefix>.dead.",
         labels: [],
     }
+    /// Finished syncs whose books did not balance at finalize (success + failed !=
+    /// total, or error rows that do not match the failed records), by entity: read from
+    /// `loansync_sync.books_unbalanced` at scrape time, so every pod counts the same.
+    /// No series until the first read, so a pod that cannot read it yet shows no drop.
+    books_unbalanced: IntCounterVec {
+        name: "etl_books_unbalanced_total",
+        help: "Finished syncs whose books did not balance at finalize (success + failed != total, or error rows not matching the failed records), by entity; read from PostgreSQL.",
+        labels: [ENTITY],
+        series: Series::WhenSet,
+    }
     /// Delivered records that sweeps found deleted from the source (or no longer
     /// selected), by entity: `loansync_deleted`. Not sent: the analytics API has no
     /// delete.
