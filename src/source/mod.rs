@@ -230,6 +230,16 @@ impl LoadedChunk {
             .map(|r| r.fingerprint)
     }
 
+    /// The change time (Unix seconds) loaded with the record `id`: the newest of the
+    /// times that select it (`changed_at` of `rows_*.sql`); `None` for officers.
+    pub fn changed_at_of(&self, id: i64) -> Option<f64> {
+        self.records
+            .binary_search_by_key(&id, |r| r.id)
+            .ok()
+            .and_then(|i| self.records.get(i))
+            .and_then(|r| r.changed_at)
+    }
+
     /// Adds another load's records (the one-by-one loading of a chunk), keeping them in
     /// id order.
     pub fn extend(&mut self, other: LoadedChunk) {
@@ -291,7 +301,10 @@ where
     let rows = sqlx::query(sql).bind(ids).fetch_all(pool).await?;
     let mut decoded = Vec::with_capacity(rows.len());
     for row in &rows {
-        decoded.push((fingerprint(row, row.len())?, R::from_row(row)?));
+        // The last column is `changed_at`, not part of the record (see `rows_*.sql`).
+        let last = row.len() - 1;
+        let changed_at: Option<f64> = row.try_get(last)?;
+        decoded.push((fingerprint(row, last)?, changed_at, R::from_row(row)?));
     }
     Ok(collect(decoded, f))
 }
@@ -344,13 +357,14 @@ pub async fn sweep_page(
         ..SweepPage::default()
     };
     for row in rows {
-        // The source's columns, then `d_id` and `d_fingerprint`.
+        // The source's columns (the last, `changed_at`, not fingerprinted), then `d_id`
+        // and `d_fingerprint`.
         let columns = row.len() - 2;
         let id: Option<i64> = row.try_get(0)?;
         let delivered: Option<uuid::Uuid> = row.try_get(columns + 1)?;
         match id {
             None => page.gone.push(row.try_get(columns)?),
-            Some(id) if delivered != Some(fingerprint(&row, columns)?) => page.changed.push(id),
+            Some(id) if delivered != Some(fingerprint(&row, columns - 1)?) => page.changed.push(id),
             Some(_) => {}
         }
     }
@@ -358,14 +372,18 @@ pub async fn sweep_page(
 }
 
 /// Transforms decoded rows, each with the fingerprint of its row, into records.
-fn collect<R>(rows: Vec<(uuid::Uuid, R)>, f: impl Fn(R) -> (Record, u32)) -> Transformed {
+fn collect<R>(
+    rows: Vec<(uuid::Uuid, Option<f64>, R)>,
+    f: impl Fn(R) -> (Record, u32),
+) -> Transformed {
     let mut out = Transformed {
         records: Vec::with_capacity(rows.len()),
         warnings: 0,
     };
-    for (fingerprint, row) in rows {
+    for (fingerprint, changed_at, row) in rows {
         let (mut record, warnings) = f(row);
         record.fingerprint = fingerprint;
+        record.changed_at = changed_at;
         out.records.push(record);
         out.warnings += warnings;
     }
@@ -396,6 +414,7 @@ mod tests {
         Record {
             id,
             fingerprint: uuid::Uuid::nil(),
+            changed_at: None,
             json: crate::domain::RecordJson::encode(&id).unwrap(),
         }
     }

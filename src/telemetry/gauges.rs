@@ -33,6 +33,16 @@ impl Metrics {
                 }
             }
         }
+        let unsent = crate::ledger::reads::oldest_unsent(pool).await;
+        if let Some(rows) = read("oldest unsent changes", unsent) {
+            for r in rows {
+                if r.entity.parse::<EntityKind>().is_ok() {
+                    self.oldest_unsent_change
+                        .with_label_values(&[&r.entity])
+                        .set(r.age_seconds);
+                }
+            }
+        }
         let stalled = crate::ledger::reads::stalled_count(pool, stale_after_secs).await;
         if let Some(stalled) = read("stalled syncs", stalled) {
             self.stalled_syncs.set(stalled);

@@ -130,6 +130,15 @@ metrics! {
         help: "Values that could not be represented (NaN, infinity) and were sent as null.",
         labels: [ENTITY],
     }
+    /// Per accepted record, seconds from the source change that selected it (its
+    /// `date_modified`, a loan's schedule row or repayment too) to the API's
+    /// acknowledgement, by entity (officers have no change time).
+    record_lag: HistogramVec {
+        name: "etl_record_lag_seconds",
+        help: "Seconds from a record's source change to the analytics API's acknowledgement, by entity.",
+        labels: [ENTITY],
+        buckets: [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0, 604800.0],
+    }
     /// Answers of the analytics API, by endpoint and status class (`2xx`, `4xx`, `5xx`,
     /// `network` for no answer).
     http_responses: IntCounterVec {
@@ -200,6 +209,15 @@ metrics! {
         name: "etl_queue_arguments_mismatch",
         help: "Arguments of the queue whose value on RabbitMQ differs from what this process declares (0: all match); the queue is used as the broker has it.",
         labels: [QUEUE],
+        series: Series::WhenSet,
+    }
+    /// Per entity, seconds since the oldest source change after its watermark (the
+    /// change waiting longest to be sent; 0 when none waits), read at scrape time from the
+    /// time indexes. Officers have no modification time: no series.
+    oldest_unsent_change: GaugeVec {
+        name: "etl_oldest_unsent_change_seconds",
+        help: "Seconds since the oldest source change after the entity's watermark (0: none waits); read at scrape time.",
+        labels: [ENTITY],
         series: Series::WhenSet,
     }
     /// Differences between the source schema and the columns loansync reads, found by

@@ -297,6 +297,16 @@ fn each_event_updates_exactly_its_metric() {
             expect(&[("etl_broker_timeouts_total", 1.0)]),
         ),
         (
+            vec![Event::RecordsAcknowledged {
+                entity: e,
+                lags: &[30.0, 1800.0],
+            }],
+            expect(&[
+                ("etl_record_lag_seconds_count{entity=\"loan\"}", 2.0),
+                ("etl_record_lag_seconds_sum{entity=\"loan\"}", 1830.0),
+            ]),
+        ),
+        (
             vec![Event::SourceSchemaChecked {
                 differences: 2,
                 message: Some("source schema drift: loans_ajoloan.amount changed type"),

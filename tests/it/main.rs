@@ -10,6 +10,7 @@ mod drift;
 mod errors;
 mod faults;
 mod fixtures;
+mod freshness;
 mod harness;
 mod ledger;
 mod lifecycle;
