@@ -224,6 +224,25 @@ async fn drift_stops_check_and_planner(alter: &str, undo: &str, said: &str) {
         assert_eq!(n, 0, "{what}");
     }
 
+    // `loansync sync` (single-process mode) is refused the same way, with the exit code
+    // of a failed sync.
+    let out = crate::harness::loansync_process(&db, &settings, "http://127.0.0.1:9")
+        .args(["sync", "--full"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(11), "{stderr}");
+    assert!(stderr.contains(said), "{stderr}");
+    let failed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM etl_folder_etlsynchistory WHERE status = 'failed' AND error_message LIKE '%schema drift%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(failed, 2);
+
     // Fixed, the next plan goes ahead.
     sqlx::raw_sql(sqlx::AssertSqlSafe(undo.to_string()))
         .execute(&db.pool)
