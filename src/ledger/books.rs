@@ -28,7 +28,7 @@ pub struct Unbalanced {
     pub expected_error_rows: Option<i64>,
     /// Distinct records with an error row of this sync.
     pub error_rows: i64,
-    /// Of those, records that are in none of the sync's chunks.
+    /// Of those, records that are in none of the sync's chunks that failed records.
     pub stray_error_rows: i64,
 }
 
@@ -88,9 +88,12 @@ static COUNTS_SQL: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// The distinct records with an error row of the sync (history id $2) and entity $3 that
-/// are in none of its chunks ($1 the sync id). Run only when there are error rows.
+/// are in none of its chunks that failed records ($1 the sync id). Run only when there
+/// are error rows; it reads the id lists of the chunks with failures only, not the whole
+/// sync's.
 const STRAY_SQL: &str = "\
-WITH ids AS (SELECT DISTINCT unnest(ids)::text AS id FROM loansync_chunk WHERE sync_id = $1 AND entity = $3), \
+WITH ids AS (SELECT DISTINCT unnest(ids)::text AS id FROM loansync_chunk \
+             WHERE sync_id = $1 AND entity = $3 AND failed > 0), \
      e AS (SELECT DISTINCT entity_id FROM etl_folder_etlsyncerror WHERE sync_history_id = $2 AND entity_type = $3) \
 SELECT count(*)::int8 FROM e LEFT JOIN ids ON ids.id = e.entity_id WHERE ids.id IS NULL";
 
