@@ -142,6 +142,10 @@ pub struct Record {
     /// `Idempotency-Key` of a body covers its content, and the fingerprint written to
     /// `loansync_delivered` is the one of the body the API accepted.
     pub fingerprint: uuid::Uuid,
+    /// When its source row last changed (Unix seconds; the newest of the times that
+    /// select it), set by the loader; `None` for officers (no modification time). For
+    /// `etl_record_lag_seconds`; never sent.
+    pub changed_at: Option<f64>,
     /// The record object, serialized.
     pub json: RecordJson,
 }

@@ -20,7 +20,8 @@
 //!   logged or stored.
 //! * [`db`]: the connection pool and the embedded migrations.
 //! * [`source`]: reading the Django tables: id enumeration for a window, loading one
-//!   chunk with its related rows. SQL lives beside the code in `.sql` files.
+//!   chunk with its related rows. SQL lives beside the code in `.sql` files;
+//!   `source/columns.rs` lists every column it reads, checked against the database.
 //! * [`transform`]: source rows → records, pure functions (SPEC.md section 5).
 //! * [`sink`]: the analytics API client: encoding, one request, the retry policy, the
 //!   halving of refused batches.

@@ -6,7 +6,7 @@ use super::report::{Report, progress_table};
 use crate::ledger::lifecycle::PendingEntry;
 use crate::ledger::{
     self,
-    reads::{DeletedCount, EntityProgress, SyncSummary},
+    reads::{DeletedCount, EntityProgress, OldestUnsent, SyncSummary},
     states::SyncState,
 };
 use sqlx::PgPool;
@@ -28,6 +28,9 @@ pub enum StatusReport {
         deleted: Vec<DeletedCount>,
         /// Planning requests waiting for the active sync to end.
         pending: Vec<PendingEntry>,
+        /// Per entity with a watermark and a modification time, the age of the oldest
+        /// source change not yet sent (`etl_oldest_unsent_change_seconds`).
+        unsent: Vec<OldestUnsent>,
     },
 }
 
@@ -46,6 +49,7 @@ pub async fn status(
             syncs,
             deleted: ledger::reads::deleted_counts(pool).await?,
             pending: ledger::lifecycle::pending_requests(pool).await?,
+            unsent: ledger::reads::oldest_unsent(pool).await?,
         });
     };
     if syncs.is_empty() {
@@ -88,7 +92,8 @@ impl Report for StatusReport {
                 syncs,
                 deleted,
                 pending,
-            } => render_recent(syncs, deleted, pending),
+                unsent,
+            } => render_recent(syncs, deleted, pending, unsent),
         }
     }
 }
@@ -138,6 +143,7 @@ fn render_recent(
     syncs: &[SyncSummary],
     deleted: &[DeletedCount],
     pending: &[PendingEntry],
+    unsent: &[OldestUnsent],
 ) -> String {
     let mut out = format!(
         "{:<36}  {:<11}  {:<15}  {:<20}  {:>9}\n",
@@ -157,6 +163,23 @@ fn render_recent(
             s.duration_seconds
                 .map(|d| format!("{d:.2}"))
                 .unwrap_or_else(|| "-".into())
+        ));
+    }
+    if !unsent.is_empty() {
+        let per: Vec<String> = unsent
+            .iter()
+            .map(|u| {
+                if u.age_seconds > 0.0 {
+                    let age = Duration::from_secs(u.age_seconds.round() as u64);
+                    format!("{}: {} ago", u.entity, humantime::format_duration(age))
+                } else {
+                    format!("{}: none", u.entity)
+                }
+            })
+            .collect();
+        out.push_str(&format!(
+            "\noldest change not sent yet (after the watermark): {}\n",
+            per.join(", ")
         ));
     }
     if !deleted.is_empty() {
@@ -268,8 +291,24 @@ mod tests {
                 received_at: received,
                 since: Some(received),
             }],
+            unsent: vec![
+                OldestUnsent {
+                    entity: "customer".into(),
+                    age_seconds: 1805.2,
+                },
+                OldestUnsent {
+                    entity: "loan".into(),
+                    age_seconds: 0.0,
+                },
+            ],
         };
         let text = report.render();
+        assert!(
+            text.contains(
+                "oldest change not sent yet (after the watermark): customer: 30m 5s ago, loan: none"
+            ),
+            "{text}"
+        );
         assert!(text.contains("s1  "), "{text}");
         assert!(text.contains("  STALLED  "), "{text}");
         assert!(text.contains("sweeps (not sent, the API has no delete): repayment: 3"));

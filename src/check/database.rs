@@ -1,6 +1,6 @@
 //! The checks of PostgreSQL: reachable, with every grant of `deploy/sql/grants.sql`; no
-//! transaction pooler in the way; every migration applied; no INVALID index; how the
-//! sync window's end is capped for this role.
+//! transaction pooler in the way; every migration applied; no INVALID index; the source
+//! columns loansync reads; how the sync window's end is capped for this role.
 
 /// The kind of object a grant is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,6 +301,24 @@ pub(super) async fn indexes(pool: &sqlx::PgPool) -> Result<String, String> {
             .map(|(i, _)| format!("DROP INDEX CONCURRENTLY {};", quote_ident(i)))
             .collect::<Vec<_>>()
             .join(" ")
+    ))
+}
+
+/// Every source column loansync reads is there with a type its statements read
+/// ([`crate::source::columns`]): a renamed, dropped or retyped column, or a missing
+/// table, is named with what was expected and what was found.
+pub(super) async fn schema(pool: &sqlx::PgPool) -> Result<String, String> {
+    use crate::source::columns::{SOURCE_COLUMNS, drift, drift_message};
+    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+    let drifts = drift(&mut conn).await.map_err(|e| e.to_string())?;
+    if !drifts.is_empty() {
+        return Err(drift_message(&drifts));
+    }
+    let tables: std::collections::BTreeSet<&str> = SOURCE_COLUMNS.iter().map(|c| c.table).collect();
+    Ok(format!(
+        "the {} source columns loansync reads are there, with the types it reads ({} tables)",
+        SOURCE_COLUMNS.len(),
+        tables.len()
     ))
 }
 

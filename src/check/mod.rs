@@ -1,6 +1,7 @@
 //! `loansync check`: can this installation work? The settings, PostgreSQL and the grants
 //! of `deploy/sql/grants.sql`, no transaction pooler in the way, the embedded
-//! migrations, invalid indexes, how the sync window's end is capped, the broker's queues
+//! migrations, invalid indexes, the source schema (every column loansync reads, with its
+//! type), how the sync window's end is capped, the broker's queues
 //! and the analytics API's key, each ok / failed / skipped with a line a person can act
 //! on. And `loansync probe`: one GET, for healthchecks in an image without curl.
 //!
@@ -9,14 +10,14 @@
 //!
 //! The files: this one (the report and the order of the checks), `database` (the
 //! checks of PostgreSQL: reachable with its grants, pooling, migrations, indexes, the
-//! window cap), `services` (the broker, the analytics API, `probe`).
+//! source schema, the window cap), `services` (the broker, the analytics API, `probe`).
 
 mod database;
 mod services;
 
 pub use services::probe;
 
-use database::{database, indexes, migrations, pooling, window};
+use database::{database, indexes, migrations, pooling, schema, window};
 use services::{api, broker};
 
 use crate::config::{ConfigError, DbTimeouts, Settings};
@@ -31,6 +32,7 @@ pub enum CheckName {
     Pooling,
     Migrations,
     Indexes,
+    Schema,
     Window,
     Broker,
     Api,
@@ -108,23 +110,25 @@ impl Report {
     }
 }
 
-const ALL: [(&str, Option<CheckName>); 8] = [
+const ALL: [(&str, Option<CheckName>); 9] = [
     ("config", None),
     ("database", Some(CheckName::Database)),
     ("pooling", Some(CheckName::Pooling)),
     ("migrations", Some(CheckName::Migrations)),
     ("indexes", Some(CheckName::Indexes)),
+    ("schema", Some(CheckName::Schema)),
     ("window", Some(CheckName::Window)),
     ("broker", Some(CheckName::Broker)),
     ("api", Some(CheckName::Api)),
 ];
 
 /// The checks that need PostgreSQL, in order.
-const DB_CHECKS: [(&str, CheckName); 5] = [
+const DB_CHECKS: [(&str, CheckName); 6] = [
     ("database", CheckName::Database),
     ("pooling", CheckName::Pooling),
     ("migrations", CheckName::Migrations),
     ("indexes", CheckName::Indexes),
+    ("schema", CheckName::Schema),
     ("window", CheckName::Window),
 ];
 
@@ -169,6 +173,7 @@ pub async fn run(settings: &Settings, skip: &[CheckName], timeout: Duration) -> 
                     CheckName::Pooling => bounded(timeout, pooling(pool)).await,
                     CheckName::Migrations => bounded(timeout, migrations(pool)).await,
                     CheckName::Window => bounded(timeout, window(pool)).await,
+                    CheckName::Schema => bounded(timeout, schema(pool)).await,
                     _ => bounded(timeout, indexes(pool)).await,
                 };
                 out.push(match ran {
@@ -265,11 +270,11 @@ mod tests {
         assert_eq!(r.0[0].name, "config");
         assert_eq!(r.0[0].result, Outcome::Failed);
         assert!(r.0[0].detail.starts_with("ETL_BATCH_SIZE_LOANS: "));
-        assert_eq!(r.0.len(), 8);
+        assert_eq!(r.0.len(), 9);
         assert!(r.0[1..].iter().all(|c| c.result == Outcome::Skipped));
         let json: serde_json::Value = serde_json::from_str(&r.render_json()).unwrap();
         assert_eq!(json[0]["result"], "failed");
-        assert_eq!(json[7]["name"], "api");
+        assert_eq!(json[8]["name"], "api");
         assert!(r.render_table().starts_with("check"));
     }
 }

@@ -96,11 +96,19 @@ fn run_app(command: AppCommand) -> ExitCode {
     match runtime.block_on(run(command, settings)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            // A sync refused for source schema drift has ended `failed` (its history row
+            // says why): the exit code of a failed sync.
+            let code = match e.downcast_ref::<crate::app::AppError>() {
+                Some(crate::app::AppError::Plan(crate::planner::PlanError::SchemaDrift(_))) => {
+                    crate::app::EXIT_FAILED
+                }
+                _ => 1,
+            };
             // Library errors may quote a URL: never print its credentials.
             let e = crate::redact::redact_text(&format!("{e:#}"));
             tracing::error!(error = %e, "loansync failed");
             eprintln!("loansync: {e}");
-            ExitCode::from(1)
+            ExitCode::from(code)
         }
     }
 }

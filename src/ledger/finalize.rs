@@ -1,8 +1,9 @@
 //! Finalizing a sync exactly once: after the settle that leaves no chunk unsettled
 //! ([`after_settle`]), or by the safety net ([`finalize_settled`]); the counters set from
-//! the chunk rows, the status, the duration and the watermarks of a successful regular
-//! sync.
+//! the chunk rows, the books verified ([`books::verify`]), the status, the duration and
+//! the watermarks of a successful regular sync.
 
+use super::books;
 use super::history::sum_of;
 use super::lifecycle::{self, RowLock};
 use super::reads::decode_error;
@@ -200,14 +201,33 @@ pub async fn finalize(conn: &mut PgConnection, sync_id: &str) -> sqlx::Result<Fi
             per_entity.join(", ")
         )
     });
+    // The books, verified: a mismatch is logged, said in the history and recorded
+    // (`etl_books_unbalanced_total`); the sync still ends with the status of its counts.
+    let unbalanced =
+        books::verify(&mut *conn, sync_id, sync.spec.purpose != Purpose::Retry).await?;
+    if !unbalanced.is_empty() {
+        for u in &unbalanced {
+            tracing::error!(%sync_id, entity = u.entity.as_str(), planned = u.planned, succeeded = u.succeeded,
+                failed = u.failed, error_rows = u.error_rows, expected_error_rows = ?u.expected_error_rows,
+                stray_error_rows = u.stray_error_rows, books = %u, "the books of a sync do not balance at finalize");
+        }
+        let entities: Vec<&str> = unbalanced.iter().map(|u| u.entity.as_str()).collect();
+        sqlx::query("UPDATE loansync_sync SET books_unbalanced = $2 WHERE sync_id = $1")
+            .bind(sync_id)
+            .bind(&entities)
+            .execute(&mut *conn)
+            .await?;
+    }
     sqlx::query(
         "UPDATE etl_folder_etlsynchistory SET status = $2, completed_at = now(), \
          duration_seconds = EXTRACT(EPOCH FROM (now() - started_at))::float8, \
-         error_message = COALESCE($3, error_message) WHERE sync_id = $1",
+         error_message = NULLIF(concat_ws('; ', COALESCE($3, error_message), $4), '') \
+         WHERE sync_id = $1",
     )
     .bind(sync_id)
     .bind(status.as_str())
     .bind(message)
+    .bind(books::message(&unbalanced))
     .execute(&mut *conn)
     .await?;
     if status != FinalStatus::Failed && sync.spec.purpose == Purpose::Sync {

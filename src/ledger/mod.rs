@@ -14,6 +14,7 @@
 //!   exactly once ([`finalize::finalize_if_settled`]), the counters set from the chunk
 //!   rows, the status, duration and watermarks; [`finalize::finalize_settled`] is its
 //!   safety net (housekeeping, the next planner) for a settler that died in between;
+//!   the books verified there ([`books::verify`]), a mismatch logged and recorded;
 //! * [`rollup`]: the history counters of a running sync rolled up from the chunk rows
 //!   about once a second, never waited for;
 //! * [`end`]: a sync failed fast (rejected credentials, [`end::abort_sync`]) or ended by
@@ -29,6 +30,7 @@
 //! The finalizer and the roll-up take the sync row first (the roll-up with `SKIP
 //! LOCKED`: it never waits for it); an abort and an abandon settle the chunks first.
 
+pub mod books;
 pub mod clock;
 pub mod end;
 pub mod errors;

@@ -40,6 +40,18 @@ pub async fn deleted_counts(pool: &PgPool) -> sqlx::Result<Vec<DeletedCount>> {
     .await
 }
 
+/// How many finished syncs' books did not balance at finalize, per entity (entities with
+/// none are absent): `loansync_sync.books_unbalanced`, for `etl_books_unbalanced_total`.
+pub async fn books_unbalanced_counts(pool: &PgPool) -> sqlx::Result<Vec<DeletedCount>> {
+    sqlx::query_as(
+        "SELECT e.entity, count(*) AS count \
+         FROM loansync_sync s CROSS JOIN LATERAL unnest(s.books_unbalanced) AS e (entity) \
+         WHERE s.books_unbalanced IS NOT NULL GROUP BY e.entity ORDER BY e.entity",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// How many deleted records sweeps found for one entity.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct DeletedCount {
@@ -84,6 +96,30 @@ pub struct WatermarkAge {
 /// Every watermark's age, for the `etl_watermark_age_seconds` gauge.
 pub async fn watermark_ages(pool: &PgPool) -> sqlx::Result<Vec<WatermarkAge>> {
     sqlx::query_as(WATERMARK_AGES).fetch_all(pool).await
+}
+
+/// One entity's oldest source change after its watermark (`sql/oldest_unsent.sql`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct OldestUnsent {
+    pub entity: String,
+    /// Seconds since that change; 0 when no change waits.
+    pub age_seconds: f64,
+}
+
+/// Per entity with a watermark (officers have no modification time), the age of the
+/// oldest source change at or after it: for `etl_oldest_unsent_change_seconds` and
+/// `loansync status`. One index probe per time column.
+pub async fn oldest_unsent(pool: &PgPool) -> sqlx::Result<Vec<OldestUnsent>> {
+    let rows: Vec<(String, Option<f64>)> = sqlx::query_as(super::sql::OLDEST_UNSENT)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(entity, age)| OldestUnsent {
+            entity,
+            age_seconds: age.unwrap_or(0.0),
+        })
+        .collect())
 }
 
 /// The last finished regular sync of one type (see `sql/last_sync_per_type.sql`).

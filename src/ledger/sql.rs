@@ -29,4 +29,5 @@ pub(crate) const LIST_WATERMARKS: &str = include_str!("sql/list_watermarks.sql")
 pub(crate) const AUDIT_WATERMARK: &str = include_str!("sql/audit_watermark.sql");
 pub(crate) const LIST_DELETED: &str = include_str!("sql/list_deleted.sql");
 pub(crate) const WATERMARK_AGES: &str = include_str!("sql/watermark_ages.sql");
+pub(crate) const OLDEST_UNSENT: &str = include_str!("sql/oldest_unsent.sql");
 pub(crate) const LOAD_SYNC: &str = include_str!("sql/load_sync.sql");

@@ -63,12 +63,16 @@ pub enum PlanError {
     /// the sync while it was being planned.
     #[error("sync {0} is no longer planning: another planner or an operator ended it")]
     Superseded(String),
+    /// The source tables differ from what loansync reads (`source::columns`): a column
+    /// gone, renamed or retyped, a table missing. The sync fails before any row is read.
+    #[error("{0}")]
+    SchemaDrift(String),
 }
 
 impl Classify for PlanError {
     fn failure(&self) -> Failure {
         match self {
-            PlanError::Invalid(_) => Failure::Permanent,
+            PlanError::Invalid(_) | PlanError::SchemaDrift(_) => Failure::Permanent,
             PlanError::Db(e) => e.failure(),
             PlanError::Lock(e) => e.failure(),
             // The broker refusing the installation is as fatal here as anywhere.

@@ -180,7 +180,11 @@ async fn plan_claimed(
         .ok_or_else(|| PlanError::Superseded(sync_id.to_string()))?;
     drop(conn);
     let started = std::time::Instant::now();
-    let (totals, finished) = match write_ledger(pool, settings, &sync).await {
+    let written = match check_source_schema(pool, settings).await {
+        Ok(()) => write_ledger(pool, settings, &sync).await,
+        Err(e) => Err(e),
+    };
+    let (totals, finished) = match written {
         Ok(written) => written,
         Err(e) => {
             if e.failure() != Failure::Transient {
@@ -217,6 +221,25 @@ async fn plan_claimed(
         totals,
         finished,
     })
+}
+
+/// The source columns loansync reads are there with the types it reads them as
+/// ([`source::columns::drift`], one query of `information_schema`): a schema that
+/// drifted fails the sync with a message naming each difference, before any row is read,
+/// instead of failing every record of it one by one. `etl_source_schema_drift` says how
+/// many differences this check found.
+async fn check_source_schema(pool: &PgPool, settings: &Settings) -> Result<(), PlanError> {
+    let mut conn = pool.acquire().await?;
+    let drifts = source::columns::drift(&mut conn).await?;
+    let message = (!drifts.is_empty()).then(|| source::columns::drift_message(&drifts));
+    settings.telemetry.emit(Event::SourceSchemaChecked {
+        differences: drifts.len(),
+        message: message.as_deref(),
+    });
+    match message {
+        None => Ok(()),
+        Some(m) => Err(PlanError::SchemaDrift(m)),
+    }
 }
 
 /// The window of one entity: from its watermark (less the overlap) to `hi`.

@@ -93,6 +93,7 @@ mod tests {
         Record {
             id,
             fingerprint: uuid::Uuid::from_u128(id as u128),
+            changed_at: None,
             json: crate::domain::RecordJson::encode(&serde_json::json!({"id": id, "n": "é"}))
                 .unwrap(),
         }

@@ -12,6 +12,8 @@
 //! statements name their columns one by one, and customers' BVN / NIN only leave the
 //! database as the booleans `has_bvn` / `has_nin`.
 
+pub mod columns;
+
 use crate::domain::{EntityKind, Record, SyncType, SyncWindow};
 use crate::transform::{self, Transformed};
 use sqlx::postgres::PgRow;
@@ -104,6 +106,28 @@ const SWEEP_CUSTOMER: &str = sweep_sql!("sql/rows_customer.sql", "c");
 const SWEEP_LOAN: &str = sweep_sql!("sql/rows_loan.sql", "l");
 const SWEEP_REPAYMENT: &str = sweep_sql!("sql/rows_repayment.sql", "p");
 
+/// Every statement that reads the source tables, named: the id enumerations, the chunk
+/// loaders, the sweep's pages and the planner's id span. What `columns::SOURCE_COLUMNS`
+/// must cover (the integration tests prepare each against the fixture schema).
+pub fn statements() -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    for e in EntityKind::ALL {
+        for t in [SyncType::Full, SyncType::Incremental] {
+            out.push((format!("ids {e} {t}"), ids_sql(e, t).0));
+        }
+        let (load, sweep) = match e {
+            EntityKind::Officer => (LOAD_OFFICER, SWEEP_OFFICER),
+            EntityKind::Customer => (LOAD_CUSTOMER, SWEEP_CUSTOMER),
+            EntityKind::Loan => (LOAD_LOAN, SWEEP_LOAN),
+            EntityKind::Repayment => (LOAD_REPAYMENT, SWEEP_REPAYMENT),
+        };
+        out.push((format!("load {e}"), load));
+        out.push((format!("sweep {e}"), sweep));
+        out.push((format!("id span {e}"), id_span_sql(e)));
+    }
+    out
+}
+
 /// The id-enumeration statement of an entity and sync type, and whether it takes the
 /// window (`$3` = lo, NULL for no lower bound; `$4` = hi) after `$1` = after, `$2` = limit;
 /// `$5` is the last id it may select (the upper end of a part of the plan).
@@ -129,14 +153,18 @@ pub async fn id_span(
     conn: &mut PgConnection,
     entity: EntityKind,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
-    let sql = match entity {
+    let (min, max): (Option<i64>, Option<i64>) =
+        sqlx::query_as(id_span_sql(entity)).fetch_one(conn).await?;
+    Ok(min.zip(max))
+}
+
+fn id_span_sql(entity: EntityKind) -> &'static str {
+    match entity {
         EntityKind::Officer => "SELECT min(id)::int8, max(id)::int8 FROM accounts_customuser",
         EntityKind::Customer => "SELECT min(id)::int8, max(id)::int8 FROM ajo_ajouser",
         EntityKind::Loan => "SELECT min(id)::int8, max(id)::int8 FROM loans_ajoloan",
         EntityKind::Repayment => "SELECT min(id)::int8, max(id)::int8 FROM loans_ajoloanrepayment",
-    };
-    let (min, max): (Option<i64>, Option<i64>) = sqlx::query_as(sql).fetch_one(conn).await?;
-    Ok(min.zip(max))
+    }
 }
 
 /// Keyset page of ids in the sync's selection, ascending, ids > after.
@@ -202,6 +230,16 @@ impl LoadedChunk {
             .map(|r| r.fingerprint)
     }
 
+    /// The change time (Unix seconds) loaded with the record `id`: the newest of the
+    /// times that select it (`changed_at` of `rows_*.sql`); `None` for officers.
+    pub fn changed_at_of(&self, id: i64) -> Option<f64> {
+        self.records
+            .binary_search_by_key(&id, |r| r.id)
+            .ok()
+            .and_then(|i| self.records.get(i))
+            .and_then(|r| r.changed_at)
+    }
+
     /// Adds another load's records (the one-by-one loading of a chunk), keeping them in
     /// id order.
     pub fn extend(&mut self, other: LoadedChunk) {
@@ -263,7 +301,10 @@ where
     let rows = sqlx::query(sql).bind(ids).fetch_all(pool).await?;
     let mut decoded = Vec::with_capacity(rows.len());
     for row in &rows {
-        decoded.push((fingerprint(row, row.len())?, R::from_row(row)?));
+        // The last column is `changed_at`, not part of the record (see `rows_*.sql`).
+        let last = row.len() - 1;
+        let changed_at: Option<f64> = row.try_get(last)?;
+        decoded.push((fingerprint(row, last)?, changed_at, R::from_row(row)?));
     }
     Ok(collect(decoded, f))
 }
@@ -338,13 +379,14 @@ pub async fn compare_page(
         ..SweepPage::default()
     };
     for row in rows {
-        // The source's columns, then `d_id` and `d_fingerprint`.
+        // The source's columns (the last, `changed_at`, not fingerprinted), then `d_id`
+        // and `d_fingerprint`.
         let columns = row.len() - 2;
         let id: Option<i64> = row.try_get(0)?;
         let delivered: Option<uuid::Uuid> = row.try_get(columns + 1)?;
         match id {
             None => page.gone.push(row.try_get(columns)?),
-            Some(id) if delivered != Some(fingerprint(&row, columns)?) => {
+            Some(id) if delivered != Some(fingerprint(&row, columns - 1)?) => {
                 page.changed.push(id);
                 if delivered.is_none() {
                     page.new.push(id);
@@ -357,14 +399,18 @@ pub async fn compare_page(
 }
 
 /// Transforms decoded rows, each with the fingerprint of its row, into records.
-fn collect<R>(rows: Vec<(uuid::Uuid, R)>, f: impl Fn(R) -> (Record, u32)) -> Transformed {
+fn collect<R>(
+    rows: Vec<(uuid::Uuid, Option<f64>, R)>,
+    f: impl Fn(R) -> (Record, u32),
+) -> Transformed {
     let mut out = Transformed {
         records: Vec::with_capacity(rows.len()),
         warnings: 0,
     };
-    for (fingerprint, row) in rows {
+    for (fingerprint, changed_at, row) in rows {
         let (mut record, warnings) = f(row);
         record.fingerprint = fingerprint;
+        record.changed_at = changed_at;
         out.records.push(record);
         out.warnings += warnings;
     }
@@ -395,6 +441,7 @@ mod tests {
         Record {
             id,
             fingerprint: uuid::Uuid::nil(),
+            changed_at: None,
             json: crate::domain::RecordJson::encode(&id).unwrap(),
         }
     }

@@ -154,6 +154,15 @@ pub enum Event<'a> {
     /// (`etl_queue_arguments_mismatch`; each difference is logged where it is found,
     /// once per process).
     QueueArgumentsChecked { queue: &'a str, differing: usize },
+    /// The API acknowledged records of `entity` and their settle committed: each one's
+    /// seconds from its source change to the acknowledgement (`etl_record_lag_seconds`).
+    RecordsAcknowledged { entity: EntityKind, lags: &'a [f64] },
+    /// The planner compared the source schema with the columns loansync reads:
+    /// `differences` found (`etl_source_schema_drift`), `message` naming them.
+    SourceSchemaChecked {
+        differences: usize,
+        message: Option<&'a str>,
+    },
 }
 
 impl Event<'_> {
@@ -359,6 +368,22 @@ impl Event<'_> {
             Event::BrokerTimeout => {
                 // The error it becomes says so.
                 m.broker_timeouts.inc();
+            }
+            Event::RecordsAcknowledged { entity, lags } => {
+                let h = m.record_lag.with_label_values(&[entity.as_str()]);
+                for &lag in lags {
+                    h.observe(lag);
+                }
+            }
+            Event::SourceSchemaChecked {
+                differences,
+                message,
+            } => {
+                m.source_schema_drift
+                    .set(i64::try_from(differences).unwrap_or(i64::MAX));
+                if let Some(message) = message {
+                    tracing::error!(target: PLANNER, differences, %message, "the source schema drifted: the sync fails before reading a row");
+                }
             }
             Event::QueueArgumentsChecked { queue, differing } => {
                 m.queue_arguments_mismatch

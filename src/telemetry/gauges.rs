@@ -33,6 +33,16 @@ impl Metrics {
                 }
             }
         }
+        let unsent = crate::ledger::reads::oldest_unsent(pool).await;
+        if let Some(rows) = read("oldest unsent changes", unsent) {
+            for r in rows {
+                if r.entity.parse::<EntityKind>().is_ok() {
+                    self.oldest_unsent_change
+                        .with_label_values(&[&r.entity])
+                        .set(r.age_seconds);
+                }
+            }
+        }
         let stalled = crate::ledger::reads::stalled_count(pool, stale_after_secs).await;
         if let Some(stalled) = read("stalled syncs", stalled) {
             self.stalled_syncs.set(stalled);
@@ -96,12 +106,34 @@ impl Metrics {
                 self.deleted_records.with_label_values(&[e.as_str()]).set(n);
             }
         }
+        // The column comes with the books migration; before it, no books were checked.
+        let books = crate::ledger::reads::books_unbalanced_counts(pool).await;
+        if let Some(rows) = read("unbalanced books", missing_column_is_empty(books)) {
+            for e in EntityKind::ALL {
+                let n = rows
+                    .iter()
+                    .find(|r| r.entity == e.as_str())
+                    .map_or(0, |r| u64::try_from(r.count).unwrap_or(0));
+                // A counter read from PostgreSQL: every pod counts the same syncs, and
+                // it only grows (the rows are never deleted).
+                let counter = self.books_unbalanced.with_label_values(&[e.as_str()]);
+                counter.inc_by(n.saturating_sub(counter.get()));
+            }
+        }
         if let Some(n) = match broker {
             Some(b) => b.dead_letter_depth().await,
             None => None,
         } {
             self.dead_letters.set(i64::from(n));
         }
+    }
+}
+
+/// No rows when the column does not exist yet (`42703`: a migration not applied yet).
+fn missing_column_is_empty<T>(rows: sqlx::Result<Vec<T>>) -> sqlx::Result<Vec<T>> {
+    match rows {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42703") => Ok(Vec::new()),
+        other => other,
     }
 }
 

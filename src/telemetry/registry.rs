@@ -130,6 +130,15 @@ metrics! {
         help: "Values that could not be represented (NaN, infinity) and were sent as null.",
         labels: [ENTITY],
     }
+    /// Per accepted record, seconds from the source change that selected it (its
+    /// `date_modified`, a loan's schedule row or repayment too) to the API's
+    /// acknowledgement, by entity (officers have no change time).
+    record_lag: HistogramVec {
+        name: "etl_record_lag_seconds",
+        help: "Seconds from a record's source change to the analytics API's acknowledgement, by entity.",
+        labels: [ENTITY],
+        buckets: [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0, 604800.0],
+    }
     /// Answers of the analytics API, by endpoint and status class (`2xx`, `4xx`, `5xx`,
     /// `network` for no answer).
     http_responses: IntCounterVec {
@@ -202,6 +211,22 @@ metrics! {
         labels: [QUEUE],
         series: Series::WhenSet,
     }
+    /// Per entity, seconds since the oldest source change after its watermark (the
+    /// change waiting longest to be sent; 0 when none waits), read at scrape time from the
+    /// time indexes. Officers have no modification time: no series.
+    oldest_unsent_change: GaugeVec {
+        name: "etl_oldest_unsent_change_seconds",
+        help: "Seconds since the oldest source change after the entity's watermark (0: none waits); read at scrape time.",
+        labels: [ENTITY],
+        series: Series::WhenSet,
+    }
+    /// Differences between the source schema and the columns loansync reads, found by
+    /// this process's last check before planning (0: none; a sync is refused otherwise).
+    source_schema_drift: IntGauge {
+        name: "etl_source_schema_drift",
+        help: "Differences between the source schema and the columns loansync reads, found by the last check before planning (0: none; syncs are refused otherwise).",
+        labels: [],
+    }
     /// The running loansync's version: always 1.
     build_info: IntGaugeVec {
         name: "loansync_build_info",
@@ -259,6 +284,16 @@ metrics! {
         name: "etl_dead_letter_messages",
         help: "Messages waiting in the dead-letter queue <prefix>.dead.",
         labels: [],
+    }
+    /// Finished syncs whose books did not balance at finalize (success + failed !=
+    /// total, or error rows that do not match the failed records), by entity: read from
+    /// `loansync_sync.books_unbalanced` at scrape time, so every pod counts the same.
+    /// No series until the first read, so a pod that cannot read it yet shows no drop.
+    books_unbalanced: IntCounterVec {
+        name: "etl_books_unbalanced_total",
+        help: "Finished syncs whose books did not balance at finalize (success + failed != total, or error rows not matching the failed records), by entity; read from PostgreSQL.",
+        labels: [ENTITY],
+        series: Series::WhenSet,
     }
     /// Delivered records that sweeps found deleted from the source (or no longer
     /// selected), by entity: `loansync_deleted`. Not sent: the analytics API has no

@@ -296,6 +296,37 @@ fn each_event_updates_exactly_its_metric() {
             vec![Event::BrokerTimeout],
             expect(&[("etl_broker_timeouts_total", 1.0)]),
         ),
+        (
+            vec![Event::RecordsAcknowledged {
+                entity: e,
+                lags: &[30.0, 1800.0],
+            }],
+            expect(&[
+                ("etl_record_lag_seconds_count{entity=\"loan\"}", 2.0),
+                ("etl_record_lag_seconds_sum{entity=\"loan\"}", 1830.0),
+            ]),
+        ),
+        (
+            vec![Event::SourceSchemaChecked {
+                differences: 2,
+                message: Some("source schema drift: loans_ajoloan.amount changed type"),
+            }],
+            expect(&[("etl_source_schema_drift", 2.0)]),
+        ),
+        (
+            // A clean check after a drift: nothing differs now.
+            vec![
+                Event::SourceSchemaChecked {
+                    differences: 1,
+                    message: Some("source schema drift"),
+                },
+                Event::SourceSchemaChecked {
+                    differences: 0,
+                    message: None,
+                },
+            ],
+            expect(&[]),
+        ),
     ];
     for (events, expected) in cases {
         assert_eq!(changes(events), expected);
@@ -376,6 +407,7 @@ fn every_series_exists_at_zero_from_the_start() {
         "etl_broker_timeouts_total",
         "etl_stalled_syncs",
         "etl_dead_letter_messages",
+        "etl_source_schema_drift",
     ] {
         zero(name.into());
     }

@@ -225,6 +225,7 @@ pub(crate) fn encode<T: Serialize>(id: i64, value: &T) -> Record {
     Record {
         id,
         fingerprint: uuid::Uuid::nil(),
+        changed_at: None,
         json,
     }
 }

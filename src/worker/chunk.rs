@@ -186,6 +186,7 @@ pub async fn process_chunk(
         ..ChunkAnswer::default()
     };
     answer.failed.extend(unreadable);
+    let mut acked_at = unix_now();
     if !loaded.records.is_empty() {
         let batch = Batch {
             sync_id: &job.sync_id,
@@ -196,6 +197,7 @@ pub async fn process_chunk(
         };
         match ctx.client.deliver(&batch).await {
             Ok(report) => {
+                acked_at = unix_now();
                 answer.failed.extend(report.failed);
                 answer.succeeded = report.succeeded;
                 answer.api_response = report.last_response;
@@ -226,7 +228,35 @@ pub async fn process_chunk(
         .iter()
         .filter_map(|&id| loaded.fingerprint_of(id).map(|fp| (id, fp)))
         .collect();
-    settle(ctx, job, &state, answer).await
+    // Each accepted record's lag, from the change that selected it to the API's answer;
+    // observed once the settle commits (a settle deferred to a settle job observes none).
+    let lags = record_lags(&loaded, &answer.succeeded, acked_at);
+    let outcome = settle(ctx, job, &state, answer).await?;
+    if matches!(outcome, ChunkOutcome::Settled { .. }) && !lags.is_empty() {
+        ctx.telemetry.emit(Event::RecordsAcknowledged {
+            entity: job.entity,
+            lags: &lags,
+        });
+    }
+    Ok(outcome)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Seconds from each accepted record's change time (loaded with it) to `acked_at` (Unix
+/// seconds): never negative (a clock ahead of the database's is no lag); records with no
+/// change time (officers) have none.
+fn record_lags(loaded: &source::LoadedChunk, accepted: &[i64], acked_at: f64) -> Vec<f64> {
+    accepted
+        .iter()
+        .filter_map(|&id| loaded.changed_at_of(id))
+        .filter(|t| t.is_finite())
+        .map(|t| (acked_at - t).max(0.0))
+        .collect()
 }
 
 /// Settles a settle job: the API's answer to a chunk whose settle failed before. No

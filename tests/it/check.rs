@@ -11,10 +11,10 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 /// What one `loansync check --json` run said.
-struct Checked {
-    code: Option<i32>,
+pub(crate) struct Checked {
+    pub(crate) code: Option<i32>,
     checks: Vec<Value>,
-    stdout: String,
+    pub(crate) stdout: String,
     stderr: String,
 }
 
@@ -32,18 +32,18 @@ impl Checked {
         )
     }
 
-    fn result(&self, name: &str) -> &str {
+    pub(crate) fn result(&self, name: &str) -> &str {
         self.get(name).0
     }
 
-    fn detail(&self, name: &str) -> &str {
+    pub(crate) fn detail(&self, name: &str) -> &str {
         self.get(name).1
     }
 }
 
 /// Runs `loansync check --json ARGS` on this test's database, queues and API, with `env`
 /// added (a value of `None` removes the variable).
-async fn check(
+pub(crate) async fn check(
     db: &TestDb,
     settings: &Settings,
     api_url: &str,
@@ -72,6 +72,7 @@ async fn check(
             "pooling",
             "migrations",
             "indexes",
+            "schema",
             "window",
             "broker",
             "api"
@@ -127,7 +128,7 @@ async fn every_check_passes_on_a_working_installation() {
     assert!(text.starts_with("check"), "{text}");
     assert_eq!(
         text.lines().filter(|l| l.contains(" ok ")).count(),
-        8,
+        9,
         "{text}"
     );
 }
@@ -192,17 +193,17 @@ async fn an_invalid_index_is_named_with_what_to_do() {
 /// A login role with the grants of `deploy/sql/grants.sql` less those `without` names
 /// (`(statement text, replacement)` edits of the file), dropped after the test's
 /// database (declare it before the [`TestDb`]).
-struct Role(String);
+pub(crate) struct Role(pub(crate) String);
 
 impl Role {
-    fn new() -> Role {
+    pub(crate) fn new() -> Role {
         Role(format!(
             "ls_chk_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         ))
     }
 
-    async fn create(&self, db: &TestDb, edits: &[(&str, &str)]) {
+    pub(crate) async fn create(&self, db: &TestDb, edits: &[(&str, &str)]) {
         let admin = PgPool::connect(&admin_url()).await.unwrap();
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {} LOGIN", self.0)))
             .execute(&admin)
@@ -224,7 +225,7 @@ impl Role {
             .expect("deploy/sql/grants.sql applies");
     }
 
-    fn url(&self, db: &TestDb) -> String {
+    pub(crate) fn url(&self, db: &TestDb) -> String {
         db.url.replacen("postgres@", &format!("{}@", self.0), 1)
     }
 }
@@ -536,7 +537,7 @@ async fn a_bad_setting_fails_config_and_skips_the_rest() {
         .skip(1)
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows.len(), 8, "{text}");
+    assert_eq!(rows.len(), 9, "{text}");
     assert_eq!(
         &rows[0][..3],
         ["config", "failed", "ETL_WORKER_CONCURRENCY:"]

@@ -300,8 +300,19 @@ pub async fn history(pool: &sqlx::PgPool) -> Vec<History> {
 
 /// The books balance: for every finished sync and entity, success + failed == total,
 /// and the failed count equals the error rows written for it (except for a sync that
-/// failed fast, which writes none).
+/// failed fast, which writes none); and the finalize found them balanced too.
 pub async fn assert_books_balance(pool: &sqlx::PgPool) {
+    // The finalize's own check of the books agreed (`ledger::books`).
+    let unbalanced: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT sync_id::text, books_unbalanced FROM loansync_sync WHERE books_unbalanced IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(
+        unbalanced.is_empty(),
+        "finalize found books unbalanced: {unbalanced:?}"
+    );
     for h in history(pool).await {
         assert!(
             ["completed", "partial_success", "failed"].contains(&h.status.as_str()),

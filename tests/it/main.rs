@@ -1,14 +1,17 @@
 //! Integration tests: real PostgreSQL, real RabbitMQ, the stub API on a loopback port.
 //! Every test owns its database and its queue names, so they run in parallel.
 
+mod books;
 mod check;
 mod cli;
 mod config;
 mod consumer;
+mod drift;
 mod dryrun;
 mod errors;
 mod faults;
 mod fixtures;
+mod freshness;
 mod harness;
 mod ledger;
 mod lifecycle;
