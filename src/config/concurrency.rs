@@ -75,8 +75,9 @@ mod tests {
         .unwrap();
         assert_eq!(s.concurrency.mode, ConcurrencyMode::Adaptive);
         // Chunks in flight (the prefetch) are the ceiling: the gate limits the requests.
+        // A chunk waiting for a slot holds no connection: the pool stays as it was.
         assert_eq!(s.worker_prefetch(), 24);
-        assert_eq!(s.db_pool_size, 26);
+        assert_eq!(s.db_pool_size, 6);
         assert_eq!(s.concurrency.fleet_cap, Some(16));
         assert_eq!(s.concurrency.heartbeat_ttl(), Duration::from_secs(6));
     }

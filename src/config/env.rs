@@ -234,7 +234,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     ),
     int(
         "ETL_DB_POOL_SIZE",
-        "prefetch + 2",
+        "concurrency + 2",
         2,
         1_000,
         "database connections per process",

@@ -136,7 +136,7 @@ pub struct Settings {
     pub delivery_limit: u32,
     /// The broker's consumer timeout; retries must end well before it (`ETL_BROKER_CONSUMER_TIMEOUT_SECS`).
     pub broker_consumer_timeout: Duration,
-    /// Database connections per process (`ETL_DB_POOL_SIZE`, default prefetch + 2: chunks in flight).
+    /// Database connections per process (`ETL_DB_POOL_SIZE`, default concurrency + 2).
     pub db_pool_size: u32,
     /// Time given to in-flight chunks on SIGTERM (`ETL_SHUTDOWN_GRACE_SECS`).
     pub shutdown_grace: Duration,
@@ -245,7 +245,6 @@ impl Settings {
         };
         let worker_concurrency: u16 = num_env(g, "ETL_WORKER_CONCURRENCY")?;
         let concurrency = concurrency::read(g)?;
-        let prefetch = prefetch(worker_concurrency, &concurrency);
         let queue_prefix = get("ETL_QUEUE_PREFIX")?.unwrap_or_else(|| "etl".into());
         if !queue_prefix
             .chars()
@@ -295,7 +294,7 @@ impl Settings {
         let db_pool_size: u32 = num(
             g,
             "ETL_DB_POOL_SIZE",
-            u32::from(prefetch) + 2,
+            u32::from(worker_concurrency) + 2,
             range_of("ETL_DB_POOL_SIZE"),
         )?;
         let (database_url, from) = value_or_file(g, "DATABASE_URL", "DATABASE_URL_FILE")?
