@@ -38,7 +38,8 @@ export PGSSLMODE=disable
 db=loansync_arc_$(echo "$size" | tr 'A-Z' 'a-z')
 prefix=bench-arc-$$
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db?sslmode=disable" ETL_QUEUE_PREFIX=$prefix
-export RUST_LOG=warn
+# Heartbeats every second: a worker takes its share of a cap 1.5 s after it starts.
+export RUST_LOG=warn ETL_WORKER_HEARTBEAT_SECS=1
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 psql $PG -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
 psql $PG -q -d "$db" -f schema/django_source_schema.sql >/dev/null
@@ -78,7 +79,7 @@ for c in "${list[@]}"; do
   wait_http "$ANALYTICS_API_URL/healthz"
   wpids=()
   for _ in $(seq 1 "$n"); do env "${wenv[@]}" $B worker 2>>/tmp/bench-arc-worker.log & wpids+=($!); done
-  sleep 2 # the workers connect and, with a cap, take their shares (a benchmark: no assertion waits on it)
+  sleep 3 # the workers connect and, with a cap, take their shares (a benchmark: no assertion waits on it)
   start=$(date +%s.%N)
   if [ $halve = 1 ]; then
     (sleep 3; curl -sf -X PUT -H 'content-type: application/json' \
