@@ -24,7 +24,8 @@
 //!   `source/columns.rs` lists every column it reads, checked against the database.
 //! * [`transform`]: source rows → records, pure functions (SPEC.md section 5).
 //! * [`sink`]: the analytics API client: encoding, one request, the retry policy, the
-//!   halving of refused batches.
+//!   halving of refused batches, the gate of a worker's requests in flight (`gate.rs`)
+//!   and its adaptive concurrency controller (`arc.rs`).
 //! * [`queue`]: the queue seam: [`queue::ChunkPublisher`] to publish, [`queue::Consumer`]
 //!   and [`queue::Delivery`] to consume and settle with a [`queue::Disposition`];
 //!   RabbitMQ ([`queue::amqp`], a file per concern: connecting and reconnecting with
@@ -42,7 +43,8 @@
 //!   heals what a dead planner left, the planner loop; its errors typed
 //!   ([`planner::PlanError`]). [`worker`]: one chunk processed into an
 //!   outcome (`chunk.rs`), its answer settled and retried as a settle (`settle.rs`), a
-//!   message turned into a disposition (`handle.rs`), the loop over a consumer (`run.rs`).
+//!   message turned into a disposition (`handle.rs`), the loop over a consumer (`run.rs`),
+//!   the heartbeat, share of the fleet-wide cap and shared pause (`fleet.rs`).
 //! * [`progress`]: a running sync's progress for people (bars on a terminal).
 //! * [`telemetry`]: logging and metrics, a file per concern: `registry.rs` defines each
 //!   metric once, as a row of one table (field, kind, name, help, labels, buckets) the
@@ -68,7 +70,8 @@
 //!   code; `main.rs` only calls [`cli::main`].
 //! * Behind the `dev-tools` feature (default; not in the production image):
 //!   `stub_api` (a faithful local analytics API with fault injection, for tests and
-//!   demos: the running stub in `mod.rs`, one request answered in `ingest.rs`), `seed` (deterministic synthetic source data, generated set-based in
+//!   demos: the running stub in `mod.rs`, one request answered in `ingest.rs`, capacity, rate limit and latency under load in
+//!   `load.rs`), `seed` (deterministic synthetic source data, generated set-based in
 //!   PostgreSQL) and `demo` (`loansync demo`, the whole system on local services).
 //!
 //! Dependencies point one way: `cli` → `demo` → `app` → `planner`/`worker` → `queue`,

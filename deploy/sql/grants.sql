@@ -45,5 +45,9 @@ GRANT SELECT ON loansync_pending_request TO loansync;
 -- The sweep's records: what was delivered (fingerprints) and what was found deleted.
 GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_delivered, loansync_deleted TO loansync;
 
+-- Adaptive concurrency: the live workers (heartbeats) and the API's fleet-wide pause.
+GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_worker TO loansync;
+GRANT SELECT, INSERT, UPDATE ON loansync_api_pause TO loansync;
+
 -- `loansync status` and the migrate Job's check read the migration history.
 GRANT SELECT ON _sqlx_migrations TO loansync;

@@ -95,9 +95,22 @@ pub async fn connect_broker_with(
 
 /// Builds a worker's context from the settings.
 pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> Result<WorkerContext, AppError> {
+    let api = settings.api()?;
+    let gate = crate::sink::gate::Gate::new(
+        crate::sink::gate::GateSettings {
+            mode: settings.concurrency.mode,
+            initial: usize::from(settings.worker_concurrency),
+            max: usize::from(settings.concurrency.max),
+            max_pause: api.retry.max_interval,
+            burst_pause: api.retry.initial,
+        },
+        settings.telemetry.clone(),
+    );
     Ok(WorkerContext {
         pool,
-        client: AnalyticsClient::new(settings.api()?)?.with_telemetry(settings.telemetry.clone()),
+        client: AnalyticsClient::new(api)?
+            .with_telemetry(settings.telemetry.clone())
+            .with_gate(std::sync::Arc::new(gate)),
         delivery_limit: settings.delivery_limit,
         db_outage_wait: settings.db_outage_wait,
         telemetry: settings.telemetry.clone(),

@@ -125,8 +125,22 @@ pub async fn run_worker_with(
     health: BrokerHealth,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let ctx = Arc::new(worker_context(&settings, pool)?);
-    amqp::with_reconnect(
+    let ctx = Arc::new(worker_context(&settings, pool.clone())?);
+    // The heartbeat (the share of the fleet-wide cap, `loansync status`) and the API's
+    // pause shared with the other workers.
+    let fleet_stop = CancellationToken::new();
+    let heartbeat = ctx.client.gate().map(|gate| {
+        let fleet = worker::fleet::Fleet::new(pool, gate.clone(), settings.concurrency.clone());
+        gate.set_board(fleet.clone());
+        tracing::info!(
+            worker_id = %fleet.worker_id,
+            mode = settings.concurrency.mode.as_str(),
+            fleet_cap = settings.concurrency.fleet_cap,
+            "worker in the fleet"
+        );
+        tokio::spawn(fleet.run(fleet_stop.clone()))
+    });
+    let ended = amqp::with_reconnect(
         "worker",
         &consuming,
         &health,
@@ -136,7 +150,7 @@ pub async fn run_worker_with(
             worker::run_amqp(
                 ctx.clone(),
                 broker,
-                settings.worker_concurrency,
+                settings.worker_prefetch(),
                 settings.shutdown_grace,
                 consuming.clone(),
                 stop.cancelled_owned(),
@@ -144,7 +158,12 @@ pub async fn run_worker_with(
         },
     )
     .await
-    .map_err(AppError::from)
+    .map_err(AppError::from);
+    fleet_stop.cancel();
+    if let Some(heartbeat) = heartbeat {
+        let _ = heartbeat.await;
+    }
+    ended
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `METRICS_ADDR`, when set.

@@ -31,7 +31,36 @@ pub enum StatusReport {
         /// Per entity with a watermark and a modification time, the age of the oldest
         /// source change not yet sent (`etl_oldest_unsent_change_seconds`).
         unsent: Vec<OldestUnsent>,
+        /// The live workers' limits on requests to the analytics API, and its RTT.
+        workers: Vec<LiveWorker>,
     },
+}
+
+/// A live worker as its last heartbeat recorded it (`loansync_worker`).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct LiveWorker {
+    pub worker_id: String,
+    pub mode: String,
+    /// Its own limit (fixed, or the adaptive controller's).
+    pub concurrency_limit: i32,
+    pub in_flight: i32,
+    /// Its share of `ANALYTICS_MAX_IN_FLIGHT` (none: no cap).
+    pub fleet_share: Option<i32>,
+    /// The API's RTT as it sees it, in ms.
+    pub rtt_ms: Option<f64>,
+    /// Seconds since its heartbeat.
+    pub age_seconds: f64,
+}
+
+/// The workers whose heartbeat has not expired, by id.
+pub async fn live_workers(pool: &PgPool) -> Result<Vec<LiveWorker>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT worker_id, mode, concurrency_limit, in_flight, fleet_share, rtt_ms,
+                extract(epoch FROM now() - beat_at)::float8 AS age_seconds
+         FROM loansync_worker WHERE expires_at > now() ORDER BY worker_id",
+    )
+    .fetch_all(pool)
+    .await
 }
 
 /// The status of the sync `sync_id` (an error when there is none), or of the `limit`
@@ -50,6 +79,7 @@ pub async fn status(
             deleted: ledger::reads::deleted_counts(pool).await?,
             pending: ledger::lifecycle::pending_requests(pool).await?,
             unsent: ledger::reads::oldest_unsent(pool).await?,
+            workers: live_workers(pool).await?,
         });
     };
     if syncs.is_empty() {
@@ -93,7 +123,8 @@ impl Report for StatusReport {
                 deleted,
                 pending,
                 unsent,
-            } => render_recent(syncs, deleted, pending, unsent),
+                workers,
+            } => render_recent(syncs, deleted, pending, unsent) + &render_workers(workers),
         }
     }
 }
@@ -213,6 +244,51 @@ fn render_recent(
     out
 }
 
+/// The fleet's limits: the sum of what each live worker allows (its own limit within its
+/// share of the cap), requests in flight, the API's RTT (the workers' mean), then a line
+/// per worker.
+fn render_workers(workers: &[LiveWorker]) -> String {
+    if workers.is_empty() {
+        return String::new();
+    }
+    let allowed = |w: &LiveWorker| {
+        w.fleet_share
+            .map_or(w.concurrency_limit, |s| s.min(w.concurrency_limit))
+    };
+    let rtts: Vec<f64> = workers.iter().filter_map(|w| w.rtt_ms).collect();
+    let rtt = if rtts.is_empty() {
+        "-".to_string()
+    } else {
+        format!("{:.1} ms", rtts.iter().sum::<f64>() / rtts.len() as f64)
+    };
+    let mut out = format!(
+        "
+{} live worker(s): limit {} requests to the API in flight (in flight now {}), API RTT {rtt}
+",
+        workers.len(),
+        workers.iter().map(allowed).sum::<i32>(),
+        workers.iter().map(|w| w.in_flight).sum::<i32>(),
+    );
+    out.push_str(&format!(
+        "  {:<32}  {:<8}  {:>5}  {:>5}  {:>9}  {:>9}  {:>6}
+",
+        "worker", "mode", "limit", "share", "in_flight", "rtt_ms", "beat_s"
+    ));
+    for w in workers {
+        out.push_str(&format!(
+            "  {:<32}  {:<8}  {:>5}  {:>5}  {:>9}  {:>9}  {:>6.1}\n",
+            w.worker_id,
+            w.mode,
+            w.concurrency_limit,
+            w.fleet_share.map_or("-".into(), |s| s.to_string()),
+            w.in_flight,
+            w.rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
+            w.age_seconds,
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +377,26 @@ mod tests {
                     age_seconds: 0.0,
                 },
             ],
+            workers: vec![
+                LiveWorker {
+                    worker_id: "w-a".into(),
+                    mode: "adaptive".into(),
+                    concurrency_limit: 6,
+                    in_flight: 3,
+                    fleet_share: Some(4),
+                    rtt_ms: Some(40.0),
+                    age_seconds: 1.0,
+                },
+                LiveWorker {
+                    worker_id: "w-b".into(),
+                    mode: "adaptive".into(),
+                    concurrency_limit: 3,
+                    in_flight: 2,
+                    fleet_share: Some(4),
+                    rtt_ms: Some(60.0),
+                    age_seconds: 2.0,
+                },
+            ],
         };
         let text = report.render();
         assert!(
@@ -313,6 +409,15 @@ mod tests {
         assert!(text.contains("  STALLED  "), "{text}");
         assert!(text.contains("sweeps (not sent, the API has no delete): repayment: 3"));
         assert!(text.contains("1 planning request(s) pending"), "{text}");
+        // The fleet: each worker's limit within its share (4 + 3), the mean RTT.
+        assert!(
+            text.contains("2 live worker(s): limit 7 requests to the API in flight (in flight now 5), API RTT 50.0 ms"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  w-a  ") && text.contains("adaptive"),
+            "{text}"
+        );
         assert!(
             text.contains("  r1 ") && text.contains("backfill"),
             "{text}"

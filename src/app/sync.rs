@@ -139,7 +139,7 @@ impl InProcess {
                 watching,
             ))
         });
-        worker::run_memory(self.ctx, self.queue, self.settings.worker_concurrency).await;
+        worker::run_memory(self.ctx, self.queue, self.settings.worker_prefetch()).await;
         let _ = done.send(true);
         if let Some(w) = watcher {
             let _ = w.await;

@@ -76,6 +76,16 @@ const GRANTS: &[Grant] = &[
         names: &["loansync_pending_request"],
     },
     Grant {
+        privileges: &["SELECT", "INSERT", "UPDATE", "DELETE"],
+        on: On::Table,
+        names: &["loansync_worker"],
+    },
+    Grant {
+        privileges: &["SELECT", "INSERT", "UPDATE"],
+        on: On::Table,
+        names: &["loansync_api_pause"],
+    },
+    Grant {
         privileges: &["SELECT"],
         on: On::Table,
         names: &["_sqlx_migrations"],

@@ -352,6 +352,21 @@ pub struct StubArgs {
     /// Seed of the fault randomness.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Requests served at once (0: no limit); beyond it 429 with Retry-After, or, with
+    /// --capacity-queue, a wait for a free slot (latency grows with the load).
+    #[arg(long, default_value_t = 0)]
+    pub capacity: usize,
+    #[arg(long)]
+    pub capacity_queue: bool,
+    /// Time each request is served for, in ms.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Added to a request's service time for each other request being served (ms).
+    #[arg(long, default_value_t = 0)]
+    pub latency_per_request_ms: u64,
+    /// Requests admitted per second (0: no limit); beyond it 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_limit: f64,
 }
 
 #[cfg(feature = "dev-tools")]
@@ -375,6 +390,11 @@ impl StubArgs {
                 reject_every_nth: self.reject_every_nth,
                 refuse_ids: self.refuse_ids,
                 seed: self.seed,
+                capacity: self.capacity,
+                capacity_queue: self.capacity_queue,
+                latency_ms: self.latency_ms,
+                latency_per_request_ms: self.latency_per_request_ms,
+                rate_limit: self.rate_limit,
                 ..Default::default()
             },
         })

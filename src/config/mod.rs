@@ -7,6 +7,7 @@
 //! the URL checks.
 
 mod api;
+mod concurrency;
 pub mod env;
 #[cfg(test)]
 mod test_support;
@@ -15,6 +16,7 @@ mod urls;
 use crate::domain::EntityKind;
 use crate::redact::redact_url;
 pub use api::{ApiSettings, RetrySettings};
+pub use concurrency::ConcurrencySettings;
 use env::{
     DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, Lookup, boolean, num, num_env, range_of, value_or_file,
 };
@@ -128,6 +130,8 @@ pub struct Settings {
     pub stale_sync_after: Duration,
     /// Chunks a worker processes at once; also its AMQP prefetch (`ETL_WORKER_CONCURRENCY`).
     pub worker_concurrency: u16,
+    /// The worker's limit on requests to the API: fixed or adaptive, the fleet's cap.
+    pub concurrency: ConcurrencySettings,
     /// Deliveries of one message before it is dead-lettered (`ETL_DELIVERY_LIMIT`).
     pub delivery_limit: u32,
     /// The broker's consumer timeout; retries must end well before it (`ETL_BROKER_CONSUMER_TIMEOUT_SECS`).
@@ -240,6 +244,7 @@ impl Settings {
             repayments: num_env(g, "ETL_BATCH_SIZE_REPAYMENTS")?,
         };
         let worker_concurrency: u16 = num_env(g, "ETL_WORKER_CONCURRENCY")?;
+        let concurrency = concurrency::read(g)?;
         let queue_prefix = get("ETL_QUEUE_PREFIX")?.unwrap_or_else(|| "etl".into());
         if !queue_prefix
             .chars()
@@ -337,6 +342,7 @@ impl Settings {
             )?),
             stale_sync_after: Duration::from_secs(num_env(g, "ETL_STALE_SYNC_SECS")?),
             worker_concurrency,
+            concurrency,
             delivery_limit,
             broker_consumer_timeout,
             db_pool_size,
@@ -350,6 +356,13 @@ impl Settings {
             log_format,
             telemetry: crate::telemetry::Telemetry::global(),
         })
+    }
+
+    /// Chunks a worker takes at once (its AMQP prefetch): `ETL_WORKER_CONCURRENCY` in
+    /// fixed mode, `ETL_WORKER_MAX_CONCURRENCY` in adaptive mode, where the gate, not
+    /// the prefetch, limits the requests in flight.
+    pub fn worker_prefetch(&self) -> u16 {
+        prefetch(self.worker_concurrency, &self.concurrency)
     }
 
     /// The analytics API's settings, or the error naming what is missing: only in a build
@@ -391,6 +404,14 @@ pub fn chunk_worst_case(
     db_outage_wait: Duration,
 ) -> Duration {
     db_outage_wait + retry.max_elapsed + timeout + CHUNK_DB_ALLOWANCE
+}
+
+/// See [`Settings::worker_prefetch`].
+fn prefetch(worker_concurrency: u16, c: &ConcurrencySettings) -> u16 {
+    match c.mode {
+        crate::sink::gate::ConcurrencyMode::Fixed => worker_concurrency,
+        crate::sink::gate::ConcurrencyMode::Adaptive => c.max,
+    }
 }
 
 #[cfg(test)]

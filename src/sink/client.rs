@@ -1,7 +1,9 @@
 //! Delivers one chunk: the retry policy around [`service::send`], the halving of
 //! refused batches down to the records refused alone, and fail-fast on 401/403.
 
+use super::arc::Response;
 use super::encoder;
+use super::gate::{Gate, GateTimeout};
 use super::retry;
 use super::service::{self, Answer, Transient};
 use crate::config::ApiSettings;
@@ -64,6 +66,9 @@ pub struct AnalyticsClient {
     inner: Arc<Inner>,
     /// The registry answers and retries are counted in.
     telemetry: Telemetry,
+    /// The worker's gate every request passes (`None`: no limit of its own, as in
+    /// `loansync check`).
+    gate: Option<Arc<Gate>>,
 }
 
 struct Inner {
@@ -117,7 +122,19 @@ impl AnalyticsClient {
                 gzip: api.gzip,
             }),
             telemetry: Telemetry::global(),
+            gate: None,
         })
+    }
+
+    /// This client, passing every request of [`AnalyticsClient::deliver`] through `gate`.
+    pub fn with_gate(mut self, gate: Arc<Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The gate its requests pass, if any.
+    pub fn gate(&self) -> Option<&Arc<Gate>> {
+        self.gate.as_ref()
     }
 
     /// This client, counting its answers and retries in `telemetry` (the process-wide
@@ -337,9 +354,14 @@ impl AnalyticsClient {
         let (body, key) = self.request(batch, part);
         let attempts = AtomicU32::new(0);
         let max_interval = self.inner.retry.max_interval;
-        let result = (|| {
+        let result = (|| async {
+            // The gate: the fleet's pause, then a free slot, until the deadline.
+            let permit = match &self.gate {
+                Some(gate) => Some(gate.acquire(deadline).await.map_err(gate_timeout)?),
+                None => None,
+            };
             attempts.fetch_add(1, Ordering::Relaxed);
-            service::send(
+            let answer = service::send(
                 &self.inner.http,
                 url,
                 self.inner.key.expose_secret(),
@@ -348,6 +370,21 @@ impl AnalyticsClient {
                 batch.entity.endpoint(),
                 &self.telemetry,
             )
+            .await;
+            let (response, retry_after) = match &answer {
+                Err(t) if t.is_backpressure() => {
+                    self.telemetry
+                        .emit(Event::ApiBackpressure { status: t.status });
+                    (Response::Backpressure, t.retry_after)
+                }
+                Err(t) if t.status.is_none() => (Response::Other, None),
+                Ok(Answer::Failed { status: None, .. }) => (Response::Other, None),
+                _ => (Response::Answered, None),
+            };
+            if let Some(permit) = permit {
+                permit.done(response, retry_after);
+            }
+            answer
         })
         .retry(retry::policy(&self.inner.retry))
         .sleep(tokio::time::sleep)
@@ -364,6 +401,19 @@ impl AnalyticsClient {
         })
         .await;
         (result, attempts.load(Ordering::Relaxed))
+    }
+}
+
+/// No slot of the gate came free before the chunk's deadline: the part is not sent and
+/// its records fail as the deadline's (`CHUNK_DEADLINE`).
+fn gate_timeout(e: GateTimeout) -> Transient {
+    Transient {
+        status: None,
+        error_code: "CHUNK_DEADLINE".into(),
+        message: format!("not sent: {e} (ETL_RETRY_MAX_ELAPSED_SECS)"),
+        retry_after: None,
+        body: serde_json::Value::Null,
+        timed_out: false,
     }
 }
 

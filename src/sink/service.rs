@@ -50,6 +50,15 @@ pub struct Transient {
     pub message: String,
     pub retry_after: Option<Duration>,
     pub body: serde_json::Value,
+    /// No answer came within `ETL_HTTP_TIMEOUT_SECS`: backpressure, as a 429 is.
+    pub timed_out: bool,
+}
+
+impl Transient {
+    /// The API asked to slow down: 429, 503, or no answer in time.
+    pub fn is_backpressure(&self) -> bool {
+        matches!(self.status, Some(429 | 503)) || self.timed_out
+    }
 }
 
 /// Sends one body; its answer is counted in `metrics`.
@@ -156,6 +165,7 @@ async fn send_inner(
                 message: field("message").unwrap_or_else(|| format!("the API answered HTTP {status}")),
                 retry_after,
                 body,
+                timed_out: false,
             });
         }
         _ => Answer::Failed {
@@ -190,7 +200,8 @@ fn certificate_refused(e: &reqwest::Error) -> Option<Answer> {
 /// request URL (query string included), so the URL is dropped from it and named here
 /// through [`redact_url`](crate::redact::redact_url); the rest of the chain says why.
 fn network(e: reqwest::Error, url: &str) -> Transient {
-    let what = if e.is_timeout() {
+    let timed_out = e.is_timeout();
+    let what = if timed_out {
         "the request timed out"
     } else if e.is_connect() {
         "could not connect to the API"
@@ -214,6 +225,7 @@ fn network(e: reqwest::Error, url: &str) -> Transient {
         )),
         retry_after: None,
         body: serde_json::Value::Null,
+        timed_out,
     }
 }
 

@@ -53,6 +53,19 @@ pub(super) async fn ingest(
     body: Bytes,
     endpoint: Endpoint,
 ) -> Response {
+    // Counted in flight until answered; then the load model: the rate limit and the
+    // capacity, and the time the request is served for.
+    let _in_flight = super::load::InFlight::arrive(&state);
+    let _serving = match super::load::admit(&state).await {
+        super::load::Admission::Served(serving) => serving,
+        super::load::Admission::Refused => {
+            let (secs, by_date) = {
+                let s = lock(&state);
+                (s.faults.retry_after_secs, s.faults.retry_after_date)
+            };
+            return fault_answer(&state, 429, Some(secs), by_date, 0, false);
+        }
+    };
     // Faults first, as a struggling API would.
     let max_records = lock(&state).faults.max_records;
     let too_many = if max_records > 0 {
@@ -127,33 +140,11 @@ pub(super) async fn ingest(
                 .into_response();
         }
         Fault::Status(status, retry_after) => {
-            count(&state, status);
             let (huge, by_date) = {
                 let s = lock(&state);
                 (s.faults.huge_text_bytes, s.faults.retry_after_date)
             };
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut resp = (
-                code,
-                axum::Json(json!({
-                    "error_code": format!("HTTP_{status}"),
-                    "message": nul(&padded("injected fault", huge), nul_text),
-                })),
-            )
-                .into_response();
-            let value = retry_after.map(|secs| {
-                if by_date {
-                    httpdate::fmt_http_date(
-                        std::time::SystemTime::now() + Duration::from_secs(secs),
-                    )
-                } else {
-                    secs.to_string()
-                }
-            });
-            if let Some(v) = value.and_then(|v| v.parse().ok()) {
-                resp.headers_mut().insert("retry-after", v);
-            }
-            return resp;
+            return fault_answer(&state, status, retry_after, by_date, huge, nul_text);
         }
     }
     let (status, mut value) = match decoded(&headers, body) {
@@ -181,6 +172,39 @@ pub(super) async fn ingest(
         axum::Json(value),
     )
         .into_response()
+}
+
+/// An injected error answer: `status`, with `Retry-After` (seconds, or an HTTP-date
+/// with `by_date`) when given; its message padded to `huge` bytes, NULs with `nul_text`.
+fn fault_answer(
+    state: &AppState,
+    status: u16,
+    retry_after: Option<u64>,
+    by_date: bool,
+    huge: usize,
+    nul_text: bool,
+) -> Response {
+    count(state, status);
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (
+        code,
+        axum::Json(json!({
+            "error_code": format!("HTTP_{status}"),
+            "message": nul(&padded("injected fault", huge), nul_text),
+        })),
+    )
+        .into_response();
+    let value = retry_after.map(|secs| {
+        if by_date {
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(secs))
+        } else {
+            secs.to_string()
+        }
+    });
+    if let Some(v) = value.and_then(|v| v.parse().ok()) {
+        resp.headers_mut().insert("retry-after", v);
+    }
+    resp
 }
 
 /// `text`, padded with `.` to `len` bytes when it is shorter.

@@ -7,9 +7,11 @@
 //!
 //! The files: this one (faults, what was received, the running stub and its control
 //! endpoints), `ingest` (one request answered: faults first, then the contract),
-//! `scan` (reading a body's envelope without building it).
+//! `load` (the capacity, rate limit and service time of an API under load, and the
+//! requests counted in flight), `scan` (reading a body's envelope without building it).
 
 mod ingest;
+mod load;
 mod scan;
 
 use axum::Router;
@@ -63,6 +65,18 @@ pub struct Faults {
     /// lone surrogate escape.
     pub nul_text: bool,
     pub seed: u64,
+    /// Requests served at once (0: no limit), as a shared API's capacity. Beyond it a
+    /// request is answered 429 with `Retry-After: retry_after_secs`, or, with
+    /// `capacity_queue`, waits for a free slot (its latency grows with the load).
+    pub capacity: usize,
+    pub capacity_queue: bool,
+    /// Every request is served for `latency_ms`, plus `latency_per_request_ms` for each
+    /// other request being served when it starts: latency that grows with load.
+    pub latency_ms: u64,
+    pub latency_per_request_ms: u64,
+    /// Requests admitted per second (a token bucket holding a second's worth; 0: no
+    /// limit); beyond it 429 with `Retry-After: retry_after_secs`.
+    pub rate_limit: f64,
 }
 
 /// How the stub is set up.
@@ -92,6 +106,13 @@ pub struct Received {
     pub keys_reused_for_other_content: u64,
     /// Requests whose body came gzipped (`Content-Encoding: gzip`).
     pub gzip_requests: u64,
+    /// The most requests the stub had in its handler at once (every request counted from
+    /// its arrival to its answer, refused ones too): what a client-side cap bounds.
+    pub max_in_flight: usize,
+    /// Requests answered 429 because `capacity` requests were being served.
+    pub over_capacity: u64,
+    /// Requests answered 429 by the rate limit.
+    pub rate_limited: u64,
     /// Per entity: id → the last record accepted for it, as JSON text: what the platform
     /// holds. Kept only after [`StubHandle::keep_records`] (it costs memory and CPU).
     #[serde(skip)]
@@ -161,6 +182,19 @@ struct Shared {
     /// same answer and is not counted twice; so does any body reusing the key, as a
     /// caching API would do).
     answered: HashMap<String, Answered>,
+    /// Requests in the handler now, and being served now (holding a slot of `capacity`).
+    in_flight: usize,
+    serving: usize,
+    /// Notified when a slot of `capacity` frees (requests queued for one wait on it).
+    slot_freed: Arc<tokio::sync::Notify>,
+    /// The rate limit's bucket.
+    bucket: load::Bucket,
+}
+
+impl Shared {
+    fn take_token(&mut self, rate: f64) -> bool {
+        self.bucket.take(rate)
+    }
 }
 
 /// An answer given to an idempotency key, with what it answered.
@@ -211,6 +245,19 @@ impl StubHandle {
         let mut s = lock(&self.state);
         s.rng = fastrand::Rng::with_seed(faults.seed);
         s.faults = faults;
+        // A larger capacity frees slots for the requests queued.
+        s.slot_freed.notify_waiters();
+    }
+
+    /// Requests in the handler now.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.state).in_flight
+    }
+
+    /// Starts counting [`Received::max_in_flight`] again from the requests in flight now.
+    pub fn reset_max_in_flight(&self) {
+        let mut s = lock(&self.state);
+        s.received.max_in_flight = s.in_flight;
     }
 
     /// From now on, keep the last record accepted for each id ([`Received::records`]),
@@ -279,6 +326,10 @@ where
         received: Received::default(),
         keep_records: false,
         answered: HashMap::new(),
+        in_flight: 0,
+        serving: 0,
+        slot_freed: Arc::new(tokio::sync::Notify::new()),
+        bucket: load::Bucket::default(),
     }));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let app = router(state.clone());
@@ -324,6 +375,10 @@ async fn stats(State(state): State<AppState>) -> axum::Json<Value> {
         "keys_reused_for_other_records": s.received.keys_reused_for_other_records,
         "keys_reused_for_other_content": s.received.keys_reused_for_other_content,
         "gzip_requests": s.received.gzip_requests,
+        "in_flight": s.in_flight,
+        "max_in_flight": s.received.max_in_flight,
+        "over_capacity": s.received.over_capacity,
+        "rate_limited": s.received.rate_limited,
         "faults": s.faults,
     }))
 }
@@ -335,6 +390,7 @@ async fn set_faults(
     let mut s = lock(&state);
     s.rng = fastrand::Rng::with_seed(f.seed);
     s.faults = f;
+    s.slot_freed.notify_waiters();
     StatusCode::NO_CONTENT
 }
 

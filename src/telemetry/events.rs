@@ -113,6 +113,9 @@ pub enum Event<'a> {
         class: HttpClass,
         seconds: f64,
     },
+    /// The API asked to slow down (`status` 429 or 503, `None` for a timeout):
+    /// `etl_api_backpressure_total`.
+    ApiBackpressure { status: Option<u16> },
     /// A request failed transiently (`status`, `None` for no answer) and is retried
     /// after `delay`.
     HttpRetry {
@@ -300,6 +303,11 @@ impl Event<'_> {
                 m.http_seconds
                     .with_label_values(&[endpoint])
                     .observe(seconds);
+            }
+            Event::ApiBackpressure { status } => {
+                m.api_backpressure
+                    .with_label_values(&[RetryReason::of(status).as_str()])
+                    .inc();
             }
             Event::HttpRetry {
                 status,

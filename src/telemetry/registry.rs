@@ -6,7 +6,7 @@ use super::labels::{self, ChunkOutcomeLabel, Label};
 use prometheus::core::Collector;
 use prometheus::proto::MetricType;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -233,6 +233,32 @@ metrics! {
         help: "The running loansync's version; always 1.",
         labels: [VERSION],
     }
+    /// The worker's limit on its requests in flight to the analytics API: the fixed
+    /// concurrency or the adaptive controller's, within its share of the fleet-wide cap.
+    api_limit: IntGauge {
+        name: "etl_api_concurrency_limit",
+        help: "Requests to the analytics API this worker allows in flight now (fixed, or the adaptive controller's, within its share of ANALYTICS_MAX_IN_FLIGHT).",
+        labels: [],
+    }
+    /// The worker's requests to the analytics API in flight now.
+    api_in_flight: IntGauge {
+        name: "etl_api_in_flight",
+        help: "Requests to the analytics API in flight now.",
+        labels: [],
+    }
+    /// The API's round-trip time as the worker's controller averages it (EWMA).
+    api_rtt: Gauge {
+        name: "etl_api_rtt_seconds",
+        help: "The analytics API's round-trip time, averaged (EWMA, alpha 0.4) by the adaptive controller, else the last observed.",
+        labels: [],
+    }
+    /// Answers that asked to slow down, by reason (`status_429`, `status_5xx` for 503,
+    /// `network` for a timeout).
+    api_backpressure: IntCounterVec {
+        name: "etl_api_backpressure_total",
+        help: "Answers of the analytics API that asked to slow down (429, 503, timeouts), by reason.",
+        labels: [RETRY_REASON],
+    }
     // The state gauges, set at scrape time from PostgreSQL and the broker
     // (`Metrics::refresh_state`).
     /// Seconds since each entity's watermark.
@@ -321,6 +347,17 @@ impl Metrics {
             ))
             .expect("unique metric");
         m
+    }
+
+    /// A worker's gate to the analytics API: its limit, requests in flight and the RTT
+    /// (`None`: none observed yet).
+    pub fn api_gate(&self, limit: usize, in_flight: usize, rtt: Option<f64>) {
+        self.api_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.api_in_flight
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        if let Some(rtt) = rtt {
+            self.api_rtt.set(rtt);
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -438,6 +475,14 @@ impl Family for IntGauge {
     fn from_row(row: &Def) -> prometheus::Result<Self> {
         unlabelled(row)?;
         IntGauge::with_opts(opts(row))
+    }
+    fn create(&self, _: &[&str]) {}
+}
+
+impl Family for Gauge {
+    fn from_row(row: &Def) -> prometheus::Result<Self> {
+        unlabelled(row)?;
+        Gauge::with_opts(opts(row))
     }
     fn create(&self, _: &[&str]) {}
 }

@@ -241,6 +241,18 @@ fn each_event_updates_exactly_its_metric() {
             ]),
         ),
         (
+            vec![
+                Event::ApiBackpressure { status: Some(429) },
+                Event::ApiBackpressure { status: Some(503) },
+                Event::ApiBackpressure { status: None },
+            ],
+            expect(&[
+                ("etl_api_backpressure_total{reason=\"status_429\"}", 1.0),
+                ("etl_api_backpressure_total{reason=\"status_5xx\"}", 1.0),
+                ("etl_api_backpressure_total{reason=\"network\"}", 1.0),
+            ]),
+        ),
+        (
             vec![Event::RecordsPlanned {
                 entity: EntityKind::Officer,
                 records: 7,

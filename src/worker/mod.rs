@@ -12,9 +12,11 @@
 //!
 //! The files: [`chunk`] (a chunk job processed: read, loaded, sent), [`settle`] (the
 //! API's answer settled, retried as a settle), [`handle`] (a message turned into a
-//! [`crate::queue::Disposition`], panics contained), [`run`] (the loop over a consumer).
+//! [`crate::queue::Disposition`], panics contained), [`run`] (the loop over a consumer),
+//! [`fleet`] (the heartbeat, the share of the fleet-wide cap, the API's shared pause).
 
 mod chunk;
+pub mod fleet;
 mod handle;
 mod run;
 mod settle;

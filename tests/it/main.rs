@@ -1,6 +1,7 @@
 //! Integration tests: real PostgreSQL, real RabbitMQ, the stub API on a loopback port.
 //! Every test owns its database and its queue names, so they run in parallel.
 
+mod adaptive;
 mod books;
 mod check;
 mod cli;
