@@ -27,6 +27,7 @@ fn records(first: i64, n: i64) -> Vec<Record> {
         .map(|id| Record {
             id,
             fingerprint: uuid::Uuid::from_u128(id as u128),
+            changed_at: None,
             json: loansync::domain::RecordJson::encode(&serde_json::json!({"id": id})).unwrap(),
         })
         .collect()
