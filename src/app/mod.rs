@@ -99,10 +99,17 @@ pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> Result<WorkerC
     let gate = crate::sink::gate::Gate::new(
         crate::sink::gate::GateSettings {
             mode: settings.concurrency.mode,
-            initial: usize::from(settings.worker_concurrency),
+            // Adaptive: from 1, as Vector's controller, up by the API's answers.
+            initial: match settings.concurrency.mode {
+                crate::sink::gate::ConcurrencyMode::Fixed => {
+                    usize::from(settings.worker_concurrency)
+                }
+                crate::sink::gate::ConcurrencyMode::Adaptive => 1,
+            },
             max: usize::from(settings.concurrency.max),
             max_pause: api.retry.max_interval,
             burst_pause: api.retry.initial,
+            fleet_cap: settings.concurrency.fleet_cap,
         },
         settings.telemetry.clone(),
     );

@@ -33,7 +33,33 @@ pub enum StatusReport {
         unsent: Vec<OldestUnsent>,
         /// The live workers' limits on requests to the analytics API, and its RTT.
         workers: Vec<LiveWorker>,
+        /// The fleet's adapted limit and pause (`loansync_api_pause`).
+        board: FleetBoard,
     },
+}
+
+/// The board the workers share: the fleet's adapted limit and the API's pause.
+#[derive(Debug, Clone, Default, serde::Serialize, sqlx::FromRow)]
+pub struct FleetBoard {
+    /// Requests in flight across the adaptive workers (none: each worker's own limit).
+    pub fleet_limit: Option<i32>,
+    /// Seconds since it was last lowered (backpressure), if ever.
+    pub lowered_ago_seconds: Option<f64>,
+    /// Seconds the fleet stays paused.
+    pub paused_seconds: f64,
+}
+
+/// The board as it is now.
+pub async fn fleet_board(pool: &PgPool) -> Result<FleetBoard, sqlx::Error> {
+    let board: Option<FleetBoard> = sqlx::query_as(
+        "SELECT fleet_limit,
+                extract(epoch FROM now() - lowered_at)::float8 AS lowered_ago_seconds,
+                greatest(extract(epoch FROM paused_until - now()), 0)::float8 AS paused_seconds
+         FROM loansync_api_pause WHERE id = 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(board.unwrap_or_default())
 }
 
 /// A live worker as its last heartbeat recorded it (`loansync_worker`).
@@ -80,6 +106,7 @@ pub async fn status(
             pending: ledger::lifecycle::pending_requests(pool).await?,
             unsent: ledger::reads::oldest_unsent(pool).await?,
             workers: live_workers(pool).await?,
+            board: fleet_board(pool).await?,
         });
     };
     if syncs.is_empty() {
@@ -124,7 +151,8 @@ impl Report for StatusReport {
                 pending,
                 unsent,
                 workers,
-            } => render_recent(syncs, deleted, pending, unsent) + &render_workers(workers),
+                board,
+            } => render_recent(syncs, deleted, pending, unsent) + &render_workers(workers, board),
         }
     }
 }
@@ -245,9 +273,9 @@ fn render_recent(
 }
 
 /// The fleet's limits: the sum of what each live worker allows (its own limit within its
-/// share of the cap), requests in flight, the API's RTT (the workers' mean), then a line
-/// per worker.
-fn render_workers(workers: &[LiveWorker]) -> String {
+/// share of the fleet's total), requests in flight, the API's RTT (the workers' mean),
+/// the fleet's adapted limit and pause, then a line per worker.
+fn render_workers(workers: &[LiveWorker], board: &FleetBoard) -> String {
     if workers.is_empty() {
         return String::new();
     }
@@ -269,6 +297,20 @@ fn render_workers(workers: &[LiveWorker]) -> String {
         workers.iter().map(allowed).sum::<i32>(),
         workers.iter().map(|w| w.in_flight).sum::<i32>(),
     );
+    if let Some(limit) = board.fleet_limit {
+        out.push_str(&format!(
+            "fleet limit {limit} requests in flight (adapted to the API's backpressure{})\n",
+            board
+                .lowered_ago_seconds
+                .map_or(String::new(), |s| format!(", last lowered {s:.0} s ago"))
+        ));
+    }
+    if board.paused_seconds > 0.0 {
+        out.push_str(&format!(
+            "requests to the API paused for {:.1} s more (Retry-After)\n",
+            board.paused_seconds
+        ));
+    }
     out.push_str(&format!(
         "  {:<32}  {:<8}  {:>5}  {:>5}  {:>9}  {:>9}  {:>6}
 ",
@@ -397,6 +439,11 @@ mod tests {
                     age_seconds: 2.0,
                 },
             ],
+            board: FleetBoard {
+                fleet_limit: Some(8),
+                lowered_ago_seconds: Some(4.2),
+                paused_seconds: 0.0,
+            },
         };
         let text = report.render();
         assert!(
@@ -418,6 +465,11 @@ mod tests {
             text.contains("  w-a  ") && text.contains("adaptive"),
             "{text}"
         );
+        assert!(
+            text.contains("fleet limit 8 requests in flight (adapted to the API's backpressure, last lowered 4 s ago)"),
+            "{text}"
+        );
+        assert!(!text.contains("paused"), "{text}");
         assert!(
             text.contains("  r1 ") && text.contains("backfill"),
             "{text}"

@@ -197,7 +197,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         "4",
         1,
         256,
-        "chunks in flight per worker (its AMQP prefetch)",
+        "chunks in flight per worker (its AMQP prefetch) in fixed mode",
     ),
     var(
         "ETL_WORKER_CONCURRENCY_MODE",

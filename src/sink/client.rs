@@ -3,7 +3,7 @@
 
 use super::arc::Response;
 use super::encoder;
-use super::gate::{Gate, GateTimeout};
+use super::gate::{Ended, Gate, GateTimeout};
 use super::retry;
 use super::service::{self, Answer, Transient};
 use crate::config::ApiSettings;
@@ -371,18 +371,22 @@ impl AnalyticsClient {
                 &self.telemetry,
             )
             .await;
-            let (response, retry_after) = match &answer {
+            let ended = match &answer {
                 Err(t) if t.is_backpressure() => {
                     self.telemetry
                         .emit(Event::ApiBackpressure { status: t.status });
-                    (Response::Backpressure, t.retry_after)
+                    Ended {
+                        response: Response::Backpressure,
+                        retry_after: t.retry_after,
+                        unavailable: t.status == Some(503),
+                    }
                 }
-                Err(t) if t.status.is_none() => (Response::Other, None),
-                Ok(Answer::Failed { status: None, .. }) => (Response::Other, None),
-                _ => (Response::Answered, None),
+                Err(t) if t.status.is_none() => Ended::new(Response::Other),
+                Ok(Answer::Failed { status: None, .. }) => Ended::new(Response::Other),
+                _ => Ended::new(Response::Answered),
             };
             if let Some(permit) = permit {
-                permit.done(response, retry_after);
+                permit.done(ended);
             }
             answer
         })

@@ -240,6 +240,12 @@ metrics! {
         help: "Requests to the analytics API this worker allows in flight now (fixed, or the adaptive controller's, within its share of ANALYTICS_MAX_IN_FLIGHT).",
         labels: [],
     }
+    /// The fleet's adapted limit as this worker knows it (adaptive mode; 0: none).
+    api_fleet_limit: IntGauge {
+        name: "etl_api_fleet_limit",
+        help: "The fleet's adapted limit on requests to the analytics API in flight, as this worker last read it (adaptive mode; 0: no limit, each worker's controller alone).",
+        labels: [],
+    }
     /// The worker's requests to the analytics API in flight now.
     api_in_flight: IntGauge {
         name: "etl_api_in_flight",
@@ -351,8 +357,15 @@ impl Metrics {
 
     /// A worker's gate to the analytics API: its limit, requests in flight and the RTT
     /// (`None`: none observed yet).
-    pub fn api_gate(&self, limit: usize, in_flight: usize, rtt: Option<f64>) {
+    pub fn api_gate(
+        &self,
+        limit: usize,
+        in_flight: usize,
+        rtt: Option<f64>,
+        fleet_limit: Option<u32>,
+    ) {
         self.api_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.api_fleet_limit.set(fleet_limit.map_or(0, i64::from));
         self.api_in_flight
             .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         if let Some(rtt) = rtt {

@@ -10,7 +10,7 @@ use crate::support::wait_for;
 use loansync::config::Settings;
 use loansync::domain::{EntityKind, PlanRequest, Record, SyncType};
 use loansync::queue::amqp::Broker;
-use loansync::sink::gate::Gate;
+use loansync::sink::gate::{ConcurrencyMode, Gate, GateSettings};
 use loansync::sink::{AnalyticsClient, Batch};
 use loansync::stub_api::Faults;
 use loansync::telemetry::Telemetry;
@@ -48,6 +48,24 @@ fn worker_client(settings: &Settings, pool: &sqlx::PgPool) -> (AnalyticsClient, 
     let ctx = loansync::app::worker_context(settings, pool.clone()).unwrap();
     let gate = ctx.client.gate().unwrap().clone();
     (ctx.client, gate)
+}
+
+/// A client whose adaptive gate starts at `initial` (a worker starts at 1).
+fn adaptive_client(settings: &Settings, initial: usize) -> (AnalyticsClient, Arc<Gate>) {
+    let api = settings.api().unwrap();
+    let gate = Arc::new(Gate::new(
+        GateSettings {
+            mode: ConcurrencyMode::Adaptive,
+            initial,
+            max: initial,
+            max_pause: api.retry.max_interval,
+            burst_pause: api.retry.initial,
+            fleet_cap: None,
+        },
+        Telemetry::fresh(),
+    ));
+    let client = AnalyticsClient::new(api).unwrap().with_gate(gate.clone());
+    (client, gate)
 }
 
 /// Keeps `tasks` deliveries going through `client` until `stop`; each its own records.
@@ -240,9 +258,13 @@ async fn the_fleet_wide_cap_is_never_exceeded_by_several_worker_processes() {
         cmd.envs(fleet_env);
         workers.push(cmd.spawn().unwrap());
     }
+    // 4 among 3: one or two each, the extra one by turns.
     wait_for("three workers with their shares", DEADLINE, || async {
         let rows = live(&db.pool).await;
-        rows.len() == 3 && rows.iter().filter_map(|r| r.1).sum::<i32>() == 4
+        rows.len() == 3
+            && rows
+                .iter()
+                .all(|r| r.1.is_some_and(|s| (1..=2).contains(&s)))
     })
     .await;
     let stop = CancellationToken::new();
@@ -304,5 +326,133 @@ async fn a_worker_killed_while_holding_its_share_frees_it() {
     for mut w in workers {
         let _ = w.start_kill();
         let _ = w.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_larger_than_its_cap_takes_turns_and_loses_nothing() {
+    let db = seeded_db(small()).await;
+    let api = stub(Faults {
+        latency_ms: 20,
+        ..Faults::default()
+    })
+    .await;
+    let settings = Arc::new(settings_for(&db, &api.url(), &[]));
+    // Four workers, two requests in flight for the whole fleet: at any instant two
+    // workers hold a request slot and two hold none. A worker whose share stayed 0 would
+    // keep its chunks until their deadline (20 s) and fail them.
+    let fleet_env = [
+        ("ANALYTICS_MAX_IN_FLIGHT", "2"),
+        ("ETL_WORKER_CONCURRENCY", "2"),
+        ("ETL_WORKER_HEARTBEAT_SECS", "1"),
+        ("ETL_RETRY_MAX_ELAPSED_SECS", "20"),
+    ];
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let mut cmd = worker_process(&db, &settings, &api.url());
+        cmd.envs(fleet_env);
+        workers.push(cmd.spawn().unwrap());
+    }
+    wait_for("four workers live", DEADLINE, || async {
+        live(&db.pool).await.len() == 4
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let planner = tokio::spawn(loansync::app::run_planner(
+        db.pool.clone(),
+        settings.clone(),
+        Arc::new(AtomicBool::new(false)),
+        stop.clone(),
+    ));
+    trigger_full(&settings).await;
+    let history = wait_syncs_finished(&db.pool, 1).await;
+    assert_eq!(
+        history[0].status, "completed",
+        "every chunk was sent in time: {:?}",
+        history[0]
+    );
+    let received = api.received();
+    assert!(
+        received.max_in_flight <= 2,
+        "the fleet had {} requests in flight; the cap is 2",
+        received.max_in_flight
+    );
+    assert_delivered_all(&received, &expected_full(&db.pool).await);
+    assert_books_balance(&db.pool).await;
+    stop.cancel();
+    planner.await.unwrap().unwrap();
+    for mut w in workers {
+        let _ = w.start_kill();
+        let _ = w.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_adaptive_workers_429_lowers_every_workers_share_without_a_pause() {
+    let db = crate::harness::TestApp::migrated().await;
+    let api = stub(Faults::default()).await;
+    let settings = settings_for(
+        &db,
+        &api.url(),
+        &[
+            ("ETL_WORKER_CONCURRENCY_MODE", "adaptive"),
+            ("ETL_WORKER_CONCURRENCY", "8"),
+            ("ETL_WORKER_MAX_CONCURRENCY", "8"),
+            ("ETL_RETRY_MAX_ELAPSED_SECS", "20"),
+            ("ETL_WORKER_HEARTBEAT_SECS", "1"),
+        ],
+    );
+    // Two adaptive workers of one fleet, each its gate and heartbeat, one board; their
+    // controllers have reached 8 each.
+    let (a, gate_a) = adaptive_client(&settings, 8);
+    let (b, gate_b) = adaptive_client(&settings, 8);
+    let beating = CancellationToken::new();
+    let mut heartbeats = Vec::new();
+    for gate in [&gate_a, &gate_b] {
+        let fleet = Fleet::new(db.pool.clone(), gate.clone(), settings.concurrency.clone());
+        gate.set_board(fleet.clone());
+        heartbeats.push(tokio::spawn(fleet.run(beating.clone())));
+    }
+    wait_for("two workers live", DEADLINE, || async {
+        live(&db.pool).await.len() == 2
+    })
+    .await;
+    // No fleet limit yet: each worker its own limit, whatever its heartbeats say.
+    b.deliver(&batch(&records(1, 5), 1)).await.unwrap();
+    assert_eq!(gate_b.fleet_limit().limit, None);
+    assert_eq!(gate_b.limit(), 8);
+    // A's first request is answered 429.
+    api.set_faults(Faults {
+        fail_next: 1,
+        fail_next_status: 429,
+        retry_after_secs: 1,
+        ..Faults::default()
+    });
+    let a_report = a.deliver(&batch(&records(100, 5), 2)).await.unwrap();
+    assert_eq!(a_report.succeeded.len(), 5);
+    assert_eq!(api.received().status_count(429), 1);
+    // The board: from what the two allowed together (16) to 14; no pause.
+    let (limit, generation, paused): (Option<i32>, i64, bool) = sqlx::query_as(
+        "SELECT fleet_limit, limit_generation, paused_until > now() FROM loansync_api_pause",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((limit, generation, paused), (Some(14), 1, false));
+    // B, which saw no 429, takes its share of 14 at its next read of the board, once its
+    // heartbeats of the last 1.5 periods (1 s) all see two live workers.
+    wait_for(
+        "B to take its share of the fleet's limit",
+        DEADLINE,
+        || async {
+            b.deliver(&batch(&records(200, 5), 3)).await.unwrap();
+            gate_b.fleet_limit().limit == Some(14) && gate_b.limit() == 7
+        },
+    )
+    .await;
+    assert_eq!(gate_a.limit(), 7, "A's share of 14 among 2");
+    beating.cancel();
+    for h in heartbeats {
+        h.await.unwrap();
     }
 }
