@@ -6,7 +6,10 @@
 //! poison); SIGKILLs of planners and workers at random moments and at fault points;
 //! source changes (saves, updates behind `date_modified`, inserts, deletes, long
 //! transactions that read first and write `now()` later); API faults (5xx, 429 with
-//! `Retry-After`, dropped connections, NUL in its text, rejections, slow answers).
+//! `Retry-After`, dropped connections, NUL in its text, rejections, slow answers, a
+//! capacity with 429s beyond it). Each schedule draws its workers' concurrency: fixed or
+//! adaptive (the fleet's limit on the board, shares in turns), with or without a
+//! fleet-wide cap of 4.
 //!
 //! Then it quiesces (faults off, every process up and unarmed, no request pending, no
 //! sync active), runs one sweep, and checks the invariants:
@@ -45,6 +48,9 @@ struct Figures {
     source_changes: u32,
     long_transactions: u32,
     fault_changes: u32,
+    /// Schedules whose workers ran adaptive, and with `ANALYTICS_MAX_IN_FLIGHT`.
+    adaptive: u32,
+    capped: u32,
     syncs: i64,
     violations: Vec<String>,
 }
@@ -61,6 +67,8 @@ impl Figures {
         self.source_changes += o.source_changes;
         self.long_transactions += o.long_transactions;
         self.fault_changes += o.fault_changes;
+        self.adaptive += o.adaptive;
+        self.capped += o.capped;
         self.syncs += o.syncs;
         self.violations.extend(o.violations.iter().cloned());
     }
@@ -68,8 +76,8 @@ impl Figures {
     fn line(&self) -> String {
         format!(
             "steps {}, requests {} (anonymous {}, repeated {}, poison {}), kills {} + {} at fault \
-             points, source changes {} (long transactions {}), API fault changes {}, syncs {}, \
-             violations {}",
+             points, source changes {} (long transactions {}), API fault changes {}, schedules \
+             with adaptive workers {} and with a fleet-wide cap {}, syncs {}, violations {}",
             self.steps,
             self.requests,
             self.anonymous,
@@ -80,6 +88,8 @@ impl Figures {
             self.source_changes,
             self.long_transactions,
             self.fault_changes,
+            self.adaptive,
+            self.capped,
             self.syncs,
             self.violations.len()
         )
@@ -117,6 +127,8 @@ struct Fleet<'a> {
     settings: Arc<Settings>,
     api_url: String,
     procs: Vec<Proc>,
+    /// The workers' concurrency settings of this schedule.
+    worker_env: Vec<(&'static str, &'static str)>,
 }
 
 impl Fleet<'_> {
@@ -136,6 +148,9 @@ impl Fleet<'_> {
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
+        if role == Role::Worker {
+            cmd.envs(self.worker_env.iter().copied());
+        }
         if let Some(f) = failpoint {
             cmd.env(loansync::failpoints::ENV, f);
         }
@@ -464,6 +479,16 @@ fn random_faults(rng: &mut fastrand::Rng) -> (Faults, &'static str) {
             },
             "slow",
         ),
+        5 => (
+            Faults {
+                capacity: 3,
+                latency_ms: 20,
+                retry_after_secs: 1,
+                seed,
+                ..Faults::default()
+            },
+            "capacity 3 (429 + Retry-After beyond)",
+        ),
         _ => (Faults::default(), "none"),
     }
 }
@@ -485,11 +510,25 @@ async fn schedule(seed: u64, steps: u32) -> Figures {
         .await
         .expect("broker");
     let pool = db.pool.clone();
+    // The workers' concurrency: fixed or adaptive (the fleet's limit on the board, shares
+    // in turns), with or without a fleet-wide cap; heartbeats every second.
+    let mut worker_env = vec![("ETL_WORKER_HEARTBEAT_SECS", "1")];
+    let mode = rng.u32(..4);
+    if mode % 2 == 1 {
+        worker_env.push(("ETL_WORKER_CONCURRENCY_MODE", "adaptive"));
+        worker_env.push(("ETL_WORKER_MAX_CONCURRENCY", "6"));
+        f.adaptive += 1;
+    }
+    if mode >= 2 {
+        worker_env.push(("ANALYTICS_MAX_IN_FLIGHT", "4"));
+        f.capped += 1;
+    }
     let mut fleet = Fleet {
         db: &db,
         settings: settings.clone(),
         api_url: stub.url(),
         procs: Vec::new(),
+        worker_env,
     };
     for role in [
         Role::Planner,
