@@ -28,6 +28,7 @@ impl InFlight {
         let now = s.in_flight;
         let max = &mut s.received.max_in_flight;
         *max = (*max).max(now);
+        s.received.first_arrival.get_or_insert_with(unix_now);
         InFlight {
             state: state.clone(),
         }
@@ -36,8 +37,17 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        lock(&self.state).in_flight -= 1;
+        let mut s = lock(&self.state);
+        s.in_flight -= 1;
+        s.received.last_answer = Some(unix_now());
     }
+}
+
+/// Now, in Unix seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// A request being served (it holds one slot of the capacity).

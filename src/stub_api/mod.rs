@@ -109,6 +109,10 @@ pub struct Received {
     /// The most requests the stub had in its handler at once (every request counted from
     /// its arrival to its answer, refused ones too): what a client-side cap bounds.
     pub max_in_flight: usize,
+    /// When the first request arrived and the last one was answered (Unix seconds): the
+    /// time the API had work.
+    pub first_arrival: Option<f64>,
+    pub last_answer: Option<f64>,
     /// Requests answered 429 because `capacity` requests were being served.
     pub over_capacity: u64,
     /// Requests answered 429 by the rate limit.
@@ -377,6 +381,8 @@ async fn stats(State(state): State<AppState>) -> axum::Json<Value> {
         "gzip_requests": s.received.gzip_requests,
         "in_flight": s.in_flight,
         "max_in_flight": s.received.max_in_flight,
+        "first_arrival": s.received.first_arrival,
+        "last_answer": s.received.last_answer,
         "over_capacity": s.received.over_capacity,
         "rate_limited": s.received.rate_limited,
         "faults": s.faults,
