@@ -25,6 +25,7 @@ pub const POINTS: &[&str] = &[
     "planner::totals_before_commit",
     "planner::before_publish",
     "planner::before_mark_published",
+    "worker::received",
     "worker::chunk_started",
     "worker::after_post",
     "ledger::settle::before_commit",

@@ -134,6 +134,12 @@ pub trait Delivery: Send {
     /// The message as published (a JSON document).
     fn body(&self) -> &[u8];
 
+    /// How often the queue delivered this message before without it being settled
+    /// (RabbitMQ's `x-delivery-count`: its consumers died or requeued it).
+    fn returned(&self) -> u32 {
+        0
+    }
+
     /// Settles the message as `disposition` says. One that goes back (requeued,
     /// republished, replaced) waits [`REQUEUE_PAUSE`] or the consumer's own pause first.
     async fn settle(self: Box<Self>, disposition: Disposition) -> Result<(), QueueError>;

@@ -29,6 +29,10 @@ pub enum Requeue<'a> {
     SettleDeferred { error: &'a dyn Display },
     /// The database or another dependency failed; it answers.
     Transient { error: &'a dyn Display },
+    /// The broker delivered it `returned` times without it being settled (its workers
+    /// died holding it): it goes back as a fresh copy before the broker's own limit
+    /// drops it unsettled.
+    Renewed { returned: u32 },
     /// The chunk cannot succeed (`code`, `reason`), but settling it as failed failed.
     NotSettled {
         code: &'a str,
@@ -253,6 +257,9 @@ impl Event<'_> {
                     }
                     Requeue::SettleDeferred { error } => {
                         tracing::warn!(target: WORKER, error = %format!("{error:#}"), "the API answered but the settle kept failing: the answer goes back to the queue and is settled later, nothing is sent again");
+                    }
+                    Requeue::Renewed { returned } => {
+                        tracing::warn!(target: WORKER, returned, "a chunk job the broker delivered this often without it being settled (its workers died holding it) goes back as a fresh copy, before the broker's delivery limit drops it");
                     }
                     Requeue::NotSettled {
                         code,

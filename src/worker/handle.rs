@@ -10,6 +10,33 @@ use crate::telemetry::{Event, Metrics, Requeue};
 use std::time::Instant;
 use tracing::Instrument;
 
+/// [`handle_message`] for a message the queue delivered `returned` times before.
+///
+/// RabbitMQ drops a message returned more than `ETL_DELIVERY_LIMIT` + 2 times (dead-
+/// lettered by the broker, not by loansync), which leaves its chunk unsettled in the
+/// ledger and its sync running for good. A chunk job is returned without its attempt
+/// being counted when a worker dies after receiving it and before starting it, or while
+/// it waits for a request slot behind others; workers killed over and over (a crash loop
+/// on another chunk, a node draining) can so spend an innocent chunk's deliveries. At
+/// `ETL_DELIVERY_LIMIT` returns the job goes back as a fresh copy before any work
+/// (counted `requeued`), so only the ledger's attempt count, which counts the starts,
+/// ever gives up on a chunk.
+pub async fn handle_delivery(ctx: &WorkerContext, body: &[u8], returned: u32) -> Disposition {
+    if returned >= ctx.delivery_limit
+        && let Ok(message) = WorkerMessage::parse(body)
+    {
+        ctx.telemetry.emit(Event::ChunkRequeued {
+            entity: message.chunk().entity,
+            cause: Requeue::Renewed { returned },
+            seconds: 0.0,
+        });
+        return Disposition::Republish;
+    }
+    // Received, not started: a death here returns the job without counting an attempt.
+    fail::fail_point!("worker::received");
+    handle_message(ctx, body).await
+}
+
 /// Parses and processes one message body, and says what to do with the message.
 pub async fn handle_message(ctx: &WorkerContext, body: &[u8]) -> Disposition {
     let message = match WorkerMessage::parse(body) {

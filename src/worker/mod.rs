@@ -22,7 +22,7 @@ mod run;
 mod settle;
 
 pub use chunk::{fail_chunk, is_permanent, process_chunk, process_settle};
-pub use handle::{contain_panic, handle_message};
+pub use handle::{contain_panic, handle_delivery, handle_message};
 pub use run::{run, run_amqp, run_memory};
 
 use crate::domain::SettleJob;

@@ -2,7 +2,7 @@
 //! queue's ([`run_memory`]).
 
 use super::WorkerContext;
-use super::handle::handle_message;
+use super::handle::handle_delivery;
 use crate::queue::amqp::Broker;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::{Consumer, QueueError, REQUEUE_PAUSE};
@@ -39,7 +39,7 @@ pub async fn run(
                     Some(Ok(delivery)) => {
                         let ctx = ctx.clone();
                         in_flight.spawn(async move {
-                            let disposition = handle_message(&ctx, delivery.body()).await;
+                            let disposition = handle_delivery(&ctx, delivery.body(), delivery.returned()).await;
                             if let Err(e) = delivery.settle(disposition).await {
                                 tracing::warn!(error = %format!("{e:#}"), "could not settle a delivery: the broker will redeliver it");
                             }

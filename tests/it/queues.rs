@@ -5,7 +5,7 @@
 use crate::harness::TestApp;
 use crate::harness::{
     InProcess, assert_books_balance, assert_delivered_all, expected_full, seeded_db, settings_for,
-    small, stub, wait_syncs_finished,
+    small, stub, wait_syncs_finished, worker_process,
 };
 use crate::support::{amqp_url, wait_for};
 use loansync::app::connect_broker_with;
@@ -348,4 +348,54 @@ async fn a_dead_letter_no_queue_takes_is_an_error_and_its_message_stays() {
     )
     .await;
     broker.close().await;
+}
+
+/// A worker that dies after receiving a chunk job and before starting it returns the job
+/// without an attempt counted in the ledger, and RabbitMQ drops a message returned more
+/// than `ETL_DELIVERY_LIMIT` + 2 times, which would leave its chunk unsettled and its
+/// sync running for good. At `ETL_DELIVERY_LIMIT` returns a worker puts the job back as a
+/// fresh copy first: seven workers dying at receipt one after the other lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunk_jobs_whose_workers_die_before_starting_them_are_never_dropped_by_the_broker() {
+    let db = seeded_db(small()).await;
+    let stub = stub(Faults::default()).await;
+    let settings = Arc::new(settings_for(
+        &db,
+        &stub.url(),
+        &[("ETL_DELIVERY_LIMIT", "2")],
+    ));
+    let broker = connect_broker_with(&settings, BrokerHealth::default())
+        .await
+        .unwrap();
+    let t = broker.topology.clone();
+    let PlanOutcome::Planned { .. } = planner::plan_sync(&db.pool, &settings, &full(), &broker)
+        .await
+        .unwrap()
+    else {
+        panic!("not planned")
+    };
+    let jobs = broker.queue_depth(&t.chunks).await.unwrap();
+    for _ in 0..7 {
+        let mut worker = worker_process(&db, &settings, &stub.url());
+        worker
+            .env("ETL_DELIVERY_LIMIT", "2")
+            .env(loansync::failpoints::ENV, "worker::received=kill");
+        let died = tokio::time::timeout(Duration::from_secs(60), async {
+            worker.spawn().unwrap().wait().await.unwrap()
+        })
+        .await
+        .expect("the armed worker dies at its first chunk job");
+        assert!(!died.success());
+    }
+    assert_eq!(
+        broker.queue_depth(&t.dead).await.unwrap(),
+        0,
+        "no chunk job dropped by the broker"
+    );
+    assert_eq!(broker.queue_depth(&t.chunks).await.unwrap(), jobs);
+    let _running = InProcess::start(&db, &settings).await;
+    let h = wait_syncs_finished(&db.pool, 1).await;
+    assert_eq!(h[0].status, "completed", "{:?}", h[0].error_message);
+    assert_delivered_all(&stub.received(), &expected_full(&db.pool).await);
+    assert_books_balance(&db.pool).await;
 }

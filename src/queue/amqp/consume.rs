@@ -98,6 +98,27 @@ impl RawDelivery {
         &self.inner.data
     }
 
+    /// How often RabbitMQ delivered this message before (`x-delivery-count`, which a
+    /// quorum queue sets on a message returned to it; absent on a first delivery).
+    pub fn returned(&self) -> u32 {
+        let count = self
+            .inner
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned());
+        match count {
+            Some(AMQPValue::LongLongInt(n)) => u32::try_from(n).unwrap_or(0),
+            Some(AMQPValue::LongInt(n)) => u32::try_from(n).unwrap_or(0),
+            Some(AMQPValue::ShortInt(n)) => u32::try_from(n).unwrap_or(0),
+            Some(AMQPValue::LongUInt(n)) => n,
+            Some(AMQPValue::ShortUInt(n)) => u32::from(n),
+            Some(AMQPValue::ShortShortInt(n)) => u32::try_from(n).unwrap_or(0),
+            Some(AMQPValue::ShortShortUInt(n)) => u32::from(n),
+            _ => 0,
+        }
+    }
+
     /// A string header of the message (`x-loansync-reason` on a dead letter, say).
     pub fn header(&self, name: &str) -> Option<String> {
         match self
@@ -219,6 +240,10 @@ struct BrokerDelivery {
 impl crate::queue::Delivery for BrokerDelivery {
     fn body(&self) -> &[u8] {
         self.raw.body()
+    }
+
+    fn returned(&self) -> u32 {
+        self.raw.returned()
     }
 
     async fn settle(self: Box<Self>, disposition: Disposition) -> Result<(), QueueError> {
