@@ -236,6 +236,51 @@ async fn live(pool: &sqlx::PgPool) -> Vec<(String, Option<i32>)> {
     .unwrap()
 }
 
+/// `n` worker processes with `env` on the test's database, queues and stub.
+fn spawn_workers(
+    db: &crate::support::TestDb,
+    settings: &Settings,
+    api_url: &str,
+    n: usize,
+    env: &[(&str, &str)],
+) -> Vec<tokio::process::Child> {
+    (0..n)
+        .map(|_| {
+            let mut cmd = worker_process(db, settings, api_url);
+            cmd.envs(env.iter().copied());
+            cmd.spawn().unwrap()
+        })
+        .collect()
+}
+
+/// One full sync by an in-process planner and `workers`, which are then killed: the
+/// sync's history row, books checked balanced and every record delivered.
+async fn full_sync_by(
+    db: &crate::support::TestDb,
+    settings: &Arc<Settings>,
+    api: &loansync::stub_api::StubHandle,
+    workers: Vec<tokio::process::Child>,
+) -> crate::harness::History {
+    let stop = CancellationToken::new();
+    let planner = tokio::spawn(loansync::app::run_planner(
+        db.pool.clone(),
+        settings.clone(),
+        Arc::new(AtomicBool::new(false)),
+        stop.clone(),
+    ));
+    trigger_full(settings).await;
+    let mut history = wait_syncs_finished(&db.pool, 1).await;
+    assert_delivered_all(&api.received(), &expected_full(&db.pool).await);
+    assert_books_balance(&db.pool).await;
+    stop.cancel();
+    planner.await.unwrap().unwrap();
+    for mut w in workers {
+        let _ = w.start_kill();
+        let _ = w.wait().await;
+    }
+    history.swap_remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fleet_wide_cap_is_never_exceeded_by_several_worker_processes() {
     let db = seeded_db(small()).await;
@@ -246,19 +291,19 @@ async fn the_fleet_wide_cap_is_never_exceeded_by_several_worker_processes() {
     })
     .await;
     let settings = Arc::new(settings_for(&db, &api.url(), &[]));
-    let fleet_env = [
-        ("ETL_WORKER_CONCURRENCY_MODE", "adaptive"),
-        ("ETL_WORKER_MAX_CONCURRENCY", "8"),
-        ("ANALYTICS_MAX_IN_FLIGHT", "4"),
-        ("ETL_WORKER_HEARTBEAT_SECS", "1"),
-    ];
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        let mut cmd = worker_process(&db, &settings, &api.url());
-        cmd.envs(fleet_env);
-        workers.push(cmd.spawn().unwrap());
-    }
-    // 4 among 3: one or two each, the extra one by turns.
+    let workers = spawn_workers(
+        &db,
+        &settings,
+        &api.url(),
+        3,
+        &[
+            ("ETL_WORKER_CONCURRENCY_MODE", "adaptive"),
+            ("ETL_WORKER_MAX_CONCURRENCY", "8"),
+            ("ANALYTICS_MAX_IN_FLIGHT", "4"),
+            ("ETL_WORKER_HEARTBEAT_SECS", "1"),
+        ],
+    );
+    // 4 among 3: one or two each, the extra one with the first.
     wait_for("three workers with their shares", DEADLINE, || async {
         let rows = live(&db.pool).await;
         rows.len() == 3
@@ -267,16 +312,8 @@ async fn the_fleet_wide_cap_is_never_exceeded_by_several_worker_processes() {
                 .all(|r| r.1.is_some_and(|s| (1..=2).contains(&s)))
     })
     .await;
-    let stop = CancellationToken::new();
-    let planner = tokio::spawn(loansync::app::run_planner(
-        db.pool.clone(),
-        settings.clone(),
-        Arc::new(AtomicBool::new(false)),
-        stop.clone(),
-    ));
-    trigger_full(&settings).await;
-    let history = wait_syncs_finished(&db.pool, 1).await;
-    assert_eq!(history[0].status, "completed");
+    let sync = full_sync_by(&db, &settings, &api, workers).await;
+    assert_eq!(sync.status, "completed");
     let received = api.received();
     assert!(
         received.max_in_flight <= 4,
@@ -284,14 +321,6 @@ async fn the_fleet_wide_cap_is_never_exceeded_by_several_worker_processes() {
         received.max_in_flight
     );
     assert!(received.max_in_flight >= 2, "the workers sent in parallel");
-    assert_delivered_all(&received, &expected_full(&db.pool).await);
-    assert_books_balance(&db.pool).await;
-    stop.cancel();
-    planner.await.unwrap().unwrap();
-    for mut w in workers {
-        let _ = w.start_kill();
-        let _ = w.wait().await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -341,35 +370,26 @@ async fn a_fleet_larger_than_its_cap_takes_turns_and_loses_nothing() {
     // Four workers, two requests in flight for the whole fleet: at any instant two
     // workers hold a request slot and two hold none. A worker whose share stayed 0 would
     // keep its chunks until their deadline (20 s) and fail them.
-    let fleet_env = [
-        ("ANALYTICS_MAX_IN_FLIGHT", "2"),
-        ("ETL_WORKER_CONCURRENCY", "2"),
-        ("ETL_WORKER_HEARTBEAT_SECS", "1"),
-        ("ETL_RETRY_MAX_ELAPSED_SECS", "20"),
-    ];
-    let mut workers = Vec::new();
-    for _ in 0..4 {
-        let mut cmd = worker_process(&db, &settings, &api.url());
-        cmd.envs(fleet_env);
-        workers.push(cmd.spawn().unwrap());
-    }
+    let workers = spawn_workers(
+        &db,
+        &settings,
+        &api.url(),
+        4,
+        &[
+            ("ANALYTICS_MAX_IN_FLIGHT", "2"),
+            ("ETL_WORKER_CONCURRENCY", "2"),
+            ("ETL_WORKER_HEARTBEAT_SECS", "1"),
+            ("ETL_RETRY_MAX_ELAPSED_SECS", "20"),
+        ],
+    );
     wait_for("four workers live", DEADLINE, || async {
         live(&db.pool).await.len() == 4
     })
     .await;
-    let stop = CancellationToken::new();
-    let planner = tokio::spawn(loansync::app::run_planner(
-        db.pool.clone(),
-        settings.clone(),
-        Arc::new(AtomicBool::new(false)),
-        stop.clone(),
-    ));
-    trigger_full(&settings).await;
-    let history = wait_syncs_finished(&db.pool, 1).await;
+    let sync = full_sync_by(&db, &settings, &api, workers).await;
     assert_eq!(
-        history[0].status, "completed",
-        "every chunk was sent in time: {:?}",
-        history[0]
+        sync.status, "completed",
+        "every chunk was sent in time: {sync:?}"
     );
     let received = api.received();
     assert!(
@@ -377,14 +397,6 @@ async fn a_fleet_larger_than_its_cap_takes_turns_and_loses_nothing() {
         "the fleet had {} requests in flight; the cap is 2",
         received.max_in_flight
     );
-    assert_delivered_all(&received, &expected_full(&db.pool).await);
-    assert_books_balance(&db.pool).await;
-    stop.cancel();
-    planner.await.unwrap().unwrap();
-    for mut w in workers {
-        let _ = w.start_kill();
-        let _ = w.wait().await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
