@@ -119,6 +119,7 @@ pub fn worker_context(settings: &Settings, pool: sqlx::PgPool) -> Result<WorkerC
             .with_telemetry(settings.telemetry.clone())
             .with_gate(std::sync::Arc::new(gate)),
         delivery_limit: settings.delivery_limit,
+        renew_at: std::sync::atomic::AtomicU32::new(settings.delivery_limit),
         db_outage_wait: settings.db_outage_wait,
         telemetry: settings.telemetry.clone(),
         upsert: crate::ledger::settle::FingerprintUpsert::adaptive(),

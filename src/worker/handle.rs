@@ -14,7 +14,9 @@ use tracing::Instrument;
 ///
 /// RabbitMQ drops a message returned more than `ETL_DELIVERY_LIMIT` + 2 times (dead-
 /// lettered by the broker, not by loansync), which leaves its chunk unsettled in the
-/// ledger and its sync running for good. A chunk job is returned without its attempt
+/// ledger and its sync running for good (and a queue made with another setting keeps
+/// its own limit, lower perhaps: see `WorkerContext::renew_at`). A chunk job is returned
+/// without its attempt
 /// being counted when a worker dies after receiving it and before starting it, or while
 /// it waits for a request slot behind others; workers killed over and over (a crash loop
 /// on another chunk, a node draining) can so spend an innocent chunk's deliveries. At
@@ -22,7 +24,7 @@ use tracing::Instrument;
 /// (counted `requeued`), so only the ledger's attempt count, which counts the starts,
 /// ever gives up on a chunk.
 pub async fn handle_delivery(ctx: &WorkerContext, body: &[u8], returned: u32) -> Disposition {
-    if returned >= ctx.delivery_limit
+    if returned >= ctx.renew_at.load(std::sync::atomic::Ordering::Relaxed)
         && let Ok(message) = WorkerMessage::parse(body)
     {
         ctx.telemetry.emit(Event::ChunkRequeued {

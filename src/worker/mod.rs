@@ -40,6 +40,10 @@ pub struct WorkerContext {
     pub client: AnalyticsClient,
     /// Starts of one chunk after which it is settled as failed and dead-lettered.
     pub delivery_limit: u32,
+    /// Returns of a job after which it goes back as a fresh copy before any work
+    /// ([`handle_delivery`]): `delivery_limit`, or less when the chunk queue's own
+    /// `x-delivery-limit` (made with another setting) would drop it sooner.
+    pub renew_at: std::sync::atomic::AtomicU32,
     /// How long a chunk is held while PostgreSQL is unreachable before it goes back to
     /// the queue (see [`crate::db::through_outage`]); also how long a settle after a
     /// successful POST is retried before it goes back as a settle job.

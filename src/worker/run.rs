@@ -90,6 +90,18 @@ pub async fn run_amqp(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), QueueError> {
     let queue = broker.topology.chunks.clone();
+    // The queue's own delivery limit, when it was made with another setting: a job is
+    // renewed two returns before that one drops it, if that comes first.
+    let queue_limit = broker
+        .argument_mismatches()
+        .iter()
+        .find(|m| m.queue == queue && m.argument == "x-delivery-limit")
+        .and_then(|m| m.broker.parse::<u32>().ok());
+    let renew_at = queue_limit.map_or(ctx.delivery_limit, |limit| {
+        ctx.delivery_limit.min(limit.saturating_sub(2)).max(1)
+    });
+    ctx.renew_at
+        .store(renew_at, std::sync::atomic::Ordering::Relaxed);
     let tag = format!("loansync-worker-{}", uuid::Uuid::new_v4().simple());
     let mut consumer = broker
         .consumer(&queue, concurrency, &tag, REQUEUE_PAUSE)

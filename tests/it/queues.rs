@@ -352,9 +352,12 @@ async fn a_dead_letter_no_queue_takes_is_an_error_and_its_message_stays() {
 
 /// A worker that dies after receiving a chunk job and before starting it returns the job
 /// without an attempt counted in the ledger, and RabbitMQ drops a message returned more
-/// than `ETL_DELIVERY_LIMIT` + 2 times, which would leave its chunk unsettled and its
-/// sync running for good. At `ETL_DELIVERY_LIMIT` returns a worker puts the job back as a
-/// fresh copy first: seven workers dying at receipt one after the other lose nothing.
+/// than its queue's `x-delivery-limit` times (`ETL_DELIVERY_LIMIT` + 2 when the queue was
+/// made), which would leave its chunk unsettled and its sync running for good. A worker
+/// puts the job back as a fresh copy first, at `ETL_DELIVERY_LIMIT` returns or two
+/// before the queue's own limit, whichever comes first: here the queues were made with
+/// a limit of 2 (4 on the broker) and the workers run with 20. Seven workers dying at
+/// receipt one after the other lose nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chunk_jobs_whose_workers_die_before_starting_them_are_never_dropped_by_the_broker() {
     let db = seeded_db(small()).await;
@@ -378,7 +381,7 @@ async fn chunk_jobs_whose_workers_die_before_starting_them_are_never_dropped_by_
     for _ in 0..7 {
         let mut worker = worker_process(&db, &settings, &stub.url());
         worker
-            .env("ETL_DELIVERY_LIMIT", "2")
+            .env("ETL_DELIVERY_LIMIT", "20")
             .env(loansync::failpoints::ENV, "worker::received=kill");
         let died = tokio::time::timeout(Duration::from_secs(60), async {
             worker.spawn().unwrap().wait().await.unwrap()
