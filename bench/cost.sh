@@ -2,7 +2,8 @@
 # The cost benchmark (issue 24): CPU per record of the whole system (loansync; PostgreSQL:
 # the benchmark database's backends and the writers every database shares; the stub API
 # in its own process) for a first full sync, a re-sync of unchanged records and a
-# no-change sweep, in single-process mode, against
+# no-change sweep (the first after the syncs, then again: the second reads only the buckets
+# whose digest changed), in single-process mode, against
 # PostgreSQL's own extraction of the same rows (bench/extract.sql) and its reading of the
 # rows alone, measured in the same run on this machine. With a revision, that revision is
 # built too and the builds are alternated run by run.

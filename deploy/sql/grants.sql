@@ -43,7 +43,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_sync, loansync_sync_entity, loa
     loansync_xid_clock, loansync_request TO loansync;
 GRANT SELECT ON loansync_pending_request TO loansync;
 -- The sweep's records: what was delivered (fingerprints) and what was found deleted.
-GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_delivered, loansync_deleted TO loansync;
+GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_delivered, loansync_deleted,
+    loansync_sweep_digest TO loansync;
 
 -- Adaptive concurrency: the live workers (heartbeats) and the API's fleet-wide pause.
 GRANT SELECT, INSERT, UPDATE, DELETE ON loansync_worker TO loansync;

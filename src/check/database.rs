@@ -68,6 +68,7 @@ const GRANTS: &[Grant] = &[
             "loansync_request",
             "loansync_delivered",
             "loansync_deleted",
+            "loansync_sweep_digest",
         ],
     },
     Grant {

@@ -296,7 +296,14 @@ async fn write_ledger(
         for &entity in &spec.entities {
             let window = window_of(&mut tx, settings, spec, entity, hi).await?;
             let size = i64::from(settings.chunk_sizes.for_entity(entity));
-            let (records, chunks) = plan_sweep(&mut tx, sync_id, entity, &window, size).await?;
+            let (records, chunks, buckets) =
+                plan_sweep(&mut tx, sync_id, entity, &window, size).await?;
+            settings.telemetry.emit(Event::SweepBuckets {
+                entity,
+                unchanged: buckets.unchanged,
+                clean: buckets.clean,
+                changed: buckets.changed,
+            });
             planned.push(EntityPlan {
                 entity,
                 records,

@@ -13,6 +13,7 @@
 //! database as the booleans `has_bvn` / `has_nin`.
 
 pub mod columns;
+pub mod digest;
 
 use crate::domain::{EntityKind, Record, SyncType, SyncWindow};
 use crate::transform::{self, Transformed};
@@ -125,7 +126,20 @@ pub fn statements() -> Vec<(String, &'static str)> {
         out.push((format!("sweep {e}"), sweep));
         out.push((format!("id span {e}"), id_span_sql(e)));
     }
+    for (e, sql) in digest::statements() {
+        out.push((format!("digest {e}"), sql));
+    }
     out
+}
+
+/// The statement a record of `entity` is built from (its chunk loader's).
+fn record_statement(entity: EntityKind) -> &'static str {
+    match entity {
+        EntityKind::Officer => LOAD_OFFICER,
+        EntityKind::Customer => LOAD_CUSTOMER,
+        EntityKind::Loan => LOAD_LOAN,
+        EntityKind::Repayment => LOAD_REPAYMENT,
+    }
 }
 
 /// The id-enumeration statement of an entity and sync type, and whether it takes the
@@ -191,18 +205,31 @@ pub async fn next_ids(
     after: i64,
     limit: i64,
 ) -> Result<Vec<i64>, sqlx::Error> {
+    next_ids_within(conn, entity, sync_type, window, after, limit, i64::MAX).await
+}
+
+/// [`next_ids`] of the ids up to `upto` (inclusive).
+pub async fn next_ids_within(
+    conn: &mut PgConnection,
+    entity: EntityKind,
+    sync_type: SyncType,
+    window: &SyncWindow,
+    after: i64,
+    limit: i64,
+    upto: i64,
+) -> Result<Vec<i64>, sqlx::Error> {
     if limit <= 0 {
         return Ok(Vec::new());
     }
     let (sql, windowed) = ids_sql(entity, sync_type);
     // $3 / $4 are bound (typed) whether the statement reads them or not: $5, the last id
-    // of a part of the plan, comes after them; here every id is in.
+    // of a part of the plan (or of a sweep's bucket), comes after them.
     sqlx::query_scalar::<_, i64>(sql)
         .bind(after)
         .bind(limit)
         .bind(window.lo)
         .bind(window.hi)
-        .bind(i64::MAX)
+        .bind(upto)
         .persistent(!windowed)
         .fetch_all(conn)
         .await
@@ -339,8 +366,30 @@ pub async fn sweep_page(
     after: i64,
     limit: i64,
 ) -> Result<SweepPage, sqlx::Error> {
-    let ids = next_ids(&mut *conn, entity, SyncType::Full, window, after, limit).await?;
-    compare_page(conn, entity, after, &ids, limit).await
+    sweep_page_within(conn, entity, window, after, limit, i64::MAX).await
+}
+
+/// [`sweep_page`] of the ids up to `upto` (inclusive): the page's range is `(after, upto]`
+/// when it is the last page of that range.
+pub async fn sweep_page_within(
+    conn: &mut PgConnection,
+    entity: EntityKind,
+    window: &SyncWindow,
+    after: i64,
+    limit: i64,
+    upto: i64,
+) -> Result<SweepPage, sqlx::Error> {
+    let ids = next_ids_within(
+        &mut *conn,
+        entity,
+        SyncType::Full,
+        window,
+        after,
+        limit,
+        upto,
+    )
+    .await?;
+    compare_page_within(conn, entity, after, &ids, limit, upto).await
 }
 
 /// Compares `ids`, one keyset page of a selection ([`next_ids`]: ascending, all above
@@ -356,6 +405,19 @@ pub async fn compare_page(
     ids: &[i64],
     limit: i64,
 ) -> Result<SweepPage, sqlx::Error> {
+    compare_page_within(conn, entity, after, ids, limit, i64::MAX).await
+}
+
+/// [`compare_page`] of a selection's ids up to `upto`: the last page's range is
+/// `(after, upto]`.
+pub async fn compare_page_within(
+    conn: &mut PgConnection,
+    entity: EntityKind,
+    after: i64,
+    ids: &[i64],
+    limit: i64,
+    upto: i64,
+) -> Result<SweepPage, sqlx::Error> {
     use sqlx::Row;
     let last = match ids.last() {
         Some(&last) if ids.len() as i64 >= limit => Some(last),
@@ -369,7 +431,7 @@ pub async fn compare_page(
     };
     let rows = sqlx::query(sql)
         .bind(after)
-        .bind(last.unwrap_or(i64::MAX))
+        .bind(last.unwrap_or(upto))
         .bind(entity.as_str())
         .bind(ids)
         .fetch_all(&mut *conn)

@@ -7,7 +7,9 @@
 //! ```
 
 use super::Metrics;
-use super::labels::{ChunkOutcomeLabel, HttpClass, RecordOutcome, RetryReason, SkipReason};
+use super::labels::{
+    BucketOutcome, ChunkOutcomeLabel, HttpClass, RecordOutcome, RetryReason, SkipReason,
+};
 use crate::domain::{EntityKind, SyncType};
 use crate::ledger::states::FinalStatus;
 use std::fmt::Display;
@@ -164,6 +166,14 @@ pub enum Event<'a> {
     /// The API acknowledged records of `entity` and their settle committed: each one's
     /// seconds from its source change to the acknowledgement (`etl_record_lag_seconds`).
     RecordsAcknowledged { entity: EntityKind, lags: &'a [f64] },
+    /// A sweep went through an entity's id buckets: `unchanged` skipped by their digest,
+    /// `clean` and `changed` compared record by record.
+    SweepBuckets {
+        entity: EntityKind,
+        unchanged: u64,
+        clean: u64,
+        changed: u64,
+    },
     /// The planner compared the source schema with the columns loansync reads:
     /// `differences` found (`etl_source_schema_drift`), `message` naming them.
     SourceSchemaChecked {
@@ -388,6 +398,22 @@ impl Event<'_> {
                 let h = m.record_lag.with_label_values(&[entity.as_str()]);
                 for &lag in lags {
                     h.observe(lag);
+                }
+            }
+            Event::SweepBuckets {
+                entity,
+                unchanged,
+                clean,
+                changed,
+            } => {
+                for (outcome, n) in [
+                    (BucketOutcome::Unchanged, unchanged),
+                    (BucketOutcome::Clean, clean),
+                    (BucketOutcome::Changed, changed),
+                ] {
+                    m.sweep_buckets
+                        .with_label_values(&[entity.as_str(), outcome.as_str()])
+                        .inc_by(n);
                 }
             }
             Event::SourceSchemaChecked {

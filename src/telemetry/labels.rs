@@ -176,6 +176,33 @@ impl SkipReason {
     }
 }
 
+/// What a sweep did with an id bucket (`etl_sweep_buckets_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketOutcome {
+    /// Its digest was the one stored when it was last found clean: not read.
+    Unchanged,
+    /// Compared record by record: nothing to send (its digest stored).
+    Clean,
+    /// Compared record by record: records to send, or delivered ones gone.
+    Changed,
+}
+
+impl BucketOutcome {
+    pub const ALL: [BucketOutcome; 3] = [
+        BucketOutcome::Unchanged,
+        BucketOutcome::Clean,
+        BucketOutcome::Changed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BucketOutcome::Unchanged => "unchanged",
+            BucketOutcome::Clean => "clean",
+            BucketOutcome::Changed => "changed",
+        }
+    }
+}
+
 /// The analytics API's endpoints (`endpoint` label), each once, in the order of
 /// [`crate::domain::EntityKind::ALL`]'s first use.
 pub fn endpoints() -> Vec<&'static str> {
@@ -217,6 +244,12 @@ pub const CHUNK_OUTCOME: Label = Label {
             .map(ChunkOutcomeLabel::as_str)
             .to_vec()
     }),
+};
+
+/// What a sweep did with an id bucket.
+pub const BUCKET_OUTCOME: Label = Label {
+    name: "outcome",
+    values: Some(|| BucketOutcome::ALL.map(BucketOutcome::as_str).to_vec()),
 };
 
 /// The analytics API's endpoint.

@@ -172,6 +172,13 @@ metrics! {
         labels: [SYNC_TYPE],
         buckets: [1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0],
     }
+    /// Id buckets a sweep went through, by entity and outcome (`unchanged`: skipped by
+    /// its digest; `clean` / `changed`: compared record by record).
+    sweep_buckets: IntCounterVec {
+        name: "etl_sweep_buckets_total",
+        help: "Id buckets a sweep went through, by entity and outcome (unchanged: skipped by its digest).",
+        labels: [ENTITY, BUCKET_OUTCOME],
+    }
     /// Planning messages that planned nothing, by reason (`queued`, `busy`,
     /// `duplicate`, `invalid`).
     plans_skipped: IntCounterVec {

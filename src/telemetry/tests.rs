@@ -319,6 +319,24 @@ fn each_event_updates_exactly_its_metric() {
             ]),
         ),
         (
+            vec![Event::SweepBuckets {
+                entity: e,
+                unchanged: 7,
+                clean: 2,
+                changed: 0,
+            }],
+            expect(&[
+                (
+                    "etl_sweep_buckets_total{entity=\"loan\",outcome=\"unchanged\"}",
+                    7.0,
+                ),
+                (
+                    "etl_sweep_buckets_total{entity=\"loan\",outcome=\"clean\"}",
+                    2.0,
+                ),
+            ]),
+        ),
+        (
             vec![Event::SourceSchemaChecked {
                 differences: 2,
                 message: Some("source schema drift: loans_ajoloan.amount changed type"),

@@ -29,13 +29,13 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Two login roles made for one test: loansync's least-privilege role, with exactly the
 /// grants of `deploy/sql/grants.sql`, and a Django application role that writes the
 /// source tables. Dropped after the test's database (declare it before the [`TestDb`]).
-struct Roles {
-    app: String,
+pub(crate) struct Roles {
+    pub(crate) app: String,
     django: String,
 }
 
 impl Roles {
-    fn new() -> Roles {
+    pub(crate) fn new() -> Roles {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         Roles {
             app: format!("ls_app_{}", &tag[..12]),
@@ -43,7 +43,7 @@ impl Roles {
         }
     }
 
-    async fn create(&self, db: &TestDb) {
+    pub(crate) async fn create(&self, db: &TestDb) {
         let admin = PgPool::connect(&admin_url()).await.unwrap();
         for role in [&self.app, &self.django] {
             sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN")))
@@ -70,7 +70,7 @@ impl Roles {
         .unwrap();
     }
 
-    fn url(db: &TestDb, role: &str) -> String {
+    pub(crate) fn url(db: &TestDb, role: &str) -> String {
         db.url.replacen("postgres@", &format!("{role}@"), 1)
     }
 }

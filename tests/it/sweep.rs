@@ -72,6 +72,44 @@ async fn deletes_list(db: &crate::support::TestDb, settings: &Settings, api: &st
     serde_json::from_slice(&out.stdout).expect("deletes list --json is JSON")
 }
 
+/// What the platform holds (`held`) for every id equals what a full sync sends now; the
+/// ids it holds beyond that are exactly `listed` (entity, id): the deletions listed.
+async fn assert_platform_holds_the_source(
+    db: &crate::support::TestDb,
+    held: &Received,
+    listed: &BTreeSet<(String, i64)>,
+) {
+    let fresh = stub(Faults::default()).await;
+    fresh.keep_records();
+    let fresh_settings = settings_for(db, &fresh.url(), &[]);
+    run(&db.pool, &fresh_settings, &request(SyncType::Full, false)).await;
+    let now = fresh.received();
+    for e in EntityKind::ALL {
+        let mut held = held.latest(e);
+        let now = now.latest(e);
+        assert!(!now.is_empty(), "{e}: the full sync sent records");
+        let gone: BTreeSet<i64> = held
+            .keys()
+            .filter(|id| !now.contains_key(id))
+            .copied()
+            .collect();
+        let listed_gone: BTreeSet<i64> = listed
+            .iter()
+            .filter(|(le, _)| le == e.as_str())
+            .map(|(_, id)| *id)
+            .collect();
+        assert_eq!(gone, listed_gone, "{e}: held but no longer in the source");
+        held.retain(|id, _| now.contains_key(id));
+        for (id, record) in &now {
+            assert_eq!(
+                held.get(id),
+                Some(record),
+                "{e} {id}: the platform is behind"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sweep_converges_the_platform_to_the_source_and_lists_deletions() {
     let db = seeded_db(small()).await;
@@ -256,37 +294,7 @@ async fn sweep_converges_the_platform_to_the_source_and_lists_deletions() {
     assert!(planned.values().all(|n| *n == 0), "{planned:?}");
     assert_eq!(api.received().requests(), before.requests());
 
-    // What the platform holds for every id equals what a full sync sends now; the ids
-    // it holds beyond that are exactly the deletions listed.
-    let fresh = stub(Faults::default()).await;
-    fresh.keep_records();
-    let fresh_settings = settings_for(&db, &fresh.url(), &[]);
-    run(pool, &fresh_settings, &request(SyncType::Full, false)).await;
-    let (held, now) = (api.received(), fresh.received());
-    for e in EntityKind::ALL {
-        let mut held = held.latest(e);
-        let now = now.latest(e);
-        assert!(!now.is_empty(), "{e}: the full sync sent records");
-        let gone: BTreeSet<i64> = held
-            .keys()
-            .filter(|id| !now.contains_key(id))
-            .copied()
-            .collect();
-        let listed_gone: BTreeSet<i64> = listed
-            .iter()
-            .filter(|(le, _)| le == e.as_str())
-            .map(|(_, id)| *id)
-            .collect();
-        assert_eq!(gone, listed_gone, "{e}: held but no longer in the source");
-        held.retain(|id, _| now.contains_key(id));
-        for (id, record) in &now {
-            assert_eq!(
-                held.get(id),
-                Some(record),
-                "{e} {id}: the platform is behind"
-            );
-        }
-    }
+    assert_platform_holds_the_source(&db, &api.received(), &listed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -318,6 +326,16 @@ async fn a_rejected_record_has_no_fingerprint_and_is_swept_again() {
         .await
         .unwrap();
         assert_eq!(with_fp, 0, "{e}: rejected records have no fingerprint");
+    }
+
+    // A sweep while the API still rejects them plans them again and they are rejected
+    // again (the stub keeps accepted records only): their buckets are not taken for
+    // clean (no digest stored), so the next sweep compares them again.
+    let before = api.received();
+    let (_, planned) = run(pool, &settings, &request(SyncType::Incremental, true)).await;
+    assert!(sent_since(&api.received(), &before).is_empty());
+    for (e, ids) in &rejected {
+        assert_eq!(planned.get(e).copied(), Some(ids.len() as i32), "{e}");
     }
 
     api.set_faults(Faults::default());
@@ -584,4 +602,244 @@ async fn fingerprints_are_the_values_not_the_session_s_text_of_them() {
         .map(|(b, _)| b.0)
         .collect();
     assert_eq!(changed, vec![ids[7]]);
+}
+
+/// Buckets a sweep went through, by outcome (`unchanged`, `clean`, `changed`), all
+/// entities together, as counted so far.
+fn buckets(settings: &Settings) -> [u64; 3] {
+    ["unchanged", "clean", "changed"].map(|outcome| {
+        EntityKind::ALL
+            .into_iter()
+            .map(|e| {
+                settings
+                    .telemetry
+                    .value(
+                        "etl_sweep_buckets_total",
+                        &[("entity", e.as_str()), ("outcome", outcome)],
+                    )
+                    .unwrap_or(0.0) as u64
+            })
+            .sum()
+    })
+}
+
+/// What the sweep since `before` did with the buckets: `[unchanged, clean, changed]`.
+fn buckets_since(settings: &Settings, before: [u64; 3]) -> [u64; 3] {
+    let now = buckets(settings);
+    [0, 1, 2].map(|i| now[i] - before[i])
+}
+
+/// A sweep reads only the id buckets written since a sweep last found them clean, and
+/// what it skips holds nothing to send: every change behind the timestamps below (in a
+/// row a record joins or aggregates too) is found, the buckets nothing touched are not
+/// read, and the platform ends equal to the source. Run as the least-privilege role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_reads_only_the_buckets_written_since_it_found_them_clean() {
+    let roles = crate::safety::Roles::new();
+    let db = seeded_db(small()).await;
+    roles.create(&db).await;
+    let pool = &db.pool;
+    // The repayments of the loans above 75 move to ids above 10,000: buckets of their own.
+    sqlx::query("UPDATE loans_ajoloanrepayment SET id = id + 10000 WHERE ajo_loan_id > 75")
+        .execute(pool)
+        .await
+        .unwrap();
+    let api = stub(Faults::default()).await;
+    api.keep_records();
+    let settings = settings_for(&db, &api.url(), &[]);
+    let app = loansync::db::connect_url(&crate::safety::Roles::url(&db, &roles.app), 6)
+        .await
+        .unwrap();
+    run(&app, &settings, &request(SyncType::Full, false)).await;
+
+    // The first sweep compares every bucket and finds each clean; the second reads none.
+    let start = buckets(&settings);
+    let before = api.received();
+    run(&app, &settings, &request(SyncType::Incremental, true)).await;
+    let [unchanged, all, changed] = buckets_since(&settings, start);
+    assert_eq!((unchanged, changed), (0, 0), "first sweep");
+    assert!(
+        all >= 5,
+        "a bucket per entity and two more of repayments: {all}"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM loansync_sweep_digest")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(stored as u64, all);
+    let start = buckets(&settings);
+    run(&app, &settings, &request(SyncType::Incremental, true)).await;
+    assert_eq!(buckets_since(&settings, start), [all, 0, 0], "no change");
+    assert!(sent_since(&api.received(), &before).is_empty());
+
+    // Changes no timestamp shows, each in a row other records are built from, one sweep
+    // after each: every one is found alone (so a term missing from a digest would be).
+    let (loan, agent): (i64, i64) = sqlx::query_as(
+        "SELECT id::int8, agent_id::int8 FROM loans_ajoloan \
+         WHERE is_disbursed AND id <= 75 AND agent_id IS NOT NULL ORDER BY id LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let ids = |sql: &'static str, id: i64| async move {
+        sqlx::query_scalar::<_, i64>(sql)
+            .bind(id)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    };
+    let officers = |candidates: Vec<i64>| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT id::int8 FROM accounts_customuser WHERE id = ANY($1::int8[]) AND user_type IN \
+             ('AGENT', 'STAFF_AGENT', 'PROSPER_AGENT', 'DMO_AGENT', 'AJO_AGENT', 'RECOVERY_AGENT')",
+        )
+        .bind(candidates)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    };
+    let sweep_finds = async |what: &str, must: Vec<(EntityKind, Vec<i64>)>| {
+        let start = buckets(&settings);
+        let before = api.received();
+        run(&app, &settings, &request(SyncType::Incremental, true)).await;
+        let [unchanged, clean, changed] = buckets_since(&settings, start);
+        let swept = sent_since(&api.received(), &before);
+        for (e, must) in must {
+            let got = swept.get(&e).cloned().unwrap_or_default();
+            let must: BTreeSet<i64> = must.into_iter().collect();
+            assert!(!must.is_empty(), "{what}: {e}");
+            assert!(
+                got.is_superset(&must),
+                "{what}: {e} swept {got:?}, must {must:?}"
+            );
+        }
+        assert!(changed >= 1, "{what}");
+        assert!(
+            unchanged >= 2,
+            "{what}: the repayments above 10,000 were not read"
+        );
+        assert_eq!(unchanged + clean + changed, all, "{what}");
+        // The buckets found changed are compared once more (what was sent changed their
+        // delivered rows) and found clean: the next change is alone in its buckets.
+        let start = buckets(&settings);
+        run(&app, &settings, &request(SyncType::Incremental, true)).await;
+        let [_, clean, changed] = buckets_since(&settings, start);
+        assert_eq!(changed, 0, "{what}: after");
+        assert!(clean >= 1, "{what}: after");
+    };
+
+    // 1. The agent's email: the officer and the agent's loans (agent_email).
+    exec(
+        pool,
+        "UPDATE accounts_customuser SET email = 'moved@example.com' WHERE id = $1::int4",
+        agent,
+    )
+    .await;
+    let agent_loans = ids(
+        "SELECT id::int8 FROM loans_ajoloan WHERE is_disbursed AND agent_id = $1::int4",
+        agent,
+    )
+    .await;
+    let officer = officers(vec![agent]).await;
+    let mut must = vec![(EntityKind::Loan, agent_loans)];
+    if !officer.is_empty() {
+        must.push((EntityKind::Officer, officer));
+    }
+    sweep_finds("an agent's email", must).await;
+
+    // 2. The loan's reference: the loan and its repayments (loan_ref).
+    exec(
+        pool,
+        "UPDATE loans_ajoloan SET loan_ref = 'REF-CHANGED' WHERE id = $1::int4",
+        loan,
+    )
+    .await;
+    let loan_repayments = ids(
+        "SELECT id::int8 FROM loans_ajoloanrepayment WHERE ajo_loan_id = $1::int4",
+        loan,
+    )
+    .await;
+    sweep_finds(
+        "a loan's reference",
+        vec![
+            (EntityKind::Loan, vec![loan]),
+            (EntityKind::Repayment, loan_repayments),
+        ],
+    )
+    .await;
+
+    // 3. A schedule row of another loan: that loan's aggregates.
+    let scheduled = one_id(
+        pool,
+        "SELECT l.id::int8 FROM loans_ajoloan l WHERE l.is_disbursed AND l.id <= 75 \
+         AND EXISTS (SELECT 1 FROM loans_ajoloanschedule s WHERE s.loan_id = l.id) ORDER BY l.id DESC LIMIT 1",
+    )
+    .await;
+    exec(
+        pool,
+        "UPDATE loans_ajoloanschedule SET due_amount = due_amount + 1 \
+         WHERE id = (SELECT min(id) FROM loans_ajoloanschedule WHERE loan_id = $1::int4)",
+        scheduled,
+    )
+    .await;
+    sweep_finds("a schedule row", vec![(EntityKind::Loan, vec![scheduled])]).await;
+
+    // 4. A repayment's amount, behind its timestamps: the repayment and its loan's total.
+    let (repayment, paid_loan): (i64, i64) = sqlx::query_as(
+        "SELECT p.id::int8, p.ajo_loan_id::int8 FROM loans_ajoloanrepayment p \
+         JOIN loans_ajoloan l ON l.id = p.ajo_loan_id WHERE l.is_disbursed AND p.id < 1024 \
+         ORDER BY p.id LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    exec(
+        pool,
+        "UPDATE loans_ajoloanrepayment SET repayment_amount = repayment_amount + 1 WHERE id = $1::int4",
+        repayment,
+    )
+    .await;
+    sweep_finds(
+        "a repayment's amount",
+        vec![
+            (EntityKind::Repayment, vec![repayment]),
+            (EntityKind::Loan, vec![paid_loan]),
+        ],
+    )
+    .await;
+
+    // 5. A customer moved to another officer: the customer, the officers' counts, and
+    // the loans it borrows (borrower_agent_id).
+    let (customer, from, to): (i64, i64, i64) = sqlx::query_as(
+        "SELECT c.id::int8, c.user_id::int8, \
+                (SELECT min(u.id)::int8 FROM accounts_customuser u WHERE u.id <> c.user_id \
+                   AND u.user_type = 'AGENT') \
+         FROM ajo_ajouser c WHERE c.onboarding_complete AND c.user_id IS NOT NULL ORDER BY c.id LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    exec(
+        pool,
+        "UPDATE ajo_ajouser SET user_id = (SELECT min(u.id) FROM accounts_customuser u \
+           WHERE u.id <> ajo_ajouser.user_id AND u.user_type = 'AGENT') WHERE id = $1::int4",
+        customer,
+    )
+    .await;
+    let officer = officers(vec![from, to]).await;
+    assert!(officer.contains(&to));
+    sweep_finds(
+        "a customer's officer",
+        vec![
+            (EntityKind::Customer, vec![customer]),
+            (EntityKind::Officer, officer),
+        ],
+    )
+    .await;
+    assert_platform_holds_the_source(&db, &api.received(), &BTreeSet::new()).await;
+
+    // Nothing changed since: no bucket is read.
+    let start = buckets(&settings);
+    run(&app, &settings, &request(SyncType::Incremental, true)).await;
+    assert_eq!(buckets_since(&settings, start), [all, 0, 0]);
 }
