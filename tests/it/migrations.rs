@@ -95,10 +95,10 @@ async fn migrate_twice_on_django_tables_changes_nothing() {
     .await
     .unwrap();
     assert_eq!(
-        own, 10,
+        own, 11,
         "loansync_sync, loansync_sync_entity, loansync_chunk, loansync_xid_clock, \
-         loansync_request, loansync_delivered, loansync_deleted, loansync_worker, \
-         loansync_api_pause and the view loansync_pending_request"
+         loansync_request, loansync_delivered, loansync_deleted, loansync_sweep_digest, \
+         loansync_worker, loansync_api_pause and the view loansync_pending_request"
     );
 }
 
