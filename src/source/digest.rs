@@ -43,10 +43,11 @@ const ROWS_CUSTOMER: &str = include_str!("sql/digest_customer.sql");
 const ROWS_LOAN: &str = include_str!("sql/digest_loan.sql");
 const ROWS_REPAYMENT: &str = include_str!("sql/digest_repayment.sql");
 
-/// Every bucket's digest now and whether it is the stored one, in one statement: the
-/// source's terms (`digest_<entity>.sql`) and the delivered ones grouped by bucket and
-/// XORed with `$2` ([`version`]), fully joined with `loansync_sweep_digest` (`$1` the
-/// entity). A bucket with no row now and a stored digest comes back with none.
+/// Every bucket's digest now in one slice of ids (`$3` to `$4`, whole buckets) and whether
+/// it is the stored one, in one statement: the source's terms (`digest_<entity>.sql`) and
+/// the delivered ones grouped by bucket and XORed with `$2` ([`version`]), fully joined
+/// with `loansync_sweep_digest` (`$1` the entity). A bucket with no row now and a stored
+/// digest comes back with none.
 macro_rules! stale_sql {
     ($rows:literal) => {
         concat!(
@@ -57,9 +58,10 @@ macro_rules! stale_sql {
                  SELECT b, h FROM src WHERE b IS NOT NULL \
                  UNION ALL \
                  SELECT d.id >> 10, hashint8extended(d.id, hashint8extended(d.xmin::text::int8, 11)) \
-                 FROM loansync_delivered d WHERE d.entity = $1\
+                 FROM loansync_delivered d WHERE d.entity = $1 AND d.id BETWEEN $3 AND $4\
                ) u GROUP BY b), \
-             old AS (SELECT bucket, digest FROM loansync_sweep_digest WHERE entity = $1) \
+             old AS (SELECT bucket, digest FROM loansync_sweep_digest \
+                     WHERE entity = $1 AND bucket BETWEEN $3 >> 10 AND $4 >> 10) \
              SELECT COALESCE(cur.b, old.bucket) AS bucket, cur.x AS digest, \
                     cur.x IS NOT DISTINCT FROM old.digest AS unchanged \
              FROM cur FULL JOIN old ON old.bucket = cur.b ORDER BY 1"
@@ -72,14 +74,49 @@ const STALE_CUSTOMER: &str = stale_sql!("sql/digest_customer.sql");
 const STALE_LOAN: &str = stale_sql!("sql/digest_loan.sql");
 const STALE_REPAYMENT: &str = stale_sql!("sql/digest_repayment.sql");
 
+/// The last id a slice must reach: the entity's table's largest id, a delivered one's or
+/// a stored bucket's last (the rows a record joins or aggregates belong, by their foreign
+/// key, to an id of the entity's table). `$1` the entity.
+macro_rules! top_sql {
+    ($table:literal) => {
+        concat!(
+            "SELECT greatest((SELECT max(id)::int8 FROM ",
+            $table,
+            "), (SELECT max(id) FROM loansync_delivered WHERE entity = $1), \
+             (SELECT (max(bucket) + 1) * 1024 - 1 FROM loansync_sweep_digest WHERE entity = $1), 0)"
+        )
+    };
+}
+
+/// A slice of ids, read in one statement: its buckets' digests are computed and compared
+/// together. 2^20 ids (1,024 buckets) keep each statement far inside
+/// `ETL_DB_STATEMENT_TIMEOUT_SECS` whatever the table's size (dataset M's 1 M repayments
+/// are one slice: 125 ms); debug builds (every test) take 2 buckets, so that the tests'
+/// small tables are read in several slices too.
+pub const SLICE_BITS: u32 = if cfg!(debug_assertions) { 11 } else { 20 };
+
+/// Per entity, the digest statement and the statement of the last id to reach.
+fn entity_statements(entity: EntityKind) -> (&'static str, &'static str) {
+    match entity {
+        EntityKind::Officer => (STALE_OFFICER, top_sql!("accounts_customuser")),
+        EntityKind::Customer => (STALE_CUSTOMER, top_sql!("ajo_ajouser")),
+        EntityKind::Loan => (STALE_LOAN, top_sql!("loans_ajoloan")),
+        EntityKind::Repayment => (STALE_REPAYMENT, top_sql!("loans_ajoloanrepayment")),
+    }
+}
+
 /// The statements, named (for `source::statements`).
-pub(super) fn statements() -> [(EntityKind, &'static str); 4] {
-    [
-        (EntityKind::Officer, STALE_OFFICER),
-        (EntityKind::Customer, STALE_CUSTOMER),
-        (EntityKind::Loan, STALE_LOAN),
-        (EntityKind::Repayment, STALE_REPAYMENT),
-    ]
+pub(super) fn statements() -> Vec<(String, &'static str)> {
+    EntityKind::ALL
+        .into_iter()
+        .flat_map(|e| {
+            let (stale, top) = entity_statements(e);
+            [
+                (format!("digest {e}"), stale),
+                (format!("digest top {e}"), top),
+            ]
+        })
+        .collect()
 }
 
 /// A bucket whose digest differs from the stored one (or has none stored).
@@ -117,12 +154,13 @@ pub fn bucket_of(id: i64) -> i64 {
 /// what a record is built from changes it, and its first sweep compares every bucket.
 pub fn version(entity: EntityKind) -> i64 {
     use sha2::Digest;
-    let (rows, stale) = match entity {
-        EntityKind::Officer => (ROWS_OFFICER, STALE_OFFICER),
-        EntityKind::Customer => (ROWS_CUSTOMER, STALE_CUSTOMER),
-        EntityKind::Loan => (ROWS_LOAN, STALE_LOAN),
-        EntityKind::Repayment => (ROWS_REPAYMENT, STALE_REPAYMENT),
+    let rows = match entity {
+        EntityKind::Officer => ROWS_OFFICER,
+        EntityKind::Customer => ROWS_CUSTOMER,
+        EntityKind::Loan => ROWS_LOAN,
+        EntityKind::Repayment => ROWS_REPAYMENT,
     };
+    let (stale, _) = entity_statements(entity);
     let mut h = sha2::Sha256::new();
     h.update(super::record_statement(entity));
     h.update(rows);
@@ -132,28 +170,41 @@ pub fn version(entity: EntityKind) -> i64 {
 }
 
 /// The buckets of `entity` whose digest differs from the stored one, ascending, and how
-/// many have the stored one.
+/// many have the stored one: slice after slice of [`SLICE_BITS`] ids, from id 0 (the
+/// source's ids are serial, from 1) to the last id there is.
 pub async fn stale_buckets(
     conn: &mut PgConnection,
     entity: EntityKind,
 ) -> Result<(Vec<StaleBucket>, u64), sqlx::Error> {
-    let sql = statements()
-        .into_iter()
-        .find_map(|(e, sql)| (e == entity).then_some(sql))
-        .expect("a statement per entity");
-    let rows: Vec<(i64, Option<i64>, bool)> = sqlx::query_as(sql)
+    let (sql, top) = entity_statements(entity);
+    let top: i64 = sqlx::query_scalar(top)
         .bind(entity.as_str())
-        .bind(version(entity))
-        .fetch_all(conn)
+        .fetch_one(&mut *conn)
         .await?;
+    let version = version(entity);
     let mut stale = Vec::new();
     let mut unchanged = 0;
-    for (bucket, digest, same) in rows {
-        if same {
-            unchanged += 1;
-        } else {
-            stale.push(StaleBucket { bucket, digest });
+    let mut first = 0i64;
+    while first <= top {
+        let last = first.saturating_add((1 << SLICE_BITS) - 1);
+        let rows: Vec<(i64, Option<i64>, bool)> = sqlx::query_as(sql)
+            .bind(entity.as_str())
+            .bind(version)
+            .bind(first)
+            .bind(last)
+            .fetch_all(&mut *conn)
+            .await?;
+        for (bucket, digest, same) in rows {
+            if same {
+                unchanged += 1;
+            } else {
+                stale.push(StaleBucket { bucket, digest });
+            }
         }
+        first = match last.checked_add(1) {
+            Some(next) => next,
+            None => break,
+        };
     }
     Ok((stale, unchanged))
 }
@@ -217,15 +268,22 @@ mod tests {
     #[test]
     fn every_statement_buckets_by_the_same_bits_and_each_version_differs() {
         let shift = format!(">> {BUCKET_BITS}");
-        for (e, sql) in statements() {
-            // The source's terms and the delivered ones, each shifted by the same bits.
-            assert!(sql.matches(&shift).count() >= 2, "{e}: {sql}");
+        assert!(SLICE_BITS >= BUCKET_BITS, "a slice holds whole buckets");
+        for e in EntityKind::ALL {
+            let (sql, top) = entity_statements(e);
+            // The source's terms, the delivered ones and the stored buckets, each shifted
+            // (or multiplied) by the same bits, each read within the slice.
+            assert!(sql.matches(&shift).count() >= 4, "{e}: {sql}");
             assert_eq!(
                 sql.matches(">>").count(),
                 sql.matches(&shift).count(),
                 "{e}"
             );
-            assert!(!sql.contains(';'), "{e}: one statement");
+            assert!(sql.matches("BETWEEN $3").count() >= 3, "{e}: {sql}");
+            assert!(top.contains(&format!("* {} - 1", 1 << BUCKET_BITS)), "{e}");
+            for s in [sql, top] {
+                assert!(!s.contains(';'), "{e}: one statement");
+            }
         }
         let versions: std::collections::BTreeSet<i64> =
             EntityKind::ALL.into_iter().map(version).collect();

@@ -126,9 +126,7 @@ pub fn statements() -> Vec<(String, &'static str)> {
         out.push((format!("sweep {e}"), sweep));
         out.push((format!("id span {e}"), id_span_sql(e)));
     }
-    for (e, sql) in digest::statements() {
-        out.push((format!("digest {e}"), sql));
-    }
+    out.extend(digest::statements());
     out
 }
 

@@ -5,3 +5,4 @@ SELECT p.id::int8 >> 10 AS b,
        # hashint8extended(p.id::int8, hashint8extended(COALESCE(l.xmin::text::int8, -1), 10)) AS h
 FROM loans_ajoloanrepayment p
 LEFT JOIN loans_ajoloan l ON l.id = p.ajo_loan_id
+WHERE p.id BETWEEN $3 AND $4
