@@ -95,6 +95,9 @@ macro_rules! top_sql {
 /// small tables are read in several slices too.
 pub const SLICE_BITS: u32 = if cfg!(debug_assertions) { 11 } else { 20 };
 
+// A slice holds whole buckets.
+const _: () = assert!(SLICE_BITS >= BUCKET_BITS);
+
 /// Per entity, the digest statement and the statement of the last id to reach.
 fn entity_statements(entity: EntityKind) -> (&'static str, &'static str) {
     match entity {
@@ -268,7 +271,6 @@ mod tests {
     #[test]
     fn every_statement_buckets_by_the_same_bits_and_each_version_differs() {
         let shift = format!(">> {BUCKET_BITS}");
-        assert!(SLICE_BITS >= BUCKET_BITS, "a slice holds whole buckets");
         for e in EntityKind::ALL {
             let (sql, top) = entity_statements(e);
             // The source's terms, the delivered ones and the stored buckets, each shifted
